@@ -1,0 +1,71 @@
+"""Content-addressed artifact store: pixels, masks and overlays as files named by sha256.
+
+Writes are atomic (temp file + rename), so a killed run never leaves a half-written artifact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tempfile
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from agent.state import ArtifactRef
+
+_EXT = {"application/x-npy": ".npy", "image/png": ".png", "application/json": ".json"}
+
+
+class ArtifactStore:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._cache: dict[str, np.ndarray] = {}
+        self._lock = threading.Lock()
+
+    def put_bytes(self, data: bytes, kind: str, media_type: str, description: str = "") -> ArtifactRef:
+        sha = hashlib.sha256(data).hexdigest()
+        rel = f"{sha[:2]}/{sha}{_EXT.get(media_type, '.bin')}"
+        dest = self.root / rel
+        if not dest.exists():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-")
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, dest)
+        return ArtifactRef(sha256=sha, kind=kind, media_type=media_type, path=rel, description=description)
+
+    def put_array(self, arr: np.ndarray, kind: str = "pixels", description: str = "") -> ArtifactRef:
+        buf = io.BytesIO()
+        np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
+        ref = self.put_bytes(buf.getvalue(), kind, "application/x-npy", description)
+        with self._lock:
+            self._cache[ref.sha256] = arr
+        return ref
+
+    def put_png(self, rgb_or_gray: np.ndarray, kind: str = "overlay", description: str = "") -> ArtifactRef:
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.fromarray(np.asarray(rgb_or_gray, dtype=np.uint8)).save(buf, format="PNG")
+        return self.put_bytes(buf.getvalue(), kind, "image/png", description)
+
+    def path(self, ref: ArtifactRef) -> Path:
+        return self.root / ref.path
+
+    def get_array(self, ref: ArtifactRef) -> np.ndarray:
+        with self._lock:
+            hit = self._cache.get(ref.sha256)
+        if hit is not None:
+            return hit
+        arr = np.load(self.path(ref), allow_pickle=False)
+        with self._lock:
+            self._cache[ref.sha256] = arr
+        return arr
+
+    def verify(self, ref: ArtifactRef) -> bool:
+        p = self.path(ref)
+        return p.exists() and hashlib.sha256(p.read_bytes()).hexdigest() == ref.sha256

@@ -1,0 +1,183 @@
+"""`dxagent` command line (typer + rich). Research use only."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markdown import Markdown
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="dxagent: an agentic diagnostic orchestrator for medical images. RESEARCH USE ONLY.")
+trace_app = typer.Typer(no_args_is_help=True, help="Inspect recorded traces.")
+app.add_typer(trace_app, name="trace")
+out = Console()
+err = Console(stderr=True)
+
+LLM_HELP = "planner backend: local (Qwen2.5-Coder-1.5B, default), tiny (SmolLM2-135M), openai, openai-json"
+
+
+def _fail(msg: str, code: int = 2) -> None:
+    err.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def demo_cases() -> list[tuple[str, str, str]]:
+    """Bundled demo cases: real CT and MR files that ship inside the pydicom wheel."""
+    from pydicom.data import get_testdata_file
+
+    return [
+        ("ct_small", get_testdata_file("CT_small.dcm"),
+         "What is the tissue composition of this CT slice: how much fat, soft tissue and bone?"),
+        ("mr_small", get_testdata_file("MR_small.dcm"), "How large is the dominant bright region in this MR slice?"),
+    ]
+
+
+def _live(node: str, update: dict) -> None:
+    steps = update.get("steps") or []
+    if steps:
+        s = steps[-1]
+        err.print(f"  [dim]{s.node:<8}[/] {s.summary}", highlight=False, soft_wrap=True)
+
+
+def _run_one(paths: list[str], question: str | None, **kw) -> tuple[str, dict]:
+    from agent.llm import LLMUnavailable
+    from agent.session import DxError, run_case
+
+    try:
+        res = run_case(paths, question, on_step=_live, **kw)
+    except (DxError, LLMUnavailable) as exc:
+        _fail(str(exc))
+    return res.run_id, res.report or {}
+
+
+@app.command()
+def run(
+    image: Annotated[list[Path], typer.Argument(help="image file(s) or a DICOM series folder")] = None,
+    question: Annotated[str, typer.Option("--question", "-q")] = None,
+    llm: Annotated[str, typer.Option(help=LLM_HELP)] = "local",
+    base_url: Annotated[str, typer.Option(help="OpenAI-compatible base URL (or DXAGENT_OPENAI_BASE_URL)")] = None,
+    model: Annotated[str, typer.Option(help="model name at the endpoint (or DXAGENT_OPENAI_MODEL)")] = None,
+    api_key: Annotated[str, typer.Option(help="API key (or DXAGENT_OPENAI_API_KEY)")] = None,
+    llm_timeout: Annotated[float, typer.Option(help="seconds per LLM request")] = 120.0,
+    modality: Annotated[str, typer.Option(help="modality when the file has none (CT, MR, US, DX, ...)")] = None,
+    body_part: Annotated[str, typer.Option()] = None,
+    context: Annotated[str, typer.Option(help="clinical context given to the planner")] = "",
+    max_steps: Annotated[int, typer.Option(help="tool-call budget")] = 6,
+    max_seconds: Annotated[float, typer.Option(help="wall-clock budget")] = 300.0,
+    trace_dir: Annotated[Path, typer.Option(help="where traces, checkpoints and artifacts go")] = None,
+    db_url: Annotated[str, typer.Option(help="trace database URL (default: SQLite in --trace-dir)")] = None,
+    resume: Annotated[str, typer.Option(help="resume an interrupted run by its id")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
+    out_dir: Annotated[Path, typer.Option("--out", help="also write report.json and report.md here")] = None,
+) -> None:
+    """Run the agent on one case and print its evidence-cited report and trace id."""
+    from agent.report import to_markdown
+
+    if not image and not resume:
+        _fail("give an IMAGE (file or DICOM folder) or --resume RUN_ID")
+    run_id, report = _run_one([str(p) for p in image or []], question, llm=llm, base_url=base_url, model=model,
+                              api_key=api_key, llm_timeout_s=llm_timeout, modality=modality, body_part=body_part,
+                              clinical_context=context, max_steps=max_steps, max_wall_s=max_seconds,
+                              trace_dir=trace_dir, db_url=db_url, resume=resume)
+    if out_dir:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "report.json").write_text(json.dumps(report, indent=2))
+        (out_dir / "report.md").write_text(to_markdown(report))
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        out.print(Markdown(to_markdown(report)))
+    out.print(f"trace id: [bold]{run_id}[/]", highlight=False)
+
+
+@app.command()
+def demo(
+    llm: Annotated[str, typer.Option(help=LLM_HELP)] = "local",
+    trace_dir: Annotated[Path, typer.Option()] = None,
+    out_dir: Annotated[Path, typer.Option("--out", help="write each report here")] = Path("demo-reports"),
+) -> None:
+    """Run the agent on the bundled demo cases (real CT and MR from pydicom's wheel) with no network."""
+    from agent.report import to_markdown
+
+    table = Table(title="dxagent demo (research use only)")
+    for col in ("case", "outcome", "findings", "answer", "trace id"):
+        table.add_column(col, overflow="fold")
+    for name, path, question in demo_cases():
+        err.print(f"[bold]{name}[/]: {question}")
+        run_id, report = _run_one([path], question, llm=llm, trace_dir=trace_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / f"{name}.json").write_text(json.dumps(report, indent=2))
+        (out_dir / f"{name}.md").write_text(to_markdown(report))
+        table.add_row(name, report["recommendation"]["outcome"], str(len(report["findings"])),
+                      report["answer"][:160], run_id)
+    out.print(table)
+    out.print(f"reports written to {out_dir}/")
+
+
+@app.command("tools")
+def list_tools() -> None:
+    """List the expert tools and where they apply."""
+    from agent.session import tools
+
+    table = Table(title="dxagent tools")
+    for col in ("name", "kind", "modalities", "dims", "description"):
+        table.add_column(col, overflow="fold")
+    for t in tools().values():
+        c = t.card()
+        table.add_row(c["name"], c["kind"], c["modalities"] if isinstance(c["modalities"], str)
+                      else ", ".join(c["modalities"]), "/".join(f"{d}D" for d in c["dims"]), c["description"])
+    out.print(table)
+
+
+@trace_app.command("list")
+def trace_list(trace_dir: Annotated[Path, typer.Option()] = None,
+               db_url: Annotated[str, typer.Option()] = None) -> None:
+    """List recorded runs."""
+    from agent.session import default_trace_dir
+    from agent.trace import TraceStore
+
+    store = TraceStore(db_url, trace_dir or default_trace_dir())
+    table = Table(title="runs")
+    for col in ("run id", "case", "status", "llm", "created"):
+        table.add_column(col, overflow="fold")
+    for r in store.runs():
+        table.add_row(r.id, r.case_id, r.status, r.llm, r.created_at[:19])
+    out.print(table)
+
+
+@trace_app.command("show")
+def trace_show(run_id: str, trace_dir: Annotated[Path, typer.Option()] = None,
+               db_url: Annotated[str, typer.Option()] = None) -> None:
+    """Show one run's events in order, and whether its hash chain is intact."""
+    from agent.session import default_trace_dir
+    from agent.trace import TraceStore
+
+    store = TraceStore(db_url, trace_dir or default_trace_dir())
+    run_row = store.get_run(run_id)
+    if run_row is None:
+        _fail(f"no run {run_id!r}")
+    out.print(f"run {run_row.id} · case {run_row.case_id} · {run_row.status} · llm {run_row.llm}")
+    for ev in store.events(run_id):
+        body = json.loads(ev.payload)
+        brief = {"llm": lambda b: (b.get("decision") or {}).get("tool") or b.get("rejected") or b.get("error"),
+                 "tool": lambda b: f"{b['evidence']['id']} {b['evidence']['status']} {b['evidence'].get('error') or ''}",
+                 }.get(ev.kind, lambda b: ", ".join(sorted(b))[:100])(body)
+        out.print(f"{ev.seq:>3} {ev.kind:<5} {ev.node:<8} {ev.name:<10} {brief}", highlight=False)
+    broken = store.verify_chain(run_id)
+    out.print("hash chain: " + ("intact" if broken is None else f"[red]BROKEN[/] — {broken}"))
+
+
+def main() -> None:  # pragma: no cover
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

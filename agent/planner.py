@@ -1,0 +1,264 @@
+"""The planner: renders the prompt files, asks the LLM for the next action, validates it.
+
+Two protocols over the one `BaseChatModel` seam:
+- "json": the reply is one JSON object; a JSON schema built from the candidate tools and their pydantic
+  inputs is passed as `response_format` (llama.cpp turns it into a grammar, so the local model can
+  only produce a valid action; an endpoint gets the same schema as `json_schema`).
+- "tools": native tool calling (OpenAI-compatible endpoints); one function per tool plus "answer".
+A reply that does not parse, names an unknown tool or carries bad arguments is recorded and re-asked
+with the error, a bounded number of times; then the planner gives up and the report says why.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import time
+from importlib import resources
+from typing import Any
+
+from jinja2 import Environment, StrictUndefined
+from langchain_core.language_models import BaseChatModel
+from langchain_core.messages import HumanMessage, SystemMessage
+from pydantic import ValidationError
+
+from agent.state import CaseState, Critique, Decision, Evidence
+from tools.base import Tool
+
+REASON_MAX = 60
+_ENV = Environment(undefined=StrictUndefined, keep_trailing_newline=False, trim_blocks=False)
+
+
+def prompt_text(name: str) -> str:
+    return resources.files("prompts").joinpath(f"{name}.md").read_text()
+
+
+def render(name: str, **values: Any) -> str:
+    return _ENV.from_string(prompt_text(name)).render(**values).strip() + "\n"
+
+
+def prompt_versions() -> dict[str, str]:
+    return {n: hashlib.sha256(prompt_text(n).encode()).hexdigest()[:12] for n in ("system", "think", "rethink", "report")}
+
+
+class PlannerError(RuntimeError):
+    """The planner produced no valid decision within its bounds."""
+
+
+def _clean_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """Inline $refs and drop titles so the schema is small and grammar-friendly."""
+    defs = schema.get("$defs", {})
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return walk(copy.deepcopy(defs[node["$ref"].split("/")[-1]]))
+            return {k: walk(v) for k, v in node.items() if k not in ("title", "$defs")}
+        if isinstance(node, list):
+            return [walk(x) for x in node]
+        return node
+
+    return walk(schema)
+
+
+def args_schema(tool: Tool, view_ids: list[str]) -> dict[str, Any]:
+    schema = _clean_schema(tool.Input.model_json_schema())
+    schema.setdefault("properties", {})["view"] = {"enum": view_ids, "description": "id of the view to act on"}
+    schema["required"] = sorted(set(schema.get("required", [])) | {"view"})
+    schema["additionalProperties"] = False
+    return schema
+
+
+def args_line(tool: Tool) -> str:
+    """A compact human description of the tool's arguments for the static system prompt."""
+    schema = _clean_schema(tool.Input.model_json_schema())
+    req = set(schema.get("required", []))
+    parts = []
+    for name, prop in schema.get("properties", {}).items():
+        kind = prop.get("enum") or prop.get("type") or "/".join(
+            str(p.get("type", p.get("enum", "?"))) for p in prop.get("anyOf", []))
+        default = "" if name in req or "default" not in prop else f"={json.dumps(prop['default'])}"
+        parts.append(f"{name}: {kind}{default}")
+    return "{" + ", ".join(parts) + "}"
+
+
+def decision_schema(tools: list[Tool], view_ids: list[str]) -> dict[str, Any]:
+    reason = {"type": "string", "maxLength": REASON_MAX}
+    options = [
+        {"type": "object", "properties": {"tool": {"const": t.name}, "args": args_schema(t, view_ids), "reason": reason},
+         "required": ["tool", "args", "reason"], "additionalProperties": False}
+        for t in tools
+    ]
+    options.append({"type": "object", "properties": {"tool": {"const": "answer"}, "args": {"type": "object",
+                    "properties": {}, "additionalProperties": False}, "reason": reason},
+                    "required": ["tool", "args", "reason"], "additionalProperties": False})
+    return {"anyOf": options}
+
+
+def openai_tools(tools: list[Tool], view_ids: list[str]) -> list[dict[str, Any]]:
+    fns = [{"type": "function", "function": {"name": t.name, "description": t.description,
+                                             "parameters": args_schema(t, view_ids)}} for t in tools]
+    fns.append({"type": "function", "function": {
+        "name": "answer", "description": "Stop calling tools: the evidence answers the question.",
+        "parameters": {"type": "object", "properties": {"reason": {"type": "string"}}, "required": []}}})
+    return fns
+
+
+def validate(tools: dict[str, Tool], tool: str | None, args: Any, reason: str, view_ids: list[str]) -> Decision:
+    """Turn a raw (tool, args) into a Decision, or raise ValueError with what is wrong."""
+    if tool == "answer":
+        return Decision(action="answer", reason=reason[:REASON_MAX])
+    if tool not in tools:
+        raise ValueError(f"unknown tool {tool!r}; choose one of {sorted(tools)} or answer")
+    if not isinstance(args, dict):
+        raise ValueError(f"args must be a JSON object, got {type(args).__name__}")
+    if args.get("view", "V1") not in view_ids:
+        raise ValueError(f"view {args.get('view')!r} does not exist; views are {view_ids}")
+    try:
+        parsed = tools[tool].Input.model_validate(args)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise ValueError(f"bad arguments for {tool}: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    return Decision(action="call", tool=tool, args=parsed.model_dump(mode="json"), reason=reason[:REASON_MAX])
+
+
+def candidate_scores(token_logprobs: list[dict[str, Any]], names: list[str]) -> dict[str, float]:
+    """Probability mass the model put on each candidate at the token where the tool name starts."""
+    text = ""
+    for tok in token_logprobs:
+        if text.rstrip().endswith('"tool":') or text.endswith('"tool": "') or text.endswith('"tool":"'):
+            scores: dict[str, float] = {}
+            for alt, lp in tok["top"].items():
+                frag = alt.lstrip(' "')
+                for n in names:
+                    if frag and n.startswith(frag):
+                        scores[n] = scores.get(n, 0.0) + float(pow(2.718281828, lp))
+            if scores:
+                return {k: round(v, 4) for k, v in sorted(scores.items(), key=lambda kv: -kv[1])}
+        text += tok["token"]
+    return {}
+
+
+def evidence_line(e: Evidence, tools: dict[str, Tool]) -> dict[str, Any]:
+    if e.status == "ok" and e.output is not None and e.tool in tools:
+        summary = tools[e.tool].summary(tools[e.tool].Output.model_validate(e.output))
+    else:
+        summary = e.error or e.status
+    args = ", ".join(f"{k}={json.dumps(v)}" for k, v in e.args.items())
+    return {"id": e.id, "tool": e.tool, "args": args, "status": e.status, "summary": summary}
+
+
+def case_line(state: CaseState) -> str:
+    v = state.views[0]
+    spacing = "unknown (measurements in pixels)" if v.spacing_mm == "unknown" else \
+        "x".join(f"{s:.3g}" for s in v.spacing_mm) + " mm"
+    conf = v.metadata.get("modality_confidence")
+    src = v.modality_source + (f", confidence {conf:.2f}" if isinstance(conf, int | float) else "")
+    return (f"modality {v.modality} ({src}), body part {v.body_part}, {v.ndim_spatial}D "
+            f"{'RGB' if v.photometric == 'RGB' else 'grayscale'} image {list(v.shape)}, spacing {spacing}")
+
+
+def view_lines(state: CaseState) -> list[str]:
+    out = []
+    for v in state.views:
+        how = "original image" if v.parent is None else \
+            f"derived from {v.parent} by {v.provenance.get('tool', '?')} {json.dumps({k: x for k, x in v.provenance.items() if k not in ('tool', 'parent')})}"
+        out.append(f"{v.id}: {how}, shape {list(v.shape)}")
+    return out
+
+
+class Planner:
+    def __init__(self, chat: BaseChatModel, model_id: str, mode: str = "json",
+                 record: Any = None, max_tokens: int = 160):
+        self.chat, self.model_id, self.mode, self.max_tokens = chat, model_id, mode, max_tokens
+        self.record = record or (lambda **kw: None)  # callback(kind, node, name, payload)
+
+    def system_prompt(self, tools: list[Tool]) -> str:
+        return render("system", tools=[{"name": t.name, "description": t.description, "args": args_line(t)}
+                                       for t in tools], mode=self.mode)
+
+    def user_prompt(self, state: CaseState, tools: dict[str, Tool], error: str | None) -> str:
+        critic = render("rethink", c=state.critiques[-1]).strip() if state.critiques else ""
+        return render(
+            "think", question=state.question, clinical_context=state.clinical_context, case_line=case_line(state),
+            views=view_lines(state), evidence=[evidence_line(e, tools) for e in state.evidence], critic=critic,
+            steps_left=state.budget.max_steps - state.tool_steps,
+            seconds_left=int(max(0.0, state.budget.max_wall_s - state.budget.elapsed())), error=error,
+        )
+
+    def _ask(self, messages: list, tools: list[Tool], view_ids: list[str]) -> tuple[Any, dict[str, Any]]:
+        params: dict[str, Any] = {"max_tokens": self.max_tokens}
+        if self.mode == "json":
+            schema = decision_schema(tools, view_ids)
+            if self.chat._llm_type == "llama-cpp":
+                params["response_format"] = {"type": "json_object", "schema": schema}
+            elif self.chat._llm_type != "scripted":
+                params["response_format"] = {"type": "json_schema",
+                                             "json_schema": {"name": "decision", "schema": schema}}
+            return self.chat.invoke(messages, **params), params
+        bound = self.chat.bind_tools(openai_tools(tools, view_ids)) if hasattr(self.chat, "bind_tools") else self.chat
+        return bound.invoke(messages, max_tokens=self.max_tokens), params
+
+    def decide(self, state: CaseState, tools: dict[str, Tool], node: str = "think") -> Decision:
+        cands = [tools[n] for n in state.applicable_tools if n in tools]
+        cand_map = {t.name: t for t in cands}
+        view_ids = [v.id for v in state.views]
+        system = self.system_prompt(cands)
+        error: str | None = None
+        for attempt in range(state.budget.max_invalid_decisions + 1):
+            user = self.user_prompt(state, tools, error)
+            messages = [SystemMessage(system), HumanMessage(user)]
+            request = {"model": self.model_id, "mode": self.mode, "attempt": attempt,
+                       "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
+                       "candidates": sorted(cand_map)}
+            t0 = time.perf_counter()
+            try:
+                reply, params = self._ask(messages, cands, view_ids)
+            except Exception as exc:  # timeouts, connection errors, HTTP errors after retries
+                self.record(kind="llm", node=node, name="error", payload={
+                    "request": request, "error": f"{type(exc).__name__}: {exc}",
+                    "latency_s": time.perf_counter() - t0})
+                raise PlannerError(f"LLM call failed: {type(exc).__name__}: {str(exc)[:200]}") from exc
+            latency = time.perf_counter() - t0
+            meta = dict(reply.response_metadata or {})
+            token_lp = meta.pop("token_logprobs", [])
+            response = {"content": reply.content, "tool_calls": [
+                {"name": c["name"], "args": c["args"]} for c in reply.tool_calls],
+                "invalid_tool_calls": [dict(c) for c in getattr(reply, "invalid_tool_calls", [])]}
+            try:
+                decision = self._parse(reply, cand_map, view_ids)
+                error = None
+            except ValueError as exc:
+                decision, error = None, str(exc)
+            self.record(kind="llm", node=node, name="decision", payload={
+                "request": request, "params": params, "response": response,
+                "usage": dict(reply.usage_metadata or {}), "latency_s": latency, "metadata": meta,
+                "candidate_scores": candidate_scores(token_lp, sorted(cand_map) + ["answer"]),
+                "decision": decision.model_dump() if decision else None, "rejected": error})
+            if decision is not None:
+                return decision
+        raise PlannerError(f"no valid decision after {state.budget.max_invalid_decisions + 1} tries; last: {error}")
+
+    def _parse(self, reply: Any, tools: dict[str, Tool], view_ids: list[str]) -> Decision:
+        if self.mode == "tools":
+            if getattr(reply, "invalid_tool_calls", None):
+                bad = reply.invalid_tool_calls[0]
+                raise ValueError(f"malformed tool call {bad.get('name')!r}: {str(bad.get('error'))[:160]}")
+            if not reply.tool_calls:
+                # OpenAI convention: a reply without a tool call means the model is done.
+                return Decision(action="answer", reason=str(reply.content)[:REASON_MAX])
+            call = reply.tool_calls[0]
+            args = dict(call["args"])
+            reason = str(args.pop("reason", "")) if call["name"] == "answer" else ""
+            return validate(tools, call["name"], args, reason, view_ids)
+        text = str(reply.content).strip()
+        if text.startswith("```"):
+            text = text.strip("`").removeprefix("json").strip()
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"reply is not JSON ({exc.msg} at char {exc.pos}): {text[:80]!r}") from None
+        if not isinstance(obj, dict):
+            raise ValueError("reply must be a JSON object")
+        return validate(tools, obj.get("tool"), obj.get("args", {}), str(obj.get("reason", "")), view_ids)

@@ -1,0 +1,199 @@
+"""The structured report: findings that cite evidence ids, an impression, an explicit outcome.
+
+With a local model the narrative is assembled from evidence by templates. An endpoint model may write
+the impression (prompts/report.md); every sentence must cite an evidence id that exists, and an
+uncited claim is dropped and the drop recorded — the same rule the findings obey.
+"""
+
+from __future__ import annotations
+
+import re
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any, Literal
+
+from jinja2 import Environment, PackageLoader
+from langchain_core.messages import HumanMessage
+from pydantic import BaseModel, Field
+
+from agent.critic import findings_of
+from agent.planner import case_line, evidence_line, prompt_versions, render
+from agent.state import CaseState
+from tools.base import Measurement, Tool
+
+DISCLAIMER = ("RESEARCH USE ONLY. dxagent is not a medical device and has not been cleared or approved for "
+              "clinical use. This report is produced by automated tools and must not be used for diagnosis or "
+              "treatment decisions; a qualified clinician must review the images.")
+
+
+class Study(BaseModel):
+    case_id: str
+    modality: str
+    modality_source: str
+    body_part: str
+    view_position: str = "unknown"
+    dims: int
+    shape: list[int]
+    spacing_mm: list[float] | str
+
+
+class Finding(BaseModel):
+    label: str
+    present: bool | None = None
+    location: str = ""
+    measurements: list[Measurement] = Field(default_factory=list)
+    probability: float | None = None
+    evidence_ids: list[str]
+    note: str = ""
+
+
+class EvidenceSummary(BaseModel):
+    id: str
+    tool: str
+    status: str
+    summary: str
+    artifacts: list[str] = Field(default_factory=list)  # sha256
+
+
+class Recommendation(BaseModel):
+    outcome: Literal["report", "abstain", "refer"]
+    text: str
+
+
+class Report(BaseModel):
+    run_id: str
+    study: Study
+    question: str
+    answer: str
+    findings: list[Finding]
+    impression: str
+    uncertainty: list[str]
+    limitations: list[str]
+    recommendation: Recommendation
+    evidence: list[EvidenceSummary]
+    dropped_claims: list[str] = Field(default_factory=list)
+    versions: dict[str, Any]
+    disclaimer: str = DISCLAIMER
+
+
+def _pkg(name: str) -> str:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def _fmt(m: Measurement) -> str:
+    return f"{m.name} {m.value:.4g} {m.unit}"
+
+
+def finding_line(f: Finding) -> str:
+    head = f.label if f.present is None else f"{f.label}: {'present' if f.present else 'absent'}"
+    meas = "; ".join(_fmt(m) for m in f.measurements)
+    prob = f" (p={f.probability:.2f})" if f.probability is not None else ""
+    return f"{head}{prob}" + (f" — {meas}" if meas else "") + f" [{', '.join(f.evidence_ids)}]"
+
+
+def check_citations(findings: list[Finding], valid: set[str]) -> tuple[list[Finding], list[str]]:
+    """Keep findings that cite at least one existing, successful evidence id; report the rest."""
+    kept, dropped = [], []
+    for f in findings:
+        ids = [i for i in f.evidence_ids if i in valid]
+        if ids:
+            kept.append(f.model_copy(update={"evidence_ids": ids}))
+        else:
+            dropped.append(f"finding {f.label!r} cites no existing evidence ({f.evidence_ids or 'none'}): dropped")
+    return kept, dropped
+
+
+_CITE = re.compile(r"\[(E\d+(?:\s*,\s*E\d+)*)\]")
+
+
+def cited_sentences(text: str, valid: set[str]) -> tuple[str, list[str]]:
+    """Keep sentences that cite a valid evidence id; return the kept text and the dropped sentences."""
+    kept, dropped = [], []
+    for sent in re.split(r"(?<=[.!?])\s+", text.strip()):
+        if not sent:
+            continue
+        ids = {i.strip() for group in _CITE.findall(sent) for i in group.split(",")}
+        (kept if ids and ids <= valid else dropped).append(sent)
+    return " ".join(kept), [f"uncited or wrongly cited sentence dropped: {s!r}" for s in dropped]
+
+
+def compose(state: CaseState, tools: dict[str, Tool], planner_model: str, planner_mode: str,
+            narrative_llm: Any = None, record: Any = None) -> tuple[Report, list[str]]:
+    v1 = state.views[0]
+    ok = [e for e in state.evidence if e.status == "ok"]
+    valid = {e.id for e in ok}
+    drafts = [Finding(**f.model_dump(exclude={"bbox"}), evidence_ids=[e.id]) for e in ok
+              for f in findings_of(e, state, tools)]
+    findings, dropped = check_citations(drafts, valid)
+    crit = state.critiques[-1] if state.critiques else None
+
+    uncertainty = [f"Tools disagree — {c}" for c in (crit.conflicts if crit else [])]
+    for e in state.evidence:
+        if e.status in ("failed", "refused"):
+            uncertainty.append(f"{e.id} {e.tool} {e.status}: {e.error}")
+    limitations = list(dict.fromkeys(state.notes))
+    if v1.modality_source == "guess":
+        limitations.append("Modality was inferred, not read from the file.")
+
+    answered = bool(crit and crit.answered)
+    if answered:
+        cited = [f for f in findings if set(f.evidence_ids) & set(crit.answered_by)] or findings
+        answer = "; ".join(finding_line(f) for f in cited[:6]) if cited else \
+            "Answered by " + ", ".join(crit.answered_by) + " (see evidence)."
+    else:
+        answer = "The evidence gathered does not answer the question."
+    if state.planner_failures or (crit and crit.conflicts):
+        outcome = "refer"
+        text = "Refer to a qualified reader: " + ("the planner failed" if state.planner_failures else
+                                                  "tools disagree") + "; automated evidence is not conclusive."
+    elif not answered or not findings:
+        outcome = "abstain"
+        text = "Abstain: the available tools did not produce evidence that answers the question."
+    else:
+        outcome = "report"
+        text = "Quantitative findings are reported above for review by a qualified clinician."
+
+    impression = " ".join(f"{finding_line(f)}." for f in findings[:5]) or "No quantitative finding was produced."
+    if narrative_llm is not None and findings:
+        prompt = render("report", question=state.question, case_line=case_line(state),
+                        evidence=[evidence_line(e, tools) for e in state.evidence],
+                        findings=[finding_line(f) for f in findings])
+        try:
+            reply = narrative_llm.invoke([HumanMessage(prompt)], max_tokens=300)
+            text_out, drops = cited_sentences(str(reply.content), valid)
+            if record:
+                record(kind="llm", node="report", name="impression",
+                       payload={"request": prompt, "response": str(reply.content), "dropped": drops})
+            dropped += drops
+            if text_out:
+                impression = text_out
+            else:
+                limitations.append("The model-written impression cited no evidence and was replaced by the template.")
+        except Exception as exc:
+            limitations.append(f"The model-written impression failed ({type(exc).__name__}); template used.")
+
+    tools_used = {e.tool: e.tool_version for e in state.evidence}
+    versions = {"dxagent": _pkg("dxagent"), "planner_model": planner_model, "planner_mode": planner_mode,
+                "prompts": prompt_versions(), "tools": dict(sorted(tools_used.items())),
+                "libraries": {n: _pkg(n) for n in ("langgraph", "pydicom", "nibabel", "scikit-image", "numpy")}}
+    spacing = "unknown" if v1.spacing_mm == "unknown" else [round(float(s), 6) for s in v1.spacing_mm]
+    study = Study(case_id=state.case_id, modality=v1.modality, modality_source=v1.modality_source,
+                  body_part=v1.body_part, view_position=str(v1.metadata.get("ViewPosition") or "unknown"),
+                  dims=v1.ndim_spatial, shape=list(v1.shape), spacing_mm=spacing)
+    ev = [EvidenceSummary(id=e.id, tool=e.tool, status=e.status, summary=evidence_line(e, tools)["summary"],
+                          artifacts=[a.sha256 for a in e.artifacts]) for e in state.evidence]
+    rep = Report(run_id=state.run_id, study=study, question=state.question, answer=answer, findings=findings,
+                 impression=impression, uncertainty=uncertainty, limitations=limitations,
+                 recommendation=Recommendation(outcome=outcome, text=text), evidence=ev, dropped_claims=dropped,
+                 versions=versions)
+    return rep, dropped
+
+
+_JINJA = Environment(loader=PackageLoader("agent", "templates"), trim_blocks=True, lstrip_blocks=True)
+
+
+def to_markdown(report: Report | dict) -> str:
+    rep = report if isinstance(report, Report) else Report.model_validate(report)
+    return _JINJA.get_template("report.md.j2").render(r=rep, line=finding_line)

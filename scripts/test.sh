@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Install, then run the test suite (real images from ../shared/data/realcases are used where present).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install.sh
+export HF_HUB_OFFLINE=1
+.venv/bin/ruff check .
+exec .venv/bin/python -m pytest -q "$@"

@@ -1,0 +1,63 @@
+"""Test helpers: extra tools that misbehave on purpose, and scripted decisions."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from tools.base import Tool, ToolContext, ToolInput
+
+REALCASES = Path(os.environ.get("DXAGENT_REALCASES", Path(__file__).resolve().parents[2] / "shared/data/realcases"))
+
+
+def call(tool: str, reason: str = "scripted", **args) -> str:
+    return json.dumps({"tool": tool, "args": {"view": "V1", **args}, "reason": reason})
+
+
+def answer(reason: str = "done") -> str:
+    return json.dumps({"tool": "answer", "args": {}, "reason": reason})
+
+
+class CountOut(BaseModel):
+    value: float
+
+
+class Boom(Tool):
+    name = "boom"
+    description = "Always raises."
+    kind = "measure"
+    Output = CountOut
+
+    def run(self, ctx: ToolContext, inp: ToolInput) -> CountOut:
+        raise RuntimeError("kaboom inside the tool")
+
+
+class Slow(Tool):
+    name = "slow"
+    description = "Sleeps longer than its timeout."
+    kind = "measure"
+    timeout_s = 0.5
+    Output = CountOut
+
+    def run(self, ctx: ToolContext, inp: ToolInput) -> CountOut:
+        time.sleep(3)
+        return CountOut(value=1)
+
+
+class Gate(Tool):
+    """Blocks while the file named by $DXAGENT_TEST_GATE exists (for kill/resume tests)."""
+
+    name = "gate"
+    description = "Waits on a gate file."
+    kind = "inspect"
+    Output = CountOut
+
+    def run(self, ctx: ToolContext, inp: ToolInput) -> CountOut:
+        gate = os.environ.get("DXAGENT_TEST_GATE")
+        while gate and Path(gate).exists():
+            time.sleep(0.1)
+        return CountOut(value=2)

@@ -1,0 +1,162 @@
+"""The graph on the scripted backend: loop, budget stop, rethink both ways, failing tools, resume, trace."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers import Boom, Gate, Slow, answer, call
+from pydicom.data import get_testdata_file
+
+from agent.session import run_case, tools
+from agent.trace import TraceStore
+
+CT = get_testdata_file("CT_small.dcm")
+MR = get_testdata_file("MR_small.dcm")
+TISSUE_Q = "What is the tissue composition of this CT slice: how much fat and bone?"
+
+
+def scripted(tmp_path, script, paths=(CT,), question=TISSUE_Q, **kw):
+    return run_case(list(paths), question, llm="scripted", script=script, trace_dir=tmp_path, **kw)
+
+
+def test_loop_inspect_then_measure_then_report(tmp_path):
+    res = scripted(tmp_path, [call("inspect_image"), call("ct_tissue_composition")])
+    st = res.state
+    assert [e.tool for e in st.evidence] == ["inspect_image", "ct_tissue_composition"]
+    assert all(e.status == "ok" for e in st.evidence)
+    # rethink: after inspect the question was not answered -> think; after the measurement -> report
+    assert [c.route for c in st.critiques] == ["think", "report"]
+    assert st.critiques[-1].answered and st.critiques[-1].answered_by == ["E2"]
+    rep = res.report
+    assert rep["findings"] and all(f["evidence_ids"] == ["E2"] for f in rep["findings"])
+    assert rep["recommendation"]["outcome"] == "report"
+    assert "RESEARCH USE ONLY" in rep["disclaimer"]
+    assert any(m["unit"] in ("mm2", "mL") for f in rep["findings"] for m in f["measurements"])
+
+
+def test_trace_is_complete_and_chained(tmp_path):
+    res = scripted(tmp_path, [call("inspect_image"), call("ct_tissue_composition")])
+    store = TraceStore(None, tmp_path)
+    llm = store.events(res.run_id, "llm")
+    tool = store.events(res.run_id, "tool")
+    assert len(llm) == 2 and len(tool) == 2
+    for ev in llm:
+        body = json.loads(ev.payload)
+        assert body["request"]["messages"][0]["role"] == "system" and body["response"]["content"]
+        assert body["decision"]["tool"] in ("inspect_image", "ct_tissue_composition")
+    for ev, e in zip(tool, res.state.evidence, strict=True):
+        body = json.loads(ev.payload)["evidence"]
+        assert body["id"] == e.id and body["output"] == e.output and body["args"] == e.args
+        for a in body["artifacts"]:
+            assert (tmp_path / "artifacts" / a["path"]).exists()
+    assert store.verify_chain(res.run_id) is None
+    assert store.get_run(res.run_id).status == "done"
+    assert json.loads(store.get_run(res.run_id).report)["run_id"] == res.run_id
+    # patient identifiers and paths never reach the trace
+    everything = " ".join(e.payload for e in store.events(res.run_id))
+    assert "CT_small" not in everything and "CompressedSamples" not in everything
+
+
+def test_budget_stops_the_loop(tmp_path):
+    res = scripted(tmp_path, [call("inspect_image"), call("window_level", preset="lung"), call("inspect_image", view="V2")],
+                   question="How much fat is there?", max_steps=2)
+    assert res.state.tool_steps == 2
+    assert res.state.critiques[-1].route == "report" and "budget" in res.state.critiques[-1].why
+    assert len(TraceStore(None, tmp_path).events(res.run_id, "llm")) == 2  # the third decision was never asked
+
+
+def test_planner_answer_goes_straight_to_report_and_abstains(tmp_path):
+    res = scripted(tmp_path, [answer("nothing to do")])
+    assert res.state.evidence == []
+    assert res.report["recommendation"]["outcome"] == "abstain"
+
+
+def test_throwing_and_slow_tools_become_failed_evidence(tmp_path):
+    ts = {**tools(), "boom": Boom(), "slow": Slow()}
+    res = scripted(tmp_path, [call("boom"), call("slow"), call("ct_tissue_composition")], tool_set=ts)
+    e1, e2, e3 = res.state.evidence
+    assert e1.status == "failed" and "kaboom" in e1.error
+    assert e2.status == "failed" and "timed out" in e2.error
+    assert e3.status == "ok"
+    # the critic saw the failure and sent the planner back to think
+    assert res.state.critiques[0].route == "think" and "boom failed" in res.state.critiques[0].suggestions[0]
+    assert any("kaboom" in u for u in res.report["uncertainty"])
+
+
+def test_invalid_decisions_are_reasked_then_give_up(tmp_path):
+    res = scripted(tmp_path, ["not json at all", json.dumps({"tool": "nope", "args": {}}), call("ct_tissue_composition")])
+    assert res.state.evidence[0].tool == "ct_tissue_composition"
+    rejected = [json.loads(e.payload)["rejected"] for e in TraceStore(None, tmp_path).events(res.run_id, "llm")]
+    assert "not JSON" in rejected[0] and "unknown tool" in rejected[1] and rejected[2] is None
+    res2 = scripted(tmp_path, ["garbage"] * 3)
+    assert res2.state.planner_failures == 1
+    assert res2.report["recommendation"]["outcome"] == "refer"
+    assert any("Planner failed" in x for x in res2.report["limitations"])
+
+
+def test_refused_when_tool_not_for_modality(tmp_path):
+    res = scripted(tmp_path, [call("ct_tissue_composition"), call("region_measure")], paths=(MR,),
+                   question="How large is the bright region?")
+    assert "ct_tissue_composition" not in res.state.applicable_tools
+    assert res.state.evidence[0].status == "refused"
+    assert res.state.evidence[1].status == "ok"
+
+
+def test_bad_input_is_one_line_error(tmp_path):
+    from agent.session import DxError
+
+    bad = tmp_path / "empty.dcm"
+    bad.write_bytes(b"")
+    with pytest.raises(DxError) as exc:
+        scripted(tmp_path, [answer()], paths=(bad,))
+    assert "\n" not in str(exc.value) and "empty.dcm" in str(exc.value)
+    failed = [r for r in TraceStore(None, tmp_path).runs() if r.status == "failed"]
+    assert failed and failed[0].error
+
+
+CHILD = """
+import sys, json
+sys.path.insert(0, {tests!r})
+from helpers import Gate, call
+from agent.session import run_case, tools
+run_case([{ct!r}], {q!r}, llm="scripted", trace_dir={td!r}, run_id="run-resume",
+         script=[call("inspect_image"), call("gate"), call("ct_tissue_composition")],
+         tool_set={{**tools(), "gate": Gate()}})
+"""
+
+
+def test_resume_after_kill(tmp_path):
+    gate = tmp_path / "gate"
+    gate.write_text("closed")
+    env = {**os.environ, "DXAGENT_TEST_GATE": str(gate)}
+    code = CHILD.format(tests=str(Path(__file__).parent), ct=CT, q=TISSUE_Q, td=str(tmp_path))
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, start_new_session=True)
+    store = TraceStore(None, tmp_path)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait until the run sits inside the gate tool (E1 done, E2 running)
+        evs = store.events("run-resume") if store.get_run("run-resume") else []
+        if any(e.kind == "llm" and json.loads(e.payload).get("decision", {}) and
+               json.loads(e.payload)["decision"]["tool"] == "gate" for e in evs):
+            break
+        assert proc.poll() is None, "child exited early"
+        time.sleep(0.2)
+    time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert [json.loads(e.payload)["evidence"]["id"] for e in store.events("run-resume", "tool")] == ["E1"]
+    gate.unlink()
+    # resume: the checkpoint is after the think step that chose "gate"; E1 is not re-run
+    res = run_case(llm="scripted", script=[call("ct_tissue_composition")], trace_dir=tmp_path, resume="run-resume",
+                   tool_set={**tools(), "gate": Gate()})
+    assert [e.tool for e in res.state.evidence] == ["inspect_image", "gate", "ct_tissue_composition"]
+    tool_ids = [json.loads(e.payload)["evidence"]["id"] for e in store.events("run-resume", "tool")]
+    assert tool_ids == ["E1", "E2", "E3"]
+    assert res.report and res.report["recommendation"]["outcome"] == "report"
+    assert store.verify_chain("run-resume") is None

@@ -1,0 +1,160 @@
+"""The one tool protocol, and the registry that finds tools.
+
+A tool is a subclass of `Tool` in any module of the `tools` package (or a class exposed through
+the `dxagent.tools` entry-point group): adding one file adds a tool, with no edits elsewhere.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import Any, ClassVar
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+from agent.artifacts import ArtifactStore
+from agent.state import ArtifactRef, CaseState, ImageView
+
+
+class ToolError(Exception):
+    """A tool could not do what was asked; the message goes into the evidence."""
+
+
+class ToolInput(BaseModel):
+    """Every tool input names the view it acts on."""
+
+    view: str = Field("V1", description="id of the image view to act on")
+
+
+class Measurement(BaseModel):
+    name: str
+    value: float
+    unit: str  # "mm", "mm2", "mL", "HU", "px", "px2", "ratio", "%"
+
+
+class FindingDraft(BaseModel):
+    """A finding a tool's output supports; the report attaches the evidence id."""
+
+    label: str
+    present: bool | None = None  # None: a measurement, not a yes/no claim
+    location: str = ""
+    bbox: list[float] | None = None  # [row0, col0, row1, col1] in the view's pixels
+    measurements: list[Measurement] = Field(default_factory=list)
+    probability: float | None = None
+    note: str = ""
+
+
+@dataclass
+class ToolContext:
+    """What a tool may touch while it runs."""
+
+    state: CaseState
+    store: ArtifactStore
+    new_views: list[ImageView] = field(default_factory=list)
+    artifacts: list[ArtifactRef] = field(default_factory=list)
+
+    def view(self, view_id: str) -> ImageView:
+        for v in self.new_views:
+            if v.id == view_id:
+                return v
+        return self.state.view(view_id)
+
+    def pixels(self, view_id: str) -> np.ndarray:
+        return self.store.get_array(self.view(view_id).pixels)
+
+    def save_png(self, img: np.ndarray, kind: str, description: str) -> ArtifactRef:
+        ref = self.store.put_png(img, kind=kind, description=description)
+        self.artifacts.append(ref)
+        return ref
+
+    def save_mask(self, mask: np.ndarray, description: str) -> ArtifactRef:
+        ref = self.store.put_array(mask.astype(np.uint8), kind="mask", description=description)
+        self.artifacts.append(ref)
+        return ref
+
+    def add_view(self, pixels: np.ndarray, parent: ImageView, provenance: dict[str, Any], **changes: Any) -> ImageView:
+        """Create a derived view (crop, zoom, window) that later tool calls can act on."""
+        n = len(self.state.views) + len(self.new_views) + 1
+        ref = self.store.put_array(pixels, kind="pixels", description=f"view V{n} from {parent.id}")
+        fields = parent.model_dump()
+        fields.update(
+            id=f"V{n}", pixels=ref, shape=tuple(pixels.shape), dtype=str(pixels.dtype),
+            parent=parent.id, provenance=provenance,
+        )
+        fields.update(changes)
+        view = ImageView(**fields)
+        self.new_views.append(view)
+        return view
+
+
+class Tool(ABC):
+    """Name, description, where it applies, typed input and output, and `run`."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]  # one line, shown to the planner
+    version: ClassVar[str] = "1"
+    kind: ClassVar[str] = "inspect"  # inspect | view | segment | detect | classify | measure | retrieve
+    modalities: ClassVar[frozenset[str] | None] = None  # None: any modality
+    dims: ClassVar[frozenset[int]] = frozenset({2, 3})
+    topics: ClassVar[tuple[str, ...]] = ()  # question words this tool's evidence answers
+    timeout_s: ClassVar[float] = 60.0
+    Input: ClassVar[type[ToolInput]] = ToolInput
+    Output: ClassVar[type[BaseModel]]
+
+    def applicable(self, view: ImageView) -> str | None:
+        """None if the tool can run on this view, else the reason it cannot."""
+        if self.modalities is not None and view.modality not in self.modalities:
+            return f"{self.name} is for {'/'.join(sorted(self.modalities))}, not {view.modality}"
+        if view.ndim_spatial not in self.dims:
+            return f"{self.name} takes {'/'.join(f'{d}D' for d in sorted(self.dims))} images, not {view.ndim_spatial}D"
+        return None
+
+    @abstractmethod
+    def run(self, ctx: ToolContext, inp: ToolInput) -> BaseModel: ...
+
+    def findings(self, output: BaseModel, view: ImageView) -> list[FindingDraft]:
+        """Findings this output supports (the report cites the evidence id). Default: none."""
+        return []
+
+    def summary(self, output: BaseModel) -> str:
+        """One line for the planner and the CLI."""
+        text = output.model_dump_json()
+        return text if len(text) <= 240 else text[:237] + "..."
+
+    def card(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "description": self.description, "version": self.version,
+            "kind": self.kind, "modalities": sorted(self.modalities) if self.modalities else "any",
+            "dims": sorted(self.dims),
+        }
+
+
+def _is_tool(obj: Any) -> bool:
+    return isinstance(obj, type) and issubclass(obj, Tool) and obj is not Tool and not getattr(obj, "__abstractmethods__", None)
+
+
+def discover() -> dict[str, Tool]:
+    """Instantiate every tool in the `tools` package and the `dxagent.tools` entry points."""
+    import tools as pkg
+
+    found: dict[str, Tool] = {}
+    classes: list[type[Tool]] = []
+    for mod in pkgutil.iter_modules(pkg.__path__):
+        if mod.name.startswith("_") or mod.name in ("base",):
+            continue
+        module = importlib.import_module(f"tools.{mod.name}")
+        classes += [obj for obj in vars(module).values() if _is_tool(obj) and obj.__module__ == module.__name__]
+    for ep in entry_points(group="dxagent.tools"):
+        obj = ep.load()
+        if _is_tool(obj):
+            classes.append(obj)
+    for cls in classes:
+        tool = cls()
+        if tool.name in found:
+            raise RuntimeError(f"two tools are named {tool.name!r}")
+        found[tool.name] = tool
+    return dict(sorted(found.items()))
