@@ -90,11 +90,12 @@ def run(
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "report.json").write_text(json.dumps(report, indent=2))
         (out_dir / "report.md").write_text(to_markdown(report))
-    if as_json:
+    if as_json:  # stdout stays pure JSON; the trace id goes to stderr
         print(json.dumps(report, indent=2))
+        err.print(f"trace id: {run_id}", highlight=False)
     else:
         out.print(Markdown(to_markdown(report)))
-    out.print(f"trace id: [bold]{run_id}[/]", highlight=False)
+        out.print(f"trace id: [bold]{run_id}[/]", highlight=False)
 
 
 @app.command()

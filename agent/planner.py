@@ -23,7 +23,7 @@ from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import HumanMessage, SystemMessage
 from pydantic import ValidationError
 
-from agent.state import CaseState, Critique, Decision, Evidence
+from agent.state import CaseState, Decision, Evidence
 from tools.base import Tool
 
 REASON_MAX = 60
@@ -39,7 +39,8 @@ def render(name: str, **values: Any) -> str:
 
 
 def prompt_versions() -> dict[str, str]:
-    return {n: hashlib.sha256(prompt_text(n).encode()).hexdigest()[:12] for n in ("system", "think", "rethink", "report")}
+    names = ("system", "think", "rethink", "report")
+    return {n: hashlib.sha256(prompt_text(n).encode()).hexdigest()[:12] for n in names}
 
 
 class PlannerError(RuntimeError):
@@ -86,7 +87,8 @@ def args_line(tool: Tool) -> str:
 def decision_schema(tools: list[Tool], view_ids: list[str]) -> dict[str, Any]:
     reason = {"type": "string", "maxLength": REASON_MAX}
     options = [
-        {"type": "object", "properties": {"tool": {"const": t.name}, "args": args_schema(t, view_ids), "reason": reason},
+        {"type": "object",
+         "properties": {"tool": {"const": t.name}, "args": args_schema(t, view_ids), "reason": reason},
          "required": ["tool", "args", "reason"], "additionalProperties": False}
         for t in tools
     ]
@@ -101,7 +103,8 @@ def openai_tools(tools: list[Tool], view_ids: list[str]) -> list[dict[str, Any]]
                                              "parameters": args_schema(t, view_ids)}} for t in tools]
     fns.append({"type": "function", "function": {
         "name": "answer", "description": "Stop calling tools: the evidence answers the question.",
-        "parameters": {"type": "object", "properties": {"reason": {"type": "string"}}, "required": []}}})
+        "parameters": {"type": "object", "properties": {"reason": {"type": "string", "maxLength": REASON_MAX}},
+                       "required": []}}})
     return fns
 
 
@@ -162,10 +165,14 @@ def case_line(state: CaseState) -> str:
 def view_lines(state: CaseState) -> list[str]:
     out = []
     for v in state.views:
-        how = "original image" if v.parent is None else \
-            f"derived from {v.parent} by {v.provenance.get('tool', '?')} {json.dumps({k: x for k, x in v.provenance.items() if k not in ('tool', 'parent')})}"
+        extra = json.dumps({k: x for k, x in v.provenance.items() if k not in ("tool", "parent")})
+        tool = v.provenance.get("tool", "?")
+        how = "original image" if v.parent is None else f"derived from {v.parent} by {tool} {extra}"
         out.append(f"{v.id}: {how}, shape {list(v.shape)}")
     return out
+
+
+_JSON_OBJECT_ENDPOINTS: set[str] = set()  # model ids whose server rejected response_format `json_schema`
 
 
 class Planner:
@@ -194,10 +201,27 @@ class Planner:
             if self.chat._llm_type == "llama-cpp":
                 params["response_format"] = {"type": "json_object", "schema": schema}
             elif self.chat._llm_type != "scripted":
-                params["response_format"] = {"type": "json_schema",
-                                             "json_schema": {"name": "decision", "schema": schema}}
+                note: dict[str, Any] = {}
+                if self.model_id not in _JSON_OBJECT_ENDPOINTS:
+                    params["response_format"] = {"type": "json_schema",
+                                                 "json_schema": {"name": "decision", "schema": schema}}
+                    try:
+                        return self.chat.invoke(messages, **params), params
+                    except Exception as exc:
+                        if "json_schema" not in str(exc) or getattr(exc, "status_code", None) not in (400, 422, 500):
+                            raise
+                        _JSON_OBJECT_ENDPOINTS.add(self.model_id)
+                        note = {"json_schema_rejected": str(exc)[:200]}
+                # llama-cpp-python's server rejects `json_schema` but turns `json_object` + `schema` into a grammar;
+                # it also ignores `max_completion_tokens` (langchain-openai's name for max_tokens): send `max_tokens`.
+                params = {"response_format": {"type": "json_object", "schema": schema},
+                          "extra_body": {"max_tokens": self.max_tokens}}
+                return self.chat.invoke(messages, **params), {**params, **note}
             return self.chat.invoke(messages, **params), params
-        bound = self.chat.bind_tools(openai_tools(tools, view_ids)) if hasattr(self.chat, "bind_tools") else self.chat
+        # tool_choice "auto" is the OpenAI/vLLM default, but llama-cpp-python's chatml-function-calling ignores
+        # the tools unless it is sent (and fails on "required"); a reply without a call counts as "answer".
+        params["tool_choice"] = "auto"
+        bound = self.chat.bind_tools(openai_tools(tools, view_ids), tool_choice="auto")
         return bound.invoke(messages, max_tokens=self.max_tokens), params
 
     def decide(self, state: CaseState, tools: dict[str, Tool], node: str = "think") -> Decision:

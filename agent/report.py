@@ -140,22 +140,24 @@ def compose(state: CaseState, tools: dict[str, Tool], planner_model: str, planne
     answered = bool(crit and crit.answered)
     if answered:
         cited = [f for f in findings if set(f.evidence_ids) & set(crit.answered_by)] or findings
-        answer = "; ".join(finding_line(f) for f in cited[:6]) if cited else \
-            "Answered by " + ", ".join(crit.answered_by) + " (see evidence)."
+        answer = "; ".join(finding_line(f) for f in cited[:6]) if cited else "; ".join(
+            f"{evidence_line(e, tools)['summary']} [{e.id}]" for e in ok if e.id in crit.answered_by)
     else:
         answer = "The evidence gathered does not answer the question."
     if state.planner_failures or (crit and crit.conflicts):
         outcome = "refer"
         text = "Refer to a qualified reader: " + ("the planner failed" if state.planner_failures else
                                                   "tools disagree") + "; automated evidence is not conclusive."
-    elif not answered or not findings:
+    elif not answered:
         outcome = "abstain"
         text = "Abstain: the available tools did not produce evidence that answers the question."
     else:
         outcome = "report"
         text = "Quantitative findings are reported above for review by a qualified clinician."
 
-    impression = " ".join(f"{finding_line(f)}." for f in findings[:5]) or "No quantitative finding was produced."
+    cited_ev = [e for e in ok if any(e.id in f.evidence_ids for f in findings)]
+    impression = " ".join(f"{evidence_line(e, tools)['summary'].rstrip('.')} [{e.id}]." for e in cited_ev) \
+        or "No quantitative finding was produced."
     if narrative_llm is not None and findings:
         prompt = render("report", question=state.question, case_line=case_line(state),
                         evidence=[evidence_line(e, tools) for e in state.evidence],

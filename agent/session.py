@@ -60,6 +60,7 @@ def run_case(paths: list[str] | None = None, question: str | None = None, *, llm
              chat: Any = None, model_id: str | None = None, mode: str | None = None,
              base_url: str | None = None, model: str | None = None, api_key: str | None = None,
              llm_timeout_s: float = 120.0, script: list[Any] | None = None, narrative: bool | None = None,
+             narrator: Any = None,
              trace_dir: str | Path | None = None, db_url: str | None = None, max_steps: int = 6,
              max_wall_s: float = 300.0, modality: str | None = None, body_part: str | None = None,
              clinical_context: str = "", run_id: str | None = None, resume: str | None = None,
@@ -78,7 +79,7 @@ def run_case(paths: list[str] | None = None, question: str | None = None, *, llm
     planner = Planner(chat, model_id or "custom", mode or "json")
     use_narrative = narrative if narrative is not None else llm.startswith("openai")
     rt = Runtime(tools=tool_set or tools(), planner=planner, store=store, trace=trace,
-                 narrative_llm=chat if use_narrative else None, on_step=on_step)
+                 narrative_llm=(narrator or chat) if use_narrative or narrator else None, on_step=on_step)
     planner.record = lambda kind, node, name, payload: rt.record(kind, node, name, payload)
     graph = build_graph(rt, sqlite_checkpointer(trace_dir / "checkpoints.sqlite"))
 

@@ -1,0 +1,62 @@
+"""The embedded planners really choosing among candidate tools, on real images.
+
+`local` is the default Qwen2.5-Coder-1.5B GGUF (minutes for the module); `tiny` is SmolLM2-135M.
+The grammar guarantees a valid action; the routing itself is the model's.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from helpers import REALCASES
+from pydicom.data import get_testdata_file
+
+from agent.session import run_case
+from agent.trace import TraceStore
+
+CT = get_testdata_file("CT_small.dcm")
+MR = get_testdata_file("MR_small.dcm")
+
+
+def first_tool(tmp_path, path, question, llm="local"):
+    res = run_case([path], question, llm=llm, trace_dir=tmp_path, max_steps=1)
+    llm_events = TraceStore(None, tmp_path).events(res.run_id, "llm")
+    first = json.loads(llm_events[0].payload)
+    assert first["request"]["candidates"] == sorted(res.state.applicable_tools)
+    assert first["usage"]["output_tokens"] > 0 and first["latency_s"] > 0
+    return first["decision"]["tool"], res
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path,question,expected", [
+    (CT, "What is the tissue composition of this CT slice: how much fat and bone?", "ct_tissue_composition"),
+    (MR, "How large is the dominant bright region?", "region_measure"),
+    (CT, "What is the pixel spacing and intensity range of this image?", "inspect_image"),
+], ids=["ct-tissue", "mr-size", "metadata"])
+def test_default_planner_routes_bundled_cases(tmp_path, path, question, expected):
+    tool, res = first_tool(tmp_path, path, question)
+    assert tool == expected
+    assert res.report["recommendation"]["outcome"] == "report"
+
+
+@pytest.mark.slow
+def test_default_planner_routes_a_real_dermoscopy_case(tmp_path):
+    rows = [json.loads(x) for x in (REALCASES / "cases.jsonl").read_text().splitlines()] \
+        if (REALCASES / "cases.jsonl").exists() else []
+    ham = [r for r in rows if r["source"] == "ham10000_dermoscopy"]
+    if not ham:
+        pytest.skip("../shared/data/realcases is not here")
+    tool, res = first_tool(tmp_path, str(REALCASES / ham[0]["image"]), "How large is the skin lesion?")
+    assert tool == "region_measure"
+    assert res.report["study"]["spacing_mm"] == "unknown"
+    assert any("pixels" in x for x in res.report["limitations"])
+
+
+def test_tiny_planner_always_produces_valid_actions(tmp_path):
+    res = run_case([CT], "What is the tissue composition of this CT slice?", llm="tiny", trace_dir=tmp_path,
+                   max_steps=3)
+    events = TraceStore(None, tmp_path).events(res.run_id, "llm")
+    assert events and all(json.loads(e.payload)["rejected"] is None for e in events)
+    assert all(e.tool in res.state.applicable_tools for e in res.state.evidence)
+    assert res.report is not None

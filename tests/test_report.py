@@ -1,0 +1,50 @@
+"""The citation rule: findings and model-written sentences must cite evidence that exists."""
+
+from __future__ import annotations
+
+from helpers import call
+from pydicom.data import get_testdata_file
+
+from agent.llm import ScriptedChat
+from agent.report import Finding, check_citations, cited_sentences, to_markdown
+from agent.session import run_case
+
+CT = get_testdata_file("CT_small.dcm")
+
+
+def test_uncited_findings_are_dropped_and_recorded():
+    fs = [Finding(label="a", evidence_ids=["E1"]), Finding(label="b", evidence_ids=[]),
+          Finding(label="c", evidence_ids=["E9"]), Finding(label="d", evidence_ids=["E9", "E2"])]
+    kept, dropped = check_citations(fs, {"E1", "E2"})
+    assert [f.label for f in kept] == ["a", "d"] and kept[1].evidence_ids == ["E2"]
+    assert len(dropped) == 2 and "'b'" in dropped[0] and "'c'" in dropped[1]
+
+
+def test_model_sentences_need_valid_citations():
+    text = "Fat is 25 % of the body [E1]. The patient has cancer. Bone is 8 % [E7]. Both agree [E1, E2]."
+    kept, dropped = cited_sentences(text, {"E1", "E2"})
+    assert kept == "Fat is 25 % of the body [E1]. Both agree [E1, E2]."
+    assert len(dropped) == 2 and "cancer" in dropped[0] and "E7" in dropped[1]
+
+
+def test_template_impression_cites_evidence(tmp_path):
+    res = run_case([CT], "How much fat?", llm="scripted", script=[call("ct_tissue_composition")], trace_dir=tmp_path)
+    assert res.report["impression"].endswith("[E1].")
+    assert res.report["dropped_claims"] == []
+
+
+def test_endpoint_impression_obeys_the_rule(tmp_path):
+    narrator = ScriptedChat(responses=["Fat makes up a quarter of the body [E1]. This is clearly malignant."])
+    res = run_case([CT], "How much fat?", llm="scripted", script=[call("ct_tissue_composition")],
+                   trace_dir=tmp_path, narrator=narrator)
+    rep = res.report
+    assert rep["impression"] == "Fat makes up a quarter of the body [E1]."
+    assert any("malignant" in d for d in rep["dropped_claims"])
+    assert "## Dropped claims" in to_markdown(rep)
+
+
+def test_endpoint_impression_failure_keeps_template_and_says_so(tmp_path):
+    res = run_case([CT], "How much fat?", llm="scripted", script=[call("ct_tissue_composition")],
+                   trace_dir=tmp_path, narrator=ScriptedChat(responses=[TimeoutError("read timed out")]))
+    assert res.report["impression"].endswith("[E1].")
+    assert any("impression failed" in x for x in res.report["limitations"])
