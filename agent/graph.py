@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from agent import critic
 from agent.artifacts import ArtifactStore
 from agent.planner import Planner, PlannerError
-from agent.state import (ArtifactRef, Budget, CaseState, Critique, Decision, Evidence, ImageView, StepLog)
+from agent.state import ArtifactRef, Budget, CaseState, Critique, Decision, Evidence, ImageView, StepLog
 from agent.trace import TraceStore
 from tools.base import Tool, ToolContext, ToolError
 

@@ -150,7 +150,7 @@ class LocalLlamaChat(BaseChatModel):
         out = llm.create_chat_completion(
             messages=convert_to_openai_messages(messages), response_format=kwargs.get("response_format"),
             temperature=0.0, max_tokens=kwargs.get("max_tokens", self.max_tokens), stop=stop, seed=self.seed, **lp,
-            
+
         )
         latency = time.perf_counter() - t0
         choice = out["choices"][0]

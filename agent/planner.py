@@ -113,7 +113,9 @@ def validate(tools: dict[str, Tool], tool: str | None, args: Any, reason: str, v
     if tool == "answer":
         return Decision(action="answer", reason=reason[:REASON_MAX])
     if tool not in tools:
-        raise ValueError(f"unknown tool {tool!r}; choose one of {sorted(tools)} or answer")
+        known = tool in getattr(tools, "all_names", ())
+        raise ValueError(f"{'tool ' + repr(tool) + ' does not apply to this case' if known else 'unknown tool ' + repr(tool)}"
+                         f"; choose one of {sorted(tools)} or answer")
     if not isinstance(args, dict):
         raise ValueError(f"args must be a JSON object, got {type(args).__name__}")
     if args.get("view", "V1") not in view_ids:
@@ -175,6 +177,12 @@ def view_lines(state: CaseState) -> list[str]:
 _JSON_OBJECT_ENDPOINTS: set[str] = set()  # model ids whose server rejected response_format `json_schema`
 
 
+class _Candidates(dict):
+    """The tools offered this step; remembers every tool name so a non-applicable pick is named as such."""
+
+    all_names: frozenset[str] = frozenset()
+
+
 class Planner:
     def __init__(self, chat: BaseChatModel, model_id: str, mode: str = "json",
                  record: Any = None, max_tokens: int = 160):
@@ -221,12 +229,14 @@ class Planner:
         # tool_choice "auto" is the OpenAI/vLLM default, but llama-cpp-python's chatml-function-calling ignores
         # the tools unless it is sent (and fails on "required"); a reply without a call counts as "answer".
         params["tool_choice"] = "auto"
-        bound = self.chat.bind_tools(openai_tools(tools, view_ids), tool_choice="auto")
+        bound = self.chat.bind_tools(openai_tools(tools, view_ids), tool_choice="auto") \
+            if hasattr(self.chat, "bind_tools") else self.chat
         return bound.invoke(messages, max_tokens=self.max_tokens), params
 
     def decide(self, state: CaseState, tools: dict[str, Tool], node: str = "think") -> Decision:
         cands = [tools[n] for n in state.applicable_tools if n in tools]
-        cand_map = {t.name: t for t in cands}
+        cand_map = _Candidates({t.name: t for t in cands})
+        cand_map.all_names = frozenset(tools)
         view_ids = [v.id for v in state.views]
         system = self.system_prompt(cands)
         error: str | None = None

@@ -105,8 +105,10 @@ def test_refused_when_tool_not_for_modality(tmp_path):
     res = scripted(tmp_path, [call("ct_tissue_composition"), call("region_measure")], paths=(MR,),
                    question="How large is the bright region?")
     assert "ct_tissue_composition" not in res.state.applicable_tools
-    assert res.state.evidence[0].status == "refused"
-    assert res.state.evidence[1].status == "ok"
+    # the planner is never offered it; picking it anyway is rejected with the reason, then re-asked
+    first = json.loads(TraceStore(None, tmp_path).events(res.run_id, "llm")[0].payload)
+    assert "does not apply to this case" in first["rejected"]
+    assert [(e.tool, e.status) for e in res.state.evidence] == [("region_measure", "ok")]
 
 
 def test_bad_input_is_one_line_error(tmp_path):

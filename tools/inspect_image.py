@@ -1,0 +1,95 @@
+"""inspect_image: shape, spacing, modality, intensity statistics and de-identified metadata of a view.
+
+Inspection is context for the planner, not a finding, so `findings()` returns nothing. Statistics
+on volumes over `_MAX_STAT_VOXELS` are taken on a regular subsample (every k-th voxel), which
+keeps the tool fast and deterministic.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel
+
+from tools.base import Tool, ToolContext, ToolInput
+from tools.imaging import is_rgb, looks_like_hu
+
+_MAX_STAT_VOXELS = 4_000_000
+
+
+class IntensityStats(BaseModel):
+    min: float
+    max: float
+    mean: float
+    std: float
+    p1: float
+    p50: float
+    p99: float
+
+
+class InspectOutput(BaseModel):
+    view: str
+    shape: list[int]
+    dtype: str
+    ndim_spatial: int
+    spacing_mm: list[float] | Literal["unknown"]
+    modality: str
+    modality_source: str
+    modality_confidence: float | None = None
+    body_part: str
+    photometric: str
+    intensity: dict[str, IntensityStats]  # "gray", or "R"/"G"/"B"
+    fraction_nonzero: float
+    looks_like_hu: bool
+    subsampled: bool = False
+    metadata: dict[str, Any]
+
+
+def _stats(values: np.ndarray) -> IntensityStats:
+    v = values.astype(np.float64, copy=False)
+    p1, p50, p99 = np.percentile(v, [1, 50, 99])
+    return IntensityStats(
+        min=float(v.min()), max=float(v.max()), mean=float(v.mean()), std=float(v.std()),
+        p1=float(p1), p50=float(p50), p99=float(p99),
+    )
+
+
+class InspectImage(Tool):
+    name = "inspect_image"
+    description = "Shape, pixel spacing, modality, intensity statistics and de-identified metadata of an image view."
+    kind = "inspect"
+    topics = ("metadata", "intensity", "quality", "spacing")
+    Input = ToolInput
+    Output = InspectOutput
+
+    def run(self, ctx: ToolContext, inp: ToolInput) -> InspectOutput:
+        view = ctx.view(inp.view)
+        arr = ctx.pixels(inp.view)
+        rgb = is_rgb(view)
+        flat = arr.reshape(-1, 3) if rgb else arr.reshape(-1)
+        step = max(1, -(-flat.shape[0] // _MAX_STAT_VOXELS))
+        sample = flat[::step]
+        if rgb:
+            intensity = {c: _stats(sample[:, i]) for i, c in enumerate("RGB")}
+            nonzero = float(np.any(sample != 0, axis=1).mean())
+        else:
+            intensity = {"gray": _stats(sample)}
+            nonzero = float(np.count_nonzero(sample) / sample.size)
+        return InspectOutput(
+            view=view.id, shape=list(view.shape), dtype=view.dtype, ndim_spatial=view.ndim_spatial,
+            spacing_mm=list(view.spacing_mm) if view.spacing_known else "unknown",
+            modality=view.modality, modality_source=view.modality_source,
+            modality_confidence=view.metadata.get("modality_confidence"), body_part=view.body_part,
+            photometric=view.photometric, intensity=intensity, fraction_nonzero=round(nonzero, 6),
+            looks_like_hu=(not rgb) and looks_like_hu(arr), subsampled=step > 1, metadata=dict(view.metadata),
+        )
+
+    def summary(self, output: BaseModel) -> str:
+        assert isinstance(output, InspectOutput)
+        sp = "spacing unknown" if output.spacing_mm == "unknown" else \
+            "spacing " + "×".join(f"{s:.3g}" for s in output.spacing_mm) + " mm"
+        ranges = ", ".join(f"{k} {s.min:.4g}..{s.max:.4g}" for k, s in output.intensity.items())
+        hu = ", HU-like" if output.looks_like_hu else ""
+        shape = "×".join(map(str, output.shape))
+        return f"{output.view}: {shape} {output.modality} ({output.modality_source}), {sp}, {ranges}{hu}"
