@@ -3,8 +3,10 @@
 Two protocols over the one `BaseChatModel` seam:
 - "json": the reply is one JSON object; a JSON schema built from the candidate tools and their pydantic
   inputs is passed as `response_format` (llama.cpp turns it into a grammar, so the local model can
-  only produce a valid action; an endpoint gets the same schema as `json_schema`).
-- "tools": native tool calling (OpenAI-compatible endpoints); one function per tool plus "answer".
+  only produce a valid action; an endpoint gets the same schema as `json_schema`, or as `json_object` +
+  `schema` once it has refused `json_schema`, as llama-cpp-python's server does).
+- "tools": native tool calling (OpenAI-compatible endpoints); one function per tool plus "answer",
+  with tool_choice "auto".
 A reply that does not parse, names an unknown tool or carries bad arguments is recorded and re-asked
 with the error, a bounded number of times; then the planner gives up and the report says why.
 """

@@ -1,4 +1,210 @@
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import socket
+import subprocess
 import sys
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+# --- OpenAI-compatible endpoints for tests/test_openai_backend.py: a real llama-cpp-python server
+# --- serving SmolLM2, and a scripted fake that injects faults. Both listen on 127.0.0.1 only.
+
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def _loopback_without_proxy():
+    """httpx (under openai) honours *_PROXY variables: keep 127.0.0.1 traffic direct."""
+    old = {k: os.environ.get(k) for k in ("NO_PROXY", "no_proxy")}
+    for k, v in old.items():
+        os.environ[k] = ",".join(x for x in (v, "127.0.0.1", "localhost") if x)
+    yield
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def llama_server(tmp_path_factory, _loopback_without_proxy):
+    """llama-cpp-python's OpenAI-compatible server with SmolLM2-135M and native tool calling."""
+    missing = [m for m in ("llama_cpp", "uvicorn", "fastapi", "sse_starlette", "starlette_context",
+                           "pydantic_settings") if importlib.util.find_spec(m) is None]
+    if missing:
+        pytest.skip(f"llama-cpp-python[server] is not installed (missing {', '.join(missing)})")
+    from agent.llm import LLMUnavailable, smollm_gguf
+
+    try:
+        model = smollm_gguf()
+    except LLMUnavailable as exc:
+        pytest.skip(str(exc))
+    port, alias = free_port(), "smollm2-135m"
+    log = tmp_path_factory.mktemp("llama_server") / "server.log"
+    threads = str(max(1, (os.cpu_count() or 2) // 2))  # 2 threads on 2 busy cores stall llama.cpp 5-10x
+    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--model_alias", alias,
+           "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "4096", "--chat_format", "chatml-function-calling",
+           "--n_threads", threads, "--n_threads_batch", threads, "--seed", "0", "--verbose", "False"]
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"llama_cpp.server exited with {proc.returncode}:\n{log.read_text()[-2000:]}")
+            try:
+                with _NO_PROXY.open(f"{base}/models", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"llama_cpp.server did not answer /v1/models within 60 s:\n{log.read_text()[-2000:]}")
+            time.sleep(0.25)
+        yield SimpleNamespace(base_url=base, model=alias, log=log, proc=proc)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+@dataclass
+class Reply:
+    """One scripted answer of the fake server."""
+
+    status: int = 200
+    body: bytes = b""
+    content_type: str = "application/json"
+    delay: float = 0.0  # seconds to wait before answering (capped by the server's max_delay)
+
+
+def _completion(message: dict[str, Any], finish: str) -> bytes:
+    return json.dumps({
+        "id": "chatcmpl-fake", "object": "chat.completion", "created": int(time.time()), "model": "fake",
+        "choices": [{"index": 0, "message": {"role": "assistant", **message}, "finish_reason": finish,
+                     "logprobs": None}],
+        "usage": {"prompt_tokens": 50, "completion_tokens": 7, "total_tokens": 57},
+    }).encode()
+
+
+class FakeOpenAI:
+    """A loopback OpenAI-compatible /v1/chat/completions that replays a script, for fault injection.
+
+    Each POST consumes the next `Reply` of `script` (an empty script answers 400, which clients do not
+    retry); `requests` records every request (path, headers, JSON body) so tests can check what was sent.
+    """
+
+    max_delay = 10.0
+
+    def __init__(self):
+        self.script: list[Reply] = []
+        self.requests: list[dict[str, Any]] = []
+        self.lock, self.stop = threading.Lock(), threading.Event()
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                self._send(Reply(body=json.dumps({"object": "list", "data": [{"id": "fake", "object": "model"}]})
+                                 .encode()) if self.path.rstrip("/").endswith("/models") else Reply(404, b"{}"))
+
+            def do_POST(self):
+                raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                try:
+                    body = json.loads(raw or b"{}")
+                except json.JSONDecodeError:
+                    body = {"_raw": raw.decode(errors="replace")}
+                with fake.lock:
+                    fake.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
+                    reply = fake.script.pop(0) if fake.script else fake.error(400, "fake server: script exhausted")
+                if fake.stop.wait(min(reply.delay, fake.max_delay)):
+                    return
+                self._send(reply)
+
+            def _send(self, reply: Reply):
+                try:
+                    self.send_response(reply.status)
+                    self.send_header("Content-Type", reply.content_type)
+                    self.send_header("Content-Length", str(len(reply.body)))
+                    self.end_headers()
+                    self.wfile.write(reply.body)
+                except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout test)
+                    pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+
+    def reset(self, *replies: Reply) -> FakeOpenAI:
+        with self.lock:
+            self.script, self.requests = list(replies), []
+        return self
+
+    def close(self):
+        self.stop.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=5)
+
+    # reply builders
+    @staticmethod
+    def text(content: str) -> Reply:
+        return Reply(body=_completion({"content": content}, "stop"))
+
+    @staticmethod
+    def call(name: str, arguments: dict[str, Any] | str) -> Reply:
+        args = arguments if isinstance(arguments, str) else json.dumps(arguments)
+        return Reply(body=_completion({"content": None, "tool_calls": [
+            {"id": "call_fake_1", "type": "function", "function": {"name": name, "arguments": args}}]}, "tool_calls"))
+
+    @staticmethod
+    def error(status: int, message: str) -> Reply:
+        return Reply(status, json.dumps({"error": {"message": message, "type": "fake_error", "code": None}}).encode())
+
+    @staticmethod
+    def garbage(content_type: str = "application/json") -> Reply:
+        return Reply(body=b"<html>\x00not json {{{", content_type=content_type)
+
+    @classmethod
+    def slow(cls, seconds: float) -> Reply:
+        return Reply(body=cls.text("too late").body, delay=seconds)
+
+
+@pytest.fixture(scope="session")
+def _fake_openai_server(_loopback_without_proxy):
+    server = FakeOpenAI()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def fake_openai(_fake_openai_server) -> FakeOpenAI:
+    """The session's fake server with an empty script and no recorded requests."""
+    return _fake_openai_server.reset()
