@@ -28,7 +28,7 @@ from pydantic import ValidationError
 from agent.state import CaseState, Decision, Evidence
 from tools.base import Tool
 
-REASON_MAX = 60
+REASON_MAX = 40
 _ENV = Environment(undefined=StrictUndefined, keep_trailing_newline=False, trim_blocks=False)
 
 
@@ -199,7 +199,7 @@ class Planner:
         critic = render("rethink", c=state.critiques[-1]).strip() if state.critiques else ""
         return render(
             "think", question=state.question, clinical_context=state.clinical_context, case_line=case_line(state),
-            views=view_lines(state), evidence=[evidence_line(e, tools) for e in state.evidence], critic=critic,
+            views=view_lines(state), candidates=", ".join(state.applicable_tools), evidence=[evidence_line(e, tools) for e in state.evidence], critic=critic,
             steps_left=state.budget.max_steps - state.tool_steps,
             seconds_left=int(max(0.0, state.budget.max_wall_s - state.budget.elapsed())), error=error,
         )
@@ -240,7 +240,9 @@ class Planner:
         cand_map = _Candidates({t.name: t for t in cands})
         cand_map.all_names = frozenset(tools)
         view_ids = [v.id for v in state.views]
-        system = self.system_prompt(cands)
+        # The system prompt lists every tool, so it is identical across steps and cases and llama.cpp reuses
+        # its KV cache; the candidates for this case are named in the user message and enforced by the schema.
+        system = self.system_prompt(list(tools.values()))
         error: str | None = None
         for attempt in range(state.budget.max_invalid_decisions + 1):
             user = self.user_prompt(state, tools, error)
