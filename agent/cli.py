@@ -108,7 +108,7 @@ def demo(
     from agent.report import to_markdown
 
     table = Table(title="dxagent demo (research use only)")
-    for col in ("case", "outcome", "findings", "answer", "trace id"):
+    for col in ("case", "outcome", "findings", "impression", "trace id"):
         table.add_column(col, overflow="fold")
     for name, path, question in demo_cases():
         err.print(f"[bold]{name}[/]: {question}")
@@ -117,7 +117,7 @@ def demo(
         (out_dir / f"{name}.json").write_text(json.dumps(report, indent=2))
         (out_dir / f"{name}.md").write_text(to_markdown(report))
         table.add_row(name, report["recommendation"]["outcome"], str(len(report["findings"])),
-                      report["answer"][:160], run_id)
+                      report["impression"][:200], run_id)
     out.print(table)
     out.print(f"reports written to {out_dir}/")
 

@@ -199,7 +199,8 @@ class Planner:
         critic = render("rethink", c=state.critiques[-1]).strip() if state.critiques else ""
         return render(
             "think", question=state.question, clinical_context=state.clinical_context, case_line=case_line(state),
-            views=view_lines(state), candidates=", ".join(state.applicable_tools), evidence=[evidence_line(e, tools) for e in state.evidence], critic=critic,
+            views=view_lines(state), candidates=", ".join(state.applicable_tools),
+            evidence=[evidence_line(e, tools) for e in state.evidence], critic=critic,
             steps_left=state.budget.max_steps - state.tool_steps,
             seconds_left=int(max(0.0, state.budget.max_wall_s - state.budget.elapsed())), error=error,
         )
