@@ -19,6 +19,23 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from helpers import realcases_root  # noqa: E402
+
+from agent.artifacts import ArtifactStore  # noqa: E402
+
+
+@pytest.fixture
+def realcases() -> Path:
+    root = realcases_root()
+    if root is None:
+        pytest.skip("../shared/data/realcases is absent (set DXAGENT_REALCASES)")
+    return root
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> ArtifactStore:
+    return ArtifactStore(tmp_path / "artifacts")
+
 # --- OpenAI-compatible endpoints for tests/test_openai_backend.py: a real llama-cpp-python server
 # --- serving SmolLM2, and a scripted fake that injects faults. Both listen on 127.0.0.1 only.
 

@@ -14,6 +14,11 @@ from tools.base import Tool, ToolContext, ToolInput
 REALCASES = Path(os.environ.get("DXAGENT_REALCASES", Path(__file__).resolve().parents[2] / "shared/data/realcases"))
 
 
+def realcases_root() -> Path | None:
+    """../shared/data/realcases (or $DXAGENT_REALCASES) when present, else None: tests then skip."""
+    return REALCASES if (REALCASES / "cases.jsonl").exists() else None
+
+
 def call(tool: str, reason: str = "scripted", **args) -> str:
     return json.dumps({"tool": tool, "args": {"view": "V1", **args}, "reason": reason})
 

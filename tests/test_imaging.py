@@ -6,7 +6,6 @@ import copy
 import gzip
 import hashlib
 import json
-import os
 import random
 import re
 import struct
@@ -44,23 +43,6 @@ def bundled(name: str) -> Path:
     return p
 
 
-def realcases_root() -> Path | None:
-    env = os.environ.get("DXAGENT_REALCASES")
-    p = Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data" / "realcases"
-    return p if (p / "cases.jsonl").exists() else None
-
-
-@pytest.fixture
-def realcases() -> Path:
-    root = realcases_root()
-    if root is None:
-        pytest.skip("../shared/data/realcases is absent (set DXAGENT_REALCASES)")
-    return root
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> ArtifactStore:
-    return ArtifactStore(tmp_path / "artifacts")
 
 
 def load1(path: Path | str, store: ArtifactStore, **kw):

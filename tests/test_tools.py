@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import time
 from pathlib import Path
 
@@ -33,23 +32,6 @@ TOOLS = discover()
 HAM_N, HAM_MEAN_DICE_FLOOR, HAM_CASE_DICE, HAM_CASES_ABOVE = 10, 0.65, 0.6, 7
 
 
-def realcases_root() -> Path | None:
-    env = os.environ.get("DXAGENT_REALCASES")
-    p = Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data" / "realcases"
-    return p if (p / "cases.jsonl").exists() else None
-
-
-@pytest.fixture
-def realcases() -> Path:
-    root = realcases_root()
-    if root is None:
-        pytest.skip("../shared/data/realcases is absent (set DXAGENT_REALCASES)")
-    return root
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> ArtifactStore:
-    return ArtifactStore(tmp_path / "artifacts")
 
 
 def make_ctx(store: ArtifactStore, *paths: Path | str, **kw) -> ToolContext:
