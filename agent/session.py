@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,13 @@ def run_case(paths: list[str] | None = None, question: str | None = None, *, llm
             raise DxError(f"run {run_id} has no checkpoint to resume from")
         if not snap.next:
             return Result(run_id, snap.values.get("report"), CaseState.model_validate(snap.values))
+        prior = CaseState.model_validate(snap.values)
+        if prior.budget.started_at is not None and prior.steps:
+            # the wall-clock budget counts working time: the pause since the last completed step is not spent
+            paused = max(0.0, time.time() - prior.steps[-1].t)
+            budget = prior.budget.model_copy(update={"started_at": prior.budget.started_at + paused})
+            graph.update_state(config, {"budget": budget})
+            snap = graph.get_state(config)
         rt.record("note", "resume", "resume", {"next": list(snap.next)})
         payload = None
     else:

@@ -154,9 +154,11 @@ def test_resume_after_kill(tmp_path):
     proc.wait()
     assert [json.loads(e.payload)["evidence"]["id"] for e in store.events("run-resume", "tool")] == ["E1"]
     gate.unlink()
+    time.sleep(2)  # a pause while nothing runs: it must not count against the wall-clock budget
     # resume: the checkpoint is after the think step that chose "gate"; E1 is not re-run
     res = run_case(llm="scripted", script=[call("ct_tissue_composition")], trace_dir=tmp_path, resume="run-resume",
                    tool_set={**tools(), "gate": Gate()})
+    assert res.state.budget.elapsed() < time.time() - res.state.steps[0].t - 1.5
     assert [e.tool for e in res.state.evidence] == ["inspect_image", "gate", "ct_tissue_composition"]
     tool_ids = [json.loads(e.payload)["evidence"]["id"] for e in store.events("run-resume", "tool")]
     assert tool_ids == ["E1", "E2", "E3"]
