@@ -18,7 +18,9 @@ import re
 from agent.state import CaseState, Critique, Evidence
 from tools.base import FindingDraft, Tool
 
-QUANTITATIVE = {"segment", "detect", "classify", "measure", "retrieve"}
+# kinds whose evidence is about this image; retrieval (similar cases, knowledge) is context and answers a
+# question only when the question names its topics
+QUANTITATIVE = {"segment", "detect", "classify", "measure"}
 
 
 def findings_of(e: Evidence, state: CaseState, tools: dict[str, Tool]) -> list[FindingDraft]:
