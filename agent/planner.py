@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 import time
 from importlib import resources
 from typing import Any
@@ -26,9 +27,9 @@ from langchain_core.messages import HumanMessage, SystemMessage
 from pydantic import ValidationError
 
 from agent.state import CaseState, Decision, Evidence
-from tools.base import Tool
+from tools.base import COORDINATE_ARGS, Tool
 
-REASON_MAX = 40
+REASON_MAX = 24  # characters: each output token costs ~75 ms with the local planner
 _ENV = Environment(undefined=StrictUndefined, keep_trailing_newline=False, trim_blocks=False)
 
 
@@ -65,10 +66,29 @@ def _clean_schema(schema: dict[str, Any]) -> dict[str, Any]:
     return walk(schema)
 
 
-def args_schema(tool: Tool, view_ids: list[str]) -> dict[str, Any]:
+def _no_null(prop: dict[str, Any]) -> dict[str, Any]:
+    """An optional argument's schema without its `null` alternative: the model omits the argument instead of
+    writing `"x": null`, which costs output tokens (each ~75 ms with the local planner) and says nothing."""
+    alts = [a for a in prop.get("anyOf", []) if a.get("type") != "null"]
+    if not alts or len(alts) == len(prop.get("anyOf", [])):
+        return prop
+    rest = {k: v for k, v in prop.items() if k not in ("anyOf", "default")}
+    return {**rest, **alts[0]} if len(alts) == 1 else {**rest, "anyOf": alts}
+
+
+def args_schema(tool: Tool, view_ids: list[str], coordinates: bool = True) -> dict[str, Any]:
+    """The tool's arguments as JSON schema; without `coordinates` (none are grounded yet) optional coordinate
+    arguments are left out, so a grammar-constrained model cannot invent a box."""
     schema = _clean_schema(tool.Input.model_json_schema())
-    schema.setdefault("properties", {})["view"] = {"enum": view_ids, "description": "id of the view to act on"}
-    schema["required"] = sorted(set(schema.get("required", [])) | {"view"})
+    req = set(schema.get("required", []))
+    schema["properties"] = {k: v if k in req else _no_null(v) for k, v in schema.get("properties", {}).items()
+                            if coordinates or k in req or k not in COORDINATE_ARGS}
+    if view_ids == ["V1"]:  # one view: the argument can only be its default, so the model need not write it
+        schema["properties"].pop("view", None)
+        schema["required"] = sorted(req - {"view"})
+    else:
+        schema["properties"]["view"] = {"enum": view_ids, "description": "id of the view to act on"}
+        schema["required"] = sorted(req | {"view"})
     schema["additionalProperties"] = False
     return schema
 
@@ -86,11 +106,11 @@ def args_line(tool: Tool) -> str:
     return "{" + ", ".join(parts) + "}"
 
 
-def decision_schema(tools: list[Tool], view_ids: list[str]) -> dict[str, Any]:
+def decision_schema(tools: list[Tool], view_ids: list[str], coordinates: bool = True) -> dict[str, Any]:
     reason = {"type": "string", "maxLength": REASON_MAX}
     options = [
         {"type": "object",
-         "properties": {"tool": {"const": t.name}, "args": args_schema(t, view_ids), "reason": reason},
+         "properties": {"tool": {"const": t.name}, "args": args_schema(t, view_ids, coordinates), "reason": reason},
          "required": ["tool", "args", "reason"], "additionalProperties": False}
         for t in tools
     ]
@@ -100,9 +120,9 @@ def decision_schema(tools: list[Tool], view_ids: list[str]) -> dict[str, Any]:
     return {"anyOf": options}
 
 
-def openai_tools(tools: list[Tool], view_ids: list[str]) -> list[dict[str, Any]]:
+def openai_tools(tools: list[Tool], view_ids: list[str], coordinates: bool = True) -> list[dict[str, Any]]:
     fns = [{"type": "function", "function": {"name": t.name, "description": t.description,
-                                             "parameters": args_schema(t, view_ids)}} for t in tools]
+                                             "parameters": args_schema(t, view_ids, coordinates)}} for t in tools]
     fns.append({"type": "function", "function": {
         "name": "answer", "description": "Stop calling tools: the evidence answers the question.",
         "parameters": {"type": "object", "properties": {"reason": {"type": "string", "maxLength": REASON_MAX}},
@@ -110,11 +130,62 @@ def openai_tools(tools: list[Tool], view_ids: list[str]) -> list[dict[str, Any]]
     return fns
 
 
-def validate(tools: dict[str, Tool], tool: str | None, args: Any, reason: str, view_ids: list[str]) -> Decision:
-    """Turn a raw (tool, args) into a Decision, or raise ValueError with what is wrong."""
+_COORD_KEY = re.compile(r"bbox|box|cent|point|border|seed")
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def grounded_coordinates(state: CaseState) -> set[float]:
+    """Numbers the planner may use as coordinates: those under coordinate-like keys in successful tool outputs,
+    and any number in the question or clinical context. The planner never sees pixels, so any other box is invented."""
+    found: set[float] = set()
+
+    def walk(node: Any, coord: bool) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, coord or bool(_COORD_KEY.search(str(k))))
+        elif isinstance(node, list):
+            for v in node:
+                walk(v, coord)
+        elif coord and isinstance(node, int | float) and not isinstance(node, bool):
+            found.add(float(node))
+
+    for e in state.evidence:
+        if e.status == "ok":
+            walk(e.output, False)
+    for text in (state.question, state.clinical_context or ""):
+        found.update(float(x) for x in _NUMBER.findall(text))
+    return found
+
+
+def _numbers(v: Any) -> list[float]:
+    if isinstance(v, list):
+        return [x for item in v for x in _numbers(item)]
+    return [float(v)] if isinstance(v, int | float) and not isinstance(v, bool) else []
+
+
+def check_grounded(args: dict[str, Any], grounded: set[float]) -> None:
+    """Raise ValueError when a coordinate argument holds a number from neither the evidence nor the question.
+    Coarse fractions (multiples of 0.25, "the upper half") are allowed: they name a part, not a measured place."""
+    for name in sorted(COORDINATE_ARGS & set(args)):
+        vals = _numbers(args[name])
+        if not vals or all(0 <= v <= 1 and (v * 4).is_integer() for v in vals):
+            continue
+        stray = [v for v in vals if not any(abs(v - g) <= 1.0 for g in grounded)]
+        if stray:
+            raise ValueError(f"{name}={json.dumps(args[name])} is not from the evidence or the question (you never see "
+                             "the image): take coordinates from a tool's output, or first call a tool that finds the region")
+
+
+def validate(tools: dict[str, Tool], tool: str | None, args: Any, reason: str, view_ids: list[str],
+             grounded: set[float] | None = None) -> Decision:
+    """Turn a raw (tool, args) into a Decision, or raise ValueError with what is wrong. With `grounded`, coordinate
+    arguments must come from those numbers (see check_grounded)."""
     if tool == "answer":
         return Decision(action="answer", reason=reason[:REASON_MAX])
     if tool not in tools:
+        if tool in getattr(tools, "held_back", ()):
+            raise ValueError(f"{tool} needs a region (a box or point) and no evidence holds one yet: first call a tool "
+                             "that finds the region")
         known = tool in getattr(tools, "all_names", ())
         raise ValueError(f"{'tool ' + repr(tool) + ' does not apply to this case' if known else 'unknown tool ' + repr(tool)}"
                          f"; choose one of {sorted(tools)} or answer")
@@ -122,6 +193,8 @@ def validate(tools: dict[str, Tool], tool: str | None, args: Any, reason: str, v
         raise ValueError(f"args must be a JSON object, got {type(args).__name__}")
     if args.get("view", "V1") not in view_ids:
         raise ValueError(f"view {args.get('view')!r} does not exist; views are {view_ids}")
+    if grounded is not None:
+        check_grounded(args, grounded)
     try:
         parsed = tools[tool].Input.model_validate(args)
     except ValidationError as exc:
@@ -183,6 +256,7 @@ class _Candidates(dict):
     """The tools offered this step; remembers every tool name so a non-applicable pick is named as such."""
 
     all_names: frozenset[str] = frozenset()
+    held_back: frozenset[str] = frozenset()
 
 
 class Planner:
@@ -195,20 +269,22 @@ class Planner:
         return render("system", tools=[{"name": t.name, "description": t.description, "args": args_line(t)}
                                        for t in tools], mode=self.mode)
 
-    def user_prompt(self, state: CaseState, tools: dict[str, Tool], error: str | None) -> str:
+    def user_prompt(self, state: CaseState, tools: dict[str, Tool], error: str | None,
+                    candidates: list[str] | None = None) -> str:
         critic = render("rethink", c=state.critiques[-1]).strip() if state.critiques else ""
         return render(
             "think", question=state.question, clinical_context=state.clinical_context, case_line=case_line(state),
-            views=view_lines(state), candidates=", ".join(state.applicable_tools),
+            views=view_lines(state), candidates=", ".join(state.applicable_tools if candidates is None else candidates),
             evidence=[evidence_line(e, tools) for e in state.evidence], critic=critic,
             steps_left=state.budget.max_steps - state.tool_steps,
             seconds_left=int(max(0.0, state.budget.max_wall_s - state.budget.elapsed())), error=error,
         )
 
-    def _ask(self, messages: list, tools: list[Tool], view_ids: list[str]) -> tuple[Any, dict[str, Any]]:
+    def _ask(self, messages: list, tools: list[Tool], view_ids: list[str],
+             coordinates: bool = True) -> tuple[Any, dict[str, Any]]:
         params: dict[str, Any] = {"max_tokens": self.max_tokens}
         if self.mode == "json":
-            schema = decision_schema(tools, view_ids)
+            schema = decision_schema(tools, view_ids, coordinates)
             if self.chat._llm_type == "llama-cpp":
                 params["response_format"] = {"type": "json_object", "schema": schema}
             elif self.chat._llm_type != "scripted":
@@ -232,28 +308,33 @@ class Planner:
         # tool_choice "auto" is the OpenAI/vLLM default, but llama-cpp-python's chatml-function-calling ignores
         # the tools unless it is sent (and fails on "required"); a reply without a call counts as "answer".
         params["tool_choice"] = "auto"
-        bound = self.chat.bind_tools(openai_tools(tools, view_ids), tool_choice="auto") \
+        bound = self.chat.bind_tools(openai_tools(tools, view_ids, coordinates), tool_choice="auto") \
             if hasattr(self.chat, "bind_tools") else self.chat
         return bound.invoke(messages, max_tokens=self.max_tokens), params
 
     def decide(self, state: CaseState, tools: dict[str, Tool], node: str = "think") -> Decision:
+        grounded = grounded_coordinates(state)
         cands = [tools[n] for n in state.applicable_tools if n in tools]
+        # a tool that needs a region is offered only once there are coordinates to give it
+        held = [] if grounded else [t.name for t in cands if t.requires_region()]
+        cands = [t for t in cands if t.name not in held]
         cand_map = _Candidates({t.name: t for t in cands})
         cand_map.all_names = frozenset(tools)
+        cand_map.held_back = frozenset(held)
         view_ids = [v.id for v in state.views]
         # The system prompt lists every tool, so it is identical across steps and cases and llama.cpp reuses
         # its KV cache; the candidates for this case are named in the user message and enforced by the schema.
         system = self.system_prompt(list(tools.values()))
         error: str | None = None
         for attempt in range(state.budget.max_invalid_decisions + 1):
-            user = self.user_prompt(state, tools, error)
+            user = self.user_prompt(state, tools, error, [t.name for t in cands])
             messages = [SystemMessage(system), HumanMessage(user)]
             request = {"model": self.model_id, "mode": self.mode, "attempt": attempt,
                        "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
-                       "candidates": sorted(cand_map)}
+                       "candidates": sorted(cand_map), "held_back": held}
             t0 = time.perf_counter()
             try:
-                reply, params = self._ask(messages, cands, view_ids)
+                reply, params = self._ask(messages, cands, view_ids, bool(grounded))
             except Exception as exc:  # timeouts, connection errors, HTTP errors after retries
                 self.record(kind="llm", node=node, name="error", payload={
                     "request": request, "error": f"{type(exc).__name__}: {exc}",
@@ -266,7 +347,7 @@ class Planner:
                 {"name": c["name"], "args": c["args"]} for c in reply.tool_calls],
                 "invalid_tool_calls": [dict(c) for c in getattr(reply, "invalid_tool_calls", [])]}
             try:
-                decision = self._parse(reply, cand_map, view_ids)
+                decision = self._parse(reply, cand_map, view_ids, grounded)
                 error = None
             except ValueError as exc:
                 decision, error = None, str(exc)
@@ -279,7 +360,7 @@ class Planner:
                 return decision
         raise PlannerError(f"no valid decision after {state.budget.max_invalid_decisions + 1} tries; last: {error}")
 
-    def _parse(self, reply: Any, tools: dict[str, Tool], view_ids: list[str]) -> Decision:
+    def _parse(self, reply: Any, tools: dict[str, Tool], view_ids: list[str], grounded: set[float]) -> Decision:
         if self.mode == "tools":
             if getattr(reply, "invalid_tool_calls", None):
                 bad = reply.invalid_tool_calls[0]
@@ -290,7 +371,7 @@ class Planner:
             call = reply.tool_calls[0]
             args = dict(call["args"])
             reason = str(args.pop("reason", "")) if call["name"] == "answer" else ""
-            return validate(tools, call["name"], args, reason, view_ids)
+            return validate(tools, call["name"], args, reason, view_ids, grounded)
         text = str(reply.content).strip()
         if text.startswith("```"):
             text = text.strip("`").removeprefix("json").strip()
@@ -300,4 +381,4 @@ class Planner:
             raise ValueError(f"reply is not JSON ({exc.msg} at char {exc.pos}): {text[:80]!r}") from None
         if not isinstance(obj, dict):
             raise ValueError("reply must be a JSON object")
-        return validate(tools, obj.get("tool"), obj.get("args", {}), str(obj.get("reason", "")), view_ids)
+        return validate(tools, obj.get("tool"), obj.get("args", {}), str(obj.get("reason", "")), view_ids, grounded)

@@ -164,3 +164,29 @@ def test_resume_after_kill(tmp_path):
     assert tool_ids == ["E1", "E2", "E3"]
     assert res.report and res.report["recommendation"]["outcome"] == "report"
     assert store.verify_chain("run-resume") is None
+
+
+def test_planner_may_not_invent_coordinates(tmp_path):
+    """The planner never sees pixels: a region tool is held back until coordinates exist, and a box that comes from
+    neither the evidence nor the question is rejected and re-asked."""
+    script = [call("measure_roi", bbox=[10, 10, 40, 40]), call("region_measure", seed_point=[33, 77]),
+              call("region_measure")]
+    res = scripted(tmp_path, script, paths=(MR,), question="How large is the dominant bright region?")
+    events = [json.loads(e.payload) for e in TraceStore(None, tmp_path).events(res.run_id, "llm")]
+    first = events[0]["request"]
+    assert "measure_roi" in first["held_back"] and "measure_roi" not in first["candidates"]
+    assert "needs a region" in events[0]["rejected"]
+    assert "seed_point=[33, 77] is not from the evidence" in events[1]["rejected"]
+    assert events[2]["rejected"] is None and res.state.evidence[0].tool == "region_measure"
+
+    from agent.planner import check_grounded, grounded_coordinates
+
+    st = res.state
+    grounded = grounded_coordinates(st)
+    box = st.evidence[0].output["bbox"]
+    check_grounded({"bbox": box}, grounded)  # a box a tool returned
+    check_grounded({"bbox": [0, 0, 0.5, 0.5]}, grounded)  # "the upper-left quarter"
+    with pytest.raises(ValueError, match="not from the evidence"):
+        check_grounded({"bbox": [box[0] + 17, box[1], box[2], box[3]]}, grounded)
+    st.question = "Measure the box 12, 20, 60, 90."
+    check_grounded({"bbox": [12, 20, 60, 90]}, grounded_coordinates(st))

@@ -23,7 +23,10 @@ def first_tool(tmp_path, path, question, llm="local"):
     res = run_case([path], question, llm=llm, trace_dir=tmp_path, max_steps=1)
     llm_events = TraceStore(None, tmp_path).events(res.run_id, "llm")
     first = json.loads(llm_events[0].payload)
-    assert first["request"]["candidates"] == sorted(res.state.applicable_tools)
+    # offered: the applicable tools, less those that need a region while no coordinates exist
+    offered = set(first["request"]["candidates"]) | set(first["request"]["held_back"])
+    assert offered == set(res.state.applicable_tools)
+    assert "measure_roi" in first["request"]["held_back"] or "measure_roi" not in res.state.applicable_tools
     assert first["usage"]["output_tokens"] > 0 and first["latency_s"] > 0
     return first["decision"]["tool"], res
 

@@ -19,6 +19,10 @@ from pydantic import BaseModel, Field
 from agent.artifacts import ArtifactStore
 from agent.state import ArtifactRef, CaseState, ImageView
 
+# Input fields that hold image coordinates: the planner must take their values from recorded evidence or the
+# question, never invent them (agent/planner.py checks).
+COORDINATE_ARGS = frozenset({"bbox", "center", "points", "seed_point"})
+
 
 class ToolError(Exception):
     """A tool could not do what was asked; the message goes into the evidence."""
@@ -108,6 +112,15 @@ class Tool(ABC):
     validation: ClassVar[str] = ""
     Input: ClassVar[type[ToolInput]] = ToolInput
     Output: ClassVar[type[BaseModel]]
+    # True: the tool needs a region (a box, centre or points) to act on. The planner never sees pixels, so it is
+    # offered such a tool only once evidence or the question holds coordinates. Default: an Input field named in
+    # COORDINATE_ARGS is required.
+    needs_region: ClassVar[bool | None] = None
+
+    def requires_region(self) -> bool:
+        if self.needs_region is not None:
+            return self.needs_region
+        return any(f.is_required() for n, f in self.Input.model_fields.items() if n in COORDINATE_ARGS)
 
     def applicable(self, view: ImageView) -> str | None:
         """None if the tool can run on this view, else the reason it cannot."""

@@ -101,9 +101,10 @@ def _stats(values: np.ndarray, unit: str) -> IntensityStats:
 
 class MeasureROI(Tool):
     name = "measure_roi"
-    description = ("Area/volume, intensity stats (HU on CT) and a distance in a box or circle; "
-                   "bbox=[r0,c0,r1,c1] or center+radius, points=[[r,c],[r,c]].")
+    description = ("Stats inside a region you already know (an earlier tool's bbox, or the user's): area/volume, "
+                   "intensity (HU on CT), distance; bbox=[r0,c0,r1,c1] or center+radius, points=[[r,c],[r,c]].")
     kind = "measure"
+    needs_region = True  # one of bbox, center+radius or points
     topics = ("measure", "size", "area", "volume", "distance", "diameter", "density", "intensity", "hu",
               "hounsfield", "region", "roi", "lesion", "nodule")
     limitations = "measures exactly the region given (no segmentation); 3D distances without spacing assume cubic voxels"

@@ -164,7 +164,7 @@ def _feret(mask: np.ndarray, spacing: tuple[float, float]) -> tuple[float, list[
 
 class RegionMeasure(Tool):
     name = "region_measure"
-    description = "Segment the dominant object (Otsu) of a 2D image and measure area, longest diameter and shape."
+    description = "Find and segment the dominant object or lesion (Otsu) of a 2D image; its area, longest diameter, shape, bbox."
     kind = "measure"
     dims = frozenset({2})
     topics = ("size", "measure", "area", "diameter", "lesion", "region", "mass", "nodule")
