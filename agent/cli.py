@@ -123,10 +123,14 @@ def demo(
 
 
 @app.command("tools")
-def list_tools() -> None:
+def list_tools(as_json: Annotated[bool, typer.Option("--json", help="the full cards: limitations, validation")] = False,
+               ) -> None:
     """List the expert tools and where they apply."""
     from agent.session import tools
 
+    if as_json:
+        print(json.dumps([t.card() for t in tools().values()], indent=2))
+        return
     table = Table(title="dxagent tools")
     for col in ("name", "kind", "modalities", "dims", "description"):
         table.add_column(col, overflow="fold")

@@ -41,6 +41,11 @@ def test_tools_lists_the_tools():
     assert r.returncode == 0
     for name in ("inspect_image", "window_level", "crop_zoom", "ct_tissue_composition", "region_measure"):
         assert name in r.stdout
+    cards = {c["name"]: c for c in json.loads(dx("tools", "--json").stdout)}
+    assert {"litemedsam", "similar_cases", "texture_features", "cxr_lung_fields"} <= set(cards)
+    # every learned or validated tool states its limits and its figure on real data
+    assert cards["litemedsam"]["limitations"] and "Dice" in cards["litemedsam"]["validation"]
+    assert cards["cardiothoracic_ratio"]["modalities"] == ["CR", "DX"]
 
 
 @pytest.mark.parametrize("kind", ["empty", "text", "missing", "truncated"])
