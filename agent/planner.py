@@ -229,13 +229,22 @@ def evidence_line(e: Evidence, tools: dict[str, Tool]) -> dict[str, Any]:
     return {"id": e.id, "tool": e.tool, "args": args, "status": e.status, "summary": summary}
 
 
+# DICOM modality codes in words, so that any planner model reads "XC" as a skin photograph
+MODALITY_WORDS = {
+    "CT": "CT", "MR": "MRI", "DX": "radiograph", "CR": "radiograph", "US": "ultrasound", "MG": "mammogram",
+    "XC": "dermoscopy/clinical photo", "OP": "fundus photo", "ES": "endoscopy", "SM": "pathology slide",
+    "PT": "PET", "NM": "nuclear medicine", "OT": "other",
+}
+
+
 def case_line(state: CaseState) -> str:
     v = state.views[0]
     spacing = "unknown (measurements in pixels)" if v.spacing_mm == "unknown" else \
         "x".join(f"{s:.3g}" for s in v.spacing_mm) + " mm"
     conf = v.metadata.get("modality_confidence")
     src = v.modality_source + (f", confidence {conf:.2f}" if isinstance(conf, int | float) else "")
-    return (f"modality {v.modality} ({src}), body part {v.body_part}, {v.ndim_spatial}D "
+    words = MODALITY_WORDS.get(v.modality, v.modality)
+    return (f"modality {v.modality} = {words} ({src}), body part {v.body_part}, {v.ndim_spatial}D "
             f"{'RGB' if v.photometric == 'RGB' else 'grayscale'} image {list(v.shape)}, spacing {spacing}")
 
 

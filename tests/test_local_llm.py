@@ -51,7 +51,8 @@ def test_default_planner_routes_a_real_dermoscopy_case(tmp_path):
     if not ham:
         pytest.skip("../shared/data/realcases is not here")
     tool, res = first_tool(tmp_path, str(REALCASES / ham[0]["image"]), "How large is the skin lesion?")
-    assert tool == "region_measure"
+    assert tool in ("lesion_segment", "region_measure")  # both segment the lesion and measure it
+    assert res.state.views[0].modality == "XC"  # guessed from the pixels: a dermoscopy photograph
     assert res.report["study"]["spacing_mm"] == "unknown"
     assert any("pixels" in x for x in res.report["limitations"])
 

@@ -57,7 +57,8 @@ def _stats(values: np.ndarray) -> IntensityStats:
 
 class InspectImage(Tool):
     name = "inspect_image"
-    description = "Shape, pixel spacing, modality, intensity statistics and de-identified metadata of an image view."
+    description = ("File facts of an image view: array shape, pixel spacing, modality, intensity statistics, "
+                   "de-identified tags. Does not find or measure anything in the image.")
     kind = "inspect"
     topics = ("metadata", "intensity", "quality", "spacing")
     Input = ToolInput
