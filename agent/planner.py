@@ -14,6 +14,7 @@ with the error, a bounded number of times; then the planner gives up and the rep
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import re
@@ -66,6 +67,16 @@ def _clean_schema(schema: dict[str, Any]) -> dict[str, Any]:
     return walk(schema)
 
 
+@functools.cache
+def _input_schema(model: type) -> str:
+    return json.dumps(_clean_schema(model.model_json_schema()))
+
+
+def input_schema(model: type) -> dict[str, Any]:
+    """A tool Input's cleaned JSON schema (a fresh copy; building it costs ~2 ms, so it is cached per class)."""
+    return json.loads(_input_schema(model))
+
+
 def _no_null(prop: dict[str, Any]) -> dict[str, Any]:
     """An optional argument's schema without its `null` alternative: the model omits the argument instead of
     writing `"x": null`, which costs output tokens (each ~75 ms with the local planner) and says nothing."""
@@ -79,7 +90,7 @@ def _no_null(prop: dict[str, Any]) -> dict[str, Any]:
 def args_schema(tool: Tool, view_ids: list[str], coordinates: bool = True) -> dict[str, Any]:
     """The tool's arguments as JSON schema; without `coordinates` (none are grounded yet) optional coordinate
     arguments are left out, so a grammar-constrained model cannot invent a box."""
-    schema = _clean_schema(tool.Input.model_json_schema())
+    schema = input_schema(tool.Input)
     req = set(schema.get("required", []))
     schema["properties"] = {k: v if k in req else _no_null(v) for k, v in schema.get("properties", {}).items()
                             if coordinates or k in req or k not in COORDINATE_ARGS}
@@ -95,7 +106,7 @@ def args_schema(tool: Tool, view_ids: list[str], coordinates: bool = True) -> di
 
 def args_line(tool: Tool) -> str:
     """A compact human description of the tool's arguments for the static system prompt."""
-    schema = _clean_schema(tool.Input.model_json_schema())
+    schema = input_schema(tool.Input)
     req = set(schema.get("required", []))
     parts = []
     for name, prop in schema.get("properties", {}).items():
@@ -106,17 +117,18 @@ def args_line(tool: Tool) -> str:
     return "{" + ", ".join(parts) + "}"
 
 
-def decision_schema(tools: list[Tool], view_ids: list[str], coordinates: bool = True) -> dict[str, Any]:
-    reason = {"type": "string", "maxLength": REASON_MAX}
+def decision_schema(tools: list[Tool], view_ids: list[str], coordinates: bool = True,
+                    reason: bool = True) -> dict[str, Any]:
+    extra = {"reason": {"type": "string", "maxLength": REASON_MAX}} if reason else {}
+    required = ["tool", "args", "reason"] if reason else ["tool", "args"]
     options = [
-        {"type": "object",
-         "properties": {"tool": {"const": t.name}, "args": args_schema(t, view_ids, coordinates), "reason": reason},
-         "required": ["tool", "args", "reason"], "additionalProperties": False}
+        {"type": "object", "properties": {"tool": {"const": t.name}, "args": args_schema(t, view_ids, coordinates), **extra},
+         "required": required, "additionalProperties": False}
         for t in tools
     ]
     options.append({"type": "object", "properties": {"tool": {"const": "answer"}, "args": {"type": "object",
-                    "properties": {}, "additionalProperties": False}, "reason": reason},
-                    "required": ["tool", "args", "reason"], "additionalProperties": False})
+                    "properties": {}, "additionalProperties": False}, **extra},
+                    "required": required, "additionalProperties": False})
     return {"anyOf": options}
 
 
@@ -270,13 +282,16 @@ class _Candidates(dict):
 
 class Planner:
     def __init__(self, chat: BaseChatModel, model_id: str, mode: str = "json",
-                 record: Any = None, max_tokens: int = 160):
+                 record: Any = None, max_tokens: int = 160, with_reason: bool | None = None):
         self.chat, self.model_id, self.mode, self.max_tokens = chat, model_id, mode, max_tokens
+        # The in-process model writes no free-text reason: each output token costs ~0.1 s on this CPU under the
+        # grammar, and a 1.5B model's reason ("The ct_tissue_compositon") says nothing the call does not.
+        self.with_reason = with_reason if with_reason is not None else getattr(chat, "_llm_type", "") != "llama-cpp"
         self.record = record or (lambda **kw: None)  # callback(kind, node, name, payload)
 
     def system_prompt(self, tools: list[Tool]) -> str:
         return render("system", tools=[{"name": t.name, "description": t.description, "args": args_line(t)}
-                                       for t in tools], mode=self.mode)
+                                       for t in tools], mode=self.mode, reason=self.with_reason)
 
     def user_prompt(self, state: CaseState, tools: dict[str, Tool], error: str | None,
                     candidates: list[str] | None = None) -> str:
@@ -293,7 +308,7 @@ class Planner:
              coordinates: bool = True) -> tuple[Any, dict[str, Any]]:
         params: dict[str, Any] = {"max_tokens": self.max_tokens}
         if self.mode == "json":
-            schema = decision_schema(tools, view_ids, coordinates)
+            schema = decision_schema(tools, view_ids, coordinates, self.with_reason)
             if self.chat._llm_type == "llama-cpp":
                 params["response_format"] = {"type": "json_object", "schema": schema}
             elif self.chat._llm_type != "scripted":

@@ -164,7 +164,8 @@ def _feret(mask: np.ndarray, spacing: tuple[float, float]) -> tuple[float, list[
 
 class RegionMeasure(Tool):
     name = "region_measure"
-    description = "Find and segment the dominant bright or dark object (Otsu) of a 2D image; its area, longest diameter, shape, bbox."
+    description = ("Find and segment the dominant bright or dark object (Otsu) of a 2D image; its area, longest diameter, "
+                   "shape, bbox.")
     kind = "measure"
     dims = frozenset({2})
     topics = ("size", "measure", "area", "diameter", "lesion", "region", "mass", "nodule")
