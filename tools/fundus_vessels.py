@@ -51,6 +51,7 @@ from skimage.segmentation import find_boundaries
 from skimage.transform import resize
 
 from agent.state import ImageView
+from tools._masks import disk as _disk
 from tools.base import FindingDraft, Measurement, Tool, ToolContext, ToolError, ToolInput
 from tools.imaging import is_rgb
 
@@ -81,11 +82,6 @@ class VesselOutput(BaseModel):
     working_scale: int  # integer shrink factor used (1 = full resolution)
     spacing_known: bool
     note: str = ""
-
-
-def _disk(r: int) -> np.ndarray:
-    y, x = np.ogrid[-r : r + 1, -r : r + 1]
-    return x * x + y * y <= r * r
 
 
 def _shrink(img: np.ndarray, k: int) -> np.ndarray:

@@ -35,6 +35,9 @@ from skimage.measure import find_contours, regionprops
 from skimage.segmentation import find_boundaries
 
 from agent.state import ImageView
+from tools._masks import border as _border
+from tools._masks import clean as _clean
+from tools._masks import vignette as _vignette
 from tools.base import FindingDraft, Measurement, Tool, ToolContext, ToolError, ToolInput
 from tools.imaging import bbox_to_px, is_rgb, to_uint8
 
@@ -73,35 +76,6 @@ class RegionOutput(BaseModel):
     touches_border: bool
     spacing_known: bool
     note: str = ""
-
-
-def _disk(r: int) -> np.ndarray:
-    y, x = np.ogrid[-r : r + 1, -r : r + 1]
-    return x * x + y * y <= r * r
-
-
-def _clean(fg: np.ndarray, r: int) -> np.ndarray:
-    """Open, close and fill holes; edge padding keeps objects that run off the image intact."""
-    p = np.pad(fg, r + 1, mode="edge")
-    p = ndi.binary_closing(ndi.binary_opening(p, _disk(r)), _disk(r))
-    return ndi.binary_fill_holes(p[r + 1 : -r - 1, r + 1 : -r - 1])
-
-
-def _border(shape: tuple[int, ...]) -> np.ndarray:
-    b = np.zeros(shape, dtype=bool)
-    b[0, :] = b[-1, :] = b[:, 0] = b[:, -1] = True
-    return b
-
-
-def _vignette(g: np.ndarray, r: int) -> np.ndarray:
-    """A dark region (below half the median) holding two or more image corners: outside the field of view."""
-    lab, _ = ndi.label(g < 0.5 * float(np.median(g)))
-    corners = [lab[0, 0], lab[0, -1], lab[-1, 0], lab[-1, -1]]
-    keep = [k for k in set(corners) - {0} if corners.count(k) >= 2]
-    art = np.isin(lab, keep)
-    if not art.any() or (~art).sum() < 0.3 * g.size:
-        return np.zeros_like(art)
-    return ndi.binary_dilation(art, _disk(r + 1))
 
 
 def segment(gray: np.ndarray, polarity: str, rgb: bool, seed: tuple[int, int] | None = None
