@@ -16,7 +16,7 @@ from langchain_core.messages import HumanMessage
 from pydantic import BaseModel, Field
 
 from agent.critic import findings_of
-from agent.planner import case_line, evidence_line, prompt_versions, render
+from agent.planner import MODALITY_WORDS, case_line, evidence_line, prompt_versions, render
 from agent.state import CaseState
 from tools.base import Measurement, Tool
 
@@ -29,6 +29,7 @@ class Study(BaseModel):
     case_id: str
     modality: str
     modality_source: str
+    modality_confidence: float | None = None  # set when the modality was guessed from the pixels
     body_part: str
     view_position: str = "unknown"
     dims: int
@@ -134,8 +135,11 @@ def compose(state: CaseState, tools: dict[str, Tool], planner_model: str, planne
         if e.status in ("failed", "refused"):
             uncertainty.append(f"{e.id} {e.tool} {e.status}: {e.error}")
     limitations = list(dict.fromkeys(state.notes))
+    conf = v1.metadata.get("modality_confidence")
     if v1.modality_source == "guess":
-        limitations.append("Modality was inferred, not read from the file.")
+        how = f" with confidence {conf:.2f}" if isinstance(conf, int | float) else ""
+        limitations.append(f"Modality {v1.modality} ({MODALITY_WORDS.get(v1.modality, v1.modality)}) was guessed from the "
+                           f"pixels{how}, not read from the file; pass --modality to set it.")
 
     answered = bool(crit and crit.answered)
     if answered:
@@ -182,6 +186,7 @@ def compose(state: CaseState, tools: dict[str, Tool], planner_model: str, planne
                 "libraries": {n: _pkg(n) for n in ("langgraph", "pydicom", "nibabel", "scikit-image", "numpy")}}
     spacing = "unknown" if v1.spacing_mm == "unknown" else [round(float(s), 6) for s in v1.spacing_mm]
     study = Study(case_id=state.case_id, modality=v1.modality, modality_source=v1.modality_source,
+                  modality_confidence=conf if v1.modality_source == "guess" and isinstance(conf, int | float) else None,
                   body_part=v1.body_part, view_position=str(v1.metadata.get("ViewPosition") or "unknown"),
                   dims=v1.ndim_spatial, shape=list(v1.shape), spacing_mm=spacing)
     ev = [EvidenceSummary(id=e.id, tool=e.tool, status=e.status, summary=evidence_line(e, tools)["summary"],

@@ -48,3 +48,23 @@ def test_endpoint_impression_failure_keeps_template_and_says_so(tmp_path):
                    trace_dir=tmp_path, narrator=ScriptedChat(responses=[TimeoutError("read timed out")]))
     assert res.report["impression"].endswith("[E1].")
     assert any("impression failed" in x for x in res.report["limitations"])
+
+
+def test_guessed_modality_and_its_confidence_are_in_the_report(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "noise.png"
+    Image.fromarray(rng.integers(0, 255, (64, 64), dtype=np.uint8)).save(path)
+    res = run_case([str(path)], "What is in this image?", llm="scripted", script=[call("inspect_image")],
+                   trace_dir=tmp_path / "t")
+    study = res.report["study"]
+    assert study["modality_source"] == "guess" and study["modality"] == "OT"
+    assert 0 < study["modality_confidence"] <= 0.5  # noise: no rule fires, low on purpose
+    assert any(f"guessed from the pixels with confidence {study['modality_confidence']:.2f}" in x
+               for x in res.report["limitations"])
+    assert f"(guess, confidence {study['modality_confidence']:.2f})" in to_markdown(res.report)
+    # a modality read from DICOM carries no confidence
+    dicom = run_case([CT], "How much fat?", llm="scripted", script=[call("ct_tissue_composition")], trace_dir=tmp_path / "u")
+    assert dicom.report["study"]["modality_confidence"] is None
