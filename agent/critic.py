@@ -41,6 +41,13 @@ def question_topics(question: str, tools: dict[str, Tool], names: list[str]) -> 
     return sorted(found)
 
 
+def tools_for_question(question: str, tools: dict[str, Tool], names: list[str]) -> list[str]:
+    """The tools among `names` whose topics the question names, most matched topics first (ties: by name)."""
+    q = " " + re.sub(r"[^a-z0-9]+", " ", question.lower()) + " "
+    hits = {n: sum(f" {t} " in q for t in tools[n].topics) for n in names if n in tools}
+    return [n for n, k in sorted(hits.items(), key=lambda kv: (-kv[1], kv[0])) if k > 0]
+
+
 def critique(state: CaseState, tools: dict[str, Tool]) -> Critique:
     ok = [e for e in state.evidence if e.status == "ok"]
     drafts = [(e, f) for e in ok for f in findings_of(e, state, tools)]

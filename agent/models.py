@@ -382,10 +382,11 @@ class ModelStore:
 
     def load_weights_path(self, card: ModelCard | str) -> Path:
         """The verified weights path of a card (or a card name); a one-line ModelStoreError naming the card if the
-        weights are missing or their sha256 differs. This is what adapters call before loading."""
+        weights are missing or their sha256 differs. This is what adapters call before loading: it rehashes the file
+        (the size/mtime cache is for listings; an adapter loads a file once per process)."""
         if isinstance(card, str):
             card = self.get(card)
-        v = self.verify_card(card)
+        v = self.verify_card(card, fresh=True)
         if not v.ok:
             raise ModelStoreError(f"model card {card.name!r}: {v.message()}")
         return v.path

@@ -27,6 +27,7 @@ from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import HumanMessage, SystemMessage
 from pydantic import ValidationError
 
+from agent.critic import tools_for_question
 from agent.state import CaseState, Decision, Evidence
 from tools.base import COORDINATE_ARGS, Tool
 
@@ -296,9 +297,11 @@ class Planner:
     def user_prompt(self, state: CaseState, tools: dict[str, Tool], error: str | None,
                     candidates: list[str] | None = None) -> str:
         critic = render("rethink", c=state.critiques[-1]).strip() if state.critiques else ""
+        names = state.applicable_tools if candidates is None else candidates
         return render(
             "think", question=state.question, clinical_context=state.clinical_context, case_line=case_line(state),
-            views=view_lines(state), candidates=", ".join(state.applicable_tools if candidates is None else candidates),
+            views=view_lines(state), candidates=", ".join(names),
+            matched=", ".join(tools_for_question(state.question, tools, names)[:4]),
             evidence=[evidence_line(e, tools) for e in state.evidence], critic=critic,
             steps_left=state.budget.max_steps - state.tool_steps,
             seconds_left=int(max(0.0, state.budget.max_wall_s - state.budget.elapsed())), error=error,
