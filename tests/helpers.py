@@ -9,7 +9,10 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from tools.base import Tool, ToolContext, ToolInput
+from agent.artifacts import ArtifactStore
+from agent.state import CaseInput, CaseState
+from tools.base import Tool, ToolContext, ToolInput, discover
+from tools.imaging import load_views
 
 REALCASES = Path(os.environ.get("DXAGENT_REALCASES", Path(__file__).resolve().parents[2] / "shared/data/realcases"))
 
@@ -66,3 +69,25 @@ class Gate(Tool):
         while gate and Path(gate).exists():
             time.sleep(0.1)
         return CountOut(value=2)
+
+
+_TOOLS: dict[str, Tool] = {}
+
+
+def make_ctx(store: ArtifactStore, *paths: Path | str, **kw) -> ToolContext:
+    """A ToolContext over a case made of these image files, as intake makes it (kw: modality, body_part)."""
+    paths = [str(p) for p in paths]
+    state = CaseState(inputs=CaseInput(paths=paths, **kw), views=load_views(paths, store, **kw))
+    return ToolContext(state=state, store=store)
+
+
+def run_tool(ctx: ToolContext, tool_name: str, **args):
+    """Run one discovered tool directly; its output must be its Output type with a one-line summary."""
+    if not _TOOLS:
+        _TOOLS.update(discover())
+    tool = _TOOLS[tool_name]
+    out = tool.run(ctx, tool.Input(**args))
+    assert isinstance(out, tool.Output)
+    summary = tool.summary(out)
+    assert summary and "\n" not in summary and len(summary) < 300
+    return out

@@ -11,11 +11,12 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+from helpers import make_ctx
+from helpers import run_tool as call
 from PIL import Image
 from scipy import ndimage as ndi
 
 from agent.artifacts import ArtifactStore
-from agent.state import CaseInput, CaseState
 from tools.base import ToolContext, ToolError, discover
 from tools.fundus_vessels import field_of_view
 from tools.imaging import load_views
@@ -36,20 +37,6 @@ HAM_BOX10_MEAN, HAM_BOX10_MIN = 0.82, 0.55
 KVASIR_BOX_MEAN, KVASIR_BOX10_MEAN, KVASIR_BOX_CASES_ABOVE = 0.6, 0.55, 4
 # DRIVE, 15 images, Dice inside the expert FOV: mean 0.764, min 0.729; estimated FOV vs expert 0.997.
 DRIVE_MEAN, DRIVE_CASE, DRIVE_FOV = 0.73, 0.68, 0.98
-
-
-def make_ctx(store: ArtifactStore, path: Path | str, **kw) -> ToolContext:
-    state = CaseState(inputs=CaseInput(paths=[str(path)], **kw), views=load_views([str(path)], store, **kw))
-    return ToolContext(state=state, store=store)
-
-
-def call(ctx: ToolContext, name: str, **args):
-    tool = TOOLS[name]
-    out = tool.run(ctx, tool.Input(**args))
-    assert isinstance(out, tool.Output)
-    summary = tool.summary(out)
-    assert summary and "\n" not in summary and len(summary) < 300
-    return out
 
 
 def mask_of(ctx: ToolContext, store: ArtifactStore) -> np.ndarray:

@@ -11,14 +11,13 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+from helpers import make_ctx
+from helpers import run_tool as call
 from PIL import Image
 from pydantic import ValidationError
 from pydicom.uid import generate_uid
 
-from agent.artifacts import ArtifactStore
-from agent.state import CaseInput, CaseState
 from tools.base import FindingDraft, ToolContext, ToolError, discover
-from tools.imaging import load_views
 
 TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 CT_SMALL = TEST_FILES / "CT_small.dcm"
@@ -30,23 +29,6 @@ TOOLS = discover()
 # 0.754 (all 93 cases: mean 0.725, median 0.806). Otsu on gray fails on low-contrast lesions, so the
 # floor is per set, about 0.1 under the measured mean, and 7 of 10 must reach 0.6.
 HAM_N, HAM_MEAN_DICE_FLOOR, HAM_CASE_DICE, HAM_CASES_ABOVE = 10, 0.65, 0.6, 7
-
-
-
-
-def make_ctx(store: ArtifactStore, *paths: Path | str, **kw) -> ToolContext:
-    paths = [str(p) for p in paths]
-    state = CaseState(inputs=CaseInput(paths=paths, **kw), views=load_views(paths, store, **kw))
-    return ToolContext(state=state, store=store)
-
-
-def call(ctx: ToolContext, tool_name: str, **args):
-    tool = TOOLS[tool_name]
-    out = tool.run(ctx, tool.Input(**args))
-    assert isinstance(out, tool.Output)
-    summary = tool.summary(out)
-    assert summary and "\n" not in summary and len(summary) < 300
-    return out
 
 
 def nifti(path: Path, arr: np.ndarray, zooms=(1.0, 1.0, 1.0)) -> Path:

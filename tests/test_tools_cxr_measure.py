@@ -11,32 +11,17 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+from helpers import make_ctx
+from helpers import run_tool as call
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from agent.artifacts import ArtifactStore
-from agent.state import CaseInput, CaseState
-from tools.base import ToolContext, ToolError, discover
-from tools.imaging import load_views
+from tools.base import ToolError, discover
 
 TOOLS = discover()
 CT_SMALL = Path(pydicom.__file__).parent / "data" / "test_files" / "CT_small.dcm"
 DX_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
-
-
-def make_ctx(store: ArtifactStore, path: Path | str, **kw) -> ToolContext:
-    state = CaseState(inputs=CaseInput(paths=[str(path)], **kw), views=load_views([str(path)], store, **kw))
-    return ToolContext(state=state, store=store)
-
-
-def call(ctx: ToolContext, name: str, **args):
-    tool = TOOLS[name]
-    out = tool.run(ctx, tool.Input(**args))
-    assert isinstance(out, tool.Output)
-    summary = tool.summary(out)
-    assert summary and "\n" not in summary and len(summary) < 300
-    return out
 
 
 def png(path: Path, img: np.ndarray) -> Path:

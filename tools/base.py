@@ -130,6 +130,14 @@ class Tool(ABC):
             return f"{self.name} takes {'/'.join(f'{d}D' for d in sorted(self.dims))} images, not {view.ndim_spatial}D"
         return None
 
+    def usable_view(self, ctx: ToolContext, view_id: str) -> ImageView:
+        """The view to act on, or ToolError with the reason this tool does not apply to it (a derived view may
+        differ from the one the case was routed on)."""
+        view = ctx.view(view_id)
+        if (reason := self.applicable(view)) is not None:
+            raise ToolError(reason)
+        return view
+
     @abstractmethod
     def run(self, ctx: ToolContext, inp: ToolInput) -> BaseModel: ...
 

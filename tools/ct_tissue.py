@@ -95,9 +95,7 @@ class CTTissueComposition(Tool):
         return super().applicable(view)
 
     def run(self, ctx: ToolContext, inp: ToolInput) -> CTTissueOutput:
-        view = ctx.view(inp.view)
-        if (reason := self.applicable(view)) is not None:
-            raise ToolError(reason)
+        view = self.usable_view(ctx, inp.view)
         hu = ctx.pixels(inp.view).astype(np.float32, copy=False)
         if not looks_like_hu(hu):
             raise ToolError(

@@ -160,9 +160,7 @@ class CardiothoracicRatio(Tool):
     Output = CTROutput
 
     def run(self, ctx: ToolContext, inp: CTRInput) -> CTROutput:
-        view = ctx.view(inp.view)
-        if (reason := self.applicable(view)) is not None:
-            raise ToolError(reason)
+        view = self.usable_view(ctx, inp.view)
         gray = gray_image(view, ctx.pixels(inp.view))
         lungs = segment_lungs(gray)
         g = ctr_geometry(lungs)

@@ -266,9 +266,7 @@ class CXRLungFields(Tool):
     Output = LungFieldsOutput
 
     def run(self, ctx: ToolContext, inp: ToolInput) -> LungFieldsOutput:
-        view = ctx.view(inp.view)
-        if (reason := self.applicable(view)) is not None:
-            raise ToolError(reason)
+        view = self.usable_view(ctx, inp.view)
         gray = gray_image(view, ctx.pixels(inp.view))
         lungs = segment_lungs(gray)
         spacing = tuple(float(s) for s in view.spacing_mm) if view.spacing_known else (1.0, 1.0)

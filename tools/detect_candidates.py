@@ -202,9 +202,7 @@ class DetectCandidates(Tool):
         return super().applicable(view)
 
     def run(self, ctx: ToolContext, inp: DetectInput) -> DetectOutput:
-        view = ctx.view(inp.view)
-        if (reason := self.applicable(view)) is not None:
-            raise ToolError(reason)
+        view = self.usable_view(ctx, inp.view)
         arr = ctx.pixels(inp.view)
         img = rgb2gray(arr).astype(np.float32) if is_rgb(view) else np.asarray(arr, dtype=np.float32)
         three_d = img.ndim == 3

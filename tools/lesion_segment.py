@@ -487,9 +487,7 @@ class LesionSegment(Tool):
     Output = LesionOutput
 
     def run(self, ctx: ToolContext, inp: LesionInput) -> LesionOutput:
-        view = ctx.view(inp.view)
-        if (reason := self.applicable(view)) is not None:
-            raise ToolError(reason)
+        view = self.usable_view(ctx, inp.view)
         arr = ctx.pixels(inp.view)
         rgb = is_rgb(view)
         if arr.ndim != (3 if rgb else 2):

@@ -220,9 +220,7 @@ class LiteMedSAM(Tool):
         return super().applicable(view)
 
     def run(self, ctx: ToolContext, inp: LiteMedSAMInput) -> LiteMedSAMOutput:
-        view = ctx.view(inp.view)
-        if (reason := self.applicable(view)) is not None:
-            raise ToolError(reason)
+        view = self.usable_view(ctx, inp.view)
         arr = ctx.pixels(inp.view)
         rgb, notes, k = is_rgb(view), [], None
         if not rgb and arr.ndim == 3:

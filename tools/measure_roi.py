@@ -113,9 +113,7 @@ class MeasureROI(Tool):
     Output = ROIOutput
 
     def run(self, ctx: ToolContext, inp: ROIInput) -> ROIOutput:
-        view = ctx.view(inp.view)
-        if (reason := self.applicable(view)) is not None:
-            raise ToolError(reason)
+        view = self.usable_view(ctx, inp.view)
         arr = ctx.pixels(inp.view)
         rgb = is_rgb(view)
         img = rgb2gray(arr).astype(np.float32) if rgb else np.asarray(arr, dtype=np.float32)

@@ -147,9 +147,7 @@ class RegionMeasure(Tool):
     Output = RegionOutput
 
     def run(self, ctx: ToolContext, inp: RegionInput) -> RegionOutput:
-        view = ctx.view(inp.view)
-        if (reason := self.applicable(view)) is not None:
-            raise ToolError(reason)
+        view = self.usable_view(ctx, inp.view)
         arr = ctx.pixels(inp.view)
         rgb = is_rgb(view)
         gray = rgb2gray(arr) if rgb else arr.astype(np.float32)

@@ -88,9 +88,7 @@ class SimilarCases(Tool):
         return None if (root / "library.json").is_file() else f"no case library at {root}: build one with `dxagent library build`"
 
     def run(self, ctx: ToolContext, inp: SimilarInput) -> SimilarOutput:
-        view = ctx.view(inp.view)
-        if (reason := self.applicable(view)) is not None:
-            raise ToolError(reason)
+        view = self.usable_view(ctx, inp.view)
         root = default_library_dir()
         try:
             lib = open_library(root)

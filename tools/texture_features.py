@@ -327,9 +327,7 @@ class TextureFeatures(Tool):
     Output = TextureOutput
 
     def run(self, ctx: ToolContext, inp: TextureInput) -> TextureOutput:
-        view = ctx.view(inp.view)
-        if (reason := self.applicable(view)) is not None:
-            raise ToolError(reason)
+        view = self.usable_view(ctx, inp.view)
         if inp.bbox is None and inp.mask_from is None:
             raise ToolError("give a region: bbox [row0, col0, row1, col1] and/or mask_from (an earlier mask's evidence id)")
         arr = ctx.pixels(inp.view)

@@ -65,9 +65,7 @@ class WindowLevel(Tool):
         return super().applicable(view)
 
     def run(self, ctx: ToolContext, inp: WindowInput) -> WindowOutput:
-        view = ctx.view(inp.view)
-        if (reason := self.applicable(view)) is not None:
-            raise ToolError(reason)
+        view = self.usable_view(ctx, inp.view)
         arr = ctx.pixels(inp.view).astype(np.float32, copy=False)
         if inp.preset != "auto":
             if not looks_like_hu(arr):
