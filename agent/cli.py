@@ -322,6 +322,16 @@ def models_verify(
         out.print("no model cards in the store", highlight=False)
 
 
+@models_app.command("hash")
+def models_hash(path: Annotated[Path, typer.Argument(help="a weights file or folder (MONAI bundle, transformers dir)")]) -> None:
+    """Print the sha256 a model card must carry for PATH (a folder's covers every file in it)."""
+    from agent.models import ModelStore
+
+    if not (path.is_file() or path.is_dir()):
+        _fail(f"{path}: no such file or folder")
+    out.print(f"{ModelStore().sha256(path, fresh=True)}  {path}", highlight=False, soft_wrap=True)
+
+
 def main() -> None:  # pragma: no cover
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     app()

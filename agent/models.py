@@ -10,7 +10,7 @@ A model card is a YAML file that says what a set of weights is, what it is for a
     labels: [spleen]
     input: {size: [96, 96, 96], channels: 1, spacing: [1.5, 1.5, 2.0], intensity: "HU -57..164 -> 0..1"}
     weights: model.pt               # relative to the card file, or absolute
-    sha256: 0123...                 # 64 hex digits, checked before every load
+    sha256: 0123...                 # 64 hex digits, checked before every load (`dxagent models hash PATH` prints it)
     license: Apache-2.0
     intended_use: research segmentation of the spleen on portal-venous CT
     validation: {dataset: MSD Task09, dice: 0.96}   # free text or a dict of figures
@@ -20,6 +20,10 @@ The store is a folder ($DXAGENT_MODELS, else <cache root>/models/cards; the plan
 <cache root>/models itself) holding one sub-folder per model: `<name>/card.yaml` plus its copied weights, so each
 card is self-contained. Cards dropped by hand as `<store>/*.yaml` are listed too. Weight hashes are cached by
 (path, size, mtime) in `<store>/.sha256-cache.json`, so listing multi-GB weights stays fast.
+
+Weights may be a folder (a MONAI bundle with configs/ and models/, a transformers model directory): its sha256 is
+that of the text listing every file under it (hidden files and __pycache__ left out) as `<relative path>\t<file
+sha256>\n`, sorted by path, so renaming, adding, removing or editing any file changes it.
 Research use only.
 """
 
@@ -63,7 +67,8 @@ class ModelCard(BaseModel):
     body_part: str | None = None
     labels: list[str] = Field(default_factory=list)
     input: dict[str, Any] = Field(default_factory=dict, description="size, channels, spacing, intensity normalisation")
-    weights: str = Field(min_length=1, description="weights file, relative to the card file or absolute")
+    weights: str = Field(min_length=1, description="weights file or folder (a MONAI bundle, a transformers model "
+                         "directory), relative to the card file or absolute")
     sha256: str = Field(pattern=r"^[0-9a-fA-F]{64}$")
     license: str = Field(min_length=1)
     intended_use: str = Field(min_length=1)
@@ -221,6 +226,25 @@ def _hash_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def _tree_files(root: Path) -> list[Path]:
+    """Files under a weights folder that its sha256 covers: all but hidden ones and __pycache__."""
+    out = []
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).parts
+        if p.is_file() and not any(x.startswith(".") or x == "__pycache__" for x in rel):
+            out.append(p)
+    return out
+
+
+def tree_digest(root: Path, file_digest: Any = None) -> str:
+    """sha256 of a weights folder: of the sorted lines `<relative posix path>\t<file sha256>\n`."""
+    file_digest = file_digest or _hash_file
+    h = hashlib.sha256()
+    for p in _tree_files(root):
+        h.update(f"{p.relative_to(root).as_posix()}\t{file_digest(p)}\n".encode())
+    return h.hexdigest()
+
+
 def _copy_hashed(src: Path, dst: Path) -> str:
     """Copy src to dst and return the sha256 of the bytes copied (one pass over multi-GB weights)."""
     h = hashlib.sha256()
@@ -272,8 +296,11 @@ class ModelStore:
         self._save_cache()
 
     def sha256(self, path: str | Path, fresh: bool = False) -> str:
-        """sha256 of a file, from the cache when its size and mtime are unchanged (fresh=True always rereads)."""
+        """sha256 of a file (or a weights folder, see tree_digest), from the cache when a file's size and mtime are
+        unchanged (fresh=True always rereads)."""
         path = Path(path)
+        if path.is_dir():
+            return tree_digest(path, lambda p: self.sha256(p, fresh=fresh))
         st = path.stat()
         key = str(path.resolve())
         hit = self._load_cache().get(key)
@@ -319,8 +346,8 @@ class ModelStore:
         points to the weights' absolute path."""
         card = load_card(card_yaml_path)
         src = card.weights_path
-        if not src.is_file():
-            raise ModelCardError(f"{card_yaml_path}: weights: file not found: {src}")
+        if not (src.is_file() or src.is_dir()):
+            raise ModelCardError(f"{card_yaml_path}: weights: file or folder not found: {src}")
         clash = [e for e in self.list() if e.name == card.name]
         dest = self.dir / card.name
         if (clash or dest.exists()) and not replace:
@@ -330,7 +357,11 @@ class ModelStore:
         tmp = Path(tempfile.mkdtemp(dir=self.dir, prefix=f".add-{card.name}-"))
         try:
             data = card.model_dump(mode="json")
-            if copy_weights:
+            if copy_weights and src.is_dir():
+                shutil.copytree(src, tmp / src.name, ignore=shutil.ignore_patterns("__pycache__"))
+                got = tree_digest(tmp / src.name)
+                data["weights"] = src.name
+            elif copy_weights:
                 got = _copy_hashed(src, tmp / src.name)
                 data["weights"] = src.name
             else:
@@ -351,14 +382,14 @@ class ModelStore:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        if copy_weights:
+        if copy_weights and src.is_file():
             self._remember(dest / src.name, got)
         stored = load_card(dest / CARD_FILE)
         return stored
 
     def verify_card(self, card: ModelCard, fresh: bool = False) -> Verification:
         p = card.weights_path
-        if not p.is_file():
+        if not (p.is_file() or p.is_dir()):
             return Verification(card.name, "missing weights", path=p)
         got = self.sha256(p, fresh=fresh)
         if got != card.sha256:
@@ -416,4 +447,4 @@ def planner_lines(cards: list[ModelCard], max_labels: int = 4) -> list[str]:
 
 
 __all__ = ["KINDS", "CardEntry", "ModelCard", "ModelCardError", "ModelStore", "ModelStoreError", "Verification",
-           "default_models_dir", "load_card", "load_weights_path", "planner_lines"]
+           "default_models_dir", "load_card", "load_weights_path", "planner_lines", "tree_digest"]

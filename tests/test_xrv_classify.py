@@ -58,12 +58,13 @@ def test_every_label_probability_from_the_users_weights(tmp_path, model_store):
     assert out.model == "xrv_tiny" and out.weights_sha256 == card.sha256 and out.resolution == 64
     assert list(out.probabilities) == LABELS  # every label kept, in the card's order
     # the same numbers as running the saved network by hand on the same input: no threshold, no reordering
-    from tools.xrv_classify import load_network, preprocess
+    from tools.xrv_classify import preprocess
 
     x = preprocess(art.get_array(state.views[0].pixels), 64)
     assert x.shape == (1, 1, 64, 64) and -1024.5 <= x.min() and x.max() <= 1024.5
     with torch.inference_mode():
-        ref = torch.sigmoid(load_network(card, store)(torch.from_numpy(x)))[0].numpy()
+        ref = torch.sigmoid(tool.load(card)(torch.from_numpy(x)))[0].numpy()
+    assert out.model_card.name == "xrv_tiny" and out.model_card.sha256 == card.sha256 and out.model_card.license == "test"
     assert np.allclose([out.probabilities[k] for k in LABELS], ref, atol=1e-4)
     assert out.top[0] == LABELS[int(np.argmax(ref))]
     findings = tool.findings(out, state.views[0])
@@ -74,25 +75,24 @@ def test_tampered_weights_and_missing_cards(tmp_path, model_store):
     store, card = model_store
     tool = discover()["xrv_classify"]
     state, art = radiograph_state(tmp_path, tmp_path / "art")
-    with pytest.raises(ToolError, match="no usable TorchXRayVision card named 'nope'"):
+    with pytest.raises(ToolError, match="no usable torchxrayvision model card named 'nope'"):
         tool.run(ToolContext(state=state, store=art), tool.Input(model="nope"))
     w = card.weights_path
     data = bytearray(w.read_bytes())
     data[len(data) // 2] ^= 0xFF
     w.write_bytes(bytes(data))  # one byte changed, same size (and maybe the same mtime tick)
-    from tools.xrv_classify import load_network
-
-    # loading rehashes the file whatever the cache says, and refuses it naming the card
+    # loading rehashes the file whatever the cache says (this card was loaded before in this process under its
+    # old bytes' key, which does not matter: the weights path is rehashed first), and refuses it naming the card
     with pytest.raises(ToolError, match="model card 'xrv_tiny'.*sha256"):
-        load_network(card, store)
+        tool.load(card)
     # the card no longer verifies: the tool is not offered, and says why
-    assert "no TorchXRayVision classifier" in tool.applicable(state.views[0])
+    assert "no torchxrayvision model card for DX" in tool.applicable(state.views[0])
 
 
 def test_not_offered_for_other_modalities_or_without_a_card(tmp_path, monkeypatch):
     monkeypatch.setenv("DXAGENT_MODELS", str(tmp_path / "empty"))
     tool = discover()["xrv_classify"]
     state, _ = radiograph_state(tmp_path, tmp_path / "art")
-    assert "no TorchXRayVision classifier in the model store" in tool.applicable(state.views[0])
+    assert "no torchxrayvision model card for DX (classify) in the model store" in tool.applicable(state.views[0])
     ct = state.views[0].model_copy(update={"modality": "CT"})
     assert "is for CR/DX, not CT" in tool.applicable(ct)

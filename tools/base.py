@@ -130,6 +130,10 @@ class Tool(ABC):
             return f"{self.name} takes {'/'.join(f'{d}D' for d in sorted(self.dims))} images, not {view.ndim_spatial}D"
         return None
 
+    def prompt_lines(self, view: ImageView) -> list[str]:
+        """Extra lines the planner sees about this tool for this case (a learned tool: its model cards)."""
+        return []
+
     def usable_view(self, ctx: ToolContext, view_id: str) -> ImageView:
         """The view to act on, or ToolError with the reason this tool does not apply to it (a derived view may
         differ from the one the case was routed on)."""

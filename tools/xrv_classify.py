@@ -11,7 +11,7 @@ Method (TorchXRayVision's own preprocessing): the radiograph's gray values to 8 
 (default 224), one channel; the network's logits through a sigmoid. Every label's probability is kept: no
 threshold turns them into yes/no, so the report shows probabilities, not diagnoses.
 
-Loading is lazy, once per process per (weights, sha256), thread-safe; CUDA when present, else CPU.
+Loading (tools/_learned.py): lazy, once per process per (weights, sha256), thread-safe; CUDA when present, else CPU.
 
 Limitations: only as good as the user's weights and their card; frontal radiographs only; probabilities of a
 model trained elsewhere are not calibrated for this data. Validation: the card's own figures (shown by
@@ -20,57 +20,18 @@ model trained elsewhere are not calibrated for this data. Validation: the card's
 
 from __future__ import annotations
 
-import threading
 import warnings
+from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
-from agent.models import ModelCard, ModelStore, ModelStoreError
+from agent.models import ModelCard
 from agent.state import ImageView
-from tools.base import FindingDraft, Tool, ToolContext, ToolError, ToolInput
+from tools._learned import LearnedInput, LearnedTool, ModelUsed, model_used
+from tools.base import FindingDraft, ToolContext
 from tools.imaging import to_uint8
-
-ADAPTER = "torchxrayvision"
-_LOCK = threading.Lock()
-_NETS: dict[tuple[str, str], Any] = {}  # (weights path, sha256) -> network
-
-
-def xrv_cards(store: ModelStore | None = None) -> list[ModelCard]:
-    """Usable cards (weights present, sha256 right) for this adapter."""
-    return [c for c in (store or ModelStore()).usable() if c.adapter == ADAPTER and c.kind == "classify"]
-
-
-def load_network(card: ModelCard, store: ModelStore | None = None) -> Any:
-    """The card's DenseNet in eval mode, loaded once; ToolError naming the card when it cannot be."""
-    try:
-        path = (store or ModelStore()).load_weights_path(card)
-    except ModelStoreError as exc:
-        raise ToolError(str(exc)) from None
-    key = (str(path), card.sha256)
-    with _LOCK:
-        if (net := _NETS.get(key)) is not None:
-            return net
-        try:
-            import torch
-
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                import torchxrayvision as xrv
-        except ImportError as exc:
-            raise ToolError(f"model card {card.name!r} needs torch and torchxrayvision ({exc})") from None
-        arch = {k: (tuple(v) if isinstance(v, list) else v) for k, v in card.input.items()
-                if k in ("growth_rate", "block_config", "num_init_features")}  # default: DenseNet-121
-        net = xrv.models.DenseNet(weights=None, num_classes=len(card.labels), in_channels=1, **arch)
-        try:
-            net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
-        except Exception as exc:  # wrong architecture, label count or file format
-            msg = " ".join(str(exc).split())[:200]
-            raise ToolError(f"model card {card.name!r}: weights do not fit a {len(card.labels)}-label DenseNet: {msg}") from None
-        net.to("cuda" if torch.cuda.is_available() else "cpu").eval()
-        _NETS[key] = net
-        return net
 
 
 def preprocess(img: np.ndarray, resolution: int) -> np.ndarray:
@@ -87,10 +48,6 @@ def preprocess(img: np.ndarray, resolution: int) -> np.ndarray:
     return x[None, None].astype(np.float32)
 
 
-class XrvInput(ToolInput):
-    model: str | None = Field(None, description="model card name (default: the first TorchXRayVision card in the store)")
-
-
 class XrvOutput(BaseModel):
     model: str
     model_version: str
@@ -99,14 +56,18 @@ class XrvOutput(BaseModel):
     top: list[str]  # labels by probability, highest first (at most five)
     resolution: int
     device: str
+    model_card: ModelUsed
     note: str = "probabilities from the user's model; not calibrated for this image source; no yes/no threshold"
 
 
-class XrvClassify(Tool):
+class XrvClassify(LearnedTool):
     name = "xrv_classify"
     description = ("Chest X-ray classifier (TorchXRayVision DenseNet from your model store): the probability of every "
                    "label the model card lists; no yes/no threshold.")
     kind = "classify"
+    adapter = "torchxrayvision"
+    card_kinds = frozenset({"classify"})
+    requires = ("torch", "torchxrayvision")
     modalities = frozenset({"DX", "CR"})
     dims = frozenset({2})
     topics = ("pneumonia", "effusion", "cardiomegaly", "consolidation", "atelectasis", "edema", "pneumothorax",
@@ -115,29 +76,29 @@ class XrvClassify(Tool):
     limitations = ("Only as good as the user's weights and card; frontal radiographs; probabilities are not calibrated "
                    "for other sources.")
     validation = "the model card's own figures (dxagent models list)"
-    Input = XrvInput
+    Input = LearnedInput
     Output = XrvOutput
 
-    def applicable(self, view: ImageView) -> str | None:
-        if (reason := super().applicable(view)) is not None:
-            return reason
-        return None if xrv_cards() else ("no TorchXRayVision classifier in the model store: add one with "
-                                         "`dxagent models add CARD.yaml` (adapter: torchxrayvision, kind: classify)")
+    def build(self, card: ModelCard, path: Path) -> Any:
+        import torch
 
-    def run(self, ctx: ToolContext, inp: XrvInput) -> XrvOutput:
-        view = ctx.view(inp.view)
-        if (reason := super().applicable(view)) is not None:
-            raise ToolError(reason)
-        store = ModelStore()
-        cards = xrv_cards(store)
-        if inp.model is not None:
-            cards = [c for c in cards if c.name == inp.model]
-            if not cards:
-                raise ToolError(f"no usable TorchXRayVision card named {inp.model!r} in {store.dir}")
-        if not cards:
-            raise ToolError(self.applicable(view) or "no TorchXRayVision card")
-        card = cards[0]
-        net = load_network(card, store)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import torchxrayvision as xrv
+        arch = {k: (tuple(v) if isinstance(v, list) else v) for k, v in card.input.items()
+                if k in ("growth_rate", "block_config", "num_init_features")}  # default: DenseNet-121
+        net = xrv.models.DenseNet(weights=None, num_classes=len(card.labels), in_channels=1, **arch)
+        try:
+            net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
+        except RuntimeError as exc:  # wrong architecture or label count
+            msg = " ".join(str(exc).split())[:200]
+            raise ValueError(f"weights do not fit a {len(card.labels)}-label DenseNet: {msg}") from None
+        return net.to(_device()).eval()
+
+    def run(self, ctx: ToolContext, inp: LearnedInput) -> XrvOutput:
+        view = self.usable_view(ctx, inp.view)
+        card = self.pick(view, inp.model)
+        net = self.load(card)
         resolution = int(card.input.get("resolution", 224))
         import torch
 
@@ -149,7 +110,8 @@ class XrvClassify(Tool):
         probabilities = {label: round(float(p), 4) for label, p in zip(card.labels, probs, strict=True)}
         top = sorted(probabilities, key=lambda k: -probabilities[k])[:5]
         return XrvOutput(model=card.name, model_version=card.version, weights_sha256=card.sha256,
-                         probabilities=probabilities, top=top, resolution=resolution, device=str(dev))
+                         probabilities=probabilities, top=top, resolution=resolution, device=str(dev),
+                         model_card=model_used(card))
 
     def findings(self, output: BaseModel, view: ImageView) -> list[FindingDraft]:
         assert isinstance(output, XrvOutput)
@@ -160,3 +122,9 @@ class XrvClassify(Tool):
         assert isinstance(output, XrvOutput)
         top = ", ".join(f"{k} {output.probabilities[k]:.2f}" for k in output.top[:3])
         return f"{output.model}: {top} (probabilities, no threshold; {len(output.probabilities)} labels)"
+
+
+def _device() -> str:
+    from tools._learned import device
+
+    return device()
