@@ -1,11 +1,15 @@
 """The rethink step's critic: weighs the evidence after each act step and picks the route.
 
 It is deterministic and explainable, so every routing decision can be audited:
-- conflicts: two tools' findings disagree (one says a finding is present, another absent), or the same
-  measurement on the same view differs by more than 20 % between tools;
+- conflicts: two tools' findings disagree (one says a finding is present, another absent); a classifier's
+  probability disagrees with another tool's yes/no on the same label (measured present but probability below
+  0.2, or measured absent but probability 0.5 or more); or the same measurement on the same view differs by
+  more than 20 % between tools;
 - answered: the question names topics (words from the tools' `topics`), and each topic is covered by
   successful evidence; a question naming no known topic is answered once a quantitative tool succeeded;
 - a closer look: a finding with a small bounding box that no crop view covers yet suggests `crop_zoom`;
+- chaining: a detector's boxes that no segmenter has used yet suggest a box-prompted segmenter
+  (`sam_segment boxes_from=E#`) when one applies;
 - budget: tool calls and wall-clock seconds left; three failures in a row stop the loop.
 The route goes back to think only for something new (a new conflict, suggestion or failure), or while
 the question is unanswered and budget remains.
@@ -21,6 +25,19 @@ from tools.base import FindingDraft, Tool
 # kinds whose evidence is about this image; retrieval (similar cases, knowledge) is context and answers a
 # question only when the question names its topics
 QUANTITATIVE = {"segment", "detect", "classify", "measure"}
+# a classifier's probability against another tool's yes/no on the same label
+PROB_LOW, PROB_HIGH = 0.2, 0.5
+# label spellings that name the same finding across tools (lower case, words only)
+ALIASES = {"enlarged heart": "cardiomegaly", "enlarged cardiac silhouette": "cardiomegaly",
+           "pleural effusion": "effusion", "lung nodule": "nodule", "pulmonary nodule": "nodule",
+           "lung opacity": "opacity", "pneumothorax present": "pneumothorax"}
+# box-prompted segmenters that take a detector's boxes by evidence id
+BOX_SEGMENTERS = ("sam_segment",)
+
+
+def label_key(label: str) -> str:
+    words = " ".join(re.sub(r"[^a-z0-9]+", " ", label.lower()).split())
+    return ALIASES.get(words, words)
 
 
 def findings_of(e: Evidence, state: CaseState, tools: dict[str, Tool]) -> list[FindingDraft]:
@@ -56,12 +73,13 @@ def critique(state: CaseState, tools: dict[str, Tool]) -> Critique:
     claims: dict[str, list[tuple[str, bool]]] = {}
     for e, f in drafts:
         if f.present is not None:
-            claims.setdefault(f.label.lower(), []).append((e.id, f.present))
+            claims.setdefault(label_key(f.label), []).append((e.id, f.present))
     for label, votes in sorted(claims.items()):
         yes = [i for i, p in votes if p]
         no = [i for i, p in votes if not p]
         if yes and no:
             conflicts.append(f"{label}: present per {', '.join(yes)}, absent per {', '.join(no)}")
+    conflicts += classifier_conflicts(drafts, tools)
     values: dict[tuple[str, str, str], list[tuple[str, float]]] = {}
     for e, f in drafts:
         for m in f.measurements:
@@ -96,6 +114,7 @@ def critique(state: CaseState, tools: dict[str, Tool]) -> Critique:
                 box = [int(r0), int(c0), int(r1), int(c1)]
                 suggestions.append(f"{f.label} from {e.id} is small ({frac:.1%} of {view_id}): a closer look with "
                                    f"crop_zoom view={view_id} bbox={box}")
+    suggestions += chain_suggestions(state, tools)
     last = state.evidence[-1] if state.evidence else None
     if last is not None and last.status in ("failed", "refused"):
         suggestions.append(f"{last.id} {last.tool} {last.status}: {last.error}; choose another tool or other arguments")
@@ -126,6 +145,48 @@ def critique(state: CaseState, tools: dict[str, Tool]) -> Critique:
                     question_topics=topics, suggestions=suggestions,
                     budget_left={"tool_calls": steps_left, "seconds": round(max(0.0, secs_left), 1)},
                     route=route, why=why)
+
+
+def classifier_conflicts(drafts: list[tuple[Evidence, FindingDraft]], tools: dict[str, Tool]) -> list[str]:
+    """A classifier's probability that disagrees with another tool's yes/no (a measurement, a detector) on the same
+    label: present but probability < PROB_LOW, or absent but probability >= PROB_HIGH."""
+    probs: dict[str, list[tuple[str, float]]] = {}
+    claims: dict[str, list[tuple[str, bool]]] = {}
+    for e, f in drafts:
+        key = label_key(f.label)
+        if f.probability is not None and f.present is None and tools.get(e.tool, _NoTool).kind == "classify":
+            probs.setdefault(key, []).append((e.id, f.probability))
+        elif f.present is not None:
+            claims.setdefault(key, []).append((e.id, f.present))
+    out = []
+    for key in sorted(set(probs) & set(claims)):
+        for cid, present in claims[key]:
+            for pid, p in probs[key]:
+                if cid == pid:
+                    continue
+                if present and p < PROB_LOW:
+                    out.append(f"{key}: present per {cid}, but {pid} gives it probability {p:.2f} (< {PROB_LOW})")
+                elif not present and p >= PROB_HIGH:
+                    out.append(f"{key}: absent per {cid}, but {pid} gives it probability {p:.2f} (>= {PROB_HIGH})")
+    return out
+
+
+def chain_suggestions(state: CaseState, tools: dict[str, Tool]) -> list[str]:
+    """A detector's boxes on a view that no box-prompted segmenter has taken yet."""
+    segs = [n for n in BOX_SEGMENTERS if n in state.applicable_tools]
+    if not segs:
+        return []
+    used = {e.args.get("boxes_from") for e in state.evidence if e.tool in segs}
+    out = []
+    for e in state.evidence:
+        if e.status != "ok" or tools.get(e.tool, _NoTool).kind != "detect" or e.id in used:
+            continue
+        n = sum(f.bbox is not None for f in findings_of(e, state, tools))
+        if n:
+            view = e.args.get("view", "V1")
+            out.append(f"{e.id} {e.tool} found {n} box(es) on {view}: {segs[0]} boxes_from={e.id}"
+                       + (f" view={view}" if view != "V1" else "") + " segments and measures them")
+    return out
 
 
 def _eid(eid: str) -> int:

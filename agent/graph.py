@@ -66,12 +66,19 @@ def intake(rt: Runtime, state: CaseState) -> dict[str, Any]:
     if v1.modality_source == "guess":
         notes.append(f"Modality {v1.modality} was guessed from the pixels "
                      f"(confidence {v1.metadata.get('modality_confidence', 'n/a')}); pass --modality to set it.")
+    # the user's model cards behind applicable learned tools: shown to the planner, recorded in the trace
+    from tools._learned import LearnedTool, model_used
+
+    model_lines = [line for n in applicable for line in rt.tools[n].prompt_lines(v1)]
+    cards = [model_used(c).model_dump() | {"tool": n, "card_fields": c.model_dump(mode="json")}
+             for n in applicable if isinstance(rt.tools[n], LearnedTool) for c in rt.tools[n].cards(v1)]
     budget = state.budget.model_copy(update={"started_at": time.time()})
     summary = f"{len(views)} view(s); {v1.modality} {v1.ndim_spatial}D {list(v1.shape)}; {len(applicable)} tools apply"
     rt.record("node", "intake", "intake", {
         "views": [v.model_dump(mode="json") for v in views], "applicable": applicable, "not_applicable": refused,
-        "notes": notes})
-    return {"views": views, "applicable_tools": applicable, "notes": state.notes + notes, "budget": budget,
+        "notes": notes, "models": cards})
+    return {"views": views, "applicable_tools": applicable, "model_lines": model_lines,
+            "notes": state.notes + notes, "budget": budget,
             "steps": _log(state, "intake", summary)}
 
 

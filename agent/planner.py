@@ -303,6 +303,7 @@ class Planner:
             views=view_lines(state), candidates=", ".join(names),
             matched=", ".join(tools_for_question(state.question, tools, names)[:4]),
             evidence=[evidence_line(e, tools) for e in state.evidence], critic=critic,
+            models=state.model_lines,  # all applicable learned tools' cards, held-back ones too (what a box unlocks)
             steps_left=state.budget.max_steps - state.tool_steps,
             seconds_left=int(max(0.0, state.budget.max_wall_s - state.budget.elapsed())), error=error,
         )

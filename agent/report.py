@@ -55,6 +55,19 @@ class EvidenceSummary(BaseModel):
     artifacts: list[str] = Field(default_factory=list)  # sha256
 
 
+class ModelUsedLine(BaseModel):
+    """A user's model card behind some evidence: which weights, under which licence and intended use."""
+
+    name: str
+    adapter: str
+    version: str = ""
+    sha256: str
+    license: str
+    intended_use: str
+    validation: str = ""
+    evidence_ids: list[str]
+
+
 class Recommendation(BaseModel):
     outcome: Literal["report", "abstain", "refer"]
     text: str
@@ -72,6 +85,7 @@ class Report(BaseModel):
     recommendation: Recommendation
     evidence: list[EvidenceSummary]
     dropped_claims: list[str] = Field(default_factory=list)
+    models_used: list[ModelUsedLine] = Field(default_factory=list)
     versions: dict[str, Any]
     disclaimer: str = DISCLAIMER
 
@@ -191,10 +205,22 @@ def compose(state: CaseState, tools: dict[str, Tool], planner_model: str, planne
                   dims=v1.ndim_spatial, shape=list(v1.shape), spacing_mm=spacing)
     ev = [EvidenceSummary(id=e.id, tool=e.tool, status=e.status, summary=evidence_line(e, tools)["summary"],
                           artifacts=[a.sha256 for a in e.artifacts]) for e in state.evidence]
+    used: dict[tuple[str, str], ModelUsedLine] = {}
+    for e in ok:  # learned tools carry their card as `model_card` (tools/_learned.py ModelUsed)
+        card = (e.output or {}).get("model_card")
+        if isinstance(card, dict) and card.get("name") and card.get("sha256"):
+            key = (card["name"], card["sha256"])
+            if key not in used:
+                used[key] = ModelUsedLine(**{k: v for k, v in card.items() if k in ModelUsedLine.model_fields},
+                                          evidence_ids=[])
+            used[key].evidence_ids.append(e.id)
+    for m in used.values():
+        limitations.append(f"{', '.join(m.evidence_ids)} come(s) from the user's model {m.name} (intended use: "
+                           f"{m.intended_use}); only as good as those weights and their card.")
     rep = Report(run_id=state.run_id, study=study, question=state.question, answer=answer, findings=findings,
                  impression=impression, uncertainty=uncertainty, limitations=limitations,
                  recommendation=Recommendation(outcome=outcome, text=text), evidence=ev, dropped_claims=dropped,
-                 versions=versions)
+                 models_used=list(used.values()), versions=versions)
     return rep, dropped
 
 

@@ -123,6 +123,7 @@ class CaseState(BaseModel):
     clinical_context: str = ""
     views: list[ImageView] = Field(default_factory=list)
     applicable_tools: list[str] = Field(default_factory=list)
+    model_lines: list[str] = Field(default_factory=list)  # the user's model cards that fit this case, for the planner
     evidence: list[Evidence] = Field(default_factory=list)
     pending: Decision | None = None
     critiques: list[Critique] = Field(default_factory=list)

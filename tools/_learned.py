@@ -6,7 +6,8 @@ and implements `build(card, path)` (weights path → loaded model) and `run`. Th
 - which usable cards (weights present, sha256 right) fit a view: adapter, kind, modality (DX and CR are one family;
   `any` fits all) and the tool's own `card_fits` check (2D/3D, ...);
 - `applicable`: the tool is offered only while a fitting card exists, else the reason (what to add, where);
-- `load(card)`: lazy, once per process per (adapter, weights, sha256), thread-safe (one lock per model, so two models
+- `load(card)`: lazy, once per process per (adapter, weights, sha256, card input), thread-safe (one lock per model,
+  so two models
   load in parallel but one model never twice), with a fresh sha256 check before loading; any failure is a one-line
   ToolError naming the card, so the case goes on and the evidence says why;
 - `ModelUsed`: the card's identity, licence, intended use and validation, carried in every output, so the trace
@@ -21,6 +22,7 @@ adapter imports a hub library.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import threading
 from pathlib import Path
@@ -37,8 +39,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 _RADIOGRAPH = {"DX", "CR"}
 _LOCKS_GUARD = threading.Lock()
-_LOCKS: dict[tuple[str, str, str], threading.Lock] = {}
-_LOADED: dict[tuple[str, str, str], Any] = {}
+_LOCKS: dict[tuple[str, str, str, str], threading.Lock] = {}
+_LOADED: dict[tuple[str, str, str, str], Any] = {}  # (adapter, weights, sha256, card input) -> model
 
 
 class ModelUsed(BaseModel):
@@ -124,6 +126,9 @@ class LearnedTool(Tool):
         if name is not None:
             named = [c for c in self.cards(None, store) if c.name == name]
             if not named:
+                theirs = [c for c in store.cards() if c.name == name and c.adapter == self.adapter]
+                if theirs:  # the card exists but does not verify: say why
+                    raise ToolError(f"model card {name!r}: {store.verify_card(theirs[0]).message()}")
                 raise ToolError(f"no usable {self.adapter} model card named {name!r} in {store.dir}")
             card = named[0]
             if not modality_fits(card, view.modality):
@@ -152,7 +157,7 @@ class LearnedTool(Tool):
             path = self.store().load_weights_path(card)
         except ModelStoreError as exc:
             raise ToolError(str(exc)) from None
-        key = (self.adapter, str(path), card.sha256)
+        key = (self.adapter, str(path), card.sha256, json.dumps(card.input, sort_keys=True, default=str))
         with _LOCKS_GUARD:
             lock = _LOCKS.setdefault(key, threading.Lock())
         with lock:
@@ -173,7 +178,7 @@ class LearnedTool(Tool):
 
 def loaded_models() -> list[tuple[str, str, str]]:
     """(adapter, weights path, sha256) of every model loaded in this process."""
-    return sorted(_LOADED)
+    return sorted({k[:3] for k in _LOADED})
 
 
 def boxes_from_evidence(ctx: ToolContext, evidence_id: str, view_id: str, limit: int = 8) -> list[dict[str, Any]]:

@@ -1,0 +1,108 @@
+"""The rethink step's rules that involve learned tools: a classifier's probability against a measurement's yes/no,
+and a detector's boxes suggesting a box-prompted segmenter."""
+
+from __future__ import annotations
+
+import numpy as np
+from pydantic import BaseModel
+
+from agent.critic import critique, label_key
+from agent.state import ArtifactRef, CaseInput, CaseState, Evidence, ImageView
+from tools.base import FindingDraft, Tool, ToolInput
+
+
+class ProbOut(BaseModel):
+    probabilities: dict[str, float]
+
+
+class Classifier(Tool):
+    name, description, kind = "clf", "a classifier", "classify"
+    Output = ProbOut
+
+    def run(self, ctx, inp):  # pragma: no cover - evidence is given
+        raise AssertionError
+
+    def findings(self, output, view):
+        return [FindingDraft(label=k, probability=p) for k, p in output.probabilities.items()]
+
+
+class ClaimOut(BaseModel):
+    label: str
+    present: bool
+
+
+class Measurer(Tool):
+    name, description, kind = "ctr", "a measurement with a threshold", "measure"
+    Output = ClaimOut
+
+    def run(self, ctx, inp):  # pragma: no cover
+        raise AssertionError
+
+    def findings(self, output, view):
+        return [FindingDraft(label=output.label, present=output.present)]
+
+
+class BoxOut(BaseModel):
+    boxes: list[list[float]]
+
+
+class Detector(Tool):
+    name, description, kind = "det", "a detector", "detect"
+    Output = BoxOut
+
+    def run(self, ctx, inp):  # pragma: no cover
+        raise AssertionError
+
+    def findings(self, output, view):
+        return [FindingDraft(label="nodule", present=True, bbox=b) for b in output.boxes]
+
+
+class Segmenter(Tool):
+    name, description, kind = "sam_segment", "a box-prompted segmenter", "segment"
+    Input = ToolInput
+    Output = BoxOut
+
+    def run(self, ctx, inp):  # pragma: no cover
+        raise AssertionError
+
+
+TOOLS = {t.name: t for t in (Classifier(), Measurer(), Detector(), Segmenter())}
+
+
+def state(*evidence: Evidence) -> CaseState:
+    ref = ArtifactRef(sha256="0" * 64, kind="pixels", media_type="application/x-npy", path="x.npy")
+    view = ImageView(id="V1", pixels=ref, shape=(64, 64), dtype="uint8", ndim_spatial=2, modality="DX")
+    return CaseState(inputs=CaseInput(paths=["x"]), views=[view], applicable_tools=sorted(TOOLS),
+                     evidence=list(evidence), question="Is the heart enlarged?", tool_steps=len(evidence))
+
+
+def ev(i: int, tool: str, output: dict, **args) -> Evidence:
+    return Evidence(id=f"E{i}", tool=tool, tool_version="1", args=args, status="ok", output=output)
+
+
+def test_classifier_probability_against_a_measurement_is_a_conflict():
+    assert label_key("Enlarged  heart") == "cardiomegaly" and label_key("Pleural-Effusion") == "effusion"
+    st = state(ev(1, "ctr", {"label": "cardiomegaly", "present": True}),
+               ev(2, "clf", {"probabilities": {"Cardiomegaly": 0.05, "Effusion": 0.9}}))
+    c = critique(st, TOOLS)
+    assert c.conflicts == ["cardiomegaly: present per E1, but E2 gives it probability 0.05 (< 0.2)"]
+    assert c.route == "think"  # a new conflict goes back to the planner
+    # measured absent but the classifier is confident: also a conflict; an agreeing pair is not
+    st2 = state(ev(1, "ctr", {"label": "enlarged heart", "present": False}),
+                ev(2, "clf", {"probabilities": {"Cardiomegaly": 0.7}}))
+    assert critique(st2, TOOLS).conflicts == ["cardiomegaly: absent per E1, but E2 gives it probability 0.70 (>= 0.5)"]
+    st3 = state(ev(1, "ctr", {"label": "cardiomegaly", "present": True}),
+                ev(2, "clf", {"probabilities": {"Cardiomegaly": 0.35}}))
+    assert critique(st3, TOOLS).conflicts == []  # 0.35 is undecided, not a contradiction
+
+
+def test_detector_boxes_suggest_the_segmenter_once():
+    st = state(ev(1, "det", {"boxes": [[1, 2, 10, 12], [20, 20, 30, 30]]}))
+    c = critique(st, TOOLS)
+    assert "E1 det found 2 box(es) on V1: sam_segment boxes_from=E1 segments and measures them" in c.suggestions
+    st.critiques.append(c)
+    used = state(ev(1, "det", {"boxes": [[1, 2, 10, 12]]}), ev(2, "sam_segment", {"boxes": []}, boxes_from="E1"))
+    assert not any("boxes_from" in s for s in critique(used, TOOLS).suggestions)
+    no_boxes = state(ev(1, "det", {"boxes": []}))
+    assert not any("boxes_from" in s for s in critique(no_boxes, TOOLS).suggestions)
+    assert np.isfinite(c.budget_left["tool_calls"])
