@@ -7,9 +7,8 @@ and implements `build(card, path)` (weights path → loaded model) and `run`. Th
   `any` fits all) and the tool's own `card_fits` check (2D/3D, ...);
 - `applicable`: the tool is offered only while a fitting card exists, else the reason (what to add, where);
 - `load(card)`: lazy, once per process per (adapter, weights, sha256, card input), thread-safe (one lock per model,
-  so two models
-  load in parallel but one model never twice), with a fresh sha256 check before loading; any failure is a one-line
-  ToolError naming the card, so the case goes on and the evidence says why;
+  so two models load in parallel but one model never twice), with a fresh sha256 check before loading; any failure
+  is a one-line ToolError naming the card, so the case goes on and the evidence says why;
 - `ModelUsed`: the card's identity, licence, intended use and validation, carried in every output, so the trace
   records exactly which weights produced the evidence and the report lists them;
 - `boxes_from_evidence`: boxes another tool found ([row0, col0, row1, col1] under any `bbox` key of its output),
