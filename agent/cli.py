@@ -188,7 +188,9 @@ def library_build(
     source: Annotated[Path, typer.Argument(help="a folder of images (label = parent folder name) or a cases.jsonl")],
     out_dir: Annotated[Path, typer.Option("--out", help="library folder (default $DXAGENT_LIBRARY or "
                                           "~/.cache/dxagent/library)")] = None,
-    encoder: Annotated[str, typer.Option(help="handcrafted, or the folder of a saved vision model")] = "handcrafted",
+    encoder: Annotated[str, typer.Option(help="handcrafted; the name of a clip model card (kind embed or classify) "
+                                         "in the model store, whose image embeddings index the library; or the "
+                                         "folder of a saved vision model")] = "handcrafted",
     modality: Annotated[str, typer.Option(help="modality of every image (CXR, CT, dermoscopy, ...); default: "
                                           "from cases.jsonl, the DICOM file, or a guess")] = None,
 ) -> None:
@@ -229,7 +231,9 @@ def library_info(
     if as_json:
         print(json.dumps(info, indent=2))
         return
-    out.print(f"library {info['dir']} · {info['cases']} cases · encoder {info['encoder']['name']} "
+    enc = info["encoder"]
+    card = f" (model card, sha256 {enc['sha256'][:12]}…)" if "card" in enc else ""
+    out.print(f"library {info['dir']} · {info['cases']} cases · encoder {enc['name']}{card} "
               f"({info['encoder']['dim']} dims) · {info['generation']} · updated {info['updated']}", highlight=False,
               soft_wrap=True)
     table = Table()

@@ -1,6 +1,6 @@
 """Case library: labelled reference images as feature vectors in a faiss index, for `similar_cases`.
 
-    dxagent library build SOURCE [--out DIR] [--encoder handcrafted|MODEL_DIR] [--modality CODE]
+    dxagent library build SOURCE [--out DIR] [--encoder handcrafted|MODEL_CARD|MODEL_DIR] [--modality CODE]
     dxagent library info [DIR]
 
 SOURCE is a folder of images (label = the name of the file's parent folder; files directly in SOURCE
@@ -19,8 +19,19 @@ Encoders (the library records which one built it; `similar_cases` embeds queries
   dissimilarity, homogeneity, energy, correlation and ASM at 1/2/4/8 px, averaged over 4 angles
   (skimage `graycoprops`, 32 gray levels, signed log1p); uniform LBP histograms (P=8 R=1, P=16 R=2),
   square-rooted; HOG (9 orientations, 16 px cells, 2×2 blocks). 1920 dimensions.
+* the name of a model card in the model store (agent/models.py) with adapter `clip` and kind `embed` or
+  `classify`: a CLIP/SigLIP-family transformers directory, loaded offline by tools/clip_classify.py;
+  the L2-normalised projected image embedding (`embed_with`: gray pictures to 8 bits between their
+  0.5th and 99.5th percentiles, the model's own image processor). The library records the card's name
+  and sha256 (`{"name", "card", "adapter", "kind", "sha256", "dim"}`); a query, a rebuild or
+  `similar_cases` whose card is no longer in the store, has another sha256, or whose weights no longer
+  verify is refused with one line naming the card (never neighbours from other embeddings). The
+  model loads once per process (its weights rehashed then); later uses check the card's sha256 and
+  the store's size/mtime-cached hash of the weights.
 * a folder holding a Hugging Face vision model and its image processor (`save_pretrained`), loaded
   offline with transformers: the pooled output (or the mean token), L2-normalised.
+
+A name is tried as a model card first, then as a folder.
 
 Storage: `DIR/library.json` names the current generation folder `DIR/gen-NNNNNN/`, which holds
 `index.faiss` (a faiss `IndexFlatIP`: exact inner-product search over the normalised vectors) and
@@ -199,29 +210,140 @@ def _model_encoder(path: str) -> ModelEncoder:
     return ModelEncoder(path)
 
 
-def make_encoder(name: str = "handcrafted") -> HandcraftedEncoder | ModelEncoder:
-    """"handcrafted" or the path of a model folder (loaded once per process)."""
+class CardEncoder:
+    """A `clip` model card of the model store (kind embed or classify): tools.clip_classify's image embeddings."""
+
+    def __init__(self, card: Any):
+        from tools.base import ToolError
+        from tools.clip_classify import load_clip
+
+        self.card = card
+        self.name = card.name
+        try:
+            self._model = load_clip(card)  # rehashes the weights, then loads them once per process
+        except ToolError as exc:
+            raise LibraryError(str(exc)) from None
+        self.dim = int(self.embed(np.zeros((32, 32), np.float32) + np.arange(32, dtype=np.float32), False).shape[0])
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        return {"name": self.card.name, "card": self.card.name, "adapter": self.card.adapter, "kind": self.card.kind,
+                "sha256": self.card.sha256, "dim": self.dim}
+
+    def embed(self, img: np.ndarray, rgb: bool) -> np.ndarray:
+        from tools.clip_classify import embed_with
+
+        return embed_with(self._model, [img], [rgb])[0]
+
+
+_CARD_ENCODERS: dict[tuple[str, str, str], CardEncoder] = {}
+_CARD_LOCK = threading.Lock()
+Encoder = HandcraftedEncoder | ModelEncoder | CardEncoder
+
+
+def _store() -> Any:
+    from agent.models import ModelStore
+
+    return ModelStore()
+
+
+def _card_named(name: str) -> Any | None:
+    """The store's card called `name` (None when there is none); LibraryError when it is broken."""
+    from agent.models import ModelStoreError
+
+    store = _store()
+    if not any(e.name == name for e in store.list()):
+        return None
+    try:
+        return store.get(name)
+    except ModelStoreError as exc:
+        raise LibraryError(str(exc)) from None
+
+
+def card_encoder(card: Any) -> CardEncoder:
+    """The encoder of a model card, once per process per (name, sha256, weights); LibraryError naming the card when
+    it is not a clip embed/classify card or its weights do not verify (size/mtime-cached hash; fresh at first load)."""
+    if card.adapter != "clip" or card.kind not in ("embed", "classify"):
+        raise LibraryError(f"model card {card.name!r} is {card.adapter}/{card.kind}: a library encoder needs a card with "
+                           "adapter clip and kind embed or classify")
+    v = _store().verify_card(card)
+    if not v.ok:
+        raise LibraryError(f"model card {card.name!r}: {v.message()}")
+    key = (card.name, card.sha256, str(card.weights_path))
+    with _CARD_LOCK:
+        if key not in _CARD_ENCODERS:
+            _CARD_ENCODERS[key] = CardEncoder(card)
+        return _CARD_ENCODERS[key]
+
+
+def make_encoder(name: str = "handcrafted") -> Encoder:
+    """"handcrafted", the name of a clip model card in the model store, or the path of a model folder (loaded once
+    per process)."""
     if name == "handcrafted":
         return HandcraftedEncoder()
+    if (card := _card_named(name)) is not None:
+        return card_encoder(card)
     if not Path(name).expanduser().is_dir():
-        raise LibraryError(f"unknown encoder {name!r}: use 'handcrafted' or the folder of a saved vision model")
+        raise LibraryError(f"unknown encoder {name!r}: use 'handcrafted', the name of a clip model card in the model store "
+                           f"({_store().dir}), or the folder of a saved vision model")
     return _model_encoder(str(Path(name).expanduser().resolve()))
 
 
-def encoder_from_spec(spec: dict[str, Any]) -> HandcraftedEncoder | ModelEncoder:
+def describe_encoder(spec: dict[str, Any]) -> str:
+    """An encoder spec in a few words: handcrafted v1, model card 'x' (sha256 0123456789ab…), model folder PATH."""
+    if "card" in spec:
+        return f"model card {spec['card']!r} (sha256 {str(spec.get('sha256'))[:12]}…)"
+    if spec.get("name") == "handcrafted":
+        return f"handcrafted v{spec.get('version')}"
+    return f"model folder {spec.get('path')}"
+
+
+def encoder_from_spec(spec: dict[str, Any]) -> Encoder:
+    """The encoder that built a library, for its queries; LibraryError (one line) when it is gone or changed."""
     if spec.get("name") == "handcrafted":
         enc = HandcraftedEncoder()
         if spec.get("version") != enc.version or spec.get("dim") != enc.dim:
             raise LibraryError(f"the library was built with handcrafted encoder v{spec.get('version')}; "
                                f"this dxagent has v{enc.version}: rebuild it")
         return enc
+    if "card" in spec:
+        if (why := card_problem(spec)) is not None:
+            raise LibraryError(why)
+        cenc = card_encoder(_card_named(str(spec["card"])))
+        if cenc.dim != spec.get("dim"):
+            raise LibraryError(f"model card {cenc.name!r} now gives {cenc.dim}-dimensional embeddings; the library "
+                               f"holds {spec.get('dim')}: rebuild the library")
+        return cenc
     enc = make_encoder(spec.get("path", ""))
     if enc.spec.get("weights_sha256") != spec.get("weights_sha256"):
         raise LibraryError(f"the encoder model in {spec.get('path')} changed since the library was built: rebuild it")
     return enc
 
 
-def embed_pixels(encoder: HandcraftedEncoder | ModelEncoder, arr: np.ndarray, rgb: bool) -> np.ndarray:
+def card_problem(spec: dict[str, Any]) -> str | None:
+    """Why a library built with model card `spec["card"]` cannot be searched now (card gone, other sha256, weights
+    missing or changed per the store's cached hash), in one line naming the card; None when it can (or the spec is
+    not a card's)."""
+    if "card" not in spec:
+        return None
+    name = str(spec["card"])
+    try:
+        card = _card_named(name)
+    except LibraryError as exc:
+        return f"the case library was built with model card {name!r}, which is broken now: {exc}"
+    if card is None:
+        return (f"the case library was built with model card {name!r}, which is not in the model store "
+                f"({_store().dir}): add it back or rebuild the library")
+    if card.sha256 != spec.get("sha256"):
+        return (f"the case library was built with model card {name!r} (sha256 {str(spec.get('sha256'))[:12]}…), which "
+                f"now has sha256 {card.sha256[:12]}…: rebuild the library")
+    v = _store().verify_card(card)
+    if not v.ok:
+        return f"the case library was built with model card {name!r}, whose weights no longer verify: {v.message()}"
+    return None
+
+
+def embed_pixels(encoder: Encoder, arr: np.ndarray, rgb: bool) -> np.ndarray:
     """A view's vector: the picture itself, or a volume's middle slice."""
     from tools.imaging import display_slice
 
@@ -420,8 +542,8 @@ def build(source: str | Path, out: str | Path | None = None, encoder: str = "han
                 stale.unlink(missing_ok=True)
         old = Library.load(root) if (root / "library.json").exists() else None
         if old is not None and old.encoder != enc.spec:
-            raise LibraryError(f"the library at {root} was built with encoder {old.encoder}; this build asks for "
-                               f"{enc.spec}: use another --out or delete the library")
+            raise LibraryError(f"the library at {root} was built with {describe_encoder(old.encoder)}; this build uses "
+                               f"{describe_encoder(enc.spec)}: use another --out or delete the library")
         cases = list(old.cases) if old else []
         index = faiss.clone_index(old.index) if old else faiss.IndexFlatIP(enc.dim)
         known = {c["sha256"] for c in cases}

@@ -7,7 +7,8 @@ and implements `build(card, path)` (weights path → loaded model) and `run`. Th
   `any` fits all) and the tool's own `card_fits` check (2D/3D, ...);
 - `applicable`: the tool is offered only while a fitting card exists, else the reason (what to add, where);
 - `load(card)`: lazy, once per process per (adapter, weights, sha256, card input), thread-safe (one lock per model,
-  so two models load in parallel but one model never twice), with a fresh sha256 check before loading; any failure
+  so two models load in parallel but one model never twice), with a fresh sha256 check before the first load (later
+  calls trust the (size, mtime) hash cache, and a changed file is rehashed and refused); any failure
   is a one-line ToolError naming the card, so the case goes on and the evidence says why;
 - `ModelUsed`: the card's identity, licence, intended use and validation, carried in every output, so the trace
   records exactly which weights produced the evidence and the report lists them;
@@ -152,16 +153,20 @@ class LearnedTool(Tool):
 
     def load(self, card: ModelCard) -> Any:
         """The card's model, built once per process; ToolError naming the card when it cannot be."""
+        store = self.store()
+        key = (self.adapter, str(card.weights_path), card.sha256, json.dumps(card.input, sort_keys=True, default=str))
+        if key in _LOADED and store.verify_card(card).ok:  # loaded from verified bytes; the file is unchanged
+            return _LOADED[key]  # (size/mtime cache: a multi-GB folder is not rehashed on every call)
         try:
-            path = self.store().load_weights_path(card)
+            path = store.load_weights_path(card)  # the first load (or a changed file) rehashes in full
         except ModelStoreError as exc:
+            _LOADED.pop(key, None)
             raise ToolError(str(exc)) from None
-        key = (self.adapter, str(path), card.sha256, json.dumps(card.input, sort_keys=True, default=str))
         with _LOCKS_GUARD:
             lock = _LOCKS.setdefault(key, threading.Lock())
         with lock:
             if key in _LOADED:
-                return _LOADED[key]
+                return _LOADED[key]  # another thread loaded it meanwhile
             if missing := self.missing_modules():
                 raise ToolError(f"model card {card.name!r} needs the Python package(s) {', '.join(missing)}")
             try:

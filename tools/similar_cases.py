@@ -10,7 +10,10 @@ its labels, source, modality and similarity; a vote counts each label once per n
 is never its own neighbour.
 
 Modalities: any; 2D views. Library: `$DXAGENT_LIBRARY` or
-~/.cache/dxagent/library.
+~/.cache/dxagent/library. A library built with a model card (`--encoder CARD`, a clip card: its
+image embeddings instead of the handcrafted features) is searched only while that card is in the
+model store with the same sha256 and verified weights; otherwise the tool is not offered and a call
+fails with one line naming the card.
 
 Limitations: similarity evidence, not a diagnosis: neighbours share colour, intensity, texture and
 layout, which track acquisition (device, stain, dataset) as much as disease; the vote is only as good
@@ -27,11 +30,20 @@ n=13), covid-chestxray 0.74 (0.77, n=39)). About 40 ms a call (embed + search) o
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 from pydantic import BaseModel, Field
 
-from agent.library import LibraryError, default_library_dir, embed_pixels, encoder_from_spec, modality_family, open_library
+from agent.library import (
+    LibraryError,
+    card_problem,
+    default_library_dir,
+    embed_pixels,
+    encoder_from_spec,
+    modality_family,
+    open_library,
+)
 from agent.state import ImageView
 from tools.base import FindingDraft, Tool, ToolContext, ToolError, ToolInput
 from tools.imaging import is_rgb
@@ -85,7 +97,14 @@ class SimilarCases(Tool):
         if (reason := super().applicable(view)) is not None:
             return reason
         root = default_library_dir()
-        return None if (root / "library.json").is_file() else f"no case library at {root}: build one with `dxagent library build`"
+        head = root / "library.json"
+        if not head.is_file():
+            return f"no case library at {root}: build one with `dxagent library build`"
+        try:  # a library built with a model card that is gone or changed can only fail: say so now
+            spec = json.loads(head.read_text()).get("encoder") or {}
+        except (OSError, ValueError, AttributeError):
+            return None  # unreadable: run() says why
+        return card_problem(spec) if isinstance(spec, dict) else None
 
     def run(self, ctx: ToolContext, inp: SimilarInput) -> SimilarOutput:
         view = self.usable_view(ctx, inp.view)
