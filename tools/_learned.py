@@ -114,11 +114,23 @@ class LearnedTool(Tool):
             return reason
         if missing := self.missing_modules():
             return f"{self.name} needs the Python package(s) {', '.join(missing)}, which are not installed"
-        if self.cards(view):
+        store = self.store()
+        if self.cards(view, store):
             return None
         kinds = "/".join(sorted(self.card_kinds))
-        return (f"no {self.adapter} model card for {view.modality} ({kinds}) in the model store: add one with "
-                f"`dxagent models add CARD.yaml` (adapter: {self.adapter})")
+        reason = (f"no {self.adapter} model card for {view.modality} ({kinds}) in the model store: add one with "
+                  f"`dxagent models add CARD.yaml` (adapter: {self.adapter})")
+        why = []  # cards of this adapter and modality that exist but do not fit: say why
+        for c in store.cards():
+            if c.adapter != self.adapter or c.kind not in self.card_kinds or not modality_fits(c, view.modality):
+                continue
+            v = store.verify_card(c)
+            if not v.ok:
+                why.append(f"{c.name}: {v.status}" + (" (the weights changed since the card was written)"
+                                                      if v.status == "sha256 mismatch" else ""))
+            elif (w := self.card_fits(c, view)) is not None:
+                why.append(f"{c.name}: {w}")
+        return reason + (f" ({'; '.join(why[:3])})" if why else "")
 
     def pick(self, view: ImageView, name: str | None) -> ModelCard:
         """The card to run: the one named, else the first that fits; ToolError saying why none does."""
