@@ -7,7 +7,8 @@ It is deterministic and explainable, so every routing decision can be audited:
   more than 20 % between tools;
 - answered: the question names topics (words from the tools' `topics`), and each topic is covered by
   successful evidence; a question naming no known topic is answered once a quantitative tool succeeded;
-- a closer look: a finding with a small bounding box that no crop view covers yet suggests `crop_zoom`;
+- a closer look: a finding with a small bounding box (not yet segmented and measured) that no crop view
+  covers yet suggests `crop_zoom`;
 - chaining: a detector's boxes that no segmenter has used yet suggest a box-prompted segmenter
   (`sam_segment boxes_from=E#`) when one applies;
 - budget: tool calls and wall-clock seconds left; three failures in a row stop the loop.
@@ -17,6 +18,7 @@ the question is unanswered and budget remains.
 
 from __future__ import annotations
 
+import json
 import re
 
 from agent.state import CaseState, Critique, Evidence
@@ -99,10 +101,13 @@ def critique(state: CaseState, tools: dict[str, Tool]) -> Critique:
         answered_by = [e.id for e in ok if tools.get(e.tool, _NoTool).kind in QUANTITATIVE]
         answered = bool(answered_by)
 
-    suggestions: list[str] = []
+    # a detector's boxes go to a box-prompted segmenter first; those boxes then need no crop suggestion
+    suggestions, chained = chain_suggestions(state, tools)
     crops = [v for v in state.views if v.provenance.get("tool") == "crop_zoom"]
     if "crop_zoom" in state.applicable_tools:
         for e, f in drafts:
+            if e.id in chained or any(m.name in ("area", "volume") for m in f.measurements):
+                continue  # boxes bound for a segmenter, or a region already segmented and measured
             view_id = e.args.get("view", "V1")
             view = state.view(view_id)
             if f.bbox is None or view.parent is not None:
@@ -114,7 +119,6 @@ def critique(state: CaseState, tools: dict[str, Tool]) -> Critique:
                 box = [int(r0), int(c0), int(r1), int(c1)]
                 suggestions.append(f"{f.label} from {e.id} is small ({frac:.1%} of {view_id}): a closer look with "
                                    f"crop_zoom view={view_id} bbox={box}")
-    suggestions += chain_suggestions(state, tools)
     last = state.evidence[-1] if state.evidence else None
     if last is not None and last.status in ("failed", "refused"):
         suggestions.append(f"{last.id} {last.tool} {last.status}: {last.error}; choose another tool or other arguments")
@@ -171,22 +175,25 @@ def classifier_conflicts(drafts: list[tuple[Evidence, FindingDraft]], tools: dic
     return out
 
 
-def chain_suggestions(state: CaseState, tools: dict[str, Tool]) -> list[str]:
-    """A detector's boxes on a view that no box-prompted segmenter has taken yet."""
+def chain_suggestions(state: CaseState, tools: dict[str, Tool]) -> tuple[list[str], set[str]]:
+    """A detector's boxes on a view that no box-prompted segmenter has taken yet: the suggestions, and the ids of the
+    detector evidence they name or a segmenter already took."""
     segs = [n for n in BOX_SEGMENTERS if n in state.applicable_tools]
     if not segs:
-        return []
-    used = {e.args.get("boxes_from") for e in state.evidence if e.tool in segs}
-    out = []
+        return [], set()
+    used = {e.args.get("boxes_from") for e in state.evidence if e.tool in segs and e.status == "ok"}
+    out, ids = [], {u for u in used if isinstance(u, str)}
     for e in state.evidence:
         if e.status != "ok" or tools.get(e.tool, _NoTool).kind != "detect" or e.id in used:
             continue
         n = sum(f.bbox is not None for f in findings_of(e, state, tools))
         if n:
             view = e.args.get("view", "V1")
-            out.append(f"{e.id} {e.tool} found {n} box(es) on {view}: {segs[0]} boxes_from={e.id}"
-                       + (f" view={view}" if view != "V1" else "") + " segments and measures them")
-    return out
+            ids.add(e.id)
+            args = {"boxes_from": e.id} | ({"view": view} if view != "V1" else {})
+            out.append(f"{e.id} {e.tool} found {n} box(es) on {view}; to segment and measure them call "
+                       + json.dumps({"tool": segs[0], "args": args}))
+    return out, ids
 
 
 def _eid(eid: str) -> int:

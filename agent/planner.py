@@ -94,7 +94,10 @@ def args_schema(tool: Tool, view_ids: list[str], coordinates: bool = True) -> di
     schema = input_schema(tool.Input)
     req = set(schema.get("required", []))
     schema["properties"] = {k: v if k in req else _no_null(v) for k, v in schema.get("properties", {}).items()
-                            if coordinates or k in req or k not in COORDINATE_ARGS}
+                            if (coordinates or k in req or k not in COORDINATE_ARGS)
+                            and (k in req or v.get("planner") is not False)}
+    for v in schema["properties"].values():
+        v.pop("planner", None)
     if view_ids == ["V1"]:  # one view: the argument can only be its default, so the model need not write it
         schema["properties"].pop("view", None)
         schema["required"] = sorted(req - {"view"})
@@ -111,6 +114,8 @@ def args_line(tool: Tool) -> str:
     req = set(schema.get("required", []))
     parts = []
     for name, prop in schema.get("properties", {}).items():
+        if prop.get("planner") is False and name not in req:
+            continue  # a user-only knob (tools.base.USER_ONLY)
         kind = prop.get("enum") or prop.get("type") or "/".join(
             str(p.get("type", p.get("enum", "?"))) for p in prop.get("anyOf", []))
         default = "" if name in req or "default" not in prop else f"={json.dumps(prop['default'])}"
@@ -196,6 +201,9 @@ def validate(tools: dict[str, Tool], tool: str | None, args: Any, reason: str, v
     if tool == "answer":
         return Decision(action="answer", reason=reason[:REASON_MAX])
     if tool not in tools:
+        if tool in getattr(tools, "exhausted", ()):
+            raise ValueError(f"{tool} already ran on every view; its result is in the evidence: choose another tool or "
+                             "answer")
         if tool in getattr(tools, "held_back", ()):
             raise ValueError(f"{tool} needs a region (a box or point) and no evidence holds one yet: first call a tool "
                              "that finds the region")
@@ -279,6 +287,21 @@ class _Candidates(dict):
 
     all_names: frozenset[str] = frozenset()
     held_back: frozenset[str] = frozenset()
+    exhausted: frozenset[str] = frozenset()
+
+
+def exhausted(state: CaseState, tools: list[Tool], view_ids: list[str]) -> list[str]:
+    """Tools that can give nothing new: the planner may set no argument but the view (and the model card), and a
+    call already succeeded (or was skipped as a repeat) on every view. A small planner otherwise repeats them."""
+    out = []
+    for t in tools:
+        props = set(args_schema(t, view_ids).get("properties", {})) - {"view", "model"}
+        if props:
+            continue
+        seen = {e.args.get("view", "V1") for e in state.evidence if e.tool == t.name and e.status in ("ok", "skipped")}
+        if set(view_ids) <= seen:
+            out.append(t.name)
+    return out
 
 
 class Planner:
@@ -345,11 +368,13 @@ class Planner:
         cands = [tools[n] for n in state.applicable_tools if n in tools]
         # a tool that needs a region is offered only once there are coordinates to give it
         held = [] if grounded else [t.name for t in cands if t.requires_region()]
-        cands = [t for t in cands if t.name not in held]
+        view_ids = [v.id for v in state.views]
+        done = exhausted(state, cands, view_ids)
+        cands = [t for t in cands if t.name not in held and t.name not in done]
         cand_map = _Candidates({t.name: t for t in cands})
         cand_map.all_names = frozenset(tools)
         cand_map.held_back = frozenset(held)
-        view_ids = [v.id for v in state.views]
+        cand_map.exhausted = frozenset(done)
         # The system prompt lists every tool, so it is identical across steps and cases and llama.cpp reuses
         # its KV cache; the candidates for this case are named in the user message and enforced by the schema.
         system = self.system_prompt(list(tools.values()))
@@ -359,7 +384,7 @@ class Planner:
             messages = [SystemMessage(system), HumanMessage(user)]
             request = {"model": self.model_id, "mode": self.mode, "attempt": attempt,
                        "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
-                       "candidates": sorted(cand_map), "held_back": held}
+                       "candidates": sorted(cand_map), "held_back": held, "exhausted": sorted(done)}
             t0 = time.perf_counter()
             try:
                 reply, params = self._ask(messages, cands, view_ids, bool(grounded))

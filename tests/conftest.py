@@ -32,6 +32,21 @@ def realcases() -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def yolo_trained(tmp_path_factory) -> tuple[Path, Path]:
+    """A yolo11n trained on generated discs and frames (tests/makers/yolo.py, ~100 s once per session): (its card.yaml,
+    the cache root its ultralytics settings were written under)."""
+    if importlib.util.find_spec("ultralytics") is None:  # find_spec: importing ultralytics probes the network
+        pytest.skip("ultralytics is not installed (the [yolo] extra)")
+    from makers import yolo as yolo_maker
+
+    cache = tmp_path_factory.mktemp("yolo-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DXAGENT_CACHE", str(cache))
+        card = yolo_maker.make(tmp_path_factory.mktemp("yolo-src"))
+    return card, cache
+
+
 @pytest.fixture
 def store(tmp_path: Path) -> ArtifactStore:
     return ArtifactStore(tmp_path / "artifacts")

@@ -99,7 +99,8 @@ def test_classifier_probability_against_a_measurement_is_a_conflict():
 def test_detector_boxes_suggest_the_segmenter_once():
     st = state(ev(1, "det", {"boxes": [[1, 2, 10, 12], [20, 20, 30, 30]]}))
     c = critique(st, TOOLS)
-    assert "E1 det found 2 box(es) on V1: sam_segment boxes_from=E1 segments and measures them" in c.suggestions
+    assert ('E1 det found 2 box(es) on V1; to segment and measure them call {"tool": "sam_segment", "args": '
+            '{"boxes_from": "E1"}}') in c.suggestions
     st.critiques.append(c)
     used = state(ev(1, "det", {"boxes": [[1, 2, 10, 12]]}), ev(2, "sam_segment", {"boxes": []}, boxes_from="E1"))
     assert not any("boxes_from" in s for s in critique(used, TOOLS).suggestions)

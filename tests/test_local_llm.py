@@ -64,3 +64,28 @@ def test_tiny_planner_always_produces_valid_actions(tmp_path):
     assert events and all(json.loads(e.payload)["rejected"] is None for e in events)
     assert all(e.tool in res.state.applicable_tools for e in res.state.evidence)
     assert res.report is not None
+
+
+@pytest.mark.slow
+def test_default_planner_chains_a_detector_into_sam(tmp_path, monkeypatch, yolo_trained):
+    """The user's detector finds the objects; the rethink step suggests segmenting its boxes; the 1.5B planner calls
+    sam_segment with boxes_from=E1 in the next act step; the report lists both model cards."""
+    import numpy as np
+    from makers import sam as sam_maker
+    from makers import yolo as yolo_maker
+    from PIL import Image
+
+    from agent.models import ModelStore
+
+    monkeypatch.setenv("DXAGENT_MODELS", str(tmp_path / "models"))
+    store = ModelStore()
+    store.add(yolo_trained[0])
+    store.add(sam_maker.make(tmp_path / "sam"))
+    img, _ = yolo_maker.draw(np.random.default_rng(7), (240, 200), n=(3, 4))
+    Image.fromarray(img).save(tmp_path / "objects.png")
+    res = run_case([str(tmp_path / "objects.png")], "Segment the discs and measure their size.", modality="XC",
+                   trace_dir=tmp_path / "traces", max_steps=3)
+    ev = res.state.evidence
+    assert [e.tool for e in ev[:2]] == ["yolo_detect", "sam_segment"], [(e.tool, e.args, e.error) for e in ev]
+    assert ev[1].args["boxes_from"] == "E1" and ev[1].status == "ok"
+    assert {m["name"] for m in res.report["models_used"]} == {"yolo_tiny", "sam_tiny"}

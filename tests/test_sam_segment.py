@@ -188,7 +188,7 @@ def test_graph_chains_detector_boxes_into_sam_and_records_the_card(tmp_path, mod
     st = res.state
     assert [e.tool for e in st.evidence] == ["detect_candidates", "sam_segment"], [e.error for e in st.evidence]
     assert st.evidence[1].status == "ok", st.evidence[1].error
-    assert any("sam_segment boxes_from=E1" in s for s in st.critiques[0].suggestions)
+    assert any('{"tool": "sam_segment", "args": {"boxes_from": "E1"}}' in s for s in st.critiques[0].suggestions)
     assert any(line.startswith("sam_tiny: segment") for line in st.model_lines)
     store = TraceStore(None, tmp_path / "traces")
     [intake] = [json.loads(e.payload) for e in store.events(res.run_id) if e.name == "intake"]

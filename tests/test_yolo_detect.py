@@ -32,13 +32,10 @@ ROW_MM, COL_MM = 0.7, 0.4  # anisotropic, so swapped axes would show
 
 
 @pytest.fixture(scope="session")
-def trained(tmp_path_factory) -> tuple[Path, Path]:
-    """(card.yaml of the trained detector, the cache root its ultralytics settings live under)."""
-    cache = tmp_path_factory.mktemp("yolo-cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DXAGENT_CACHE", str(cache))
-        card = yolo_maker.make(tmp_path_factory.mktemp("yolo-src"))
-    return card, cache
+def trained(yolo_trained) -> tuple[Path, Path]:
+    """(card.yaml of the trained detector, the cache root its ultralytics settings live under): conftest's, shared
+    with tests/test_local_llm.py so the detector is trained once per session."""
+    return yolo_trained
 
 
 @pytest.fixture

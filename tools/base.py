@@ -22,6 +22,9 @@ from agent.state import ArtifactRef, CaseState, ImageView
 # Input fields that hold image coordinates: the planner must take their values from recorded evidence or the
 # question, never invent them (agent/planner.py checks).
 COORDINATE_ARGS = frozenset({"bbox", "center", "points", "seed_point"})
+# Mark an optional Input field `Field(..., json_schema_extra=USER_ONLY)` to keep it out of the planner's schema: a
+# tuning knob (a confidence threshold) that a user may set but a small planner fills with nonsense (conf=1.0).
+USER_ONLY = {"planner": False}
 
 
 class ToolError(Exception):

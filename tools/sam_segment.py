@@ -223,7 +223,7 @@ class SamSegment(LearnedTool):
     card_kinds = frozenset({"segment"})
     requires = ("torch", "segment_anything")
     needs_region = True
-    topics = ("segment", "segmentation", "mask", "outline", "boundary", "size", "area", "diameter", "lesion", "tumor",
+    topics = ("segment", "segmentation", "mask", "outline", "boundary", "size", "area", "diameter", "measure", "lesion", "tumor",
               "mass", "nodule", "polyp", "organ", "region")
     timeout_s = 240.0  # a vit_h embedding on CPU
     limitations = ("Only as good as the prompt and the user's weights; one 2D picture (one slice of a volume) at a time; "

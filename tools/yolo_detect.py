@@ -46,7 +46,7 @@ from pydantic import BaseModel, Field
 from agent.models import ModelCard
 from agent.state import ImageView
 from tools._learned import LearnedInput, LearnedTool, ModelUsed, model_used
-from tools.base import FindingDraft, Measurement, ToolContext, ToolError
+from tools.base import USER_ONLY, FindingDraft, Measurement, ToolContext, ToolError
 
 DEFAULT_SIZE = 640
 DEFAULT_CONF = 0.25
@@ -121,8 +121,9 @@ class YoloOutput(BaseModel):
 
 
 class YoloInput(LearnedInput):
-    conf: float | None = Field(None, ge=0.0, le=1.0, description="confidence threshold (default: the card's, else 0.25)")
-    max_det: int = Field(20, ge=1, le=300, description="most detections to keep")
+    conf: float | None = Field(None, ge=0.0, le=1.0, description="confidence threshold (default: the card's, else 0.25)",
+                               json_schema_extra=USER_ONLY)
+    max_det: int = Field(20, ge=1, le=300, description="most detections to keep", json_schema_extra=USER_ONLY)
 
 
 class YoloDetect(LearnedTool):
