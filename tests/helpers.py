@@ -91,3 +91,11 @@ def run_tool(ctx: ToolContext, tool_name: str, **args):
     summary = tool.summary(out)
     assert summary and "\n" not in summary and len(summary) < 300
     return out
+
+
+def bare_view(modality: str, shape: tuple[int, ...] = (64, 64)):
+    """An ImageView with only a modality and a shape, for tests of applicability and the critic."""
+    from agent.state import ArtifactRef, ImageView
+
+    ref = ArtifactRef(sha256="0" * 64, kind="pixels", media_type="application/x-npy", path="x.npy")
+    return ImageView(id="V1", pixels=ref, shape=shape, dtype="uint8", ndim_spatial=len(shape), modality=modality)

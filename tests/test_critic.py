@@ -4,10 +4,11 @@ and a detector's boxes suggesting a box-prompted segmenter."""
 from __future__ import annotations
 
 import numpy as np
+from helpers import bare_view
 from pydantic import BaseModel
 
 from agent.critic import critique, label_key
-from agent.state import ArtifactRef, CaseInput, CaseState, Evidence, ImageView
+from agent.state import CaseInput, CaseState, Evidence
 from tools.base import FindingDraft, Tool, ToolInput
 
 
@@ -70,9 +71,7 @@ TOOLS = {t.name: t for t in (Classifier(), Measurer(), Detector(), Segmenter())}
 
 
 def state(*evidence: Evidence) -> CaseState:
-    ref = ArtifactRef(sha256="0" * 64, kind="pixels", media_type="application/x-npy", path="x.npy")
-    view = ImageView(id="V1", pixels=ref, shape=(64, 64), dtype="uint8", ndim_spatial=2, modality="DX")
-    return CaseState(inputs=CaseInput(paths=["x"]), views=[view], applicable_tools=sorted(TOOLS),
+    return CaseState(inputs=CaseInput(paths=["x"]), views=[bare_view("DX")], applicable_tools=sorted(TOOLS),
                      evidence=list(evidence), question="Is the heart enlarged?", tool_steps=len(evidence))
 
 
