@@ -908,6 +908,17 @@ def is_rgb(view: ImageView) -> bool:
     return view.photometric == "RGB"
 
 
+def picture(arr: np.ndarray, view: ImageView, slice_index: int | None) -> tuple[np.ndarray, int | None, list[str]]:
+    """The 2D picture a 2D tool acts on: the image itself, or slice `slice_index` (axis 0; default the middle) of a
+    gray volume; returns (picture, the slice or None, notes). ValueError when the slice is outside the volume."""
+    if not is_rgb(view) and arr.ndim == 3:
+        k = arr.shape[0] // 2 if slice_index is None else slice_index
+        if not 0 <= k < arr.shape[0]:
+            raise ValueError(f"slice_index {k} is outside the volume's slices 0..{arr.shape[0] - 1}")
+        return arr[k], k, []
+    return arr, None, ["slice_index ignored: the view is 2D"] if slice_index not in (None, 0) else []
+
+
 def to_uint8(img: np.ndarray, lo: float | None = None, hi: float | None = None) -> np.ndarray:
     """Gray image to uint8 for display: linear between lo and hi (default: the 1st/99th percentiles)."""
     img = np.asarray(img, dtype=np.float32)

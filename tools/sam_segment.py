@@ -51,7 +51,7 @@ from agent.models import ModelCard
 from agent.state import ImageView
 from tools._learned import LearnedInput, LearnedTool, ModelUsed, boxes_from_evidence, device, model_used
 from tools.base import FindingDraft, Measurement, ToolContext, ToolError
-from tools.imaging import bbox_to_px, is_rgb
+from tools.imaging import bbox_to_px, picture
 from tools.litemedsam import CT_WINDOWS, to_rgb8
 
 REGISTRY = {"vit_b": (768, 12, 12, [2, 5, 8, 11]), "vit_l": (1024, 24, 16, [5, 11, 17, 23]),
@@ -251,16 +251,10 @@ class SamSegment(LearnedTool):
         view = self.usable_view(ctx, inp.view)
         card = self.pick(view, inp.model)
         mode = _preprocess_mode(card)
-        arr = ctx.pixels(inp.view)
-        notes: list[str] = []
-        k = None
-        if not is_rgb(view) and arr.ndim == 3:
-            k = arr.shape[0] // 2 if inp.slice_index is None else inp.slice_index
-            if not 0 <= k < arr.shape[0]:
-                raise ToolError(f"slice_index {k} is outside the volume's slices 0..{arr.shape[0] - 1}")
-            img = arr[k]
-        else:
-            img = arr
+        try:
+            img, k, notes = picture(ctx.pixels(inp.view), view, inp.slice_index)
+        except ValueError as exc:
+            raise ToolError(str(exc)) from None
         h, w = img.shape[:2]
 
         boxes: list[tuple[int, int, int, int]] = []
