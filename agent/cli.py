@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -96,6 +97,83 @@ def run(
     else:
         out.print(Markdown(to_markdown(report)))
         out.print(f"trace id: [bold]{run_id}[/]", highlight=False)
+
+
+@app.command()
+def batch(
+    manifest: Annotated[Path, typer.Argument(help="a folder of images, a .csv or a .jsonl manifest")],
+    out_dir: Annotated[Path, typer.Option("--out", help="output folder (reports, results.jsonl, summary.csv, traces)")],
+    root: Annotated[Path, typer.Option(help="folder the manifest's relative paths are relative to, and that no path "
+                                       "may leave (default: the manifest's folder)")] = None,
+    workers: Annotated[int, typer.Option("--workers", "-j", help="worker processes (each loads the models once)")] = 1,
+    executor: Annotated[str, typer.Option(help="local (worker processes here) or ray (a Ray cluster; pip install "
+                                          "'dxagent[ray]')")] = "local",
+    question: Annotated[str, typer.Option("--question", "-q", help="question for cases whose row has none")] = None,
+    llm: Annotated[str, typer.Option(help=LLM_HELP)] = "local",
+    base_url: Annotated[str, typer.Option(help="OpenAI-compatible base URL (or DXAGENT_OPENAI_BASE_URL)")] = None,
+    model: Annotated[str, typer.Option(help="model name at the endpoint (or DXAGENT_OPENAI_MODEL)")] = None,
+    api_key: Annotated[str, typer.Option(help="API key (or DXAGENT_OPENAI_API_KEY)")] = None,
+    modality: Annotated[str, typer.Option(help="modality for cases whose row and file give none")] = None,
+    max_steps: Annotated[int, typer.Option(help="tool-call budget per case")] = 6,
+    max_seconds: Annotated[float, typer.Option(help="wall-clock budget per case")] = 300.0,
+    db_url: Annotated[str, typer.Option(help="trace database URL (default: SQLite under --out/traces)")] = None,
+    limit: Annotated[int, typer.Option(help="only the first N cases of the manifest")] = None,
+) -> None:
+    """Run every case of a manifest: resumable (re-run to skip finished cases), in parallel, one report per case."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from agent.batch import ManifestError, run_batch, timing_line
+
+    progress = Progress(TextColumn("[bold]batch[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+                        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[last]}"),
+                        console=err, transient=False)
+    state: dict[str, Any] = {}
+
+    def on_start(total: int, skipped: int) -> None:
+        state["t0"], state["n"] = time.perf_counter(), 0
+        state["task"] = progress.add_task("batch", total=total, completed=skipped, rate="", last="")
+        if skipped:
+            err.print(f"{skipped} of {total} case(s) already complete in {out_dir}: skipped", highlight=False)
+
+    def on_case(rec: dict[str, Any]) -> None:
+        state["n"] += 1
+        rate = state["n"] / max(1e-9, time.perf_counter() - state["t0"]) * 60
+        mark = {"done": "ok", "failed": "[red]failed[/]", "invalid": "[yellow]invalid[/]"}.get(rec["status"], rec["status"])
+        progress.update(state["task"], advance=1, rate=f"{rate:.1f}/min", last=f"{rec['case_id'][:30]} {mark}")
+        if rec["status"] != "done":
+            progress.console.print(f"  {rec['case_id']}: {rec['status']}: {rec.get('error')}", highlight=False,
+                                   soft_wrap=True, markup=False)
+
+    try:
+        with progress:
+            summary = run_batch(manifest, out_dir, root=root, workers=workers, executor=executor, question=question, llm=llm,
+                                base_url=base_url, model=model, api_key=api_key, db_url=db_url, max_steps=max_steps,
+                                max_wall_s=max_seconds, modality=modality, limit=limit, on_case=on_case,
+                                on_start=on_start)
+    except ManifestError as exc:
+        _fail(str(exc))
+    table = Table(title=f"batch {summary.out}")
+    for col in ("cases", "done", "failed", "invalid", "skipped (already done)"):
+        table.add_column(col, justify="right")
+    table.add_row(str(summary.total), str(summary.counts.get("done", 0)), str(summary.counts.get("failed", 0)),
+                  str(summary.counts.get("invalid", 0)), str(summary.skipped))
+    out.print(table)
+    if summary.by_modality:
+        out.print("done by modality: " + ", ".join(f"{k} {v}" for k, v in summary.by_modality.most_common()),
+                  highlight=False)
+    out.print(timing_line(summary), highlight=False)
+    if summary.agreement:
+        agree = Table(title="agreement with the reference labels (agreement.csv)")
+        for col in ("label", "cases", "ref +", "pred +", "sensitivity", "specificity", "agreement", "kappa"):
+            agree.add_column(col, justify="right" if col != "label" else "left")
+        for r in summary.agreement:
+            agree.add_row(r["label"], str(r["cases"]), str(r["reference_positive"]), str(r["predicted_positive"]),
+                          *("-" if r[k] is None else f"{r[k]:.2f}" for k in ("sensitivity", "specificity", "agreement",
+                                                                                "kappa")))
+        out.print(agree)
+    out.print(f"reports: {summary.out / 'cases'} · results.jsonl, summary.csv in {summary.out}", highlight=False)
+    if summary.counts.get("failed") or summary.counts.get("invalid"):
+        raise typer.Exit(1)
 
 
 @app.command()

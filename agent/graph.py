@@ -211,6 +211,7 @@ def sqlite_checkpointer(path: str | Path) -> SqliteSaver:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(str(path), check_same_thread=False)
     conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA busy_timeout=30000")  # batch workers share this file
     allowed = [(t.__module__, t.__name__) for t in _STATE_TYPES]
     from agent.state import CaseInput
 

@@ -105,6 +105,13 @@ _LOADED: dict[tuple, Any] = {}
 _LOAD_LOCK = threading.Lock()
 
 
+def threads() -> int:
+    """CPU threads for compute in this process: $DXAGENT_THREADS (a batch worker gets its share of the cores), else
+    all cores."""
+    env = os.environ.get("DXAGENT_THREADS", "")
+    return max(1, int(env)) if env.isdigit() else (os.cpu_count() or 1)
+
+
 def _llama(path: str, n_ctx: int, n_threads: int | None, seed: int, logits_all: bool = False):
     key = (path, n_ctx, n_threads, seed, logits_all)
     with _LOAD_LOCK:
@@ -114,7 +121,7 @@ def _llama(path: str, n_ctx: int, n_threads: int | None, seed: int, logits_all: 
             except ImportError as exc:  # pragma: no cover - depends on the install
                 raise LLMUnavailable(f"llama-cpp-python is not installed ({exc}); run the README's install command") from exc
             _LOADED[key] = Llama(
-                model_path=path, n_ctx=n_ctx, n_threads=n_threads or os.cpu_count(), seed=seed,
+                model_path=path, n_ctx=n_ctx, n_threads=n_threads or threads(), seed=seed,
                 logits_all=logits_all, verbose=False,
             )
         return _LOADED[key]
