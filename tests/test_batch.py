@@ -175,3 +175,28 @@ def test_batch_over_realcases(realcases, tmp_path):
                   question="Describe the image.")
     assert s.counts.get("done", 0) + s.counts.get("invalid", 0) == len(pick)
     assert s.counts.get("done", 0) >= 2
+
+
+def test_ray_executor_on_a_local_instance(images, tmp_path):
+    pytest.importorskip("ray")
+    m = write_jsonl(images / "m.jsonl", [
+        {"case_id": "ct", "image": "imgs/ct.dcm"},
+        {"case_id": "mr", "image": "imgs/mr.dcm"},
+        {"case_id": "broken", "image": "imgs/broken.png"},
+        {"case_id": "gone", "image": "imgs/gone.png"},
+    ])
+    out = tmp_path / "out"
+    s = run_batch(m, out, workers=2, executor="ray", llm="scripted", script=[call("inspect_image")],
+                  question="What is the pixel spacing?")
+    assert s.counts == {"done": 2, "failed": 1, "invalid": 1}
+    recs = {p.parent.name: json.loads(p.read_text()) for p in (out / "cases").glob("*/result.json")}
+    assert recs["ct"]["status"] == "done" and recs["mr"]["status"] == "done"
+    assert recs["ct"]["worker"] != os.getpid()  # ran in a Ray worker process
+    from agent.trace import TraceStore
+
+    store = TraceStore(None, out / "traces")  # the workers' trace events landed in the one store, chains intact
+    for cid in ("ct", "mr"):
+        assert store.verify_chain(recs[cid]["run_id"]) is None and store.get_run(recs[cid]["run_id"]).status == "done"
+    # resume on Ray: nothing left but the failed case
+    s2 = run_batch(m, out, workers=2, executor="ray", llm="scripted", script=[call("inspect_image")])
+    assert s2.skipped == 2 and s2.ran == 1
