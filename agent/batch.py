@@ -442,6 +442,7 @@ def run_batch(manifest: str | Path, out: str | Path, *, root: str | Path | None 
         if on_case:
             on_case(rec)
 
+    _prepare_stores(out, db_url)
     runnable = []
     for s in todo:
         if s.error:
@@ -471,6 +472,18 @@ def run_batch(manifest: str | Path, out: str | Path, *, root: str | Path | None 
                         counts=Counter(r.get("status") for r in final),
                         by_modality=Counter(r.get("modality") or "?" for r in final if r.get("status") == "done"),
                         seconds=[float(r.get("seconds") or 0) for r in ran], wall_s=wall, agreement=agree)
+
+
+def _prepare_stores(out: Path, db_url: str | None) -> None:
+    """Create the trace and checkpoint databases (tables, WAL) before the workers start, so that no two workers race
+    to create them."""
+    from agent.graph import sqlite_checkpointer
+    from agent.trace import TraceStore
+
+    TraceStore(db_url, out / "traces").engine.dispose()
+    saver = sqlite_checkpointer(out / "traces" / "checkpoints.sqlite")
+    saver.setup()
+    saver.conn.close()
 
 
 def _run_local(specs: list[CaseSpec], opts: dict[str, Any], workers: int, finish: Callable[[dict], None]) -> None:
@@ -508,12 +521,17 @@ def _run_local(specs: list[CaseSpec], opts: dict[str, Any], workers: int, finish
             pool.shutdown(wait=not broken, cancel_futures=True)
         if broken:  # a worker died (killed, out of memory, a crash in native code): which case did it is unknown
             for spec in running.values():
-                lost[spec.case_id] += 1
-                if lost[spec.case_id] >= 2:
-                    finish(_failed(spec, "a worker process died twice while running this case (killed, out of memory "
-                                         "or a crash in native code)"))
-                else:
-                    pending.insert(0, spec)
+                retry_or_fail(spec, lost, pending, finish, "worker process")
+
+
+def retry_or_fail(spec: CaseSpec, lost: Counter, pending: list[CaseSpec], finish: Callable[[dict], None],
+                  who: str) -> None:
+    """A case whose worker died: back to the front of the queue once; the second time, recorded as failed."""
+    lost[spec.case_id] += 1
+    if lost[spec.case_id] >= 2:
+        finish(_failed(spec, f"the {who} running this case died twice (killed, out of memory or a crash in native code)"))
+    else:
+        pending.insert(0, spec)
 
 
 def _failed(s: CaseSpec, error: str) -> dict[str, Any]:

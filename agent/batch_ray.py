@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
-from agent.batch import CaseSpec, _failed
+from agent.batch import CaseSpec, _failed, retry_or_fail
 
 
 def run_on_ray(specs: list[CaseSpec], opts: dict[str, Any], workers: int, finish: Callable[[dict], None]) -> None:
@@ -73,12 +73,7 @@ def run_on_ray(specs: list[CaseSpec], opts: dict[str, Any], workers: int, finish
                     finish(ray.get(ref))
                     idle.append(actor)
                 except (RayActorError, WorkerCrashedError):
-                    lost[spec.case_id] += 1
-                    if lost[spec.case_id] >= 2:
-                        finish(_failed(spec, "the Ray worker running this case died twice (killed, out of memory or a "
-                                             "crash in native code)"))
-                    else:
-                        pending.insert(0, spec)
+                    retry_or_fail(spec, lost, pending, finish, "Ray worker")
                     idle.append(new_actor())
                 except Exception as exc:  # pragma: no cover - run_one catches the case's own errors
                     finish(_failed(spec, f"{type(exc).__name__}: {exc}"))

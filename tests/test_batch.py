@@ -173,7 +173,8 @@ def test_batch_over_realcases(realcases, tmp_path):
     m = write_jsonl(tmp_path / "real.jsonl", pick)  # image paths relative to realcases: --root
     s = run_batch(m, tmp_path / "out", root=realcases, workers=2, llm="scripted", script=[call("inspect_image")],
                   question="Describe the image.")
-    assert s.counts.get("done", 0) + s.counts.get("invalid", 0) == len(pick)
+    recs = [json.loads(p.read_text()) for p in (tmp_path / "out" / "cases").glob("*/result.json")]
+    assert s.counts.get("done", 0) + s.counts.get("invalid", 0) == len(pick), [r.get("error") for r in recs]
     assert s.counts.get("done", 0) >= 2
 
 
