@@ -224,6 +224,13 @@ def _check(root: Path, specs: list[CaseSpec]) -> list[CaseSpec]:
 
 
 # -- one case (runs in a worker) --------------------------------------------------------------------------------------
+def _now() -> str:
+    """UTC time with microseconds, always the same width: records of one case order by this string."""
+    from datetime import UTC, datetime
+
+    return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
 def _write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
@@ -281,7 +288,7 @@ def run_one(spec: dict[str, Any], opts: dict[str, Any]) -> dict[str, Any]:
         rec["error"] = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
     rec["seconds"] = round(time.perf_counter() - t0, 3)
     rec["worker_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    rec["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    rec["finished_at"] = _now()
     _write_atomic(case_dir / "result.json", json.dumps(rec))
     return rec
 
@@ -428,7 +435,7 @@ def run_batch(manifest: str | Path, out: str | Path, *, root: str | Path | None 
     _write_atomic(out / "batch.json", json.dumps({"manifest": str(Path(manifest).resolve()), "root": str(root),
                                                   "cases": len(specs), "options": {k: v for k, v in opts.items()
                                                                                    if k not in ("api_key", "script")},
-                                                  "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=2))
+                                                  "started": _now()}, indent=2))
     done = {cid for cid, r in latest.items() if r.get("status") == "done" and (out / "cases" / cid / "result.json").exists()}
     todo = [s for s in specs if s.case_id not in done]
     skipped = len(specs) - len(todo)
@@ -447,7 +454,7 @@ def run_batch(manifest: str | Path, out: str | Path, *, root: str | Path | None 
     for s in todo:
         if s.error:
             finish({"case_id": s.case_id, "status": "invalid", "error": s.error, "where": s.where, "labels": s.labels,
-                    "seconds": 0.0, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+                    "seconds": 0.0, "finished_at": _now()})
         else:
             runnable.append(s)
     if runnable:
@@ -536,7 +543,7 @@ def retry_or_fail(spec: CaseSpec, lost: Counter, pending: list[CaseSpec], finish
 
 def _failed(s: CaseSpec, error: str) -> dict[str, Any]:
     return {"case_id": s.case_id, "status": "failed", "error": " ".join(error.split())[:300], "where": s.where,
-            "labels": s.labels, "seconds": 0.0, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            "labels": s.labels, "seconds": 0.0, "finished_at": _now()}
 
 
 def timing_line(summary: BatchSummary) -> str:
