@@ -37,25 +37,13 @@ from scipy import ndimage as ndi
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from helpers import realcases_root  # noqa: E402
+from helpers import dice, expert_box, realcases_root  # noqa: E402
 
 from agent.artifacts import ArtifactStore  # noqa: E402
 from agent.state import CaseInput, CaseState  # noqa: E402
 from tools.base import ToolContext, ToolError, discover  # noqa: E402
 from tools.fundus_vessels import field_of_view  # noqa: E402
 from tools.imaging import load_views  # noqa: E402
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    return 2.0 * float((a & b).sum()) / max(1.0, float(a.sum() + b.sum()))
-
-
-def expert_box(truth: np.ndarray, grow: float = 0.0) -> list[int]:
-    rows, cols = np.flatnonzero(truth.any(1)), np.flatnonzero(truth.any(0))
-    r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
-    dr, dc = grow * (r1 - r0), grow * (c1 - c0)
-    h, w = truth.shape
-    return [max(0, round(r0 - dr)), max(0, round(c0 - dc)), min(h, round(r1 + dr)), min(w, round(c1 + dc))]
 
 
 def run_tool(tool, state: CaseState, store: ArtifactStore, **args) -> tuple[object, np.ndarray, float]:

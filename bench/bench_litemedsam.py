@@ -37,17 +37,13 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from helpers import realcases_root  # noqa: E402
+from helpers import dice, realcases_root  # noqa: E402
 
 from agent.artifacts import ArtifactStore  # noqa: E402
 from agent.state import CaseInput, CaseState  # noqa: E402
 from tools import litemedsam  # noqa: E402
 from tools.base import ToolContext, ToolError, discover  # noqa: E402
 from tools.imaging import load_views  # noqa: E402
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    return 2.0 * float((a & b).sum()) / max(1.0, float(a.sum() + b.sum()))
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:

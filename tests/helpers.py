@@ -99,3 +99,19 @@ def bare_view(modality: str, shape: tuple[int, ...] = (64, 64)):
 
     ref = ArtifactRef(sha256="0" * 64, kind="pixels", media_type="application/x-npy", path="x.npy")
     return ImageView(id="V1", pixels=ref, shape=shape, dtype="uint8", ndim_spatial=len(shape), modality=modality)
+
+
+def dice(a, b) -> float:
+    """Dice of two boolean masks (0 when both are empty)."""
+    return 2.0 * float((a & b).sum()) / max(1.0, float(a.sum() + b.sum()))
+
+
+def expert_box(truth, grow: float = 0.0) -> list[int]:
+    """The bbox [row0, col0, row1, col1] (end exclusive) of an expert mask, each side moved out by `grow` of its size."""
+    import numpy as np
+
+    rows, cols = np.flatnonzero(truth.any(1)), np.flatnonzero(truth.any(0))
+    r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    dr, dc = grow * (r1 - r0), grow * (c1 - c0)
+    h, w = truth.shape
+    return [max(0, round(r0 - dr)), max(0, round(c0 - dc)), min(h, round(r1 + dr)), min(w, round(c1 + dc))]

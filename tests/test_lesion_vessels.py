@@ -11,7 +11,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from helpers import make_ctx
+from helpers import dice, expert_box, make_ctx
 from helpers import run_tool as call
 from PIL import Image
 from scipy import ndimage as ndi
@@ -41,10 +41,6 @@ DRIVE_MEAN, DRIVE_CASE, DRIVE_FOV = 0.73, 0.68, 0.98
 
 def mask_of(ctx: ToolContext, store: ArtifactStore) -> np.ndarray:
     return store.get_array([a for a in ctx.artifacts if a.kind == "mask"][-1]).astype(bool)
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    return 2.0 * float((a & b).sum()) / max(1.0, float(a.sum() + b.sum()))
 
 
 def ellipse(shape, cy, cx, ry, rx) -> np.ndarray:
@@ -272,14 +268,6 @@ def real_cases(root: Path, source: str) -> list[dict]:
 
 def truth_of(root: Path, case: dict, key: str = "mask") -> np.ndarray:
     return np.asarray(Image.open(root / case[key]).convert("L")) > 127
-
-
-def expert_box(truth: np.ndarray, grow: float = 0.0) -> list[int]:
-    rows, cols = np.flatnonzero(truth.any(1)), np.flatnonzero(truth.any(0))
-    r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
-    dr, dc = grow * (r1 - r0), grow * (c1 - c0)
-    h, w = truth.shape
-    return [max(0, round(r0 - dr)), max(0, round(c0 - dc)), min(h, round(r1 + dr)), min(w, round(c1 + dc))]
 
 
 @pytest.mark.realcases
