@@ -219,42 +219,241 @@ def list_tools(as_json: Annotated[bool, typer.Option("--json", help="the full ca
     out.print(table)
 
 
-@trace_app.command("list")
-def trace_list(trace_dir: Annotated[Path, typer.Option()] = None,
-               db_url: Annotated[str, typer.Option()] = None) -> None:
-    """List recorded runs."""
+def _store(trace_dir: Path | None, db_url: str | None):
     from agent.session import default_trace_dir
     from agent.trace import TraceStore
 
-    store = TraceStore(db_url, trace_dir or default_trace_dir())
+    return TraceStore(db_url, trace_dir or default_trace_dir())
+
+
+def _load_trace(ref: str, trace_dir: Path | None, db_url: str | None) -> tuple[dict, Path]:
+    """A run id in the trace store, or a `trace export` JSON file: (dump, artifact root)."""
+    from agent.trace import load_dump
+
+    if ref.endswith(".json") or Path(ref).is_file():
+        try:
+            return load_dump(ref), Path(ref).parent / "artifacts"
+        except ValueError as exc:
+            _fail(str(exc))
+    store = _store(trace_dir, db_url)
+    try:
+        return store.dump(ref), store.root / "artifacts"
+    except KeyError as exc:
+        _fail(str(exc.args[0]))
+
+
+TRACE_HELP = "a run id in the trace store, or a trace exported as JSON"
+
+
+@trace_app.command("list")
+def trace_list(trace_dir: Annotated[Path, typer.Option()] = None,
+               db_url: Annotated[str, typer.Option()] = None,
+               status: Annotated[str, typer.Option(help="only runs with this status: running, done, failed")] = None,
+               limit: Annotated[int, typer.Option(help="newest N runs")] = 50) -> None:
+    """List recorded runs, newest first."""
     table = Table(title="runs")
-    for col in ("run id", "case", "status", "llm", "created"):
+    for col in ("run id", "case", "status", "llm", "created", "sealed"):
         table.add_column(col, overflow="fold")
-    for r in store.runs():
-        table.add_row(r.id, r.case_id, r.status, r.llm, r.created_at[:19])
+    for r in _store(trace_dir, db_url).runs(limit if not status else 100_000):
+        if status and r.status != status:
+            continue
+        table.add_row(r.id, r.case_id, r.status, r.llm, r.created_at[:19], r.seal_alg or "no")
+        limit -= 1
+        if limit <= 0:
+            break
     out.print(table)
 
 
 @trace_app.command("show")
-def trace_show(run_id: str, trace_dir: Annotated[Path, typer.Option()] = None,
+def trace_show(run_id: Annotated[str, typer.Argument(help=TRACE_HELP)], trace_dir: Annotated[Path, typer.Option()] = None,
                db_url: Annotated[str, typer.Option()] = None) -> None:
-    """Show one run's events in order, and whether its hash chain is intact."""
-    from agent.session import default_trace_dir
-    from agent.trace import TraceStore
+    """Show one run's events in order, and whether its record is intact."""
+    from agent.trace import verify_dump
 
-    store = TraceStore(db_url, trace_dir or default_trace_dir())
-    run_row = store.get_run(run_id)
-    if run_row is None:
-        _fail(f"no run {run_id!r}")
-    out.print(f"run {run_row.id} · case {run_row.case_id} · {run_row.status} · llm {run_row.llm}")
-    for ev in store.events(run_id):
-        body = json.loads(ev.payload)
-        brief = {"llm": lambda b: (b.get("decision") or {}).get("tool") or b.get("rejected") or b.get("error"),
+    dump, art_root = _load_trace(run_id, trace_dir, db_url)
+    r = dump["run"]
+    out.print(f"run {r['id']} · case {r['case_id']} · {r['status']} · llm {r['llm']}")
+    for ev in dump["events"]:
+        body = ev["payload"]
+        brief = {"llm": lambda b: (b.get("decision") or {}).get("tool") or b.get("rejected") or b.get("error") or "",
                  "tool": lambda b: f"{b['evidence']['id']} {b['evidence']['status']} {b['evidence'].get('error') or ''}",
-                 }.get(ev.kind, lambda b: ", ".join(sorted(b))[:100])(body)
-        out.print(f"{ev.seq:>3} {ev.kind:<5} {ev.node:<8} {ev.name:<10} {brief}", highlight=False)
-    broken = store.verify_chain(run_id)
-    out.print("hash chain: " + ("intact" if broken is None else f"[red]BROKEN[/] — {broken}"))
+                 }.get(ev["kind"], lambda b: ", ".join(sorted(b))[:100])(body)
+        out.print(f"{ev['seq']:>3} {ev['kind']:<5} {ev['node']:<8} {ev['name']:<10} {brief}", highlight=False)
+    problems = verify_dump(dump, art_root)
+    out.print("record: " + ("intact" if not problems else "[red]NOT INTACT[/] — " + "; ".join(problems)))
+
+
+@trace_app.command("verify")
+def trace_verify(
+    runs: Annotated[list[str], typer.Argument(help=TRACE_HELP + "; several allowed")] = None,
+    all_runs: Annotated[bool, typer.Option("--all", help="every run in the trace store")] = False,
+    trace_dir: Annotated[Path, typer.Option()] = None,
+    db_url: Annotated[str, typer.Option()] = None,
+) -> None:
+    """Check runs for tampering: edited, inserted or deleted events (hash chain + seal), an edited run row or
+    report, missing or edited artifact files. Exit 1 if any run is not intact."""
+    from agent.trace import verify_dump
+
+    refs = list(runs or [])
+    if all_runs:
+        refs += [r.id for r in _store(trace_dir, db_url).runs(10_000_000)]
+    if not refs:
+        _fail("name a run id or an exported trace file, or pass --all")
+    bad = 0
+    for ref in refs:
+        dump, art_root = _load_trace(ref, trace_dir, db_url)
+        problems = verify_dump(dump, art_root)
+        n = len(dump["events"])
+        if problems:
+            bad += 1
+            out.print(f"[red]TAMPERED[/] {dump['run']['id']} ({n} events)", highlight=False)
+            for p in problems:
+                out.print(f"  - {p}", highlight=False, soft_wrap=True)
+        else:
+            state = "sealed" if dump["run"].get("seal") else "unsealed, still running or killed"
+            out.print(f"[green]intact[/] {dump['run']['id']} ({n} events, {len(dump.get('artifacts', []))} artifacts, "
+                      f"{state})", highlight=False)
+    if bad:
+        raise typer.Exit(1)
+
+
+@trace_app.command("export")
+def trace_export(
+    runs: Annotated[list[str], typer.Argument(help="run id(s); trajectories accept several")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="json: the whole record of one run; trajectories: JSONL of "
+                                                      "the planner's steps with tool results, for fine-tuning")] = "json",
+    out_path: Annotated[Path, typer.Option("--out", "-o", help="file to write (default: standard output)")] = None,
+    with_artifacts: Annotated[bool, typer.Option(help="json: copy the run's artifact files to artifacts/ beside "
+                                                      "--out, so the export verifies and replays on its own")] = False,
+    all_runs: Annotated[bool, typer.Option("--all", help="trajectories: every finished run")] = False,
+    trace_dir: Annotated[Path, typer.Option()] = None,
+    db_url: Annotated[str, typer.Option()] = None,
+) -> None:
+    """Export a run as JSON (replayable, verifiable), or runs as planner training trajectories (JSONL)."""
+    from agent.trace import canonical, trajectories, write_export
+
+    refs = list(runs or [])
+    if fmt == "trajectories":
+        if all_runs:
+            refs += [r.id for r in _store(trace_dir, db_url).runs(10_000_000) if r.status == "done"]
+        lines = [canonical(rec) for ref in refs for rec in trajectories(_load_trace(ref, trace_dir, db_url)[0])]
+        text = "\n".join(lines) + ("\n" if lines else "")
+    elif fmt == "json":
+        if len(refs) != 1:
+            _fail("--format json exports one run: name exactly one run id")
+        dump, art_root = _load_trace(refs[0], trace_dir, db_url)
+        if out_path is None:
+            if with_artifacts:
+                _fail("--with-artifacts needs --out")
+            sys.stdout.write(json.dumps(dump, indent=1, ensure_ascii=False) + "\n")
+            return
+        try:
+            write_export(dump, out_path, art_root if with_artifacts else None)
+        except FileNotFoundError as exc:
+            _fail(str(exc))
+        err.print(f"wrote {out_path}")
+        return
+    else:
+        _fail(f"unknown --format {fmt!r}: json or trajectories")
+    if out_path is None:
+        sys.stdout.write(text)
+        return
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(text)
+    err.print(f"wrote {out_path} ({len(lines)} steps)")
+
+
+@trace_app.command("html")
+def trace_html(
+    run_id: Annotated[str, typer.Argument(help=TRACE_HELP)],
+    out_path: Annotated[Path, typer.Option("--out", "-o", help="default: <run id>.html")] = None,
+    trace_dir: Annotated[Path, typer.Option()] = None,
+    db_url: Annotated[str, typer.Option()] = None,
+) -> None:
+    """Write the audit view of one run: one self-contained HTML file (image with overlays, the think / act /
+    rethink timeline with the planner's messages and each tool's inputs and outputs, the report with its
+    evidence linked to the steps)."""
+    from agent.audit_html import write_html
+
+    dump, art_root = _load_trace(run_id, trace_dir, db_url)
+    path = write_html(dump, art_root, out_path or Path(f"{dump['run']['id']}.html"))
+    out.print(f"wrote {path}")
+
+
+@app.command()
+def replay(
+    trace: Annotated[str, typer.Argument(help=TRACE_HELP)],
+    rerun: Annotated[bool, typer.Option("--rerun", help="run again with live models and tools, and diff")] = False,
+    image: Annotated[list[Path], typer.Option("--image", help="--rerun: the run's input file(s); their sha256 must "
+                                                             "match the record (bundled demo cases are found)")] = None,
+    llm: Annotated[str, typer.Option(help="--rerun: planner backend (default: the recorded one)")] = None,
+    base_url: Annotated[str, typer.Option(help="--rerun with --llm openai")] = None,
+    model: Annotated[str, typer.Option(help="--rerun with --llm openai")] = None,
+    api_key: Annotated[str, typer.Option(help="--rerun with --llm openai")] = None,
+    show: Annotated[int, typer.Option(help="diff lines to print at a divergence")] = 60,
+    trace_dir: Annotated[Path, typer.Option()] = None,
+    db_url: Annotated[str, typer.Option()] = None,
+) -> None:
+    """Replay a recorded run with every LLM reply and tool output served from the record (no model loaded):
+    each request must match the recorded one and the report must come out identical. Prints verified, or the
+    first divergent step with a diff (exit 1). With --rerun: run live again and list what changed."""
+    from agent.replay import replay as do_replay
+    from agent.replay import report_sha256
+
+    dump, _ = _load_trace(trace, trace_dir, db_url)
+    if rerun:
+        _rerun(dump, image, llm, base_url, model, api_key, trace_dir, db_url)
+        return
+    t0 = time.perf_counter()
+    res = do_replay(dump)
+    secs = time.perf_counter() - t0
+    for w in res.warnings:
+        err.print(f"[yellow]warning:[/] {w}", highlight=False)
+    if res.verified:
+        same = res.report_sha256 == report_sha256(_stored_report(dump))
+        out.print(f"[green]verified[/] {res.run_id}: {res.events} events matched ({res.llm_calls} LLM replies, "
+                  f"{res.tool_calls} tool outputs served) in {secs:.2f} s; report sha256 {str(res.report_sha256)[:16]}"
+                  f"{' identical' if same else ''}", highlight=False)
+        return
+    d = res.divergence
+    out.print(f"[red]DIVERGED[/] {res.run_id} at {d}", highlight=False, soft_wrap=True)
+    if d.recorded is not None or d.replayed is not None:
+        out.print(d.diff(show), highlight=False, markup=False, soft_wrap=True)
+    raise typer.Exit(1)
+
+
+def _stored_report(dump: dict) -> dict | None:
+    raw = dump["run"].get("report")
+    return json.loads(raw) if isinstance(raw, str) else raw
+
+
+def _rerun(dump: dict, image: list[Path] | None, llm: str | None, base_url: str | None, model: str | None,
+           api_key: str | None, trace_dir: Path | None, db_url: str | None) -> None:
+    from agent.llm import LLMUnavailable
+    from agent.replay import rerun
+    from agent.session import DxError, inputs_sha256
+
+    paths = [str(p) for p in image or []]
+    if not paths:
+        paths = [p for _, p, _ in demo_cases() if inputs_sha256([p]) == dump["run"].get("inputs_sha256")][:1]
+        if not paths:
+            _fail("--rerun needs the run's input file(s): pass --image PATH (traces never store input paths)")
+    try:
+        new_id, _, rows = rerun(dump, paths, llm=llm, trace_dir=trace_dir, db_url=db_url, base_url=base_url,
+                                model=model, api_key=api_key, on_step=_live)
+    except (DxError, LLMUnavailable) as exc:
+        _fail(str(exc))
+    if not rows:
+        out.print(f"[green]no change[/]: re-run {new_id} chose the same tools, got the same outputs and the same "
+                  "report", highlight=False)
+        return
+    table = Table(title=f"{dump['run']['id']} (recorded) vs {new_id} (re-run): {len(rows)} difference(s)")
+    for col in ("area", "field", "recorded", "re-run"):
+        table.add_column(col, overflow="fold")
+    for area, path, a, b in rows:
+        table.add_row(area, path, a[:300], b[:300])
+    out.print(table)
+    raise typer.Exit(1)
 
 
 library_app = typer.Typer(no_args_is_help=True, help="The case library that similar_cases searches.")

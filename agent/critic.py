@@ -67,7 +67,7 @@ def tools_for_question(question: str, tools: dict[str, Tool], names: list[str]) 
     return [n for n, k in sorted(hits.items(), key=lambda kv: (-kv[1], kv[0])) if k > 0]
 
 
-def critique(state: CaseState, tools: dict[str, Tool]) -> Critique:
+def critique(state: CaseState, tools: dict[str, Tool], now: float | None = None) -> Critique:
     ok = [e for e in state.evidence if e.status == "ok"]
     drafts = [(e, f) for e in ok for f in findings_of(e, state, tools)]
 
@@ -124,7 +124,7 @@ def critique(state: CaseState, tools: dict[str, Tool]) -> Critique:
         suggestions.append(f"{last.id} {last.tool} {last.status}: {last.error}; choose another tool or other arguments")
 
     steps_left = state.budget.max_steps - state.tool_steps
-    secs_left = state.budget.max_wall_s - state.budget.elapsed()
+    secs_left = state.budget.max_wall_s - state.budget.elapsed(now)
     fails = 0
     for e in reversed(state.evidence):
         if e.status == "ok":

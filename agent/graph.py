@@ -31,6 +31,10 @@ from tools.base import Tool, ToolContext, ToolError
 
 @dataclass
 class Runtime:
+    """What the nodes need, and every contact with the world outside the state: the clock, image loading, tool
+    applicability and execution, the planner's LLM. Replay (agent/replay.py) overrides exactly these methods to
+    serve the recorded values, so the graph code itself runs unchanged."""
+
     tools: dict[str, Tool]
     planner: Planner
     store: ArtifactStore
@@ -38,58 +42,93 @@ class Runtime:
     run_id: str = ""
     narrative_llm: Any = None  # an endpoint chat model that may write the impression
     on_step: Any = None  # callback(node, state_update) for live display
+    now: float = 0.0  # the current node's clock reading: every budget decision in a node uses this one value
     _pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(max_workers=4))
 
     def record(self, kind: str, node: str, name: str, payload: dict[str, Any]) -> None:
-        self.trace.record(self.run_id, kind, node, name, payload)
+        self.trace.record(self.run_id, kind, node, name, {**payload, "now": self.now})
+
+    def clock(self, node: str) -> float:
+        return time.time()
+
+    def observe_intake(self, state: CaseState) -> dict[str, Any]:
+        """Load the inputs into views and find which tools (and which of the user's model cards) apply."""
+        from tools._learned import LearnedTool, model_used
+        from tools.imaging import load_views
+
+        views = load_views(state.inputs.paths, self.store, modality=state.inputs.modality,
+                           body_part=state.inputs.body_part)
+        v1 = views[0]
+        applicable, refused = [], {}
+        for name, tool in self.tools.items():
+            why = tool.applicable(v1)
+            (refused.__setitem__(name, why) if why else applicable.append(name))
+        # the user's model cards behind applicable learned tools: shown to the planner, recorded in the trace
+        model_lines = [line for n in applicable for line in self.tools[n].prompt_lines(v1)]
+        cards = [model_used(c).model_dump() | {"tool": n, "card_fields": c.model_dump(mode="json")}
+                 for n in applicable if isinstance(self.tools[n], LearnedTool) for c in self.tools[n].cards(v1)]
+        return {"views": views, "applicable": applicable, "not_applicable": refused, "model_lines": model_lines,
+                "models": cards}
+
+    def applicable(self, tool: Tool, view: ImageView) -> str | None:
+        return tool.applicable(view)
+
+    def execute(self, tool: Tool, ctx: ToolContext, inp: Any) -> tuple[str, str | None, dict | None, float]:
+        """Run a tool under its timeout: (status, error, output, seconds). Artifacts and new views land in ctx."""
+        t0 = time.perf_counter()
+        future = self._pool.submit(tool.run, ctx, inp)
+        try:
+            out = future.result(timeout=tool.timeout_s)
+            status, error, output = "ok", None, out.model_dump(mode="json")
+        except FutureTimeout:
+            status, error, output = "failed", f"timed out after {tool.timeout_s:.0f} s", None
+        except ToolError as exc:
+            status, error, output = "failed", str(exc), None
+        except Exception as exc:  # a tool never crashes the graph
+            status, error, output = "failed", f"{type(exc).__name__}: {exc}", None
+        return status, error, output, time.perf_counter() - t0
+
+    def keep_artifacts(self, refs: list[ArtifactRef]) -> None:
+        for ref in refs:
+            self.trace.add_artifact(ref, self.store.path(ref).stat().st_size)
 
 
-def _log(state: CaseState, node: str, summary: str) -> list[StepLog]:
-    return state.steps + [StepLog(step=len(state.steps) + 1, node=node, summary=summary)]
+def _log(rt: Runtime, state: CaseState, node: str, summary: str) -> list[StepLog]:
+    return state.steps + [StepLog(step=len(state.steps) + 1, node=node, summary=summary, t=rt.now)]
 
 
 def intake(rt: Runtime, state: CaseState) -> dict[str, Any]:
-    from tools.imaging import load_views
-
     if state.views:  # resumed after intake
         return {}
-    views = load_views(state.inputs.paths, rt.store, modality=state.inputs.modality,
-                       body_part=state.inputs.body_part)
+    facts = rt.observe_intake(state)
+    views, applicable = facts["views"], facts["applicable"]
     v1 = views[0]
-    applicable, refused = [], {}
-    for name, tool in rt.tools.items():
-        why = tool.applicable(v1)
-        (refused.__setitem__(name, why) if why else applicable.append(name))
     notes = []
     if not v1.spacing_known:
         notes.append("Pixel spacing is unknown: measurements are in pixels, not mm.")
     if v1.modality_source == "guess":
         notes.append(f"Modality {v1.modality} was guessed from the pixels "
                      f"(confidence {v1.metadata.get('modality_confidence', 'n/a')}); pass --modality to set it.")
-    # the user's model cards behind applicable learned tools: shown to the planner, recorded in the trace
-    from tools._learned import LearnedTool, model_used
-
-    model_lines = [line for n in applicable for line in rt.tools[n].prompt_lines(v1)]
-    cards = [model_used(c).model_dump() | {"tool": n, "card_fields": c.model_dump(mode="json")}
-             for n in applicable if isinstance(rt.tools[n], LearnedTool) for c in rt.tools[n].cards(v1)]
-    budget = state.budget.model_copy(update={"started_at": time.time()})
+    rt.keep_artifacts([v.pixels for v in views])
+    budget = state.budget.model_copy(update={"started_at": rt.now})
     summary = f"{len(views)} view(s); {v1.modality} {v1.ndim_spatial}D {list(v1.shape)}; {len(applicable)} tools apply"
     rt.record("node", "intake", "intake", {
-        "views": [v.model_dump(mode="json") for v in views], "applicable": applicable, "not_applicable": refused,
-        "notes": notes, "models": cards})
-    return {"views": views, "applicable_tools": applicable, "model_lines": model_lines,
+        "views": [v.model_dump(mode="json") for v in views], "applicable": applicable,
+        "not_applicable": facts["not_applicable"], "notes": notes, "models": facts["models"],
+        "model_lines": facts["model_lines"]})
+    return {"views": views, "applicable_tools": applicable, "model_lines": facts["model_lines"],
             "notes": state.notes + notes, "budget": budget,
-            "steps": _log(state, "intake", summary)}
+            "steps": _log(rt, state, "intake", summary)}
 
 
 def think(rt: Runtime, state: CaseState) -> dict[str, Any]:
     left = state.budget.max_steps - state.tool_steps
-    if left <= 0 or state.budget.elapsed() >= state.budget.max_wall_s:
+    if left <= 0 or state.budget.elapsed(rt.now) >= state.budget.max_wall_s:
         decision = Decision(action="answer", reason="budget spent")
         update: dict[str, Any] = {}
     else:
         try:
-            decision = rt.planner.decide(state, rt.tools)
+            decision = rt.planner.decide(state, rt.tools, now=rt.now)
             update = {}
         except PlannerError as exc:
             decision = Decision(action="answer", reason="planner failed")
@@ -97,68 +136,58 @@ def think(rt: Runtime, state: CaseState) -> dict[str, Any]:
                       "notes": state.notes + [f"Planner failed at step {state.tool_steps + 1}: {exc}"]}
     what = f"answer ({decision.reason})" if decision.action == "answer" else f"{decision.tool} {decision.args}"
     rt.record("node", "think", "decision", {"decision": decision.model_dump()})
-    return {**update, "pending": decision, "steps": _log(state, "think", what)}
+    return {**update, "pending": decision, "steps": _log(rt, state, "think", what)}
 
 
-def _run_tool(rt: Runtime, state: CaseState, d: Decision, eid: str) -> tuple[Evidence, list[ImageView]]:
+def _run_tool(rt: Runtime, state: CaseState, d: Decision, eid: str) -> tuple[Evidence, list[ImageView], dict]:
+    """The evidence of one call, its new views, and what was observed of the world (for the trace)."""
     tool = rt.tools.get(d.tool or "")
     base = {"id": eid, "tool": d.tool or "?", "tool_version": getattr(tool, "version", "?"), "args": d.args,
             "step": state.tool_steps + 1}
     if tool is None or d.tool not in state.applicable_tools:
-        return Evidence(**base, status="refused", error=f"{d.tool} is not applicable to this case"), []
+        return Evidence(**base, status="refused", error=f"{d.tool} is not applicable to this case"), [], {}
     try:
         view = state.view(d.args.get("view", "V1"))
     except KeyError as exc:
-        return Evidence(**base, status="refused", error=str(exc.args[0])), []
-    why = tool.applicable(view)
+        return Evidence(**base, status="refused", error=str(exc.args[0])), [], {}
+    why = rt.applicable(tool, view)
     if why:
-        return Evidence(**base, status="refused", error=why), []
+        return Evidence(**base, status="refused", error=why), [], {"applicable": why}
     for e in state.evidence:
         if e.status == "ok" and e.tool == d.tool and e.args == d.args:
-            return Evidence(**base, status="skipped", error=f"same call already made as {e.id}; see its result"), []
+            return Evidence(**base, status="skipped", error=f"same call already made as {e.id}; see its result"), [], \
+                {"applicable": None}
     try:
         inp = tool.Input.model_validate(d.args)
     except ValidationError as exc:
-        return Evidence(**base, status="failed", error=f"bad arguments: {exc.errors()[0]['msg']}"), []
+        return Evidence(**base, status="failed", error=f"bad arguments: {exc.errors()[0]['msg']}"), [], \
+            {"applicable": None}
     ctx = ToolContext(state=state, store=rt.store)
-    t0 = time.perf_counter()
-    future = rt._pool.submit(tool.run, ctx, inp)
-    try:
-        out = future.result(timeout=tool.timeout_s)
-        status, error, output = "ok", None, out.model_dump(mode="json")
-    except FutureTimeout:
-        status, error, output = "failed", f"timed out after {tool.timeout_s:.0f} s", None
-    except ToolError as exc:
-        status, error, output = "failed", str(exc), None
-    except Exception as exc:  # a tool never crashes the graph
-        status, error, output = "failed", f"{type(exc).__name__}: {exc}", None
-    dur = time.perf_counter() - t0
+    status, error, output, dur = rt.execute(tool, ctx, inp)
     conf = output.get("confidence") if isinstance(output, dict) else None
     ev = Evidence(**base, status=status, output=output, artifacts=list(ctx.artifacts) if status == "ok" else [],
                   new_views=[v.id for v in ctx.new_views] if status == "ok" else [], duration_s=round(dur, 4),
                   error=error, confidence=conf if isinstance(conf, int | float) else None)
-    return ev, (ctx.new_views if status == "ok" else [])
+    return ev, (ctx.new_views if status == "ok" else []), {"applicable": None, "executed": True}
 
 
 def act(rt: Runtime, state: CaseState) -> dict[str, Any]:
     d = state.pending
     assert d is not None and d.action == "call"
     eid = f"E{len(state.evidence) + 1}"
-    ev, new_views = _run_tool(rt, state, d, eid)
-    refs: list[ArtifactRef] = list(ev.artifacts) + [v.pixels for v in new_views]
-    for ref in refs:
-        rt.trace.add_artifact(ref, rt.store.path(ref).stat().st_size)
+    ev, new_views, observed = _run_tool(rt, state, d, eid)
+    rt.keep_artifacts(list(ev.artifacts) + [v.pixels for v in new_views])
     rt.record("tool", "act", ev.tool, {"evidence": ev.model_dump(mode="json"),
-                                       "new_views": [v.model_dump(mode="json") for v in new_views]})
+                                       "new_views": [v.model_dump(mode="json") for v in new_views], **observed})
     line = f"[{eid}] {ev.tool} -> {ev.status}" + (f": {ev.error}" if ev.error else "")
     return {"evidence": state.evidence + [ev], "views": state.views + new_views, "pending": None,
-            "tool_steps": state.tool_steps + 1, "steps": _log(state, "act", line)}
+            "tool_steps": state.tool_steps + 1, "steps": _log(rt, state, "act", line)}
 
 
 def rethink(rt: Runtime, state: CaseState) -> dict[str, Any]:
-    c = critic.critique(state, rt.tools)
+    c = critic.critique(state, rt.tools, now=rt.now)
     rt.record("node", "rethink", "critique", c.model_dump())
-    return {"critiques": state.critiques + [c], "steps": _log(state, "rethink", f"{c.route}: {c.why}")}
+    return {"critiques": state.critiques + [c], "steps": _log(rt, state, "rethink", f"{c.route}: {c.why}")}
 
 
 def report(rt: Runtime, state: CaseState) -> dict[str, Any]:
@@ -169,7 +198,7 @@ def report(rt: Runtime, state: CaseState) -> dict[str, Any]:
     body = rep.model_dump(mode="json")
     rt.record("node", "report", "report", {"report": body, "dropped": dropped})
     rt.trace.finish_run(rt.run_id, "done", report=body)
-    return {"report": body, "steps": _log(state, "report", f"{len(rep.findings)} finding(s); "
+    return {"report": body, "steps": _log(rt, state, "report", f"{len(rep.findings)} finding(s); "
                                                             f"{rep.recommendation.outcome}")}
 
 
@@ -186,6 +215,7 @@ def build_graph(rt: Runtime, checkpointer: Any = None):
 
     def wrap(fn):
         def node(state: CaseState) -> dict[str, Any]:
+            rt.now = rt.clock(fn.__name__)
             update = fn(rt, state)
             if rt.on_step is not None:
                 rt.on_step(fn.__name__, update)

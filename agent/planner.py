@@ -318,7 +318,7 @@ class Planner:
                                        for t in tools], mode=self.mode, reason=self.with_reason)
 
     def user_prompt(self, state: CaseState, tools: dict[str, Tool], error: str | None,
-                    candidates: list[str] | None = None) -> str:
+                    candidates: list[str] | None = None, now: float | None = None) -> str:
         critic = render("rethink", c=state.critiques[-1]).strip() if state.critiques else ""
         names = state.applicable_tools if candidates is None else candidates
         return render(
@@ -328,7 +328,7 @@ class Planner:
             evidence=[evidence_line(e, tools) for e in state.evidence], critic=critic,
             models=state.model_lines,  # all applicable learned tools' cards, held-back ones too (what a box unlocks)
             steps_left=state.budget.max_steps - state.tool_steps,
-            seconds_left=int(max(0.0, state.budget.max_wall_s - state.budget.elapsed())), error=error,
+            seconds_left=int(max(0.0, state.budget.max_wall_s - state.budget.elapsed(now))), error=error,
         )
 
     def _ask(self, messages: list, tools: list[Tool], view_ids: list[str],
@@ -363,7 +363,7 @@ class Planner:
             if hasattr(self.chat, "bind_tools") else self.chat
         return bound.invoke(messages, max_tokens=self.max_tokens), params
 
-    def decide(self, state: CaseState, tools: dict[str, Tool], node: str = "think") -> Decision:
+    def decide(self, state: CaseState, tools: dict[str, Tool], node: str = "think", now: float | None = None) -> Decision:
         grounded = grounded_coordinates(state)
         cands = [tools[n] for n in state.applicable_tools if n in tools]
         # a tool that needs a region is offered only once there are coordinates to give it
@@ -380,7 +380,7 @@ class Planner:
         system = self.system_prompt(list(tools.values()))
         error: str | None = None
         for attempt in range(state.budget.max_invalid_decisions + 1):
-            user = self.user_prompt(state, tools, error, [t.name for t in cands])
+            user = self.user_prompt(state, tools, error, [t.name for t in cands], now)
             messages = [SystemMessage(system), HumanMessage(user)]
             request = {"model": self.model_id, "mode": self.mode, "attempt": attempt,
                        "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
@@ -395,7 +395,9 @@ class Planner:
                 raise PlannerError(f"LLM call failed: {type(exc).__name__}: {str(exc)[:200]}") from exc
             latency = time.perf_counter() - t0
             meta = dict(reply.response_metadata or {})
-            token_lp = meta.pop("token_logprobs", [])
+            token_lp = meta.get("token_logprobs") or []  # kept in the trace: replay recomputes the scores from them
+            if not token_lp:
+                meta.pop("token_logprobs", None)
             response = {"content": reply.content, "tool_calls": [
                 {"name": c["name"], "args": c["args"]} for c in reply.tool_calls],
                 "invalid_tool_calls": [dict(c) for c in getattr(reply, "invalid_tool_calls", [])]}

@@ -182,6 +182,13 @@ def compose(state: CaseState, tools: dict[str, Tool], planner_model: str, planne
                         findings=[finding_line(f) for f in findings])
         try:
             reply = narrative_llm.invoke([HumanMessage(prompt)], max_tokens=300)
+        except Exception as exc:
+            reply = None
+            if record:
+                record(kind="llm", node="report", name="impression",
+                       payload={"request": prompt, "error": f"{type(exc).__name__}: {exc}"})
+            limitations.append(f"The model-written impression failed ({type(exc).__name__}); template used.")
+        if reply is not None:
             text_out, drops = cited_sentences(str(reply.content), valid)
             if record:
                 record(kind="llm", node="report", name="impression",
@@ -191,8 +198,6 @@ def compose(state: CaseState, tools: dict[str, Tool], planner_model: str, planne
                 impression = text_out
             else:
                 limitations.append("The model-written impression cited no evidence and was replaced by the template.")
-        except Exception as exc:
-            limitations.append(f"The model-written impression failed ({type(exc).__name__}); template used.")
 
     tools_used = {e.tool: e.tool_version for e in state.evidence}
     versions = {"dxagent": _pkg("dxagent"), "planner_model": planner_model, "planner_mode": planner_mode,

@@ -57,6 +57,17 @@ def tools() -> dict[str, Tool]:
     return _TOOLS
 
 
+def user_error(exc: BaseException) -> bool:
+    from tools.imaging import ImageLoadError
+
+    return isinstance(exc, ImageLoadError | DxError)
+
+
+def error_message(exc: BaseException) -> str:
+    """How a run's failure is recorded: the one-line message of a user error, else the exception's type and text."""
+    return str(exc) if user_error(exc) else f"{type(exc).__name__}: {exc}"
+
+
 def run_case(paths: list[str] | None = None, question: str | None = None, *, llm: str = "local",
              chat: Any = None, model_id: str | None = None, mode: str | None = None,
              base_url: str | None = None, model: str | None = None, api_key: str | None = None,
@@ -93,13 +104,14 @@ def run_case(paths: list[str] | None = None, question: str | None = None, *, llm
         if not snap.next:
             return Result(run_id, snap.values.get("report"), CaseState.model_validate(snap.values))
         prior = CaseState.model_validate(snap.values)
+        paused = 0.0
         if prior.budget.started_at is not None and prior.steps:
             # the wall-clock budget counts working time: the pause since the last completed step is not spent
             paused = max(0.0, time.time() - prior.steps[-1].t)
             budget = prior.budget.model_copy(update={"started_at": prior.budget.started_at + paused})
             graph.update_state(config, {"budget": budget})
             snap = graph.get_state(config)
-        rt.record("note", "resume", "resume", {"next": list(snap.next)})
+        rt.record("note", "resume", "resume", {"next": list(snap.next), "paused_s": paused})
         payload = None
     else:
         if not paths:
@@ -113,17 +125,19 @@ def run_case(paths: list[str] | None = None, question: str | None = None, *, llm
                           budget=Budget(max_steps=max_steps, max_wall_s=max_wall_s),
                           **({"question": question} if question else {}))
         trace.start_run(run_id, state.case_id, state.question, planner.model_id, planner.mode, digest,
-                        {"prompts": prompt_versions(), "tools": {n: t.version for n, t in rt.tools.items()}})
+                        {"prompts": prompt_versions(), "tools": {n: t.version for n, t in rt.tools.items()}},
+                        settings={"llm": llm, "llm_type": getattr(chat, "_llm_type", ""), "max_steps": max_steps,
+                                  "max_wall_s": max_wall_s, "modality": modality, "body_part": body_part,
+                                  "clinical_context": clinical_context, "narrative": rt.narrative_llm is not None,
+                                  "with_reason": planner.with_reason})
         payload = state
     try:
         final = graph.invoke(payload, config)
     except Exception as exc:
-        from tools.imaging import ImageLoadError
-
-        msg = str(exc) if isinstance(exc, ImageLoadError | DxError) else f"{type(exc).__name__}: {exc}"
+        msg = error_message(exc)
         rt.record("note", "error", "error", {"error": msg})
         trace.finish_run(run_id, "failed", error=msg)
-        if isinstance(exc, ImageLoadError | DxError):
+        if user_error(exc):
             raise DxError(msg) from None
         raise
     state = CaseState.model_validate(final)

@@ -101,8 +101,8 @@ class Budget(BaseModel):
     max_invalid_decisions: int = 2  # re-asks of the planner per think step
     started_at: float | None = None
 
-    def elapsed(self) -> float:
-        return 0.0 if self.started_at is None else time.time() - self.started_at
+    def elapsed(self, now: float | None = None) -> float:
+        return 0.0 if self.started_at is None else (time.time() if now is None else now) - self.started_at
 
 
 class CaseInput(BaseModel):

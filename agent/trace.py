@@ -8,7 +8,9 @@ parameters, model id, token counts, latency, candidate scores) and every tool in
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
+import os
 import threading
 import time
 from datetime import UTC, datetime
@@ -16,15 +18,21 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import event as sa_event
+from sqlalchemy import inspect, text
 from sqlmodel import Field, Session, SQLModel, create_engine, select
 
 from agent.state import ArtifactRef
 
 GENESIS = "0" * 64
+CHAIN_VERSION = 2  # 2: an event's hash also covers its timestamp; rows written before have chain NULL (= 1)
+KEY_ENV = "DXAGENT_TRACE_KEY"  # set it to seal runs with HMAC-SHA256 instead of plain SHA-256
 
 
 def canonical(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str, ensure_ascii=False)
+    """The stored form of a payload: compact JSON that keeps key order. Order is part of what happened (a tool's
+    dict of classes is reported in its order), so replay must see it as the run did; json.loads keeps it, so
+    re-serialising a parsed payload gives back the same text and hash."""
+    return json.dumps(obj, separators=(",", ":"), default=str, ensure_ascii=False)
 
 
 def sha256_text(text: str) -> str:
@@ -44,6 +52,14 @@ class Run(SQLModel, table=True):
     versions: str = "{}"  # JSON
     report: str | None = None  # JSON
     error: str | None = None
+    settings: str = "{}"  # JSON: what --rerun needs (budget, hints, llm kind); never the input paths
+    # the seal, written when the run finishes: the chain head and length, and a digest over the whole row, so a
+    # deleted last event, an appended event or an edited report is caught (with DXAGENT_TRACE_KEY: an HMAC)
+    chain: int | None = None
+    n_events: int | None = None
+    head_hash: str | None = None
+    seal_alg: str | None = None
+    seal: str | None = None
 
 
 class Event(SQLModel, table=True):
@@ -68,8 +84,24 @@ class Artifact(SQLModel, table=True):
     bytes: int
 
 
-def event_hash(prev_hash: str, run_id: str, seq: int, kind: str, node: str, name: str, payload_sha256: str) -> str:
-    return sha256_text(canonical([prev_hash, run_id, seq, kind, node, name, payload_sha256]))
+def event_hash(prev_hash: str, run_id: str, seq: int, kind: str, node: str, name: str, payload_sha256: str,
+               t: float | None = None) -> str:
+    fields: list[Any] = [prev_hash, run_id, seq, kind, node, name, payload_sha256]
+    return sha256_text(canonical(fields if t is None else fields + [repr(float(t))]))
+
+
+SEALED_FIELDS = ("id", "case_id", "created_at", "finished_at", "status", "question", "llm", "planner_mode",
+                 "inputs_sha256", "versions", "report", "error", "settings", "chain", "n_events", "head_hash")
+
+
+def seal_of(run: dict[str, Any], alg: str, key: str | None = None) -> str:
+    """The digest over a run row's fields (SEALED_FIELDS); alg is "sha256" or "hmac-sha256" (needs the key)."""
+    body = canonical([run.get(f) for f in SEALED_FIELDS]).encode()
+    if alg == "hmac-sha256":
+        if not key:
+            raise KeyError(f"this run is sealed with a key: set {KEY_ENV} to check its seal")
+        return hmac.new(key.encode(), body, hashlib.sha256).hexdigest()
+    return hashlib.sha256(body).hexdigest()
 
 
 class TraceStore:
@@ -86,21 +118,31 @@ class TraceStore:
                 dbapi_conn.execute("PRAGMA journal_mode=WAL")
                 dbapi_conn.execute("PRAGMA busy_timeout=30000")
         SQLModel.metadata.create_all(self.engine)
+        self._migrate()
         self._lock = threading.Lock()
+
+    def _migrate(self) -> None:
+        """Add the columns a newer version introduced to a trace database an older version created."""
+        have = {c["name"] for c in inspect(self.engine).get_columns("run")}
+        missing = [c for c in Run.__table__.columns if c.name not in have]
+        with self.engine.begin() as conn:
+            for col in missing:
+                conn.execute(text(f"ALTER TABLE run ADD COLUMN {col.name} {col.type.compile(self.engine.dialect)}"))
 
     # -- runs -------------------------------------------------------------------------------
     def start_run(self, run_id: str, case_id: str, question: str, llm: str, planner_mode: str,
-                  inputs_sha256: str, versions: dict[str, Any]) -> None:
+                  inputs_sha256: str, versions: dict[str, Any], settings: dict[str, Any] | None = None) -> None:
         with Session(self.engine) as s:
             if s.get(Run, run_id) is not None:
                 return  # resuming: keep the original row
             s.add(Run(id=run_id, case_id=case_id, created_at=datetime.now(UTC).isoformat(), question=question,
                       llm=llm, planner_mode=planner_mode, inputs_sha256=inputs_sha256,
-                      versions=canonical(versions)))
+                      versions=canonical(versions), settings=canonical(settings or {}), chain=CHAIN_VERSION))
             s.commit()
 
     def finish_run(self, run_id: str, status: str, report: dict | None = None, error: str | None = None) -> None:
-        with Session(self.engine) as s:
+        """Mark the run finished and seal it: chain length and head, then a digest over the row."""
+        with self._lock, Session(self.engine) as s:
             run = s.get(Run, run_id)
             if run is None:
                 return
@@ -108,6 +150,12 @@ class TraceStore:
             run.finished_at = datetime.now(UTC).isoformat()
             if report is not None:
                 run.report = canonical(report)
+            last = s.exec(select(Event).where(Event.run_id == run_id).order_by(Event.seq.desc()).limit(1)).first()
+            run.n_events = 0 if last is None else last.seq + 1
+            run.head_hash = GENESIS if last is None else last.hash
+            key = os.environ.get(KEY_ENV) or None
+            run.seal_alg = "hmac-sha256" if key else "sha256"
+            run.seal = seal_of(run.model_dump(), run.seal_alg, key)
             s.add(run)
             s.commit()
 
@@ -127,8 +175,9 @@ class TraceStore:
             last = s.exec(select(Event).where(Event.run_id == run_id).order_by(Event.seq.desc()).limit(1)).first()
             seq = 0 if last is None else last.seq + 1
             prev = GENESIS if last is None else last.hash
+            t = time.time()
             ev = Event(run_id=run_id, seq=seq, kind=kind, node=node, name=name, payload=body, payload_sha256=psha,
-                       prev_hash=prev, hash=event_hash(prev, run_id, seq, kind, node, name, psha), t=time.time())
+                       prev_hash=prev, hash=event_hash(prev, run_id, seq, kind, node, name, psha, t), t=t)
             s.add(ev)
             s.commit()
             s.refresh(ev)
@@ -148,16 +197,163 @@ class TraceStore:
                                bytes=nbytes))
                 s.commit()
 
+    def artifacts(self, shas: list[str]) -> dict[str, Artifact]:
+        with Session(self.engine) as s:
+            return {a.sha256: a for a in s.exec(select(Artifact).where(Artifact.sha256.in_(shas)))}
+
+    def dump(self, run_id: str) -> dict[str, Any]:
+        """One run as a self-describing dict (the `trace export` JSON): the run row, every event with its hashes
+        and parsed payload, and the artifact rows the events refer to."""
+        run = self.get_run(run_id)
+        if run is None:
+            raise KeyError(f"no run {run_id!r} in {self.url}")
+        events = [{"seq": e.seq, "kind": e.kind, "node": e.node, "name": e.name, "t": e.t,
+                   "payload_sha256": e.payload_sha256, "prev_hash": e.prev_hash, "hash": e.hash,
+                   "payload": json.loads(e.payload)} for e in self.events(run_id)]
+        refs = artifact_refs(events)
+        rows = self.artifacts(sorted(refs))
+        arts = [rows[s].model_dump() if s in rows else {**refs[s], "missing_row": True} for s in sorted(refs)]
+        return {"format": EXPORT_FORMAT, "run": run.model_dump(), "events": events, "artifacts": arts}
+
     def verify_chain(self, run_id: str) -> str | None:
-        """None if the event chain is intact, else the first broken event."""
-        prev = GENESIS
-        for i, ev in enumerate(self.events(run_id)):
-            if ev.seq != i:
-                return f"event seq {ev.seq} where {i} was expected (inserted or deleted event)"
-            if sha256_text(ev.payload) != ev.payload_sha256:
-                return f"event {ev.seq} ({ev.kind} {ev.name}): payload edited"
-            if ev.prev_hash != prev or ev.hash != event_hash(prev, run_id, ev.seq, ev.kind, ev.node, ev.name,
-                                                              ev.payload_sha256):
-                return f"event {ev.seq} ({ev.kind} {ev.name}): hash chain broken"
-            prev = ev.hash
-        return None
+        """None if the run's events and seal are intact, else the first problem (artifacts not checked)."""
+        problems = verify_dump(self.dump(run_id), None)
+        return problems[0] if problems else None
+
+
+EXPORT_FORMAT = "dxagent-trace/1"
+
+
+def artifact_refs(events: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Every artifact a run's events refer to: view pixels (intake and derived views) and evidence artifacts."""
+    refs: dict[str, dict[str, Any]] = {}
+    for e in events:
+        p = e["payload"]
+        views = list(p.get("views") or []) + list(p.get("new_views") or [])
+        items = [v.get("pixels") for v in views if isinstance(v, dict)]
+        items += list((p.get("evidence") or {}).get("artifacts") or []) if isinstance(p.get("evidence"), dict) else []
+        for a in items:
+            if isinstance(a, dict) and a.get("sha256"):
+                refs.setdefault(a["sha256"], {k: a.get(k) for k in ("sha256", "kind", "media_type", "path")})
+    return refs
+
+
+def write_export(dump: dict[str, Any], out_path: str | Path, artifact_root: str | Path | None = None) -> Path:
+    """Write a run's dump as the export JSON; with `artifact_root`, copy its artifact files to artifacts/ beside
+    it, so the file verifies (and renders) on its own."""
+    import shutil
+
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    if artifact_root is not None:
+        for a in dump["artifacts"]:
+            src, dest = Path(artifact_root) / a["path"], out_path.parent / "artifacts" / a["path"]
+            if not src.is_file():
+                raise FileNotFoundError(f"artifact {a['path']} is missing from {artifact_root}")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dest)
+    out_path.write_text(json.dumps(dump, indent=1, ensure_ascii=False) + "\n")
+    return out_path
+
+
+def load_dump(path: str | Path) -> dict[str, Any]:
+    """A trace exported as JSON (`dxagent trace export`); refuses anything else with one line."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not a readable trace export ({type(exc).__name__}: {str(exc)[:80]})") from None
+    if not isinstance(data, dict) or data.get("format") != EXPORT_FORMAT:
+        raise ValueError(f"{path}: not a dxagent trace export (format {EXPORT_FORMAT!r} expected)")
+    return data
+
+
+def verify_dump(dump: dict[str, Any], artifact_root: str | Path | None) -> list[str]:
+    """Every problem with one run's record, in order: an edited, inserted, reordered or deleted event (hash chain
+    plus the seal's length and head), an edited run row (seal), and with `artifact_root` a missing or edited
+    artifact file. An empty list means intact."""
+    run = dump["run"]
+    run_id = run["id"]
+    v1 = run.get("chain") in (None, 1)
+    problems: list[str] = []
+    prev = GENESIS
+    events = dump["events"]
+    for i, ev in enumerate(events):
+        where = f"event {ev.get('seq')} ({ev.get('kind')} {ev.get('name')})"
+        if ev["seq"] != i:
+            problems.append(f"event seq {ev['seq']} where {i} was expected (inserted, deleted or reordered event)")
+            break
+        if sha256_text(canonical(ev["payload"])) != ev["payload_sha256"]:
+            problems.append(f"{where}: payload edited")
+            break
+        want = event_hash(prev, run_id, ev["seq"], ev["kind"], ev["node"], ev["name"], ev["payload_sha256"],
+                          None if v1 else ev["t"])
+        if ev["prev_hash"] != prev or ev["hash"] != want:
+            problems.append(f"{where}: hash chain broken (edited or inserted event)")
+            break
+        prev = ev["hash"]
+    if run.get("seal"):
+        if run.get("n_events") != len(events) or run.get("head_hash") != prev:
+            problems.append(f"the run was sealed with {run.get('n_events')} events (head {str(run.get('head_hash'))[:12]}) "
+                            f"but {len(events)} are recorded (head {prev[:12]}): events deleted or appended")
+        try:
+            if seal_of(run, run["seal_alg"], os.environ.get(KEY_ENV) or None) != run["seal"]:
+                problems.append("run row edited (report, status, question or settings differ from the seal)")
+        except KeyError as exc:
+            problems.append(str(exc.args[0]))
+    elif run.get("status") != "running":
+        problems.append(f"run is {run.get('status')} but not sealed (written by an older dxagent, or the seal removed)")
+    reports = [e["payload"].get("report") for e in events if e["kind"] == "node" and e["name"] == "report"]
+    if reports and run.get("report") is not None and canonical(reports[-1]) != run["report"]:
+        problems.append("the run's report differs from the report event")
+    if artifact_root is not None:
+        root = Path(artifact_root)
+        for a in dump.get("artifacts", []):
+            if a.get("missing_row"):
+                problems.append(f"artifact {a['sha256'][:12]}: no row in the artifact table")
+            f = root / a["path"]
+            if not f.is_file():
+                problems.append(f"artifact {a['sha256'][:12]} ({a.get('kind')}): file {a['path']} missing")
+            elif hashlib.sha256(f.read_bytes()).hexdigest() != a["sha256"]:
+                problems.append(f"artifact {a['sha256'][:12]} ({a.get('kind')}): file {a['path']} edited")
+            elif a.get("bytes") is not None and f.stat().st_size != a["bytes"]:
+                problems.append(f"artifact {a['sha256'][:12]}: size differs from its row")
+    return problems
+
+
+def trajectories(dump: dict[str, Any]) -> list[dict[str, Any]]:
+    """The planner's steps as training records (one per LLM decision): the chat messages it saw and what it
+    answered, whether the reply was accepted, the tool result that followed and the critic's verdict after it."""
+    run, events = dump["run"], dump["events"]
+    report = json.loads(run["report"]) if isinstance(run.get("report"), str) else run.get("report")
+    out: list[dict[str, Any]] = []
+    for i, ev in enumerate(events):
+        if ev["kind"] != "llm" or ev["node"] != "think" or ev["name"] != "decision":
+            continue
+        p = ev["payload"]
+        resp = p.get("response") or {}
+        reply: dict[str, Any] = {"role": "assistant", "content": resp.get("content") or ""}
+        if resp.get("tool_calls"):
+            reply["tool_calls"] = [{"type": "function", "function": {"name": c["name"],
+                                                                       "arguments": canonical(c["args"])}}
+                                   for c in resp["tool_calls"]]
+        rec: dict[str, Any] = {
+            "run_id": run["id"], "case_id": run["case_id"], "step": sum(1 for x in out if x["accepted"]) + 1,
+            "attempt": p.get("request", {}).get("attempt", 0), "model": run.get("llm"),
+            "messages": list(p.get("request", {}).get("messages") or []) + [reply],
+            "accepted": p.get("decision") is not None, "rejected": p.get("rejected"),
+            "decision": p.get("decision"), "candidate_scores": p.get("candidate_scores") or {},
+            "observation": None, "critique": None}
+        if rec["accepted"] and (p["decision"] or {}).get("action") == "call":
+            for nxt in events[i + 1:]:
+                if nxt["kind"] == "llm" and nxt["node"] == "think":
+                    break
+                if nxt["kind"] == "tool" and rec["observation"] is None:
+                    e = nxt["payload"]["evidence"]
+                    rec["observation"] = {k: e.get(k) for k in ("id", "tool", "args", "status", "output", "error")}
+                if nxt["kind"] == "node" and nxt["name"] == "critique":
+                    c = nxt["payload"]
+                    rec["critique"] = {k: c.get(k) for k in ("route", "why", "answered", "conflicts", "suggestions")}
+                    break
+        rec["outcome"] = (report or {}).get("recommendation", {}).get("outcome")
+        out.append(rec)
+    return out

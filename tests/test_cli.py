@@ -33,7 +33,11 @@ def test_run_end_to_end_on_bundled_ct_with_tiny_model(tmp_path):
     md = (tmp_path / "out" / "report.md").read_text()
     assert "RESEARCH USE ONLY" in md and "## Findings" in md
     shown = dx("trace", "show", report["run_id"], "--trace-dir", tmp_path)
-    assert shown.returncode == 0 and "hash chain: intact" in shown.stdout
+    assert shown.returncode == 0 and "record: intact" in shown.stdout
+    # a run with a real (tiny) LLM replays from its record, loading no model
+    replayed = dx("replay", report["run_id"], "--trace-dir", tmp_path)
+    assert replayed.returncode == 0 and "verified" in replayed.stdout and "identical" in replayed.stdout, \
+        replayed.stdout + replayed.stderr
 
 
 def test_tools_lists_the_tools():

@@ -164,6 +164,11 @@ def test_resume_after_kill(tmp_path):
     assert tool_ids == ["E1", "E2", "E3"]
     assert res.report and res.report["recommendation"]["outcome"] == "report"
     assert store.verify_chain("run-resume") is None
+    # the resumed run replays: the pause is served from the resume note, the budget arithmetic comes out the same
+    from agent.replay import replay
+
+    rep = replay(store.dump("run-resume"), tools={**tools(), "gate": Gate()})
+    assert rep.verified, f"{rep.divergence}\n{rep.divergence and rep.divergence.diff()}"
 
 
 def test_planner_may_not_invent_coordinates(tmp_path):

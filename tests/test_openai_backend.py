@@ -282,3 +282,34 @@ def test_cli_run_end_to_end_against_the_real_server(llama_server, tmp_path):
     assert report["versions"]["planner_mode"] == "tools"
     assert report["versions"]["planner_model"].startswith("openai:")
     assert report["disclaimer"].startswith("RESEARCH USE ONLY")
+    # the endpoint run (native tool calls, the model-written impression) replays from its record with no server
+    r = subprocess.run([sys.executable, "-m", "agent.cli", "replay", report["run_id"], "--trace-dir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "verified" in r.stdout, r.stdout + r.stderr
+
+
+@pytest.mark.timeout(60)
+def test_replay_of_an_endpoint_run_with_refusal_garbage_and_impression(fake_openai, tmp_path):
+    """An endpoint that refuses json_schema, then answers garbage (re-asked), then two calls and a model-written
+    impression: the replay serves each reply, the refusal included, and rebuilds the same report."""
+    from helpers import call
+    from pydicom.data import get_testdata_file
+
+    from agent.replay import replay
+    from agent.session import run_case
+    from agent.trace import TraceStore
+
+    refusal = "Input should be 'text' or 'json_object' (input: 'json_schema')"
+    fake_openai.reset(FakeOpenAI.error(400, refusal), FakeOpenAI.text("not json at all"),
+                      FakeOpenAI.text(call("inspect_image")), FakeOpenAI.text(call("ct_tissue_composition")),
+                      FakeOpenAI.text("Fat and soft tissue were measured [E2]. The heart is enlarged."))
+    res = run_case([get_testdata_file("CT_small.dcm")], "What is the tissue composition of this CT slice?",
+                   llm="openai-json", base_url=fake_openai.base_url, model="fake", api_key="none", trace_dir=tmp_path,
+                   max_steps=2)
+    assert res.report["impression"] == "Fat and soft tissue were measured [E2]."  # the uncited sentence dropped
+    dump = TraceStore(None, tmp_path).dump(res.run_id)
+    assert any("json_schema_rejected" in (e["payload"].get("params") or {}) for e in dump["events"])
+    planner_mod._JSON_OBJECT_ENDPOINTS.clear()
+    rep = replay(dump)
+    assert rep.verified, f"{rep.divergence}\n{rep.divergence and rep.divergence.diff()}"
+    assert rep.report == res.report and len(fake_openai.requests) == 5  # nothing sent during the replay
