@@ -22,3 +22,21 @@ fi
 .venv/bin/python -c 'from agent.llm import qwen_gguf; qwen_gguf()'
 # the knowledge-search index over the report corpus (MiniLM; ~2.5 min once, cached under ~/.cache/dxagent)
 HF_HUB_OFFLINE=1 .venv/bin/python -c 'from tools.knowledge_search import knowledge_index; knowledge_index()'
+# Debian's chromium for the HTML audit view's browser test (tests/test_audit_html.py drives it through Playwright,
+# whose own browser download is never used); without root or passwordless sudo that test is skipped.
+apt_chromium() {  # $1: "" (root) or "sudo -n"; apt-get update only when the first install fails
+  local apt="$1 env DEBIAN_FRONTEND=noninteractive apt-get -y -qq"
+  $apt install chromium >/dev/null 2>&1 || { $apt update >/dev/null 2>&1 && $apt install chromium >/dev/null 2>&1; }
+}
+if ! command -v chromium >/dev/null 2>&1; then
+  skip="the HTML-view browser test (tests/test_audit_html.py) will be skipped"
+  if ! command -v apt-get >/dev/null 2>&1; then
+    echo "chromium is not installed and there is no apt-get: $skip" >&2
+  elif [ "$(id -u)" -eq 0 ]; then
+    apt_chromium "" || echo "apt-get could not install chromium: $skip" >&2
+  elif sudo -n true 2>/dev/null; then
+    apt_chromium "sudo -n" || echo "apt-get could not install chromium: $skip" >&2
+  else
+    echo "chromium is not installed (apt-get install chromium needs root or passwordless sudo): $skip" >&2
+  fi
+fi
