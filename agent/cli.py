@@ -100,6 +100,55 @@ def run(
 
 
 @app.command()
+def chat(
+    image: Annotated[list[Path], typer.Argument(help="image file(s) or a DICOM series folder")] = None,
+    question: Annotated[str, typer.Option("--question", "-q", help="the first question")] = None,
+    resume: Annotated[str, typer.Option(help="continue a chat thread by its id")] = None,
+    llm: Annotated[str, typer.Option(help=LLM_HELP + ", scripted (with --script)")] = "local",
+    base_url: Annotated[str, typer.Option(help="OpenAI-compatible base URL (or DXAGENT_OPENAI_BASE_URL)")] = None,
+    model: Annotated[str, typer.Option(help="model name at the endpoint (or DXAGENT_OPENAI_MODEL)")] = None,
+    api_key: Annotated[str, typer.Option(help="API key (or DXAGENT_OPENAI_API_KEY)")] = None,
+    llm_timeout: Annotated[float, typer.Option(help="seconds per LLM request")] = 120.0,
+    script: Annotated[Path, typer.Option(help="--llm scripted: the planner's replies, one JSON per line (testing)")] = None,
+    modality: Annotated[str, typer.Option(help="modality when the file has none (CT, MR, US, DX, ...)")] = None,
+    body_part: Annotated[str, typer.Option()] = None,
+    context: Annotated[str, typer.Option(help="clinical context given to the planner")] = "",
+    max_steps: Annotated[int, typer.Option(help="tool-call budget per question")] = 4,
+    max_seconds: Annotated[float, typer.Option(help="wall-clock budget per question")] = 300.0,
+    trace_dir: Annotated[Path, typer.Option(help="where traces, checkpoints and artifacts go")] = None,
+    db_url: Annotated[str, typer.Option(help="trace database URL (default: SQLite in --trace-dir)")] = None,
+) -> None:
+    """An interactive consultation on a case: ask questions, watch the think / act / rethink steps, get answers
+    that cite evidence ids. /help lists the commands; Ctrl-C cancels a turn; Ctrl-D or /quit leaves."""
+    from agent.chat import Chat, loop
+    from agent.llm import LLMUnavailable
+    from agent.session import DxError, engine
+
+    if not image and not resume:
+        _fail("give an IMAGE (file or DICOM folder) or --resume THREAD_ID")
+    replies = None
+    if llm == "scripted":
+        if script is None or not script.is_file():
+            _fail("--llm scripted needs --script FILE (one planner reply per line)")
+        replies = [ln for ln in script.read_text().splitlines() if ln.strip()]
+    try:
+        eng = engine(llm=llm, base_url=base_url, model=model, api_key=api_key, llm_timeout_s=llm_timeout,
+                     script=replies, trace_dir=trace_dir, db_url=db_url)
+        c = Chat(eng, out, per_turn_steps=max_steps, max_wall_s=max_seconds)
+        if resume:
+            st = c.resume(resume)
+            out.print(f"resumed thread {resume}: {len(st.conversation) + (st.report is not None)} answered "
+                      f"question(s), evidence {', '.join(e.id for e in st.evidence) or 'none'}", highlight=False, soft_wrap=True)
+            if st.report is not None and st.question != "(chat)":
+                out.print(f"last question: {st.question}", highlight=False, soft_wrap=True)
+        else:
+            c.open([str(p) for p in image], modality=modality, body_part=body_part, clinical_context=context)
+    except (DxError, LLMUnavailable) as exc:
+        _fail(str(exc))
+    loop(c, question)
+
+
+@app.command()
 def batch(
     manifest: Annotated[Path, typer.Argument(help="a folder of images, a .csv or a .jsonl manifest")],
     out_dir: Annotated[Path, typer.Option("--out", help="output folder (reports, results.jsonl, summary.csv, traces)")],
@@ -405,7 +454,10 @@ def replay(
         _rerun(dump, image, llm, base_url, model, api_key, trace_dir, db_url)
         return
     t0 = time.perf_counter()
-    res = do_replay(dump)
+    try:
+        res = do_replay(dump)
+    except ValueError as exc:
+        _fail(str(exc))
     secs = time.perf_counter() - t0
     for w in res.warnings:
         err.print(f"[yellow]warning:[/] {w}", highlight=False)

@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from agent import critic
 from agent.artifacts import ArtifactStore
 from agent.planner import Planner, PlannerError
-from agent.state import ArtifactRef, Budget, CaseState, Critique, Decision, Evidence, ImageView, StepLog
+from agent.state import ArtifactRef, Budget, CaseState, Critique, Decision, Evidence, ImageView, StepLog, Turn
 from agent.trace import TraceStore
 from tools.base import Tool, ToolContext, ToolError
 
@@ -43,6 +43,7 @@ class Runtime:
     narrative_llm: Any = None  # an endpoint chat model that may write the impression
     on_step: Any = None  # callback(node, state_update) for live display
     now: float = 0.0  # the current node's clock reading: every budget decision in a node uses this one value
+    cancel: Any = None  # a threading.Event: once set, the graph stops before its next node (chat's Ctrl-C)
     _pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(max_workers=4))
 
     def record(self, kind: str, node: str, name: str, payload: dict[str, Any]) -> None:
@@ -91,6 +92,10 @@ class Runtime:
     def keep_artifacts(self, refs: list[ArtifactRef]) -> None:
         for ref in refs:
             self.trace.add_artifact(ref, self.store.path(ref).stat().st_size)
+
+
+class TurnCancelled(BaseException):  # noqa: N818 - BaseException: not a failure of the run, nothing records it as one
+    """The user cancelled: raised before the next node; every completed node's result is checkpointed."""
 
 
 def _log(rt: Runtime, state: CaseState, node: str, summary: str) -> list[StepLog]:
@@ -215,6 +220,8 @@ def build_graph(rt: Runtime, checkpointer: Any = None):
 
     def wrap(fn):
         def node(state: CaseState) -> dict[str, Any]:
+            if rt.cancel is not None and rt.cancel.is_set():
+                raise TurnCancelled(fn.__name__)
             rt.now = rt.clock(fn.__name__)
             update = fn(rt, state)
             if rt.on_step is not None:
@@ -234,7 +241,7 @@ def build_graph(rt: Runtime, checkpointer: Any = None):
     return g.compile(checkpointer=checkpointer)
 
 
-_STATE_TYPES = [CaseState, Evidence, ImageView, ArtifactRef, Decision, Critique, StepLog, Budget]
+_STATE_TYPES = [CaseState, Evidence, ImageView, ArtifactRef, Decision, Critique, StepLog, Budget, Turn]
 
 
 def sqlite_checkpointer(path: str | Path) -> SqliteSaver:

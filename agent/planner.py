@@ -326,6 +326,7 @@ class Planner:
             views=view_lines(state), candidates=", ".join(names),
             matched=", ".join(tools_for_question(state.question, tools, names)[:4]),
             evidence=[evidence_line(e, tools) for e in state.evidence], critic=critic,
+            conversation=[{"question": t.question, "answer": t.answer[:300]} for t in state.conversation],
             models=state.model_lines,  # all applicable learned tools' cards, held-back ones too (what a box unlocks)
             steps_left=state.budget.max_steps - state.tool_steps,
             seconds_left=int(max(0.0, state.budget.max_wall_s - state.budget.elapsed(now))), error=error,

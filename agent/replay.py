@@ -276,6 +276,9 @@ def replay(dump: dict[str, Any], tools: dict[str, Tool] | None = None) -> Replay
 
     run = dump["run"]
     settings = _settings(run)
+    if settings.get("chat"):
+        raise ValueError(f"{run['id']} is a chat thread: replay covers single runs (`dxagent run`, batch) for now; "
+                         "`dxagent trace verify` checks its record")
     events = dump["events"]
     log = ReplayLog(events)
     chat = ReplayChat(log=log, llm_type=_llm_type(run, settings))

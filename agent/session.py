@@ -68,23 +68,38 @@ def error_message(exc: BaseException) -> str:
     return str(exc) if user_error(exc) else f"{type(exc).__name__}: {exc}"
 
 
-def run_case(paths: list[str] | None = None, question: str | None = None, *, llm: str = "local",
-             chat: Any = None, model_id: str | None = None, mode: str | None = None,
-             base_url: str | None = None, model: str | None = None, api_key: str | None = None,
-             llm_timeout_s: float = 120.0, script: list[Any] | None = None, narrative: bool | None = None,
-             narrator: Any = None,
-             trace_dir: str | Path | None = None, db_url: str | None = None, max_steps: int = 6,
-             max_wall_s: float = 300.0, modality: str | None = None, body_part: str | None = None,
-             clinical_context: str = "", run_id: str | None = None, resume: str | None = None,
-             on_step: Any = None, tool_set: dict[str, Tool] | None = None) -> Result:
+@dataclass
+class Engine:
+    """The runtime and compiled graph for one planner backend and trace store (run_case and chat share it)."""
+
+    rt: Runtime
+    graph: Any
+    trace: TraceStore
+    llm: str
+
+    def invoke(self, payload: Any, config: dict[str, Any], **kw: Any) -> CaseState:
+        """Run the graph; a failure is recorded in the trace (note + failed run) and re-raised (a user error as
+        DxError, one line)."""
+        try:
+            final = self.graph.invoke(payload, config, **kw)
+        except Exception as exc:
+            msg = error_message(exc)
+            self.rt.record("note", "error", "error", {"error": msg})
+            self.trace.finish_run(self.rt.run_id, "failed", error=msg)
+            if user_error(exc):
+                raise DxError(msg) from None
+            raise
+        return CaseState.model_validate(final)
+
+
+def engine(*, llm: str = "local", chat: Any = None, model_id: str | None = None, mode: str | None = None,
+           base_url: str | None = None, model: str | None = None, api_key: str | None = None,
+           llm_timeout_s: float = 120.0, script: list[Any] | None = None, narrative: bool | None = None,
+           narrator: Any = None, trace_dir: str | Path | None = None, db_url: str | None = None,
+           on_step: Any = None, tool_set: dict[str, Tool] | None = None) -> Engine:
     trace_dir = Path(trace_dir or default_trace_dir())
     trace = TraceStore(db_url, trace_dir)
     store = ArtifactStore(trace_dir / "artifacts")
-    if resume:
-        row = trace.get_run(resume)
-        if row is None:
-            raise DxError(f"no run {resume!r} in {trace.url}")
-        run_id = resume
     if chat is None:
         chat, model_id, mode = make_llm(llm, base_url=base_url, model=model, api_key=api_key,
                                         timeout_s=llm_timeout_s, script=script)
@@ -93,8 +108,20 @@ def run_case(paths: list[str] | None = None, question: str | None = None, *, llm
     rt = Runtime(tools=tool_set or tools(), planner=planner, store=store, trace=trace,
                  narrative_llm=(narrator or chat) if use_narrative or narrator else None, on_step=on_step)
     planner.record = lambda kind, node, name, payload: rt.record(kind, node, name, payload)
-    graph = build_graph(rt, sqlite_checkpointer(trace_dir / "checkpoints.sqlite"))
+    return Engine(rt, build_graph(rt, sqlite_checkpointer(trace_dir / "checkpoints.sqlite")), trace, llm)
 
+
+def run_case(paths: list[str] | None = None, question: str | None = None, *, llm: str = "local",
+             max_steps: int = 6, max_wall_s: float = 300.0, modality: str | None = None,
+             body_part: str | None = None, clinical_context: str = "", run_id: str | None = None,
+             resume: str | None = None, eng: Engine | None = None, **engine_kw: Any) -> Result:
+    """One case end to end (or `resume` an interrupted one). `engine_kw` build the Engine (see `engine`)."""
+    eng = eng or engine(llm=llm, **engine_kw)
+    rt, graph, trace, planner = eng.rt, eng.graph, eng.trace, eng.rt.planner
+    if resume:
+        if trace.get_run(resume) is None:
+            raise DxError(f"no run {resume!r} in {trace.url}")
+        run_id = resume
     if resume:
         rt.run_id = run_id
         config = {"configurable": {"thread_id": run_id}, "recursion_limit": 1000}
@@ -126,19 +153,10 @@ def run_case(paths: list[str] | None = None, question: str | None = None, *, llm
                           **({"question": question} if question else {}))
         trace.start_run(run_id, state.case_id, state.question, planner.model_id, planner.mode, digest,
                         {"prompts": prompt_versions(), "tools": {n: t.version for n, t in rt.tools.items()}},
-                        settings={"llm": llm, "llm_type": getattr(chat, "_llm_type", ""), "max_steps": max_steps,
+                        settings={"llm": eng.llm, "llm_type": getattr(planner.chat, "_llm_type", ""), "max_steps": max_steps,
                                   "max_wall_s": max_wall_s, "modality": modality, "body_part": body_part,
                                   "clinical_context": clinical_context, "narrative": rt.narrative_llm is not None,
                                   "with_reason": planner.with_reason})
         payload = state
-    try:
-        final = graph.invoke(payload, config)
-    except Exception as exc:
-        msg = error_message(exc)
-        rt.record("note", "error", "error", {"error": msg})
-        trace.finish_run(run_id, "failed", error=msg)
-        if user_error(exc):
-            raise DxError(msg) from None
-        raise
-    state = CaseState.model_validate(final)
+    state = eng.invoke(payload, config)
     return Result(run_id, state.report, state)

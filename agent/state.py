@@ -105,6 +105,16 @@ class Budget(BaseModel):
         return 0.0 if self.started_at is None else (time.time() if now is None else now) - self.started_at
 
 
+class Turn(BaseModel):
+    """One finished question-and-answer of a chat thread (agent/chat.py)."""
+
+    turn: int
+    question: str
+    answer: str
+    outcome: str = ""
+    evidence_ids: list[str] = Field(default_factory=list)
+
+
 class CaseInput(BaseModel):
     """What the user handed in: image paths plus optional hints."""
 
@@ -134,6 +144,7 @@ class CaseState(BaseModel):
     planner_failures: int = 0
     report: dict[str, Any] | None = None
     error: str | None = None
+    conversation: list[Turn] = Field(default_factory=list)  # earlier turns of a chat thread
 
     def view(self, view_id: str) -> ImageView:
         for v in self.views:

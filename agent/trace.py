@@ -150,14 +150,33 @@ class TraceStore:
             run.finished_at = datetime.now(UTC).isoformat()
             if report is not None:
                 run.report = canonical(report)
-            last = s.exec(select(Event).where(Event.run_id == run_id).order_by(Event.seq.desc()).limit(1)).first()
-            run.n_events = 0 if last is None else last.seq + 1
-            run.head_hash = GENESIS if last is None else last.hash
-            key = os.environ.get(KEY_ENV) or None
-            run.seal_alg = "hmac-sha256" if key else "sha256"
-            run.seal = seal_of(run.model_dump(), run.seal_alg, key)
-            s.add(run)
-            s.commit()
+            self._seal(s, run)
+
+    def reopen(self, run_id: str) -> None:
+        """A finished run gets more events (a chat thread's next turn): running and unsealed until it finishes."""
+        with self._lock, Session(self.engine) as s:
+            run = s.get(Run, run_id)
+            if run is not None:
+                run.status, run.n_events, run.head_hash, run.seal_alg, run.seal = "running", None, None, None, None
+                s.add(run)
+                s.commit()
+
+    def reseal(self, run_id: str) -> None:
+        """Seal again after events were added to a finished run, keeping its status."""
+        with self._lock, Session(self.engine) as s:
+            run = s.get(Run, run_id)
+            if run is not None and run.status != "running":
+                self._seal(s, run)
+
+    def _seal(self, s: Session, run: Run) -> None:
+        last = s.exec(select(Event).where(Event.run_id == run.id).order_by(Event.seq.desc()).limit(1)).first()
+        run.n_events = 0 if last is None else last.seq + 1
+        run.head_hash = GENESIS if last is None else last.hash
+        key = os.environ.get(KEY_ENV) or None
+        run.seal_alg = "hmac-sha256" if key else "sha256"
+        run.seal = seal_of(run.model_dump(), run.seal_alg, key)
+        s.add(run)
+        s.commit()
 
     def get_run(self, run_id: str) -> Run | None:
         with Session(self.engine) as s:
