@@ -203,3 +203,19 @@ def test_bad_image_and_unknown_thread_are_one_line_errors(tmp_path):
         child.close()
         out = child.before
         assert child.exitstatus == 2 and "error:" in out and "Traceback" not in out, out
+
+
+@pytest.mark.timeout(300)
+def test_embedded_tiny_planner_chooses_the_tools(tmp_path):
+    """The embedded runtime (SmolLM2-135M on llama.cpp, no server): the model picks the tool, the answer is assembled
+    from the evidence and cites it."""
+    child = spawn(tmp_path, MR, "--llm", "tiny", "-q", "How large is the dominant bright region?")
+    child.timeout = 240
+    child.expect(r"think +→ (\w+)\(")
+    child.expect(r"act +\[E1\] \w+ ok")
+    child.expect(r"dxagent: .*\[E1\]")
+    child.expect_exact(PROMPT)
+    child.sendline("/quit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
