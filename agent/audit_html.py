@@ -310,6 +310,7 @@ def render_html(dump: dict, artifact_root: Path | None) -> str:
     for e in events:
         e["payload"] = e.get("payload") if isinstance(e.get("payload"), dict) else {}
     rd = _Reader(artifact_root)
+    checked_root = None
     views: list[dict] = []
     acts: list[dict] = []
     for e in events:
@@ -324,7 +325,9 @@ def render_html(dump: dict, artifact_root: Path | None) -> str:
         reps = [e["payload"].get("report") for e in events if e.get("node") == "report" and e["payload"].get("report")]
         report = reps[-1] if reps and isinstance(reps[-1], dict) else None
     try:
-        problems = verify_dump(dump, artifact_root) if run.get("id") else ["the dump has no run row"]
+        # an export copied without its artifacts folder: the record is still checked; the files show as missing
+        checked_root = artifact_root if artifact_root is not None and Path(artifact_root).is_dir() else None
+        problems = verify_dump(dump, checked_root) if run.get("id") else ["the dump has no run row"]
     except Exception as exc:  # a malformed dump: the page still renders and says why it could not be checked
         problems = [f"could not be verified: {type(exc).__name__}: {exc}"]
     t0 = min((float(e["t"]) for e in events if isinstance(e.get("t"), int | float)), default=0.0)
@@ -344,7 +347,8 @@ def render_html(dump: dict, artifact_root: Path | None) -> str:
     return env.get_template("audit.html.j2").render(
         run=run, versions=_loads(run.get("versions"), {}), settings=_loads(run.get("settings"), {}), events=events,
         figures=_figures(views, acts, rd), report=report, known=known, problems=problems, fmt=dump.get("format", "?"),
-        artifact_root=str(artifact_root) if artifact_root else None, disclaimer=DISCLAIMER)
+        artifact_root=str(artifact_root) if artifact_root else None, files_checked=checked_root is not None,
+        disclaimer=DISCLAIMER)
 
 
 def write_html(dump: dict, artifact_root: Path | None, out_path: str | Path) -> Path:
