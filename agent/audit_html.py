@@ -306,7 +306,7 @@ def render_html(dump: dict, artifact_root: Path | None) -> str:
 
     dump = _d(dump)
     run = dict(_d(dump.get("run")))
-    events = [e for e in _list(dump.get("events")) if isinstance(e, dict)]
+    events = [dict(e) for e in _list(dump.get("events")) if isinstance(e, dict)]  # copies: the caller's dump is left as is
     for e in events:
         e["payload"] = e.get("payload") if isinstance(e.get("payload"), dict) else {}
     rd = _Reader(artifact_root)

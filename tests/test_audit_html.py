@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import Boom, call
+from helpers import Boom, answer, call
 from PIL import Image
 from pydicom.data import get_testdata_file
 
@@ -107,7 +107,7 @@ def common(page, seen, run_id: str) -> dict:
 def test_audit_page_shows_overlays_timeline_and_linked_report(browser, tmp_path):
     res = run_case([CT], QUESTION, llm="scripted", trace_dir=tmp_path, script=[
         call("region_measure"), call("crop_zoom", bbox=[0, 88, 68, 128]), call("region_measure", view="V2"),
-        call("ct_tissue_composition")])
+        call("ct_tissue_composition"), answer()])
     ev = {e.id: e for e in res.state.evidence}
     assert [(e.tool, e.status) for e in ev.values()] == [("region_measure", "ok"), ("crop_zoom", "ok"),
                                                          ("region_measure", "ok"), ("ct_tissue_composition", "ok")]
