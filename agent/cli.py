@@ -303,13 +303,8 @@ def trace_list(trace_dir: Annotated[Path, typer.Option()] = None,
     table = Table(title="runs")
     for col in ("run id", "case", "status", "llm", "created", "sealed"):
         table.add_column(col, overflow="fold")
-    for r in _store(trace_dir, db_url).runs(limit if not status else 100_000):
-        if status and r.status != status:
-            continue
+    for r in _store(trace_dir, db_url).runs(limit, status):
         table.add_row(r.id, r.case_id, r.status, r.llm, r.created_at[:19], r.seal_alg or "no")
-        limit -= 1
-        if limit <= 0:
-            break
     out.print(table)
 
 
@@ -384,7 +379,7 @@ def trace_export(
     refs = list(runs or [])
     if fmt == "trajectories":
         if all_runs:
-            refs += [r.id for r in _store(trace_dir, db_url).runs(10_000_000) if r.status == "done"]
+            refs += [r.id for r in _store(trace_dir, db_url).runs(10_000_000, "done")]
         lines = [canonical(rec) for ref in refs for rec in trajectories(_load_trace(ref, trace_dir, db_url)[0])]
         text = "\n".join(lines) + ("\n" if lines else "")
     elif fmt == "json":
@@ -448,6 +443,7 @@ def replay(
     first divergent step with a diff (exit 1). With --rerun: run live again and list what changed."""
     from agent.replay import replay as do_replay
     from agent.replay import report_sha256
+    from agent.trace import run_report
 
     dump, _ = _load_trace(trace, trace_dir, db_url)
     if rerun:
@@ -462,7 +458,7 @@ def replay(
     for w in res.warnings:
         err.print(f"[yellow]warning:[/] {w}", highlight=False)
     if res.verified:
-        same = res.report_sha256 == report_sha256(_stored_report(dump))
+        same = res.report_sha256 == report_sha256(run_report(dump["run"]))
         out.print(f"[green]verified[/] {res.run_id}: {res.events} events matched ({res.llm_calls} LLM replies, "
                   f"{res.tool_calls} tool outputs served) in {secs:.2f} s; report sha256 {str(res.report_sha256)[:16]}"
                   f"{' identical' if same else ''}", highlight=False)
@@ -472,11 +468,6 @@ def replay(
     if d.recorded is not None or d.replayed is not None:
         out.print(d.diff(show), highlight=False, markup=False, soft_wrap=True)
     raise typer.Exit(1)
-
-
-def _stored_report(dump: dict) -> dict | None:
-    raw = dump["run"].get("report")
-    return json.loads(raw) if isinstance(raw, str) else raw
 
 
 def _rerun(dump: dict, image: list[Path] | None, llm: str | None, base_url: str | None, model: str | None,

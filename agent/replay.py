@@ -28,7 +28,7 @@ from langchain_core.outputs import ChatGeneration, ChatResult
 from agent.graph import Runtime, build_graph
 from agent.planner import _JSON_OBJECT_ENDPOINTS, Planner
 from agent.state import ArtifactRef, Budget, CaseInput, CaseState, ImageView
-from agent.trace import canonical
+from agent.trace import canonical, run_report
 from tools.base import Tool, ToolContext
 
 VOLATILE = ("now", "latency_s")  # served (the clock) or measured around a served reply: not compared
@@ -316,7 +316,7 @@ def replay(dump: dict[str, Any], tools: dict[str, Tool] | None = None) -> Replay
         if left:
             raise Divergence(left[0]["seq"], _where(left[0]), f"the replay ended; the record has {len(left)} more event(s)",
                              {"kind": left[0]["kind"], "payload": _plain(left[0]["payload"])}, None)
-        recorded = json.loads(run["report"]) if isinstance(run.get("report"), str) else run.get("report")
+        recorded = run_report(run)
         if recorded is not None and result.report is not None:
             drift = tuple(p[1:] for p in DRIFT_OK)
             if canonical(_without(recorded, drift)) != canonical(_without(result.report, drift)):
@@ -355,9 +355,7 @@ def _evidence(dump: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def _report(dump: dict[str, Any]) -> dict[str, Any]:
-    raw = dump["run"].get("report")
-    rep = (json.loads(raw) if isinstance(raw, str) else raw) or {}
-    return {k: v for k, v in rep.items() if k != "run_id"}
+    return {k: v for k, v in (run_report(dump["run"]) or {}).items() if k != "run_id"}
 
 
 def _pairs(a: Any, b: Any) -> list[tuple[str, str, str]]:

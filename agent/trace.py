@@ -182,9 +182,10 @@ class TraceStore:
         with Session(self.engine) as s:
             return s.get(Run, run_id)
 
-    def runs(self, limit: int = 50) -> list[Run]:
+    def runs(self, limit: int = 50, status: str | None = None) -> list[Run]:
         with Session(self.engine) as s:
-            return list(s.exec(select(Run).order_by(Run.created_at.desc()).limit(limit)))
+            q = select(Run) if status is None else select(Run).where(Run.status == status)
+            return list(s.exec(q.order_by(Run.created_at.desc()).limit(limit)))
 
     # -- events -----------------------------------------------------------------------------
     def record(self, run_id: str, kind: str, node: str, name: str, payload: dict[str, Any]) -> Event:
@@ -275,6 +276,12 @@ def write_export(dump: dict[str, Any], out_path: str | Path, artifact_root: str 
     return out_path
 
 
+def run_report(run: dict[str, Any]) -> dict[str, Any] | None:
+    """A dumped run row's report (stored as JSON text), parsed."""
+    raw = run.get("report")
+    return json.loads(raw) if isinstance(raw, str) else raw
+
+
 def load_dump(path: str | Path) -> dict[str, Any]:
     """A trace exported as JSON (`dxagent trace export`); refuses anything else with one line."""
     try:
@@ -343,7 +350,7 @@ def trajectories(dump: dict[str, Any]) -> list[dict[str, Any]]:
     """The planner's steps as training records (one per LLM decision): the chat messages it saw and what it
     answered, whether the reply was accepted, the tool result that followed and the critic's verdict after it."""
     run, events = dump["run"], dump["events"]
-    report = json.loads(run["report"]) if isinstance(run.get("report"), str) else run.get("report")
+    report = run_report(run)
     out: list[dict[str, Any]] = []
     for i, ev in enumerate(events):
         if ev["kind"] != "llm" or ev["node"] != "think" or ev["name"] != "decision":
