@@ -42,7 +42,10 @@ anything else is a question about the case."""
 def answer_text(report: dict[str, Any], narrative: bool) -> str:
     """What the assistant says: the model-written impression on an endpoint (every sentence cites evidence),
     else the answer assembled from the evidence."""
-    return report.get("impression") if narrative else report.get("answer") or ""
+    if narrative:
+        return report.get("impression") or ""
+    a = report.get("answer")
+    return (a.get("text") or "") if isinstance(a, dict) else str(a or "")
 
 
 class Chat:
@@ -103,7 +106,7 @@ class Chat:
         rt.now = time.time()
         self.eng.trace.reopen(self.thread_id)
         rt.record("note", "turn", "turn", {"turn": n, "question": question})
-        update = {"question": question, "conversation": conv, "report": None, "critiques": [], "pending": None,
+        update = {"question": question, "conversation": conv, "report": None, "critiques": [], "pending": None, "answer": None,
                   "planner_failures": 0, "budget": Budget(max_steps=st.tool_steps + self.per_turn_steps,
                                                           max_wall_s=self.max_wall_s, started_at=time.time())}
         self.cancel.clear()

@@ -5,8 +5,10 @@ It is deterministic and explainable, so every routing decision can be audited:
   probability disagrees with another tool's yes/no on the same label (measured present but probability below
   0.2, or measured absent but probability 0.5 or more); or the same measurement on the same view differs by
   more than 20 % between tools;
-- answered: the question names topics (words from the tools' `topics`), and each topic is covered by
-  successful evidence; a question naming no known topic is answered once a quantitative tool succeeded;
+- answered: successful evidence addresses the question's subject (agent/answer.py: a finding with that label, a
+  measurement of that quantity, a classifier's probability for it, a study attribute such as the modality); a
+  measurement of something else never answers it. When no applicable tool can address the subject, the loop
+  stops at once (the answer step abstains with `no_applicable_tool`);
 - a closer look: a finding with a small bounding box (not yet segmented and measured) that no crop view
   covers yet suggests `crop_zoom`;
 - chaining: a detector's boxes that no segmenter has used yet suggest a box-prompted segmenter
@@ -21,37 +23,18 @@ from __future__ import annotations
 import json
 import re
 
+from agent.answer import addressed_by, addressing_tools, findings_of
+from agent.question import parse_question
 from agent.state import CaseState, Critique, Evidence
+from agent.vocab import label_key
 from tools.base import FindingDraft, Tool
 
-# kinds whose evidence is about this image; retrieval (similar cases, knowledge) is context and answers a
-# question only when the question names its topics
-QUANTITATIVE = {"segment", "detect", "classify", "measure"}
+__all__ = ["critique", "findings_of", "label_key", "question_topics", "tools_for_question"]
+
 # a classifier's probability against another tool's yes/no on the same label
 PROB_LOW, PROB_HIGH = 0.2, 0.5
-# label spellings that name the same finding across tools (lower case, words only)
-ALIASES = {"enlarged heart": "cardiomegaly", "enlarged cardiac silhouette": "cardiomegaly",
-           "pleural effusion": "effusion", "lung nodule": "nodule", "pulmonary nodule": "nodule",
-           "lung opacity": "opacity", "pneumothorax present": "pneumothorax"}
 # box-prompted segmenters that take a detector's boxes by evidence id
 BOX_SEGMENTERS = ("sam_segment",)
-
-
-def label_key(label: str) -> str:
-    words = " ".join(re.sub(r"[^a-z0-9]+", " ", label.lower()).split())
-    return ALIASES.get(words, words)
-
-
-def findings_of(e: Evidence, state: CaseState, tools: dict[str, Tool]) -> list[FindingDraft]:
-    tool = tools.get(e.tool)
-    if e.status != "ok" or tool is None or e.output is None:
-        return []
-    view_id = e.args.get("view", "V1")
-    try:
-        view = state.view(view_id)
-    except KeyError:
-        return []
-    return tool.findings(tool.Output.model_validate(e.output), view)
 
 
 def question_topics(question: str, tools: dict[str, Tool], names: list[str]) -> list[str]:
@@ -93,13 +76,10 @@ def critique(state: CaseState, tools: dict[str, Tool], now: float | None = None)
             conflicts.append(f"{name} on {view} ranges {lo:.3g}-{hi:.3g} {unit} across {', '.join(i for i, _ in vals)}")
 
     topics = question_topics(state.question, tools, state.applicable_tools)
-    if topics:
-        covered = {t: [e.id for e in ok if t in tools.get(e.tool, _NoTool).topics] for t in topics}
-        answered = all(covered.values())
-        answered_by = sorted({i for ids in covered.values() for i in ids}, key=_eid)
-    else:
-        answered_by = [e.id for e in ok if tools.get(e.tool, _NoTool).kind in QUANTITATIVE]
-        answered = bool(answered_by)
+    q = state.question_info or parse_question(state.question)
+    addressing = state.addressing_tools if state.question_info else addressing_tools(q, state, tools)
+    answered_by = sorted(addressed_by(q, state, tools), key=_eid)
+    answered = bool(answered_by)
 
     # a detector's boxes go to a box-prompted segmenter first; those boxes then need no crop suggestion
     suggestions, chained = chain_suggestions(state, tools)
@@ -133,7 +113,9 @@ def critique(state: CaseState, tools: dict[str, Tool], now: float | None = None)
 
     seen = {x for c in state.critiques for x in c.conflicts + c.suggestions}
     new_items = [x for x in conflicts + suggestions if x not in seen]
-    if steps_left <= 0:
+    if not addressing:
+        route, why = "report", f"no applicable tool can address {q.subject or 'the question'}"
+    elif steps_left <= 0:
         route, why = "report", "tool-call budget spent"
     elif secs_left <= 0:
         route, why = "report", "wall-clock budget spent"
@@ -142,7 +124,7 @@ def critique(state: CaseState, tools: dict[str, Tool], now: float | None = None)
     elif new_items:
         route, why = "think", f"{len(new_items)} new conflict(s)/suggestion(s) to weigh"
     elif answered:
-        route, why = "report", "the question is answered by " + ", ".join(answered_by)
+        route, why = "report", f"evidence about {q.subject or 'the question'}: " + ", ".join(answered_by)
     else:
         route, why = "think", "the question is not answered yet"
     return Critique(step=state.tool_steps, conflicts=conflicts, answered=answered, answered_by=answered_by,

@@ -1,4 +1,7 @@
-"""The LangGraph state machine: intake → think → act → rethink → (think | report) → END.
+"""The LangGraph state machine: intake → think → act → rethink → (think | answer) → answer → report → END.
+
+intake also reads the question (agent/question.py) and finds the tools that can address its subject; when none
+can, the graph goes straight to the answer step, which abstains with `no_applicable_tool` (no pointless calls).
 
 Nodes are plain functions over `CaseState`; the objects they need (tools, planner, stores) live in a
 `Runtime` the nodes close over. A SQLite checkpointer keyed by thread id (= run id) persists the
@@ -24,7 +27,8 @@ from pydantic import ValidationError
 from agent import critic
 from agent.artifacts import ArtifactStore
 from agent.planner import Planner, PlannerError
-from agent.state import ArtifactRef, Budget, CaseState, Critique, Decision, Evidence, ImageView, StepLog, Turn
+from agent.question import Question
+from agent.state import Answer, ArtifactRef, Budget, CaseState, Critique, Decision, Evidence, ImageView, StepLog, Turn
 from agent.trace import TraceStore
 from tools.base import Tool, ToolContext, ToolError
 
@@ -41,6 +45,7 @@ class Runtime:
     trace: TraceStore
     run_id: str = ""
     narrative_llm: Any = None  # an endpoint chat model that may write the impression
+    answer_llm: Any = None  # the chat model of the answer step (the local model with token log-probabilities)
     on_step: Any = None  # callback(node, state_update) for live display
     now: float = 0.0  # the current node's clock reading: every budget decision in a node uses this one value
     cancel: Any = None  # a threading.Event: once set, the graph stops before its next node (chat's Ctrl-C)
@@ -102,9 +107,25 @@ def _log(rt: Runtime, state: CaseState, node: str, summary: str) -> list[StepLog
     return state.steps + [StepLog(step=len(state.steps) + 1, node=node, summary=summary, t=rt.now)]
 
 
+def understand(rt: Runtime, state: CaseState, applicable: list[str], views: list[ImageView]) -> dict[str, Any]:
+    """The question as understood and the applicable tools that can address its subject."""
+    from agent.answer import can_address
+    from agent.question import parse_question
+
+    q = parse_question(state.question)
+    addressing = [n for n in applicable if n in rt.tools and can_address(q, rt.tools[n], views[0])]
+    return {"question_info": q, "addressing_tools": addressing, "answer": None}
+
+
+def _question_payload(u: dict[str, Any]) -> dict[str, Any]:
+    return {"question": u["question_info"].model_dump(mode="json"), "addressing_tools": u["addressing_tools"]}
+
+
 def intake(rt: Runtime, state: CaseState) -> dict[str, Any]:
-    if state.views:  # resumed after intake
-        return {}
+    if state.views:  # a chat turn (the case is loaded): only the new question is read
+        u = understand(rt, state, state.applicable_tools, state.views)
+        rt.record("node", "intake", "question", _question_payload(u))
+        return u
     facts = rt.observe_intake(state)
     views, applicable = facts["views"], facts["applicable"]
     v1 = views[0]
@@ -116,13 +137,16 @@ def intake(rt: Runtime, state: CaseState) -> dict[str, Any]:
                      f"(confidence {v1.metadata.get('modality_confidence', 'n/a')}); pass --modality to set it.")
     rt.keep_artifacts([v.pixels for v in views])
     budget = state.budget.model_copy(update={"started_at": rt.now})
-    summary = f"{len(views)} view(s); {v1.modality} {v1.ndim_spatial}D {list(v1.shape)}; {len(applicable)} tools apply"
+    u = understand(rt, state, applicable, views)
+    summary = (f"{len(views)} view(s); {v1.modality} {v1.ndim_spatial}D {list(v1.shape)}; {len(applicable)} tools apply; "
+               f"{u['question_info'].kind} question about {u['question_info'].subject or '-'}, "
+               f"{len(u['addressing_tools'])} tool(s) can address it")
     rt.record("node", "intake", "intake", {
         "views": [v.model_dump(mode="json") for v in views], "applicable": applicable,
         "not_applicable": facts["not_applicable"], "notes": notes, "models": facts["models"],
-        "model_lines": facts["model_lines"]})
+        "model_lines": facts["model_lines"], **_question_payload(u)})
     return {"views": views, "applicable_tools": applicable, "model_lines": facts["model_lines"],
-            "notes": state.notes + notes, "budget": budget,
+            "notes": state.notes + notes, "budget": budget, **u,
             "steps": _log(rt, state, "intake", summary)}
 
 
@@ -195,6 +219,19 @@ def rethink(rt: Runtime, state: CaseState) -> dict[str, Any]:
     return {"critiques": state.critiques + [c], "steps": _log(rt, state, "rethink", f"{c.route}: {c.why}")}
 
 
+def answer(rt: Runtime, state: CaseState) -> dict[str, Any]:
+    """Compose the answer from the evidence about the question's subject (agent/answer.py)."""
+    from agent.answer import compose_answer
+    from agent.planner import case_line
+
+    chat = rt.answer_llm if rt.answer_llm is not None else rt.planner.chat
+    a = compose_answer(state, rt.tools, chat=chat, model_id=rt.planner.model_id, record=rt.record,
+                       case_line=case_line(state))
+    rt.record("node", "answer", "answer", {"answer": a.model_dump(mode="json")})
+    what = f"{a.kind}: {a.value}" if a.answered else f"abstain ({a.reason})"
+    return {"answer": a, "steps": _log(rt, state, "answer", what)}
+
+
 def report(rt: Runtime, state: CaseState) -> dict[str, Any]:
     from agent.report import compose
 
@@ -207,12 +244,17 @@ def report(rt: Runtime, state: CaseState) -> dict[str, Any]:
                                                             f"{rep.recommendation.outcome}")}
 
 
+def _after_intake(state: CaseState) -> str:
+    return "think" if state.addressing_tools else "answer"
+
+
 def _after_think(state: CaseState) -> str:
-    return "act" if state.pending is not None and state.pending.action == "call" else "report"
+    return "act" if state.pending is not None and state.pending.action == "call" else "answer"
 
 
 def _after_rethink(state: CaseState) -> str:
-    return state.critiques[-1].route if state.critiques else "think"
+    route = state.critiques[-1].route if state.critiques else "think"
+    return "answer" if route == "report" else route
 
 
 def build_graph(rt: Runtime, checkpointer: Any = None):
@@ -230,18 +272,19 @@ def build_graph(rt: Runtime, checkpointer: Any = None):
         node.__name__ = fn.__name__
         return node
 
-    for fn in (intake, think, act, rethink, report):
+    for fn in (intake, think, act, rethink, answer, report):
         g.add_node(fn.__name__, wrap(fn))
     g.add_edge(START, "intake")
-    g.add_edge("intake", "think")
-    g.add_conditional_edges("think", _after_think, {"act": "act", "report": "report"})
+    g.add_conditional_edges("intake", _after_intake, {"think": "think", "answer": "answer"})
+    g.add_conditional_edges("think", _after_think, {"act": "act", "answer": "answer"})
     g.add_edge("act", "rethink")
-    g.add_conditional_edges("rethink", _after_rethink, {"think": "think", "report": "report"})
+    g.add_conditional_edges("rethink", _after_rethink, {"think": "think", "answer": "answer"})
+    g.add_edge("answer", "report")
     g.add_edge("report", END)
     return g.compile(checkpointer=checkpointer)
 
 
-_STATE_TYPES = [CaseState, Evidence, ImageView, ArtifactRef, Decision, Critique, StepLog, Budget, Turn]
+_STATE_TYPES = [CaseState, Evidence, ImageView, ArtifactRef, Decision, Critique, StepLog, Budget, Turn, Answer, Question]
 
 
 def sqlite_checkpointer(path: str | Path) -> SqliteSaver:

@@ -163,7 +163,8 @@ class LocalLlamaChat(BaseChatModel):
         choice = out["choices"][0]
         usage = out.get("usage") or {}
         tokens = [
-            {"token": t["token"], "top": {a["token"]: a["logprob"] for a in t.get("top_logprobs") or []}}
+            {"token": t["token"], "logprob": t.get("logprob"),
+             "top": {a["token"]: a["logprob"] for a in t.get("top_logprobs") or []}}
             for t in ((choice.get("logprobs") or {}).get("content") or [])
         ]
         msg = AIMessage(

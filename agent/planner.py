@@ -44,7 +44,7 @@ def render(name: str, **values: Any) -> str:
 
 
 def prompt_versions() -> dict[str, str]:
-    names = ("system", "think", "rethink", "report")
+    names = ("system", "think", "rethink", "report", "answer_system", "answer", "answer_baseline")
     return {n: hashlib.sha256(prompt_text(n).encode()).hexdigest()[:12] for n in names}
 
 
@@ -282,6 +282,31 @@ def view_lines(state: CaseState) -> list[str]:
 _JSON_OBJECT_ENDPOINTS: set[str] = set()  # model ids whose server rejected response_format `json_schema`
 
 
+def structured_invoke(chat: BaseChatModel, model_id: str, messages: list, schema: dict[str, Any],
+                      max_tokens: int) -> tuple[Any, dict[str, Any]]:
+    """Ask for one JSON object that follows `schema`: (reply, the parameters sent). The local model gets it as a
+    llama.cpp grammar; an endpoint as `json_schema`, or as `json_object` + `schema` once it refused `json_schema`."""
+    params: dict[str, Any] = {"max_tokens": max_tokens}
+    if chat._llm_type == "llama-cpp":
+        params["response_format"] = {"type": "json_object", "schema": schema}
+    elif chat._llm_type != "scripted":
+        note: dict[str, Any] = {}
+        if model_id not in _JSON_OBJECT_ENDPOINTS:
+            params["response_format"] = {"type": "json_schema", "json_schema": {"name": "decision", "schema": schema}}
+            try:
+                return chat.invoke(messages, **params), params
+            except Exception as exc:
+                if "json_schema" not in str(exc) or getattr(exc, "status_code", None) not in (400, 422, 500):
+                    raise
+                _JSON_OBJECT_ENDPOINTS.add(model_id)
+                note = {"json_schema_rejected": str(exc)[:200]}
+        # llama-cpp-python's server rejects `json_schema` but turns `json_object` + `schema` into a grammar;
+        # it also ignores `max_completion_tokens` (langchain-openai's name for max_tokens): send `max_tokens`.
+        params = {"response_format": {"type": "json_object", "schema": schema}, "extra_body": {"max_tokens": max_tokens}}
+        return chat.invoke(messages, **params), {**params, **note}
+    return chat.invoke(messages, **params), params
+
+
 class _Candidates(dict):
     """The tools offered this step; remembers every tool name so a non-applicable pick is named as such."""
 
@@ -324,7 +349,9 @@ class Planner:
         return render(
             "think", question=state.question, clinical_context=state.clinical_context, case_line=case_line(state),
             views=view_lines(state), candidates=", ".join(names),
-            matched=", ".join(tools_for_question(state.question, tools, names)[:4]),
+            matched=", ".join(([n for n in state.addressing_tools if n in names]
+                               or tools_for_question(state.question, tools, names))[:4]),
+            subject=state.question_info.subject if state.question_info else "",
             evidence=[evidence_line(e, tools) for e in state.evidence], critic=critic,
             conversation=[{"question": t.question, "answer": t.answer[:300]} for t in state.conversation],
             models=state.model_lines,  # all applicable learned tools' cards, held-back ones too (what a box unlocks)
@@ -337,26 +364,7 @@ class Planner:
         params: dict[str, Any] = {"max_tokens": self.max_tokens}
         if self.mode == "json":
             schema = decision_schema(tools, view_ids, coordinates, self.with_reason)
-            if self.chat._llm_type == "llama-cpp":
-                params["response_format"] = {"type": "json_object", "schema": schema}
-            elif self.chat._llm_type != "scripted":
-                note: dict[str, Any] = {}
-                if self.model_id not in _JSON_OBJECT_ENDPOINTS:
-                    params["response_format"] = {"type": "json_schema",
-                                                 "json_schema": {"name": "decision", "schema": schema}}
-                    try:
-                        return self.chat.invoke(messages, **params), params
-                    except Exception as exc:
-                        if "json_schema" not in str(exc) or getattr(exc, "status_code", None) not in (400, 422, 500):
-                            raise
-                        _JSON_OBJECT_ENDPOINTS.add(self.model_id)
-                        note = {"json_schema_rejected": str(exc)[:200]}
-                # llama-cpp-python's server rejects `json_schema` but turns `json_object` + `schema` into a grammar;
-                # it also ignores `max_completion_tokens` (langchain-openai's name for max_tokens): send `max_tokens`.
-                params = {"response_format": {"type": "json_object", "schema": schema},
-                          "extra_body": {"max_tokens": self.max_tokens}}
-                return self.chat.invoke(messages, **params), {**params, **note}
-            return self.chat.invoke(messages, **params), params
+            return structured_invoke(self.chat, self.model_id, messages, schema, self.max_tokens)
         # tool_choice "auto" is the OpenAI/vLLM default, but llama-cpp-python's chatml-function-calling ignores
         # the tools unless it is sent (and fails on "required"); a reply without a call counts as "answer".
         params["tool_choice"] = "auto"

@@ -292,7 +292,7 @@ def replay(dump: dict[str, Any], tools: dict[str, Tool] | None = None) -> Replay
         _JSON_OBJECT_ENDPOINTS.discard(planner.model_id)
     narrative = settings.get("narrative", any(e["kind"] == "llm" and e["node"] == "report" for e in events))
     rt = ReplayRuntime(tools=tools or default_tools(), planner=planner, store=_NullStore(), trace=_ReplayTrace(log),
-                       run_id=run["id"], narrative_llm=chat if narrative else None, log=log)
+                       run_id=run["id"], narrative_llm=chat if narrative else None, answer_llm=chat, log=log)
     planner.record = lambda kind, node, name, payload: rt.record(kind, node, name, payload)
     graph = build_graph(rt)
     max_steps = int(settings.get("max_steps", 6))

@@ -15,9 +15,10 @@ from jinja2 import Environment, PackageLoader
 from langchain_core.messages import HumanMessage
 from pydantic import BaseModel, Field
 
-from agent.critic import findings_of
+from agent.answer import compose_answer, findings_of
 from agent.planner import MODALITY_WORDS, case_line, evidence_line, prompt_versions, render
-from agent.state import CaseState
+from agent.question import Question, parse_question
+from agent.state import Answer, CaseState
 from tools.base import Measurement, Tool
 
 DISCLAIMER = ("RESEARCH USE ONLY. dxagent is not a medical device and has not been cleared or approved for "
@@ -77,7 +78,8 @@ class Report(BaseModel):
     run_id: str
     study: Study
     question: str
-    answer: str
+    question_info: Question | None = None  # the question as understood: kind, subject, choices
+    answer: Answer
     findings: list[Finding]
     impression: str
     uncertainty: list[str]
@@ -155,23 +157,20 @@ def compose(state: CaseState, tools: dict[str, Tool], planner_model: str, planne
         limitations.append(f"Modality {v1.modality} ({MODALITY_WORDS.get(v1.modality, v1.modality)}) was guessed from the "
                            f"pixels{how}, not read from the file; pass --modality to set it.")
 
-    answered = bool(crit and crit.answered)
-    if answered:
-        cited = [f for f in findings if set(f.evidence_ids) & set(crit.answered_by)] or findings
-        answer = "; ".join(finding_line(f) for f in cited[:6]) if cited else "; ".join(
-            f"{evidence_line(e, tools)['summary']} [{e.id}]" for e in ok if e.id in crit.answered_by)
-    else:
-        answer = "The evidence gathered does not answer the question."
-    if state.planner_failures or (crit and crit.conflicts):
+    answer = state.answer or compose_answer(state, tools)  # the answer step ran (graph); else rules only
+    if answer.kind == "abstain" and answer.reason in ("tools_conflict", "planner_failed"):
         outcome = "refer"
-        text = "Refer to a qualified reader: " + ("the planner failed" if state.planner_failures else
-                                                  "tools disagree") + "; automated evidence is not conclusive."
-    elif not answered:
+        text = "Refer to a qualified reader: " + ("tools disagree about the question's subject"
+                                                  if answer.reason == "tools_conflict" else "the planner failed") + \
+            "; automated evidence is not conclusive."
+    elif answer.kind == "abstain":
         outcome = "abstain"
-        text = "Abstain: the available tools did not produce evidence that answers the question."
+        text = f"Abstain ({answer.reason}): {answer.basis}." + (f" Needed: {answer.needed}." if answer.needed else "")
     else:
         outcome = "report"
-        text = "Quantitative findings are reported above for review by a qualified clinician."
+        text = "The answer and findings above are automated evidence for review by a qualified clinician."
+        if crit and crit.conflicts:
+            text += " Some tools disagree on other findings (see Uncertainty)."
 
     cited_ev = [e for e in ok if any(e.id in f.evidence_ids for f in findings)]
     impression = " ".join(f"{evidence_line(e, tools)['summary'].rstrip('.')} [{e.id}]." for e in cited_ev) \
@@ -222,7 +221,8 @@ def compose(state: CaseState, tools: dict[str, Tool], planner_model: str, planne
     for m in used.values():
         limitations.append(f"{', '.join(m.evidence_ids)} come(s) from the user's model {m.name} (intended use: "
                            f"{m.intended_use}); only as good as those weights and their card.")
-    rep = Report(run_id=state.run_id, study=study, question=state.question, answer=answer, findings=findings,
+    rep = Report(run_id=state.run_id, study=study, question=state.question,
+                 question_info=state.question_info or parse_question(state.question), answer=answer, findings=findings,
                  impression=impression, uncertainty=uncertainty, limitations=limitations,
                  recommendation=Recommendation(outcome=outcome, text=text), evidence=ev, dropped_claims=dropped,
                  models_used=list(used.values()), versions=versions)

@@ -68,6 +68,16 @@ def error_message(exc: BaseException) -> str:
     return str(exc) if user_error(exc) else f"{type(exc).__name__}: {exc}"
 
 
+def answer_chat(chat: Any) -> Any:
+    """The answer step's model: the planner's, and for the embedded model a twin that returns token log-probabilities
+    (the answer's probability); llama.cpp needs logits for every position for that, which would slow the planner."""
+    from agent.llm import LocalLlamaChat
+
+    if isinstance(chat, LocalLlamaChat) and chat.top_logprobs <= 0:
+        return chat.model_copy(update={"top_logprobs": 10})
+    return chat
+
+
 @dataclass
 class Engine:
     """The runtime and compiled graph for one planner backend and trace store (run_case and chat share it)."""
@@ -106,7 +116,8 @@ def engine(*, llm: str = "local", chat: Any = None, model_id: str | None = None,
     planner = Planner(chat, model_id or "custom", mode or "json")
     use_narrative = narrative if narrative is not None else llm.startswith("openai")
     rt = Runtime(tools=tool_set or tools(), planner=planner, store=store, trace=trace,
-                 narrative_llm=(narrator or chat) if use_narrative or narrator else None, on_step=on_step)
+                 narrative_llm=(narrator or chat) if use_narrative or narrator else None, on_step=on_step,
+                 answer_llm=answer_chat(chat))
     planner.record = lambda kind, node, name, payload: rt.record(kind, node, name, payload)
     return Engine(rt, build_graph(rt, sqlite_checkpointer(trace_dir / "checkpoints.sqlite")), trace, llm)
 

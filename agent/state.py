@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from agent.question import Question
+
 Spacing = tuple[float, ...] | Literal["unknown"]
 
 
@@ -88,6 +90,33 @@ class Critique(BaseModel):
     why: str = ""
 
 
+AbstainReason = Literal["no_applicable_tool", "evidence_does_not_address", "tools_conflict", "input_unreadable",
+                        "budget_spent", "planner_failed"]
+
+
+class Answer(BaseModel):
+    """The answer to the question, composed from the evidence (agent/answer.py), or an abstention with its reason.
+
+    `probability` is the probability that `value` is right, where one exists: a classifier's output, the model's
+    token probabilities over the allowed values, or the modality guess's confidence; None where nothing measured
+    one (a value read from a DICOM tag, a measurement)."""
+
+    kind: Literal["yes_no", "choice", "count", "measurement", "location", "phrase", "abstain"]
+    value: str | float | int | None = None
+    unit: str | None = None
+    probability: float | None = None
+    evidence_ids: list[str] = Field(default_factory=list)
+    basis: str = ""  # one line: how the value follows from the evidence
+    reason: AbstainReason | None = None  # abstentions only
+    needed: str = ""  # abstentions: what would be needed to answer
+    method: str = ""  # "evidence" (read from the evidence), "llm" (a constrained choice), "rules" (no evidence)
+    text: str = ""  # the plain-text rendering (Markdown, chat)
+
+    @property
+    def answered(self) -> bool:
+        return self.kind != "abstain"
+
+
 class StepLog(BaseModel):
     step: int
     node: str
@@ -130,6 +159,9 @@ class CaseState(BaseModel):
     run_id: str = ""
     inputs: CaseInput
     question: str = "Describe the main findings and quantify them."
+    question_info: Question | None = None  # the question as understood (agent/question.py), set at intake
+    addressing_tools: list[str] = Field(default_factory=list)  # applicable tools that can address its subject
+    answer: Answer | None = None  # set by the answer step
     clinical_context: str = ""
     views: list[ImageView] = Field(default_factory=list)
     applicable_tools: list[str] = Field(default_factory=list)

@@ -62,6 +62,7 @@ class Gate(Tool):
     name = "gate"
     description = "Waits on a gate file."
     kind = "inspect"
+    subjects = ("gate",)
     Output = CountOut
 
     def run(self, ctx: ToolContext, inp: ToolInput) -> CountOut:

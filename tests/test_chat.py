@@ -51,13 +51,13 @@ def test_conversation_with_every_command_then_resume(tmp_path):
     child.sendline("What is the tissue composition of this CT slice?")
     child.expect(r"act +\[E1\] inspect_image ok")
     child.expect(r"act +\[E2\] ct_tissue_composition ok: body [0-9.]+ mm2")
-    child.expect(r"rethink report: the question is answered by E2")
+    child.expect(r"rethink report: evidence about the findings: E2")
     child.expect(r"dxagent: .*fat \(HU -190\.\.-30\).*\[E2\]")
     child.expect(r"outcome: report")
     child.expect_exact(PROMPT)
     child.sendline("How large is the dominant bright region?")
     child.expect(r"act +\[E3\] region_measure ok: .*mm2")
-    child.expect(r"dxagent: dominant region .*\[E3\]")
+    child.expect(r"dxagent: [0-9.]+ mm.*dominant region.*\[E3\]")
     child.expect_exact(PROMPT)
     child.sendline("/tools")
     child.expect(r"ct_tissue_composition +Lung, fat")
@@ -153,7 +153,7 @@ def test_ctrl_c_during_a_tool_call_cancels_the_turn_and_keeps_the_evidence(tmp_p
     child = spawn(tmp_path, CT, "--llm", "scripted", "--script", str(s), env=env)
     tid = thread_id(child)
     child.expect_exact(PROMPT)
-    child.sendline("Is there anything behind the gate?")
+    child.sendline("Is there a gate?")  # Gate's subject: the loop goes on until Ctrl-C
     child.expect(r"act +\[E1\] inspect_image ok")
     child.expect(r"think +→ gate")
     child.sendintr()  # Ctrl-C while the gate tool blocks
@@ -207,13 +207,15 @@ def test_bad_image_and_unknown_thread_are_one_line_errors(tmp_path):
 
 @pytest.mark.timeout(300)
 def test_embedded_tiny_planner_chooses_the_tools(tmp_path):
-    """The embedded runtime (SmolLM2-135M on llama.cpp, no server): the model picks the tool, the answer is assembled
-    from the evidence and cites it."""
+    """The embedded runtime (SmolLM2-135M on llama.cpp, no server): the model picks the tool; the answer is assembled
+    from the evidence about the question's subject and cites it, or (the 135M model often picks a tool that does not
+    measure the region) is an abstention that says why."""
     child = spawn(tmp_path, MR, "--llm", "tiny", "-q", "How large is the dominant bright region?")
     child.timeout = 240
     child.expect(r"think +→ (\w+)\(")
     child.expect(r"act +\[E1\] \w+ ok")
-    child.expect(r"dxagent: .*\[E1\]")
+    child.expect(r"dxagent: (.*\[E\d+\]|Cannot answer \((budget_spent|evidence_does_not_address)\): .*Needed: a call of .*"
+                 r"region_measure)")
     child.expect_exact(PROMPT)
     child.sendline("/quit")
     child.expect(pexpect.EOF)

@@ -34,6 +34,7 @@ class ClaimOut(BaseModel):
 
 class Measurer(Tool):
     name, description, kind = "ctr", "a measurement with a threshold", "measure"
+    subjects = ("cardiomegaly",)
     Output = ClaimOut
 
     def run(self, ctx, inp):  # pragma: no cover

@@ -153,6 +153,12 @@ class LearnedTool(Tool):
             raise ToolError(self.applicable(view) or f"no {self.adapter} model card fits {view.id}")
         return fits[0]
 
+    def addresses(self, view: ImageView) -> frozenset[str]:
+        """The class's subjects plus the labels of every card that fits this view (a classifier of 'effusion')."""
+        from agent.vocab import label_key
+
+        return frozenset(self.subjects) | {label_key(lab) for c in self.cards(view) for lab in c.labels}
+
     def prompt_lines(self, view: ImageView) -> list[str]:
         from agent.models import planner_lines
 

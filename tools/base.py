@@ -108,6 +108,11 @@ class Tool(ABC):
     modalities: ClassVar[frozenset[str] | None] = None  # None: any modality
     dims: ClassVar[frozenset[int]] = frozenset({2, 3})
     topics: ClassVar[tuple[str, ...]] = ()  # question words this tool's evidence answers
+    # what this tool's evidence can state, as agent/vocab.py subjects: finding labels ("cardiomegaly"), organs
+    # ("lung", "left lung"), measurement names ("cardiothoracic_ratio") and study attributes ("attribute:modality").
+    # The critic answers a question only from evidence about its subject, and abstains early when no applicable
+    # tool names it. Learned tools add their cards' labels (`addresses`).
+    subjects: ClassVar[tuple[str, ...]] = ()
     timeout_s: ClassVar[float] = 60.0
     # the tool's card: what it cannot do, and its validation figure on real data (shown to the planner
     # and in `dxagent tools`)
@@ -132,6 +137,15 @@ class Tool(ABC):
         if view.ndim_spatial not in self.dims:
             return f"{self.name} takes {'/'.join(f'{d}D' for d in sorted(self.dims))} images, not {view.ndim_spatial}D"
         return None
+
+    def addresses(self, view: ImageView) -> frozenset[str]:
+        """The subjects this tool's evidence can state on this view (default: the class's `subjects`)."""
+        return frozenset(self.subjects)
+
+    def attributes(self, output: BaseModel, view: ImageView) -> dict[str, dict[str, Any]]:
+        """Study attributes this output states: {"modality": {"value": "CT", "probability": 0.9 | None,
+        "source": "dicom" | "user" | "guess"}}. Default: none."""
+        return {}
 
     def prompt_lines(self, view: ImageView) -> list[str]:
         """Extra lines the planner sees about this tool for this case (a learned tool: its model cards)."""

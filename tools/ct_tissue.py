@@ -85,6 +85,7 @@ class CTTissueComposition(Tool):
     description = "Lung, fat, soft-tissue and bone area/volume and fractions inside the body on CT, by HU ranges."
     kind = "measure"
     modalities = frozenset({"CT"})
+    subjects = ("fat", "bone", "lung", "soft tissue", "air", "area", "volume", "fraction_of_body", "mean_hu")
     topics = ("tissue", "fat", "lung", "bone", "composition", "hounsfield", "hu", "body")
     Input = ToolInput
     Output = CTTissueOutput

@@ -146,6 +146,7 @@ class CardiothoracicRatio(Tool):
     kind = "measure"
     modalities = frozenset({"DX", "CR"})
     dims = frozenset({2})
+    subjects = ("cardiomegaly", "heart", "cardiothoracic_ratio", "cardiac_width", "thoracic_width")
     topics = ("heart", "cardiomegaly", "cardiac", "ctr", "cardiothoracic", "heart size", "enlarged heart", "chest")
     timeout_s = 60.0
     limitations = (

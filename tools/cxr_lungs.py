@@ -255,6 +255,7 @@ class CXRLungFields(Tool):
     kind = "segment"
     modalities = frozenset({"DX", "CR"})
     dims = frozenset({2})
+    subjects = ("lung", "left lung", "right lung", "area", "height", "width")
     topics = ("lung", "lungs", "lung field", "chest", "segmentation", "area", "asymmetry", "volume loss")
     timeout_s = 60.0
     limitations = (

@@ -187,6 +187,7 @@ class DetectCandidates(Tool):
     description = ("Find blob/nodule candidates (Laplacian of Gaussian) with centre, size, contrast and a bbox; "
                    "optionally only inside the body or lungs.")
     kind = "detect"
+    subjects = ("blob candidate", "diameter")
     topics = ("nodule", "nodules", "mass", "lesion", "lesions", "blob", "spot", "opacity", "candidate", "detect",
               "metastasis", "where")
     timeout_s = 90.0

@@ -199,6 +199,7 @@ class FundusVessels(Tool):
     kind = "segment"
     modalities = frozenset({"OP"})
     dims = frozenset({2})
+    subjects = ("retinal vessel", "vessel", "vessel_density", "total_vessel_length", "mean_vessel_calibre")
     topics = ("vessel", "vessels", "retina", "retinal", "fundus", "vascular", "density", "tortuosity", "calibre",
               "caliber", "segmentation")
     timeout_s = 30.0

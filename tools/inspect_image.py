@@ -61,6 +61,28 @@ class InspectImage(Tool):
                    "de-identified tags. Does not find or measure anything in the image.")
     kind = "inspect"
     topics = ("metadata", "intensity", "quality", "spacing")
+    subjects = ("attribute:modality", "mean_intensity")
+
+    def addresses(self, view) -> frozenset[str]:
+        known = {"attribute:body_region"} if view.body_part not in ("", "unknown") else set()
+        if view.metadata.get("ViewPosition"):
+            known.add("attribute:plane")
+        return frozenset(self.subjects) | known
+
+    def attributes(self, output: BaseModel, view) -> dict[str, dict[str, Any]]:
+        """The modality (with the guess's confidence when it was guessed), the body part and the radiograph view
+        position when the file states them."""
+        assert isinstance(output, InspectOutput)
+        out: dict[str, dict[str, Any]] = {"modality": {
+            "value": output.modality, "source": output.modality_source,
+            "probability": output.modality_confidence if output.modality_source == "guess" else None}}
+        if output.body_part not in ("", "unknown"):
+            out["body_region"] = {"value": output.body_part.lower(), "source": "dicom", "probability": None}
+        pos = str(output.metadata.get("ViewPosition") or "").upper()
+        if pos:
+            out["plane"] = {"value": "lateral" if pos in ("LL", "RL", "LAT", "LATERAL") else "frontal",
+                            "source": "dicom", "probability": None}
+        return out
     Input = ToolInput
     Output = InspectOutput
 

@@ -467,6 +467,7 @@ class LesionSegment(Tool):
     )
     kind = "segment"
     dims = frozenset({2})
+    subjects = ("lesion", "area", "longest_diameter", "equivalent_diameter")
     topics = ("lesion", "segment", "segmentation", "size", "area", "diameter", "border", "asymmetry", "mole",
               "melanoma", "nevus", "polyp", "mass", "measure")
     timeout_s = 30.0

@@ -197,6 +197,7 @@ class LiteMedSAM(Tool):
     )
     kind = "segment"
     version = "1"
+    subjects = ("segmented region", "area", "longest_diameter", "equivalent_diameter")
     topics = ("segment", "segmentation", "mask", "outline", "boundary", "size", "area", "diameter", "measure",
               "lesion", "tumor", "mass", "nodule", "polyp", "cyst", "organ", "region")
     timeout_s = 120.0

@@ -105,6 +105,7 @@ class MeasureROI(Tool):
                    "intensity (HU on CT), distance; bbox=[r0,c0,r1,c1] or center+radius, points=[[r,c],[r,c]].")
     kind = "measure"
     needs_region = True  # one of bbox, center+radius or points
+    subjects = ("area", "volume", "distance", "mean_intensity", "max_cross_section_area")
     topics = ("measure", "size", "area", "volume", "distance", "diameter", "density", "intensity", "hu",
               "hounsfield", "region", "roi", "lesion", "nodule")
     limitations = "measures exactly the region given (no segmentation); 3D distances without spacing assume cubic voxels"

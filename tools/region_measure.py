@@ -142,6 +142,7 @@ class RegionMeasure(Tool):
                    "shape, bbox.")
     kind = "measure"
     dims = frozenset({2})
+    subjects = ("dominant region", "area", "longest_diameter")
     topics = ("size", "measure", "area", "diameter", "lesion", "region", "mass", "nodule")
     Input = RegionInput
     Output = RegionOutput

@@ -223,6 +223,7 @@ class SamSegment(LearnedTool):
     card_kinds = frozenset({"segment"})
     requires = ("torch", "segment_anything")
     needs_region = True
+    subjects = ("segmented region", "area", "longest_diameter", "equivalent_diameter")
     topics = ("segment", "segmentation", "mask", "outline", "boundary", "size", "area", "diameter", "measure", "lesion", "tumor",
               "mass", "nodule", "polyp", "organ", "region")
     timeout_s = 240.0  # a vit_h embedding on CPU
