@@ -493,7 +493,10 @@ def _prepare_stores(out: Path, db_url: str | None) -> None:
     saver.conn.close()
 
 
-def _run_local(specs: list[CaseSpec], opts: dict[str, Any], workers: int, finish: Callable[[dict], None]) -> None:
+def _run_local(specs: list[Any], opts: dict[str, Any], workers: int, finish: Callable[[dict], None],
+               fn: Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]] = run_one) -> None:
+    """Run `fn(asdict(spec), opts)` for every spec in `workers` spawned processes; `finish` gets each record (a
+    worker that dies: its cases are retried once, then recorded as failed). `eval` passes its own `fn`."""
     import multiprocessing as mp
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     from concurrent.futures.process import BrokenProcessPool
@@ -512,7 +515,7 @@ def _run_local(specs: list[CaseSpec], opts: dict[str, Any], workers: int, finish
             while (pending or running) and not broken:
                 while pending and len(running) < workers * 2:  # a small queue keeps every worker busy
                     spec = pending.pop(0)
-                    running[pool.submit(run_one, asdict(spec), opts)] = spec
+                    running[pool.submit(fn, asdict(spec), opts)] = spec
                 finished, _ = wait(running, return_when=FIRST_COMPLETED)
                 for fut in finished:
                     try:

@@ -225,6 +225,81 @@ def batch(
         raise typer.Exit(1)
 
 
+@app.command(name="eval")
+def eval_cmd(
+    manifest: Annotated[Path, typer.Argument(help="VQA-style JSONL/JSON/TXT (SLAKE, VQA-RAD, VQA-Med layouts) or a "
+                                             "realcases label manifest (see agent/eval_data.py)")],
+    out_dir: Annotated[Path, typer.Option("--out", help="output folder (results.jsonl, summary.json/.md, eval.html)")],
+    systems: Annotated[str, typer.Option(help="comma-separated: agent, no-tools, blind, prior, majority (default: all "
+                                         "with --prior-from, else the first three)")] = None,
+    prior_from: Annotated[Path, typer.Option(help="reference split the prior and majority baselines are fitted on "
+                                             "(e.g. the train split; never the evaluated items)")] = None,
+    root: Annotated[Path, typer.Option(help="folder the manifest's relative paths are relative to")] = None,
+    workers: Annotated[int, typer.Option("--workers", "-j", help="worker processes (each loads the model once)")] = 1,
+    llm: Annotated[str, typer.Option(help=LLM_HELP)] = "local",
+    base_url: Annotated[str, typer.Option(help="OpenAI-compatible base URL (or DXAGENT_OPENAI_BASE_URL)")] = None,
+    model: Annotated[str, typer.Option(help="model name at the endpoint (or DXAGENT_OPENAI_MODEL)")] = None,
+    api_key: Annotated[str, typer.Option(help="API key (or DXAGENT_OPENAI_API_KEY)")] = None,
+    limit: Annotated[int, typer.Option(help="only the first N items (after --sample)")] = None,
+    sample: Annotated[int, typer.Option(help="a random sample of N items")] = None,
+    seed: Annotated[int, typer.Option(help="seed of --sample")] = 0,
+    max_steps: Annotated[int, typer.Option(help="the agent's tool-call budget per question")] = 6,
+    max_seconds: Annotated[float, typer.Option(help="the agent's wall-clock budget per question")] = 300.0,
+    db_url: Annotated[str, typer.Option(help="trace database URL (default: SQLite under --out/traces)")] = None,
+) -> None:
+    """Score the agent and honest baselines on the same benchmark items (fresh state per question), with intervals."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from agent.eval import run_eval
+    from agent.eval_data import ManifestError
+
+    progress = Progress(TextColumn("[bold]eval[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+                        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[last]}"),
+                        console=err, transient=False)
+    state: dict[str, Any] = {}
+
+    def on_start(total: int, skipped: int) -> None:
+        state["t0"], state["n"] = time.perf_counter(), 0
+        state["task"] = progress.add_task("eval", total=total, completed=skipped, rate="", last="")
+        if skipped:
+            err.print(f"{skipped} of {total} item(s) already complete in {out_dir}: skipped", highlight=False)
+
+    def on_item(rec: dict[str, Any]) -> None:
+        state["n"] += 1
+        rate = state["n"] / max(1e-9, time.perf_counter() - state["t0"]) * 60
+        agent_row = next((r for r in rec.get("rows", []) if r["system"] == "agent"), None)
+        last = (agent_row.get("answer") or {}).get("text", "")[:40] if agent_row else rec.get("status", "")
+        progress.update(state["task"], advance=1, rate=f"{rate:.1f} items/min", last=f"{rec['case_id'][:24]} {last}")
+
+    names = [s.strip() for s in systems.split(",") if s.strip()] if systems else None
+    try:
+        with progress:
+            res = run_eval(manifest, out_dir, systems=names, prior_from=prior_from, root=root, llm=llm, base_url=base_url,
+                           model=model, api_key=api_key, db_url=db_url, workers=workers, limit=limit, sample=sample,
+                           seed=seed, max_steps=max_steps, max_wall_s=max_seconds, on_start=on_start, on_item=on_item)
+    except ManifestError as exc:
+        _fail(str(exc))
+    table = Table(title=f"eval {res.out} ({res.items} items; abstentions count as wrong in 'all')")
+    for col in ("system", "closed acc (all)", "95% CI", "closed acc (answered)", "coverage", "open recall", "s/question"):
+        table.add_column(col, justify="right" if col != "system" else "left")
+    for name in res.systems:
+        s = res.summary["systems"].get(name) or {}
+        c, o = s.get("closed") or {}, s.get("open") or {}
+        f = lambda m: "-" if not m or m.get("value") is None else f"{m['value']:.3f}"  # noqa: E731
+        ci = c.get("accuracy_all") or {}
+        table.add_row(name, f(ci), "-" if ci.get("lo") is None else f"[{ci['lo']:.3f}, {ci['hi']:.3f}]",
+                      f(c.get("accuracy_answered")), f(s.get("coverage")), f(o.get("token_recall_all")),
+                      "-" if not (s.get("seconds") or {}).get("mean") else f"{s['seconds']['mean']:.2f}")
+    out.print(table)
+    for k, v in (res.summary.get("paired") or {}).items():
+        d = v.get("closed_accuracy") or {}
+        if d.get("mean") is not None:
+            out.print(f"closed accuracy {k}: {d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}] (n={d.get('n')})",
+                      highlight=False)
+    out.print(f"{res.ran} result(s) computed, {res.skipped} already complete, in {res.wall_s:.1f} s · "
+              f"{res.out / 'summary.md'} · {res.out / 'eval.html'}", highlight=False)
+
+
 @app.command()
 def demo(
     llm: Annotated[str, typer.Option(help=LLM_HELP)] = "local",

@@ -276,6 +276,9 @@ def replay(dump: dict[str, Any], tools: dict[str, Tool] | None = None) -> Replay
 
     run = dump["run"]
     settings = _settings(run)
+    if settings.get("baseline"):
+        raise ValueError(f"{run['id']} is an eval baseline ({settings['baseline']}): one LLM call, whose prompt and reply "
+                         "are in the trace (`dxagent trace show`); replay covers agent runs")
     if settings.get("chat"):
         raise ValueError(f"{run['id']} is a chat thread: replay covers single runs (`dxagent run`, batch) for now; "
                          "`dxagent trace verify` checks its record")
