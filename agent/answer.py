@@ -140,8 +140,9 @@ def statements(q: Question, state: CaseState, tools: dict[str, Tool]) -> list[St
             except KeyError:
                 continue
             attrs = tool.attributes(tool.Output.model_validate(e.output), view)
-            if q.attribute in attrs:
-                out.append(Statement(e.id, e.tool, tool.kind, attribute={"name": q.attribute, **attrs[q.attribute]}))
+            for name in q.attributes or [q.attribute]:
+                if name in attrs:
+                    out.append(Statement(e.id, e.tool, tool.kind, attribute={"name": name, **attrs[name]}))
             continue
         if q.describe and tool.kind not in QUANTITATIVE:
             continue
@@ -179,6 +180,17 @@ def _attr_words(attr: str, value: str) -> str:
 
 
 def from_attribute(q: Question, stmts: list[Statement]) -> Answer:
+    if q.kind == "attribute" and len(q.attributes) > 1:  # "the pixel spacing and intensity range": one value each
+        first = {}
+        for s in stmts:
+            first.setdefault(s.attribute["name"], s)
+        parts = [f"{n.replace('_', ' ')} {_attr_words(n, str(first[n].attribute['value']))}" for n in q.attributes
+                 if n in first]
+        ids = _ids(list(first.values()))
+        return Answer(kind="phrase", value="; ".join(parts), evidence_ids=ids, method="evidence",
+                      basis=f"stated by {', '.join(ids)}" + ("" if len(parts) == len(q.attributes) else
+                                                           f" ({len(parts)} of {len(q.attributes)} attributes)"))
+    stmts = [s for s in stmts if s.attribute.get("name") == q.attribute] or stmts
     s = stmts[0]  # the first tool that stated it (later calls on derived views repeat it)
     a = s.attribute
     value, p, src = str(a.get("value")), a.get("probability"), a.get("source", "?")

@@ -281,7 +281,9 @@ def run_one(spec: dict[str, Any], opts: dict[str, Any]) -> dict[str, Any]:
         _write_atomic(case_dir / "report.md", to_markdown(report))
         rec.update(status="done", run_id=res.run_id, modality=report.get("study", {}).get("modality"),
                    outcome=report.get("recommendation", {}).get("outcome"), findings=len(report.get("findings", [])),
-                   predicted=predicted_labels(report), report=f"cases/{s.case_id}/report.json")
+                   predicted=predicted_labels(report), report=f"cases/{s.case_id}/report.json",
+                   answer_kind=(report.get("answer") or {}).get("kind"), answer=(report.get("answer") or {}).get("text"),
+                   abstain_reason=(report.get("answer") or {}).get("reason"))
     except (DxError, LLMUnavailable) as exc:
         rec["error"] = str(exc)
     except Exception as exc:  # a case never stops the batch
@@ -411,8 +413,8 @@ def _write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> No
     _write_atomic(path, buf.getvalue())
 
 
-SUMMARY_COLUMNS = ["case_id", "status", "modality", "outcome", "findings", "labels", "predicted", "seconds", "run_id",
-                   "error", "where", "finished_at"]
+SUMMARY_COLUMNS = ["case_id", "status", "modality", "outcome", "answer_kind", "abstain_reason", "answer", "findings",
+                   "labels", "predicted", "seconds", "run_id", "error", "where", "finished_at"]
 
 
 def run_batch(manifest: str | Path, out: str | Path, *, root: str | Path | None = None, workers: int = 1,

@@ -148,6 +148,29 @@ def chat(
     loop(c, question)
 
 
+def _progress(label: str, noun: str, out_dir: Path) -> tuple[Any, Any, Any]:
+    """A rich progress bar with rate and ETA: (progress, on_start(total, skipped), tick(last line))."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    progress = Progress(TextColumn(f"[bold]{label}[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+                        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[last]}"),
+                        console=err, transient=False)
+    state: dict[str, Any] = {}
+
+    def on_start(total: int, skipped: int) -> None:
+        state["t0"], state["n"] = time.perf_counter(), 0
+        state["task"] = progress.add_task(label, total=total, completed=skipped, rate="", last="")
+        if skipped:
+            err.print(f"{skipped} of {total} {noun}(s) already complete in {out_dir}: skipped", highlight=False)
+
+    def tick(last: str) -> None:
+        state["n"] += 1
+        rate = state["n"] / max(1e-9, time.perf_counter() - state["t0"]) * 60
+        progress.update(state["task"], advance=1, rate=f"{rate:.1f} {noun}s/min", last=last)
+
+    return progress, on_start, tick
+
+
 @app.command()
 def batch(
     manifest: Annotated[Path, typer.Argument(help="a folder of images, a .csv or a .jsonl manifest")],
@@ -169,26 +192,13 @@ def batch(
     limit: Annotated[int, typer.Option(help="only the first N cases of the manifest")] = None,
 ) -> None:
     """Run every case of a manifest: resumable (re-run to skip finished cases), in parallel, one report per case."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
     from agent.batch import ManifestError, run_batch, timing_line
 
-    progress = Progress(TextColumn("[bold]batch[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-                        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[last]}"),
-                        console=err, transient=False)
-    state: dict[str, Any] = {}
-
-    def on_start(total: int, skipped: int) -> None:
-        state["t0"], state["n"] = time.perf_counter(), 0
-        state["task"] = progress.add_task("batch", total=total, completed=skipped, rate="", last="")
-        if skipped:
-            err.print(f"{skipped} of {total} case(s) already complete in {out_dir}: skipped", highlight=False)
+    progress, on_start, tick = _progress("batch", "case", out_dir)
 
     def on_case(rec: dict[str, Any]) -> None:
-        state["n"] += 1
-        rate = state["n"] / max(1e-9, time.perf_counter() - state["t0"]) * 60
         mark = {"done": "ok", "failed": "[red]failed[/]", "invalid": "[yellow]invalid[/]"}.get(rec["status"], rec["status"])
-        progress.update(state["task"], advance=1, rate=f"{rate:.1f}/min", last=f"{rec['case_id'][:30]} {mark}")
+        tick(f"{rec['case_id'][:30]} {mark}")
         if rec["status"] != "done":
             progress.console.print(f"  {rec['case_id']}: {rec['status']}: {rec.get('error')}", highlight=False,
                                    soft_wrap=True, markup=False)
@@ -248,28 +258,15 @@ def eval_cmd(
     db_url: Annotated[str, typer.Option(help="trace database URL (default: SQLite under --out/traces)")] = None,
 ) -> None:
     """Score the agent and honest baselines on the same benchmark items (fresh state per question), with intervals."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
     from agent.eval import run_eval
     from agent.eval_data import ManifestError
 
-    progress = Progress(TextColumn("[bold]eval[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-                        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[last]}"),
-                        console=err, transient=False)
-    state: dict[str, Any] = {}
-
-    def on_start(total: int, skipped: int) -> None:
-        state["t0"], state["n"] = time.perf_counter(), 0
-        state["task"] = progress.add_task("eval", total=total, completed=skipped, rate="", last="")
-        if skipped:
-            err.print(f"{skipped} of {total} item(s) already complete in {out_dir}: skipped", highlight=False)
+    progress, on_start, tick = _progress("eval", "item", out_dir)
 
     def on_item(rec: dict[str, Any]) -> None:
-        state["n"] += 1
-        rate = state["n"] / max(1e-9, time.perf_counter() - state["t0"]) * 60
         agent_row = next((r for r in rec.get("rows", []) if r["system"] == "agent"), None)
         last = (agent_row.get("answer") or {}).get("text", "")[:40] if agent_row else rec.get("status", "")
-        progress.update(state["task"], advance=1, rate=f"{rate:.1f} items/min", last=f"{rec['case_id'][:24]} {last}")
+        tick(f"{rec['case_id'][:24]} {last}")
 
     names = [s.strip() for s in systems.split(",") if s.strip()] if systems else None
     try:

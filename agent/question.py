@@ -37,11 +37,15 @@ _MEASURE = re.compile(r"\b(composition|how (large|big|long|wide|thick|much)|what
 _LOCATION = re.compile(r"\b(where|which side|what side|which lobe|in which part|which part of the (lung|liver|brain)|"
                        r"located|location|position of)\b")
 _ORGAN_ID = re.compile(r"\b(organ|organs|structure)\b(?! system)")
+_IMPERATIVE = {"segment", "measure", "detect", "find", "locate", "outline", "quantify", "show", "list", "classify",
+               "describe", "analyse", "analyze", "assess", "evaluate", "summarize", "summarise", "report", "identify"}
 _DESCRIBE = re.compile(r"\b(describe|description|findings?|what do you see|what can you see|what is seen|what is shown|"
                        r"summar\w*|quantify|analy[sz]e|report|assess|evaluate|interpret)\b")
 _HEALTHY = re.compile(r"\b(healthy|normal)\b")
 _LEAD = re.compile(r"^(is|are|does|do|did|can|could|was|were|has|have|had|will|would|should|any)\s+"
                    r"(there|this|the|it|you|we)?\s*(any|evidence of|signs? of|a|an|the)?\s*")
+_WH_LEAD = re.compile(r"^(what|which|where|how|who)\s+(is|are|was|were|does|do|can)?\s*(there|this|the|it)?\s*"
+                      r"(a|an|the)?\s*")
 _TRAIL = re.compile(r"\s+(in|on|of|within|at|seen|visible|present|shown|observed|appear|exist)\b.*$")
 _GENERIC_TAIL = {"image", "scan", "picture", "one", "film", "study", "photo", "view"}
 
@@ -58,6 +62,7 @@ class Question(BaseModel):
     side: str | None = None
     quantities: list[str] = Field(default_factory=list)  # measurement names that answer it
     organs: list[str] = Field(default_factory=list)  # every organ or tissue named ("fat, soft tissue and bone")
+    attributes: list[str] = Field(default_factory=list)  # every study attribute named ("spacing and intensity range")
     attribute: str | None = None  # modality | plane | body_region | mr_weighting | organ
     attribute_value: str | None = None  # the value a closed attribute question names ("CT")
     choices: list[str] = Field(default_factory=list)
@@ -67,7 +72,8 @@ class Question(BaseModel):
 
     def subject_obj(self) -> Subject:
         return Subject(finding=self.finding, organ=self.organ, side=self.side, quantities=tuple(self.quantities),
-                       attribute=self.attribute, attribute_value=self.attribute_value, organs=tuple(self.organs))
+                       attribute=self.attribute, attribute_value=self.attribute_value, organs=tuple(self.organs),
+                       attributes=tuple(self.attributes))
 
 
 def _strip_tail(phrase: str) -> str:
@@ -98,7 +104,7 @@ def _choices(q: str) -> list[str]:
 def _fallback_subject(q: str) -> str:
     """The words after "is there (a|evidence of)" up to a preposition: the subject of a yes/no question the
     vocabulary does not know."""
-    rest = _TRAIL.sub("", _LEAD.sub("", q.rstrip(" ?")))
+    rest = _TRAIL.sub("", _LEAD.sub("", _WH_LEAD.sub("", q.rstrip(" ?"))))
     return _strip_tail(rest)
 
 
@@ -108,12 +114,14 @@ def parse_question(text: str) -> Question:
     subj = subject_of(text)
     kw: dict = {}
     choices: list[str] = []
-    if " or " in f" {q} " and (first in _YES_NO_START or first in ("which", "what")) and (choices := _choices(q)):
+    if first in _IMPERATIVE:  # a task ("Segment the nodules and measure them."): the findings of the tools that do it
+        kind = "open"
+    elif " or " in f" {q} " and (first in _YES_NO_START or first in ("which", "what")) and (choices := _choices(q)):
         kind: QuestionKind = "choice"
     elif re.search(r"\bhow many\b|\bnumber of\b", q):
         kind = "count"
-    elif _MEASURE.search(q):
-        kind = "measurement"
+    elif _MEASURE.search(q) or (subj.quantities and first in ("what", "how") and not subj.attribute):
+        kind = "measurement"  # "What is the mean intensity inside the box?"
     elif _LOCATION.search(q):
         kind = "location"
     elif first in _YES_NO_START:
@@ -142,7 +150,7 @@ def parse_question(text: str) -> Question:
         finding, negated = "abnormality", True
     if kind == "yes_no" and not (finding or subj.organ or attribute):
         finding = label_key(_fallback_subject(normalise_text(text))) or None
-    describe = kind == "open" and not finding and not subj.organ and bool(_DESCRIBE.search(q))
+    describe = kind == "open" and (first in _IMPERATIVE or (not finding and not subj.organ and bool(_DESCRIBE.search(q))))
     if kind == "open" and not (describe or finding or subj.organ):
         finding = label_key(_fallback_subject(normalise_text(text))) or None  # no tool names it: abstain early
     fields = {"finding": finding, "organ": subj.organ, "side": subj.side, "quantities": list(subj.quantities),
@@ -151,6 +159,7 @@ def parse_question(text: str) -> Question:
         fields["quantities"] = []
     if attribute:
         fields.update(finding=None, quantities=[])
+        fields["attributes"] = list(dict.fromkeys([attribute, *subj.attributes])) if kind == "attribute" else [attribute]
         if attribute != "organ":
             fields["organ"] = None
     allowed = ["yes", "no"] if kind == "yes_no" else list(choices)

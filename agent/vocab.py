@@ -75,6 +75,9 @@ ATTRIBUTE_WORDS = {
     "part of the body": "body_region", "body part": "body_region", "body region": "body_region",
     "organ system": "body_region", "region of the body": "body_region",
     "weighting": "mr_weighting", "weighted": "mr_weighting",
+    "pixel spacing": "spacing", "spacing": "spacing", "voxel size": "spacing", "pixel size": "spacing",
+    "intensity range": "intensity_range", "range of intensities": "intensity_range", "value range": "intensity_range",
+    "image size": "shape", "matrix size": "shape", "dimensions": "shape",
 }
 # study attribute values a closed question may name ("Is this a CT?"), by attribute
 ATTRIBUTE_VALUES = {
@@ -116,13 +119,16 @@ class Subject:
     attribute: str | None = None  # modality | plane | body_region | mr_weighting
     attribute_value: str | None = None  # e.g. "CT" for "Is this a CT?"
     organs: tuple[str, ...] = ()  # every organ or tissue named, in the question's order ("fat, soft tissue and bone")
+    attributes: tuple[str, ...] = ()  # every study attribute named, in the question's order
 
     @property
     def text(self) -> str:
         if self.attribute:
-            return self.attribute.replace("_", " ") + (f" = {self.attribute_value}" if self.attribute_value else "")
-        parts = [p for p in (self.side if self.organ and self.side and not self.organ.startswith(self.side) else None,
-                             self.organ, self.finding) if p]
+            names = " and ".join(a.replace("_", " ") for a in (self.attributes or (self.attribute,)))
+            return names + (f" = {self.attribute_value}" if self.attribute_value else "")
+        organ = self.organ if self.organ and not (self.finding and self.organ in self.finding) else None
+        parts = [p for p in (self.side if organ and self.side and not organ.startswith(self.side) else None,
+                             organ, self.finding) if p]
         q = " ".join(parts)
         if self.quantities and len(self.organs) > 1:
             q = "amount of " + ", ".join(self.organs)
@@ -158,19 +164,21 @@ def subject_of(text: str) -> Subject:
         side, organ = organ.split()[0], organ.split(" ", 1)[1]
     qwords = sorted((k for k in QUANTITIES if f" {k} " in f" {t} "), key=len, reverse=True)
     quantities = tuple(dict.fromkeys(n for k in qwords for n in QUANTITIES[k]))
-    attribute = None
-    for phrase in sorted(ATTRIBUTE_WORDS, key=len, reverse=True):
-        if f" {phrase} " in f" {t} ":
-            attribute = ATTRIBUTE_WORDS[phrase]
-            break
+    found: dict[str, int] = {}
     padded = f" {t} "
+    for phrase in sorted(ATTRIBUTE_WORDS, key=len, reverse=True):  # longest phrase first: "pixel spacing" > "spacing"
+        at = padded.find(f" {phrase} ")
+        if at >= 0 and not any(at >= a and at < a + len(p) for p, a in found.items()):
+            found[phrase] = at
+    attrs = tuple(dict.fromkeys(ATTRIBUTE_WORDS[p] for p in sorted(found, key=found.get)))
+    attribute = attrs[0] if attrs else None
     named = sorted((o for o in ORGANS if f" {o} " in padded and not any(o != p and f" {o} " in f" {p} " for p in ORGANS
                                                                      if f" {p} " in padded)), key=padded.index)
     composite = next((v for k, v in COMPOSITES.items() if f" {k} " in padded), None)
     if composite and not named:
         named, organ = list(composite), organ or composite[0]
     return Subject(finding=finding, organ=organ, side=side, quantities=quantities, attribute=attribute,
-                   organs=tuple(named))
+                   organs=tuple(named), attributes=attrs)
 
 
 def attribute_value_in(text: str, attribute: str | None = None) -> tuple[str, str] | None:

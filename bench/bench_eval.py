@@ -1,7 +1,7 @@
 """`dxagent eval` on SLAKE validate with the embedded default: every system's closed accuracy, coverage, open recall
 (95 % bootstrap intervals), time per question, and the checks of issue 13.
 
-    .venv/bin/python bench/bench_eval.py [--sample N] [--seed 0] [--workers 1] [--llm local] [--out DIR]
+    .venv/bin/python bench/bench_eval.py [--sample N] [--seed 0] [--limit K] [--workers 1] [--llm local] [--out DIR]
 
 Runs `agent.eval.run_eval` (the code `dxagent eval` runs) on `../shared/data/slake_dev/validate.jsonl` (or
 $DXAGENT_SLAKE) with the prior and majority fitted on `train.jsonl`; `--sample` evaluates a seeded random sample
@@ -28,6 +28,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sample", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--limit", type=int, default=None, help="only the first N sampled items (in file order)")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--llm", default="local")
     ap.add_argument("--out", type=Path, default=None)
@@ -40,7 +41,7 @@ def main() -> None:
 
     out = args.out or Path(tempfile.mkdtemp(prefix="bench-eval-"))
     res = run_eval(data / "validate.jsonl", out, prior_from=data / "train.jsonl", llm=args.llm, workers=args.workers,
-                   sample=args.sample, seed=args.seed)
+                   sample=args.sample, seed=args.seed, limit=args.limit)
     s = res.summary
     print(f"SLAKE validate, {res.items} questions{f' (sample {args.sample}, seed {args.seed})' if args.sample else ''}, "
           f"llm {args.llm}, {args.workers} worker(s); wall {res.wall_s:.0f} s for {res.ran} new result(s)")

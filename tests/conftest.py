@@ -3,6 +3,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -45,6 +46,26 @@ def yolo_trained(tmp_path_factory) -> tuple[Path, Path]:
         mp.setenv("DXAGENT_CACHE", str(cache))
         card = yolo_maker.make(tmp_path_factory.mktemp("yolo-src"))
     return card, cache
+
+
+def _chromium() -> str | None:
+    for name in (os.environ.get("DXAGENT_CHROMIUM"), "chromium", "chromium-browser", "google-chrome"):
+        if name and (path := shutil.which(name)):
+            return path
+    return None
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Debian's chromium driven by Playwright (its own browser download is never used) for the HTML pages' tests."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (the [dev] extra)")
+    exe = _chromium()
+    if exe is None:
+        pytest.skip("no chromium on PATH (scripts/install.sh installs it): the browser tests are skipped")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=exe, args=["--no-sandbox"])
+        yield b
+        b.close()
 
 
 @pytest.fixture

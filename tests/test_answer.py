@@ -38,6 +38,12 @@ ANEURYSM = "Is there evidence of an aortic aneurysm?"
     ("What is the largest organ in the picture?", "attribute", "organ", {"attribute": "organ"}),
     ("Describe the main findings and quantify them.", "open", "the findings", {"describe": True}),
     ("What diseases are included in the picture?", "open", "diseases", {"describe": False}),
+    ("Segment the nodules and measure them.", "open", "nodule", {"describe": True}),  # a task: what the tools find
+    ("What is the mean intensity inside the box?", "measurement", "mean intensity", {"quantities": ["mean_intensity"]}),
+    ("What is the pixel spacing and intensity range of this image?", "attribute", "spacing and intensity range",
+     {"attributes": ["spacing", "intensity_range"]}),
+    ("What is the tissue composition of this CT slice?", "measurement", "amount of fat, soft tissue, bone, lung",
+     {"organs": ["fat", "soft tissue", "bone", "lung"]}),
 ])
 def test_each_question_kind_parses(text, kind, subject, extra):
     q = parse_question(text)
@@ -92,6 +98,16 @@ def test_modality_questions_are_answered_from_the_stated_attribute(store):
         a = compose_answer(_state(question, ev, ctx), tools())
         assert (a.kind, a.value, a.evidence_ids) == (kind, value, ["E1"]), (question, a)
         assert a.probability is None and "dicom" in a.basis  # read from the tag, not guessed: no invented confidence
+
+
+def test_several_attributes_or_tissues_get_one_value_each(store):
+    ctx = make_ctx(store, CT)
+    a = compose_answer(_state("What is the pixel spacing and intensity range of this image?",
+                              [_evidence(ctx, "inspect_image")], ctx), tools())
+    assert a.kind == "phrase" and a.value.startswith("spacing 0.6615 x 0.6615 mm; intensity range gray ")
+    a = compose_answer(_state("What is the tissue composition of this CT slice?",
+                              [_evidence(ctx, "ct_tissue_composition")], ctx), tools())
+    assert [p.split()[0] for p in a.value.split("; ")] == ["fat", "soft", "bone", "lung"] and a.evidence_ids == ["E1"]
 
 
 def test_run_abstains_early_without_calling_a_tool(tmp_path):

@@ -7,8 +7,6 @@ Without playwright or a chromium binary the tests skip.
 from __future__ import annotations
 
 import io
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -54,25 +52,6 @@ CHECKS = """() => {
     text: document.body.innerText,
   };
 }"""
-
-
-def _chromium() -> str | None:
-    for name in (os.environ.get("DXAGENT_CHROMIUM"), "chromium", "chromium-browser", "google-chrome"):
-        if name and (path := shutil.which(name)):
-            return path
-    return None
-
-
-@pytest.fixture(scope="module")
-def browser():
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (the [dev] extra)")
-    exe = _chromium()
-    if exe is None:
-        pytest.skip("no chromium on PATH (scripts/install.sh installs it): the HTML-view browser test is skipped")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=exe, args=["--no-sandbox"])
-        yield b
-        b.close()
 
 
 def open_page(browser, path: Path):

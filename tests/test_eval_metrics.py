@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -416,25 +415,6 @@ def test_eval_html_is_self_contained(tmp_path):
     # nothing to show still renders
     empty = write_eval_html(summarize([], ["agent"]), tmp_path / "empty.html")
     assert "Research use only" in empty.read_text()
-
-
-def _chromium() -> str | None:  # as in tests/test_audit_html.py
-    for name in (os.environ.get("DXAGENT_CHROMIUM"), "chromium", "chromium-browser", "google-chrome"):
-        if name and (path := shutil.which(name)):
-            return path
-    return None
-
-
-@pytest.fixture(scope="module")
-def browser():
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (the [dev] extra)")
-    exe = _chromium()
-    if exe is None:
-        pytest.skip("no chromium on PATH (scripts/install.sh installs it): the eval-page browser test is skipped")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=exe, args=["--no-sandbox"])
-        yield b
-        b.close()
 
 
 CHECKS = """() => {

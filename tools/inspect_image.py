@@ -61,7 +61,7 @@ class InspectImage(Tool):
                    "de-identified tags. Does not find or measure anything in the image.")
     kind = "inspect"
     topics = ("metadata", "intensity", "quality", "spacing")
-    subjects = ("attribute:modality", "mean_intensity")
+    subjects = ("attribute:modality", "attribute:spacing", "attribute:intensity_range", "attribute:shape", "mean_intensity")
 
     def addresses(self, view) -> frozenset[str]:
         known = {"attribute:body_region"} if view.body_part not in ("", "unknown") else set()
@@ -70,12 +70,18 @@ class InspectImage(Tool):
         return frozenset(self.subjects) | known
 
     def attributes(self, output: BaseModel, view) -> dict[str, dict[str, Any]]:
-        """The modality (with the guess's confidence when it was guessed), the body part and the radiograph view
-        position when the file states them."""
+        """The modality (with the guess's confidence when it was guessed), spacing, intensity range and shape, and the
+        body part and the radiograph view position when the file states them."""
         assert isinstance(output, InspectOutput)
         out: dict[str, dict[str, Any]] = {"modality": {
             "value": output.modality, "source": output.modality_source,
             "probability": output.modality_confidence if output.modality_source == "guess" else None}}
+        sp = output.spacing_mm
+        out["spacing"] = {"value": "unknown" if sp == "unknown" else " x ".join(f"{s:.4g}" for s in sp) + " mm",
+                          "source": "file", "probability": None}
+        rng = "; ".join(f"{k} {s.min:.6g}..{s.max:.6g}" for k, s in output.intensity.items())
+        out["intensity_range"] = {"value": rng, "source": "pixels", "probability": None}
+        out["shape"] = {"value": " x ".join(map(str, output.shape)), "source": "pixels", "probability": None}
         if output.body_part not in ("", "unknown"):
             out["body_region"] = {"value": output.body_part.lower(), "source": "dicom", "probability": None}
         pos = str(output.metadata.get("ViewPosition") or "").upper()
