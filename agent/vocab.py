@@ -64,20 +64,26 @@ QUANTITIES = {
     "amount": ("volume", "area", "fraction_of_body"),
 }
 
+# quantity words that name no quantity of their own: they need an organ or tissue ("how much fat")
+VAGUE_QUANTITIES = {"how much", "amount"}
+
 # subjects that stand for several organs or tissues at once
 COMPOSITES = {"tissue composition": ("fat", "soft tissue", "bone", "lung"), "composition": ("fat", "soft tissue", "bone", "lung")}
 
 # study attributes (answered by evidence that states them, e.g. inspect_image's modality)
 ATTRIBUTE_WORDS = {
     "modality": "modality", "imaging modality": "modality", "kind of scan": "modality", "type of scan": "modality",
-    "type of image": "modality", "kind of image": "modality", "imaging technique": "modality",
+    "type of image": "modality", "kind of image": "modality", "type of medical image": "modality",
+    "kind of medical image": "modality", "imaging technique": "modality",
     "scanning plane": "plane", "plane": "plane", "view": "plane", "orientation": "plane",
     "part of the body": "body_region", "body part": "body_region", "body region": "body_region",
     "organ system": "body_region", "region of the body": "body_region",
     "weighting": "mr_weighting", "weighted": "mr_weighting",
     "pixel spacing": "spacing", "spacing": "spacing", "voxel size": "spacing", "pixel size": "spacing",
     "intensity range": "intensity_range", "range of intensities": "intensity_range", "value range": "intensity_range",
-    "image size": "shape", "matrix size": "shape", "dimensions": "shape",
+    "image size": "image_size", "matrix size": "image_size", "dimensions": "image_size",
+    # how an organ looks: no tool states it (yet), so such a question abstains before any tool is called
+    "color": "appearance", "colour": "appearance", "shape": "appearance", "look like": "appearance",
 }
 # study attribute values a closed question may name ("Is this a CT?"), by attribute
 ATTRIBUTE_VALUES = {
@@ -163,6 +169,8 @@ def subject_of(text: str) -> Subject:
     if organ and organ.split()[0] in SIDES:
         side, organ = organ.split()[0], organ.split(" ", 1)[1]
     qwords = sorted((k for k in QUANTITIES if f" {k} " in f" {t} "), key=len, reverse=True)
+    if set(qwords) <= VAGUE_QUANTITIES and not _find(t, ORGANS):
+        qwords = []  # "How much damage ...": how much of what no tool measures
     quantities = tuple(dict.fromkeys(n for k in qwords for n in QUANTITIES[k]))
     found: dict[str, int] = {}
     padded = f" {t} "

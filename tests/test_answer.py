@@ -38,7 +38,9 @@ ANEURYSM = "Is there evidence of an aortic aneurysm?"
     ("What is the largest organ in the picture?", "attribute", "organ", {"attribute": "organ"}),
     ("Describe the main findings and quantify them.", "open", "the findings", {"describe": True}),
     ("What diseases are included in the picture?", "open", "diseases", {"describe": False}),
-    ("Segment the nodules and measure them.", "open", "nodule", {"describe": True}),  # a task: what the tools find
+    ("Segment the nodules and measure them.", "open", "nodule", {"describe": True}),
+    ("What color does the left lung show in the picture?", "attribute", "appearance", {"attribute": "appearance"}),
+    ("What type of medical image is this?", "attribute", "modality", {"attribute": "modality"}),  # a task: what the tools find
     ("What is the mean intensity inside the box?", "measurement", "mean intensity", {"quantities": ["mean_intensity"]}),
     ("What is the pixel spacing and intensity range of this image?", "attribute", "spacing and intensity range",
      {"attributes": ["spacing", "intensity_range"]}),
@@ -78,6 +80,16 @@ def test_an_unrelated_measurement_never_answers_a_topicless_question(store):
     assert a.kind == "abstain" and a.reason == "no_applicable_tool" and a.evidence_ids == []
     assert "aortic aneurysm" in a.needed and "model card" in a.needed
     assert a.text.startswith("Cannot answer (no_applicable_tool)")
+
+
+def test_a_vague_quantity_of_an_unknown_subject_is_not_answered_by_an_area(store):
+    """SLAKE's "How much damage will be caused to the body taking such an image?" was once answered with an area."""
+    ctx = make_ctx(store, CT)
+    st = _state("How much damage will be caused to the body taking such an image?",
+                [_evidence(ctx, "region_measure"), _evidence(ctx, "ct_tissue_composition", "E2")], ctx)
+    q = parse_question(st.question)
+    assert q.kind == "measurement" and q.quantities == [] and statements(q, st, tools()) == []
+    assert compose_answer(st, tools()).reason == "no_applicable_tool"
 
 
 def test_a_measurement_answers_only_the_quantity_it_measures(store):

@@ -61,7 +61,7 @@ class InspectImage(Tool):
                    "de-identified tags. Does not find or measure anything in the image.")
     kind = "inspect"
     topics = ("metadata", "intensity", "quality", "spacing")
-    subjects = ("attribute:modality", "attribute:spacing", "attribute:intensity_range", "attribute:shape", "mean_intensity")
+    subjects = ("attribute:modality", "attribute:spacing", "attribute:intensity_range", "attribute:image_size", "mean_intensity")
 
     def addresses(self, view) -> frozenset[str]:
         known = {"attribute:body_region"} if view.body_part not in ("", "unknown") else set()
@@ -81,7 +81,7 @@ class InspectImage(Tool):
                           "source": "file", "probability": None}
         rng = "; ".join(f"{k} {s.min:.6g}..{s.max:.6g}" for k, s in output.intensity.items())
         out["intensity_range"] = {"value": rng, "source": "pixels", "probability": None}
-        out["shape"] = {"value": " x ".join(map(str, output.shape)), "source": "pixels", "probability": None}
+        out["image_size"] = {"value": " x ".join(map(str, output.shape)), "source": "pixels", "probability": None}
         if output.body_part not in ("", "unknown"):
             out["body_region"] = {"value": output.body_part.lower(), "source": "dicom", "probability": None}
         pos = str(output.metadata.get("ViewPosition") or "").upper()
