@@ -293,6 +293,9 @@ def eval_cmd(
         if d.get("mean") is not None:
             out.print(f"closed accuracy {k}: {d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}] (n={d.get('n')})",
                       highlight=False)
+    if res.invalid:
+        err.print(f"[yellow]warning:[/] {res.invalid} invalid item(s), scored as input_unreadable abstentions (their "
+                  "errors are in results.jsonl)", highlight=False)
     out.print(f"{res.ran} result(s) computed, {res.skipped} already complete, in {res.wall_s:.1f} s · "
               f"{res.out / 'summary.md'} · {res.out / 'eval.html'}", highlight=False)
 

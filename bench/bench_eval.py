@@ -1,7 +1,8 @@
 """`dxagent eval` on SLAKE validate with the embedded default: every system's closed accuracy, coverage, open recall
 (95 % bootstrap intervals), time per question, and the checks of issue 13.
 
-    .venv/bin/python bench/bench_eval.py [--sample N] [--seed 0] [--limit K] [--workers 1] [--llm local] [--out DIR]
+    .venv/bin/python bench/bench_eval.py [--sample N] [--seed 0] [--limit K] [--systems agent,prior] [--workers 1]
+                                         [--llm local] [--out DIR]
 
 Runs `agent.eval.run_eval` (the code `dxagent eval` runs) on `../shared/data/slake_dev/validate.jsonl` (or
 $DXAGENT_SLAKE) with the prior and majority fitted on `train.jsonl`; `--sample` evaluates a seeded random sample
@@ -31,6 +32,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None, help="only the first N sampled items (in file order)")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--llm", default="local")
+    ap.add_argument("--systems", default=None, help="comma-separated (default: all five)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     data = Path(os.environ.get("DXAGENT_SLAKE") or ROOT.parent / "shared" / "data" / "slake_dev")
@@ -40,7 +42,9 @@ def main() -> None:
     from agent.eval import run_eval
 
     out = args.out or Path(tempfile.mkdtemp(prefix="bench-eval-"))
-    res = run_eval(data / "validate.jsonl", out, prior_from=data / "train.jsonl", llm=args.llm, workers=args.workers,
+    systems = [s.strip() for s in args.systems.split(",")] if args.systems else None
+    res = run_eval(data / "validate.jsonl", out, systems=systems, prior_from=data / "train.jsonl", llm=args.llm,
+                   workers=args.workers,
                    sample=args.sample, seed=args.seed, limit=args.limit)
     s = res.summary
     print(f"SLAKE validate, {res.items} questions{f' (sample {args.sample}, seed {args.seed})' if args.sample else ''}, "
