@@ -245,7 +245,8 @@ def from_evidence(q: Question, stmts: list[Statement]) -> Answer | None:
                                                       "(yes at >= 0.5)", method="evidence")
         return None
     if q.kind == "count":
-        inst = [(s, f) for s, f in fs if f.present or (f.bbox is not None and s.tool_kind in ("detect", "segment"))]
+        # instances: findings claimed present, or a detector's boxes; a segmenter's tissue class is not an instance
+        inst = [(s, f) for s, f in fs if f.present or (f.bbox is not None and s.tool_kind == "detect")]
         if not inst:
             return None
         return Answer(kind="count", value=len(inst), evidence_ids=_ids([s for s, _ in inst]), method="evidence",

@@ -21,6 +21,7 @@ ALIASES = {
     "lesions": "lesion", "aneurysms": "aneurysm", "aortic aneurysms": "aortic aneurysm",
     # a detector's candidates are not nodules: keep them apart from the finding "nodule"
     "candidate nodule blob": "blob candidate", "candidate nodule": "blob candidate",
+    "abnormal": "abnormality", "abnormally": "abnormality", "unhealthy": "abnormality", "diseased": "abnormality",
     "brian": "brain", "lungs": "lung", "kidneys": "kidney", "eyes": "eye", "ears": "ear",
 }
 

@@ -23,6 +23,7 @@ ANEURYSM = "Is there evidence of an aortic aneurysm?"
     (ANEURYSM, "yes_no", "aortic aneurysm", {"finding": "aortic aneurysm"}),
     ("Is the heart enlarged?", "yes_no", "cardiomegaly", {"finding": "cardiomegaly"}),
     ("Does the lung look healthy?", "yes_no", "lung abnormality", {"negated": True, "organ": "lung"}),
+    ("Which side of lung is abnormal in this image?", "location", "lung abnormality", {"finding": "abnormality"}),
     ("Is there bronchiectasis?", "yes_no", "bronchiectasis", {"finding": "bronchiectasis"}),
     ("Is this a X-Ray?", "yes_no", "modality = DX", {"attribute": "modality", "attribute_value": "DX"}),
     ("Is this a CT or an MRI?", "choice", "modality", {"choices": ["ct", "mri"], "attribute": "modality"}),
@@ -90,6 +91,13 @@ def test_a_vague_quantity_of_an_unknown_subject_is_not_answered_by_an_area(store
     q = parse_question(st.question)
     assert q.kind == "measurement" and q.quantities == [] and statements(q, st, tools()) == []
     assert compose_answer(st, tools()).reason == "no_applicable_tool"
+
+
+def test_a_tissue_class_is_not_an_organ_count(store):
+    """SLAKE's "How many lungs are shown in this image?" on CT was once answered 1 from the lung tissue class."""
+    ctx = make_ctx(store, CT)
+    st = _state("How many lungs are shown in this image?", [_evidence(ctx, "ct_tissue_composition")], ctx)
+    assert compose_answer(st, tools()).kind == "abstain"
 
 
 def test_a_measurement_answers_only_the_quantity_it_measures(store):
