@@ -63,6 +63,15 @@ def addressing_tools(q: Question, state: CaseState, tools: dict[str, Tool]) -> l
     return [n for n in state.applicable_tools if n in tools and can_address(q, tools[n], v1)]
 
 
+def understood(state: CaseState, tools: dict[str, Tool]) -> tuple[Question, list[str]]:
+    """The question as intake understood it and the tools that can address it; worked out here for a state that did
+    not pass through intake (tests, a hand-made state)."""
+    if state.question_info is not None:
+        return state.question_info, state.addressing_tools
+    q = parse_question(state.question)
+    return q, addressing_tools(q, state, tools)
+
+
 def needed(q: Question) -> str:
     """What a user would have to add for the question to be answerable."""
     if q.attribute == "modality":
@@ -387,7 +396,7 @@ def ask(chat: Any, model_id: str, prompt_name: str, q: Question, record: Any, no
     return value, prob, err
 
 
-def _typed(q: Question, value: str) -> tuple[str, Any]:
+def typed_value(q: Question, value: str) -> tuple[str, Any]:
     if q.kind == "count" and value.isdigit():
         return "count", int(value)
     return {"yes_no": "yes_no", "choice": "choice", "location": "location"}.get(q.kind, "phrase"), value
@@ -396,8 +405,7 @@ def _typed(q: Question, value: str) -> tuple[str, Any]:
 # -- the step ----------------------------------------------------------------------------------------------------
 def compose_answer(state: CaseState, tools: dict[str, Tool], chat: Any = None, model_id: str = "",
                    record: Any = None, case_line: str = "") -> Answer:
-    q = state.question_info or parse_question(state.question)
-    addressing = state.addressing_tools if state.question_info else addressing_tools(q, state, tools)
+    q, addressing = understood(state, tools)
     if not addressing:
         return finish(abstain("no_applicable_tool", f"no applicable tool can address {q.subject or 'the question'}",
                               needed(q)))
@@ -423,7 +431,7 @@ def compose_answer(state: CaseState, tools: dict[str, Tool], chat: Any = None, m
     if value == CANNOT_TELL:
         return finish(abstain("evidence_does_not_address", "the model could not tell from the evidence lines",
                               ids=_ids(stmts)))
-    kind, typed = _typed(q, value)
+    kind, typed = typed_value(q, value)
     return finish(Answer(kind=kind, value=typed, probability=prob, evidence_ids=_ids(stmts), method="llm",
                          basis=f"chosen by the model from {len(stmts)} evidence line(s) about {q.subject}"))
 

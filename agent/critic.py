@@ -23,8 +23,7 @@ from __future__ import annotations
 import json
 import re
 
-from agent.answer import addressed_by, addressing_tools, findings_of
-from agent.question import parse_question
+from agent.answer import addressed_by, findings_of, understood
 from agent.state import CaseState, Critique, Evidence
 from agent.vocab import label_key
 from tools.base import FindingDraft, Tool
@@ -76,8 +75,7 @@ def critique(state: CaseState, tools: dict[str, Tool], now: float | None = None)
             conflicts.append(f"{name} on {view} ranges {lo:.3g}-{hi:.3g} {unit} across {', '.join(i for i, _ in vals)}")
 
     topics = question_topics(state.question, tools, state.applicable_tools)
-    q = state.question_info or parse_question(state.question)
-    addressing = state.addressing_tools if state.question_info else addressing_tools(q, state, tools)
+    q, addressing = understood(state, tools)
     answered_by = sorted(addressed_by(q, state, tools), key=_eid)
     answered = bool(answered_by)
 

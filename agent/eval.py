@@ -67,14 +67,14 @@ def _abstain(reason: str, basis: str) -> dict[str, Any]:
 
 def _typed_answer(question: str, value: str, probability: float | None, basis: str, method: str) -> dict[str, Any]:
     """A baseline's value as an answer object (no evidence: baselines do not look)."""
-    from agent.answer import CANNOT_TELL, _typed, answer_text
+    from agent.answer import CANNOT_TELL, answer_text, typed_value
     from agent.question import parse_question
     from agent.state import Answer
 
     if value == CANNOT_TELL:
         return _abstain("evidence_does_not_address", "the model could not tell")
     q = parse_question(question)
-    kind, typed = _typed(q, value)
+    kind, typed = typed_value(q, value)
     a = Answer(kind=kind, value=typed, probability=probability, basis=basis, method=method)
     return a.model_copy(update={"text": answer_text(a)}).model_dump(mode="json")
 
