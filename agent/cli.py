@@ -58,6 +58,10 @@ def _run_one(paths: list[str], question: str | None, **kw) -> tuple[str, dict]:
     return res.run_id, res.report or {}
 
 
+NoRoute = Annotated[bool, typer.Option("--no-route", help="let the planner choose every call (by default a question "
+                                      "about a named subject goes straight to a tool that addresses it)")]
+
+
 @app.command()
 def run(
     image: Annotated[list[Path], typer.Argument(help="image file(s) or a DICOM series folder")] = None,
@@ -77,6 +81,7 @@ def run(
     resume: Annotated[str, typer.Option(help="resume an interrupted run by its id")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
     out_dir: Annotated[Path, typer.Option("--out", help="also write report.json and report.md here")] = None,
+    no_route: NoRoute = False,
 ) -> None:
     """Run the agent on one case and print its evidence-cited report and trace id."""
     from agent.report import to_markdown
@@ -86,7 +91,7 @@ def run(
     run_id, report = _run_one([str(p) for p in image or []], question, llm=llm, base_url=base_url, model=model,
                               api_key=api_key, llm_timeout_s=llm_timeout, modality=modality, body_part=body_part,
                               clinical_context=context, max_steps=max_steps, max_wall_s=max_seconds,
-                              trace_dir=trace_dir, db_url=db_url, resume=resume)
+                              trace_dir=trace_dir, db_url=db_url, resume=resume, route=not no_route)
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "report.json").write_text(json.dumps(report, indent=2))
@@ -117,6 +122,7 @@ def chat(
     max_seconds: Annotated[float, typer.Option(help="wall-clock budget per question")] = 300.0,
     trace_dir: Annotated[Path, typer.Option(help="where traces, checkpoints and artifacts go")] = None,
     db_url: Annotated[str, typer.Option(help="trace database URL (default: SQLite in --trace-dir)")] = None,
+    no_route: NoRoute = False,
 ) -> None:
     """An interactive consultation on a case: ask questions, watch the think / act / rethink steps, get answers
     that cite evidence ids. /help lists the commands; Ctrl-C cancels a turn; Ctrl-D or /quit leaves."""
@@ -134,7 +140,7 @@ def chat(
     try:
         eng = engine(llm=llm, base_url=base_url, model=model, api_key=api_key, llm_timeout_s=llm_timeout,
                      script=replies, trace_dir=trace_dir, db_url=db_url)
-        c = Chat(eng, out, per_turn_steps=max_steps, max_wall_s=max_seconds)
+        c = Chat(eng, out, per_turn_steps=max_steps, max_wall_s=max_seconds, route=not no_route)
         if resume:
             st = c.resume(resume)
             out.print(f"resumed thread {resume}: {len(st.conversation) + (st.report is not None)} answered "
@@ -654,7 +660,7 @@ def models_list(as_json: Annotated[bool, typer.Option("--json", help="the full c
     entries = store.list()
     checks = {id(e): store.verify_card(e.card) for e in entries if e.card is not None}
     if as_json:
-        print(json.dumps([{"name": e.name, "path": str(e.path), "error": e.error,
+        print(json.dumps([{"name": e.name, "path": str(e.path), "error": e.error, "bundled": e.bundled,
                            "weights": checks[id(e)].message() if e.card else None,
                            "status": checks[id(e)].status if e.card else "broken card",
                            "card": e.card.model_dump(mode="json") if e.card else None} for e in entries], indent=2))
@@ -668,7 +674,8 @@ def models_list(as_json: Annotated[bool, typer.Option("--json", help="the full c
             continue
         c, v = e.card, checks[id(e)]
         labels = ", ".join(c.labels[:6]) + (f" +{len(c.labels) - 6}" if len(c.labels) > 6 else "")
-        table.add_row(c.name, c.kind, c.adapter, ", ".join(c.modalities), labels, c.validation_headline(),
+        table.add_row(c.name + (" (bundled)" if e.bundled else ""), c.kind, c.adapter, ", ".join(c.modalities), labels,
+                      c.validation_headline(),
                       "ok" if v.ok else f"[red]{v.status}[/]")
     out.print(table)
     if not entries:

@@ -18,7 +18,10 @@ A model card is a YAML file that says what a set of weights is, what it is for a
 
 The store is a folder ($DXAGENT_MODELS, else <cache root>/models/cards; the planner's GGUF lives in
 <cache root>/models itself) holding one sub-folder per model: `<name>/card.yaml` plus its copied weights, so each
-card is self-contained. Cards dropped by hand as `<store>/*.yaml` are listed too. Weight hashes are cached by
+card is self-contained. Cards dropped by hand as `<store>/*.yaml` are listed too. The store also lists the models
+the project ships and trained itself (`tools/models/<name>/card.yaml`, weights in the repo; `bundled` in listings):
+a user's card of the same name shadows a bundled one, and `add` never writes there; DXAGENT_BUNDLED_MODELS=0 leaves
+them out. Weight hashes are cached by
 (path, size, mtime) in `<store>/.sha256-cache.json`, so listing multi-GB weights stays fast.
 
 Weights may be a folder (a MONAI bundle with configs/ and models/, a transformers model directory): its sha256 is
@@ -45,6 +48,7 @@ CHUNK = 1 << 20  # sha256 is computed in 1 MiB chunks
 CACHE_FILE = ".sha256-cache.json"
 CARD_FILE = "card.yaml"
 KINDS = ("segment", "detect", "classify", "embed")
+BUNDLED_DIR = Path(__file__).resolve().parent.parent / "tools" / "models"  # the project's own trained experts
 
 
 class ModelStoreError(RuntimeError):
@@ -183,6 +187,7 @@ class CardEntry:
     path: Path
     card: ModelCard | None = None
     error: str | None = None
+    bundled: bool = False  # shipped with dxagent (tools/models), not added by the user
 
     @property
     def name(self) -> str:
@@ -259,8 +264,11 @@ def _copy_hashed(src: Path, dst: Path) -> str:
 class ModelStore:
     """A folder of model cards and their weights."""
 
-    def __init__(self, dir: str | Path | None = None):
+    def __init__(self, dir: str | Path | None = None, bundled: bool | None = None):
         self.dir = Path(dir).expanduser() if dir else default_models_dir()
+        if bundled is None:
+            bundled = os.environ.get("DXAGENT_BUNDLED_MODELS", "1").strip() != "0"
+        self.bundled_dir: Path | None = BUNDLED_DIR if bundled else None
         self._cache: dict[str, dict[str, Any]] | None = None
 
     # -- sha256 with a (path, size, mtime) cache -------------------------------------------------------------
@@ -311,21 +319,33 @@ class ModelStore:
         return digest
 
     # -- cards ------------------------------------------------------------------------------------------------
-    def _card_files(self) -> list[Path]:
-        if not self.dir.is_dir():
+    @staticmethod
+    def _card_files(folder: Path | None, loose: bool = True) -> list[Path]:
+        if folder is None or not folder.is_dir():
             return []
-        files = [p for p in self.dir.glob(f"*/{CARD_FILE}") if not p.parent.name.startswith(".")]
-        files += [p for p in self.dir.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file()]
+        files = [p for p in folder.glob(f"*/{CARD_FILE}") if not p.parent.name.startswith(".")]
+        if loose:
+            files += [p for p in folder.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file()]
         return sorted(files)
 
-    def list(self) -> list[CardEntry]:
-        """Every card in the store; a bad card is an entry with its one-line error, never an exception."""
+    def list(self, bundled: bool = True) -> list[CardEntry]:
+        """Every card in the store (the user's, then the bundled ones they do not shadow); a bad card is an entry with
+        its one-line error, never an exception."""
         entries = []
-        for p in self._card_files():
+        for p in self._card_files(self.dir):
             try:
                 entries.append(CardEntry(p, card=load_card(p)))
             except ModelCardError as exc:
                 entries.append(CardEntry(p, error=str(exc)))
+        if bundled and self.bundled_dir is not None and self.bundled_dir.resolve() != self.dir.resolve():
+            names = {e.name for e in entries}
+            for p in self._card_files(self.bundled_dir, loose=False):
+                try:
+                    e = CardEntry(p, card=load_card(p), bundled=True)
+                except ModelCardError as exc:
+                    e = CardEntry(p, error=str(exc), bundled=True)
+                if e.name not in names:
+                    entries.append(e)
         return entries
 
     def cards(self) -> list[ModelCard]:
@@ -348,7 +368,7 @@ class ModelStore:
         src = card.weights_path
         if not (src.is_file() or src.is_dir()):
             raise ModelCardError(f"{card_yaml_path}: weights: file or folder not found: {src}")
-        clash = [e for e in self.list() if e.name == card.name]
+        clash = [e for e in self.list(bundled=False) if e.name == card.name]  # a bundled card is shadowed, never replaced
         dest = self.dir / card.name
         if (clash or dest.exists()) and not replace:
             where = clash[0].path if clash else dest

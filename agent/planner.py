@@ -263,9 +263,18 @@ def case_line(state: CaseState) -> str:
     spacing = "unknown (measurements in pixels)" if v.spacing_mm == "unknown" else \
         "x".join(f"{s:.3g}" for s in v.spacing_mm) + " mm"
     conf = v.metadata.get("modality_confidence")
-    src = v.modality_source + (f", confidence {conf:.2f}" if isinstance(conf, int | float) else "")
+    src = v.modality_source + (f", confidence {conf:.2f}" if v.modality_inferred and isinstance(conf, int | float)
+                               else "") + (", UNCERTAIN" if v.modality_uncertain else "")
     words = MODALITY_WORDS.get(v.modality, v.modality)
-    return (f"modality {v.modality} = {words} ({src}), body part {v.body_part}, {v.ndim_spatial}D "
+    study = v.metadata.get("study") or {}
+    seen = ""
+    if study:
+        from tools.study_classify import study_facts
+
+        f = study_facts(v)
+        seen = "".join(f", {k} {f[k]} (classifier {f[k + '_probability']:.2f})" for k in ("plane", "body_region")
+                       if f[k])
+    return (f"modality {v.modality} = {words} ({src}), body part {v.body_part}{seen}, {v.ndim_spatial}D "
             f"{'RGB' if v.photometric == 'RGB' else 'grayscale'} image {list(v.shape)}, spacing {spacing}")
 
 

@@ -16,10 +16,11 @@ from langchain_core.messages import HumanMessage
 from pydantic import BaseModel, Field
 
 from agent.answer import compose_answer, findings_of
-from agent.planner import MODALITY_WORDS, case_line, evidence_line, prompt_versions, render
+from agent.planner import case_line, evidence_line, prompt_versions, render
 from agent.question import Question, parse_question
 from agent.state import Answer, CaseState
 from tools.base import Measurement, Tool
+from tools.study_classify import study_facts, study_notes
 
 DISCLAIMER = ("RESEARCH USE ONLY. dxagent is not a medical device and has not been cleared or approved for "
               "clinical use. This report is produced by automated tools and must not be used for diagnosis or "
@@ -30,7 +31,15 @@ class Study(BaseModel):
     case_id: str
     modality: str
     modality_source: str
-    modality_confidence: float | None = None  # set when the modality was guessed from the pixels
+    modality_confidence: float | None = None  # set when the modality was inferred from the pixels
+    modality_uncertain: bool = False  # inferred with a top probability under 0.6
+    modality_probabilities: dict[str, float] = Field(default_factory=dict)  # the study classifier's, calibrated
+    plane: str | None = None  # the study classifier's most likely plane / radiograph view, given the modality
+    plane_probability: float | None = None
+    body_region: str | None = None  # its most likely body region (radiology only)
+    body_region_probability: float | None = None
+    study_model: str | None = None  # the classifier's model card
+    study_error: str | None = None  # why the classifier could not run (then the pixel rules guessed)
     body_part: str
     view_position: str = "unknown"
     dims: int
@@ -152,10 +161,7 @@ def compose(state: CaseState, tools: dict[str, Tool], planner_model: str, planne
             uncertainty.append(f"{e.id} {e.tool} {e.status}: {e.error}")
     limitations = list(dict.fromkeys(state.notes))
     conf = v1.metadata.get("modality_confidence")
-    if v1.modality_source == "guess":
-        how = f" with confidence {conf:.2f}" if isinstance(conf, int | float) else ""
-        limitations.append(f"Modality {v1.modality} ({MODALITY_WORDS.get(v1.modality, v1.modality)}) was guessed from the "
-                           f"pixels{how}, not read from the file; pass --modality to set it.")
+    limitations = list(dict.fromkeys(limitations + study_notes(v1)))
 
     answer = state.answer or compose_answer(state, tools)  # the answer step ran (graph); else rules only
     if answer.kind == "abstain" and answer.reason in ("tools_conflict", "planner_failed"):
@@ -203,8 +209,13 @@ def compose(state: CaseState, tools: dict[str, Tool], planner_model: str, planne
                 "prompts": prompt_versions(), "tools": dict(sorted(tools_used.items())),
                 "libraries": {n: _pkg(n) for n in ("langgraph", "pydicom", "nibabel", "scikit-image", "numpy")}}
     spacing = "unknown" if v1.spacing_mm == "unknown" else [round(float(s), 6) for s in v1.spacing_mm]
+    sf = study_facts(v1)
     study = Study(case_id=state.case_id, modality=v1.modality, modality_source=v1.modality_source,
-                  modality_confidence=conf if v1.modality_source == "guess" and isinstance(conf, int | float) else None,
+                  modality_confidence=conf if v1.modality_inferred and isinstance(conf, int | float) else None,
+                  modality_uncertain=sf["uncertain"], modality_probabilities=sf["modality_probabilities"],
+                  plane=sf["plane"], plane_probability=sf["plane_probability"], body_region=sf["body_region"],
+                  body_region_probability=sf["body_region_probability"], study_model=sf["model"],
+                  study_error=sf["error"],
                   body_part=v1.body_part, view_position=str(v1.metadata.get("ViewPosition") or "unknown"),
                   dims=v1.ndim_spatial, shape=list(v1.shape), spacing_mm=spacing)
     ev = [EvidenceSummary(id=e.id, tool=e.tool, status=e.status, summary=evidence_line(e, tools)["summary"],

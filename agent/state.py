@@ -37,7 +37,7 @@ class ImageView(BaseModel):
     ndim_spatial: int  # 2 or 3
     spacing_mm: Spacing = "unknown"  # (row, col) or (z, row, col) in mm, or "unknown"
     modality: str = "OT"  # DICOM modality code: CT, MR, US, CR, DX, XA, OT, ...
-    modality_source: str = "unknown"  # "dicom", "user", "guess"
+    modality_source: str = "unknown"  # "dicom", "user", "classifier" (tools/study_classify.py), "guess" (pixel rules)
     body_part: str = "unknown"
     photometric: str = "MONOCHROME2"  # or "RGB"
     metadata: dict[str, Any] = Field(default_factory=dict)  # de-identified only
@@ -48,6 +48,22 @@ class ImageView(BaseModel):
     @property
     def spacing_known(self) -> bool:
         return self.spacing_mm != "unknown"
+
+    @property
+    def modality_inferred(self) -> bool:
+        """The modality was inferred from the pixels (study classifier or pixel rules), not read or given."""
+        return self.modality_source in ("classifier", "guess")
+
+    def modality_alternatives(self, floor: float = 0.1) -> list[tuple[str, float]]:
+        """The study classifier's likely modalities, best first (probability >= floor)."""
+        probs = ((self.metadata.get("study") or {}).get("probabilities") or {}).get("modality") or {}
+        return sorted(((m, float(p)) for m, p in probs.items() if p >= floor), key=lambda kv: -kv[1])
+
+    @property
+    def modality_uncertain(self) -> bool:
+        """An inferred modality whose probability is under 0.6 (tools/study_classify.py UNCERTAIN)."""
+        conf = self.metadata.get("modality_confidence")
+        return self.modality_inferred and isinstance(conf, int | float) and conf < 0.6
 
 
 class Evidence(BaseModel):
@@ -128,6 +144,7 @@ class Budget(BaseModel):
     max_steps: int = 6  # tool calls
     max_wall_s: float = 300.0
     max_invalid_decisions: int = 2  # re-asks of the planner per think step
+    route: bool = True  # a question about a named subject goes straight to a tool that addresses it (agent/graph.py)
     started_at: float | None = None
 
     def elapsed(self, now: float | None = None) -> float:

@@ -69,7 +69,7 @@ def test_eval_scripted_fresh_state_per_question(tmp_path):
             assert a["reason"] in ("no_applicable_tool", "evidence_does_not_address", "budget_spent", "planner_failed")
     modality = next(r for r in agent if r["content_type"] == "Modality" and r["answer_type"] == "CLOSED")
     assert modality["answer"]["kind"] in ("yes_no", "choice") and modality["answer"]["evidence_ids"] == ["E1"]
-    assert "guess" in modality["answer"]["basis"]  # a JPEG: the modality is the pixel guess, with its confidence
+    assert "classifier" in modality["answer"]["basis"]  # a JPEG: the study classifier's modality, with its probability
     for sysname in ("no-tools", "blind"):  # the baselines asked the model once each; their runs are in the trace
         for r in (r for r in rows if r["system"] == sysname):
             ev = store.dump(r["run_id"])["events"]

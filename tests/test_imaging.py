@@ -32,6 +32,7 @@ ALLOWED_META = {
     "format", "spacing_source", "modality_confidence", "modality_guess", "modality_note", "modality_user",
     "downscaled_from", "nonfinite_replaced", "inverted_monochrome1", "frames_total", "frame_used", "gray_from_rgb",
     "slices", "slice_order", "slice_spacing_irregular", "files_skipped", "spacing_inplane_mm", "orientation",
+    "ImageOrientationPatient", "PatientOrientation", "study", "study_error",
 }
 
 
@@ -244,7 +245,7 @@ def test_nifti_3d_becomes_z_h_w_with_header_spacing(store, tmp_path, suffix):
     assert view.spacing_mm == pytest.approx((2.5, 0.9, 0.8))
     # rows run anterior -> posterior (y flipped), columns patient right -> left (x flipped)
     assert arr[3, 0, 0] == data[19, 29, 3] and arr[3, 29, 19] == data[0, 0, 3]
-    assert view.modality_source == "guess"
+    assert view.modality_inferred and view.metadata["study"]["slice_index"] == 5
 
 
 def test_nifti_2d_and_trailing_singletons(store, tmp_path):
@@ -300,8 +301,7 @@ def test_png_8bit_16bit_rgb_rgba_palette_and_tiff(store, tmp_path):
     for name in ("rgb.png", "rgba.png"):
         v, a = load1(tmp_path / name, store)
         assert a.dtype == np.uint8 and np.array_equal(a, rgb) and v.photometric == "RGB" and v.ndim_spatial == 2
-        assert v.modality == "OT" and v.modality_source == "guess" and v.metadata["modality_confidence"] == 0.5
-        assert v.metadata["modality_guess"] == "colour photo of no recognised kind"
+        assert v.modality_source == "classifier" and v.metadata["study"]["model"] == "study_cnn_v1"
     v, a = load1(tmp_path / "pal.png", store)
     assert a.shape == (40, 50, 3) and a.dtype == np.uint8
     v, a = load1(tmp_path / "photo.jpg", store)
@@ -313,7 +313,7 @@ def test_gray_picture_saved_as_rgb_is_gray(store, tmp_path):
     Image.fromarray(np.dstack([g, g, g])).save(tmp_path / "cxr.png")
     v, a = load1(tmp_path / "cxr.png", store)
     assert v.photometric == "MONOCHROME2" and a.shape == (30, 30) and v.metadata["gray_from_rgb"] is True
-    assert v.modality == "OT" and v.metadata["modality_confidence"] == 0.3  # gray noise: no modality rule fits
+    assert v.modality_source == "classifier" and v.metadata["study"]["probabilities"]["modality"]
 
 
 def test_content_wins_over_extension(store, tmp_path):

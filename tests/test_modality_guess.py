@@ -192,10 +192,13 @@ def test_rule_table_is_consistent():
     assert {rule for _, _, rule in SYNTHETIC} <= set(_GUESS_RULES)
 
 
-def test_guess_reaches_the_view(store, tmp_path):
+def test_guess_reaches_the_view_when_the_classifier_cannot_run(store, tmp_path, monkeypatch):
+    monkeypatch.setenv("DXAGENT_BUNDLED_MODELS", "0")  # no study classifier card: the rules are the fallback
+    monkeypatch.setenv("DXAGENT_MODELS", str(tmp_path / "empty"))
     Image.fromarray(fundus()).save(tmp_path / "eye.png")
     (view,) = load_views([str(tmp_path / "eye.png")], store)
     assert (view.modality, view.modality_source) == ("OP", "guess")
+    assert "no usable study_cnn model card" in view.metadata["study_error"]
     assert view.metadata["modality_confidence"] == _GUESS_RULES["fundus"][1]
     (view,) = load_views([str(tmp_path / "eye.png")], store, modality="dermoscopy")  # the user's word wins
     assert (view.modality, view.modality_source) == ("XC", "user")

@@ -17,6 +17,12 @@ from agent.models import ModelCardError, ModelStore, ModelStoreError, load_card,
 DX = [sys.executable, "-m", "agent.cli"]
 
 
+@pytest.fixture(autouse=True)
+def _user_store_only(monkeypatch):
+    """These tests are about the user's store; the bundled cards (tools/models) are tested in test_study_classify."""
+    monkeypatch.setenv("DXAGENT_BUNDLED_MODELS", "0")
+
+
 def save_weights(path: Path, seed: int = 0) -> str:
     """A real (tiny) torch state_dict on disk; returns its sha256."""
     torch = pytest.importorskip("torch")

@@ -60,11 +60,12 @@ def test_guessed_modality_and_its_confidence_are_in_the_report(tmp_path):
     res = run_case([str(path)], "What is in this image?", llm="scripted", script=[call("inspect_image")],
                    trace_dir=tmp_path / "t")
     study = res.report["study"]
-    assert study["modality_source"] == "guess" and study["modality"] == "OT"
-    assert 0 < study["modality_confidence"] <= 0.5  # noise: no rule fires, low on purpose
-    assert any(f"guessed from the pixels with confidence {study['modality_confidence']:.2f}" in x
+    assert study["modality_source"] == "classifier" and study["study_model"] == "study_cnn_v1"
+    assert 0 < study["modality_confidence"] <= 1 and abs(sum(study["modality_probabilities"].values()) - 1) < 0.01
+    assert any(f"inferred by the study classifier study_cnn_v1 (probability {study['modality_confidence']:.2f}" in x
                for x in res.report["limitations"])
-    assert f"(guess, confidence {study['modality_confidence']:.2f})" in to_markdown(res.report)
+    md = to_markdown(res.report)
+    assert f"(classifier, confidence {study['modality_confidence']:.2f})" in md and "Study classifier (study_cnn_v1)" in md
     # a modality read from DICOM carries no confidence
     dicom = run_case([CT], "How much fat?", llm="scripted", script=[call("ct_tissue_composition")], trace_dir=tmp_path / "u")
     assert dicom.report["study"]["modality_confidence"] is None

@@ -123,7 +123,7 @@ def test_inspect_rgb_and_volume(store, tmp_path):
     out = call(make_ctx(store, tmp_path / "c.png"), "inspect_image")
     assert set(out.intensity) == {"R", "G", "B"} and out.intensity["R"].mean == 200.0
     assert out.intensity["B"].max == 255 and out.spacing_mm == "unknown" and not out.looks_like_hu
-    assert out.modality_source == "guess" and out.modality_confidence == 0.5
+    assert out.modality_source == "classifier" and 0 < out.modality_confidence <= 1
     out = call(make_ctx(store, write_series(tmp_path / "ser")), "inspect_image")
     assert out.shape == [4, 128, 128] and out.ndim_spatial == 3
     assert out.spacing_mm == pytest.approx([2.5, 0.661468, 0.661468])

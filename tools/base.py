@@ -133,7 +133,14 @@ class Tool(ABC):
     def applicable(self, view: ImageView) -> str | None:
         """None if the tool can run on this view, else the reason it cannot."""
         if self.modalities is not None and view.modality not in self.modalities:
-            return f"{self.name} is for {'/'.join(sorted(self.modalities))}, not {view.modality}"
+            reason = f"{self.name} is for {'/'.join(sorted(self.modalities))}, not {view.modality}"
+            if view.modality_uncertain:  # say whether a likely alternative would fit
+                alts = view.modality_alternatives()
+                fits = [m for m, _ in alts if m in self.modalities]
+                reason += (f" (the modality is uncertain: {', '.join(f'{m} {p:.2f}' for m, p in alts[:3])}; "
+                           + (f"if it is {fits[0]}, pass --modality {fits[0]})" if fits else "none of the likely "
+                              "ones fits)"))
+            return reason
         if view.ndim_spatial not in self.dims:
             return f"{self.name} takes {'/'.join(f'{d}D' for d in sorted(self.dims))} images, not {view.ndim_spatial}D"
         return None
@@ -141,6 +148,11 @@ class Tool(ABC):
     def addresses(self, view: ImageView) -> frozenset[str]:
         """The subjects this tool's evidence can state on this view (default: the class's `subjects`)."""
         return frozenset(self.subjects)
+
+    def absent_labels(self, output: BaseModel, view: ImageView) -> list[str]:
+        """Labels this output looked for and did not find (a segmenter's organs with no pixels), so that "Is there
+        a kidney?" can be answered no from it. Default: none (a tool that found nothing usually cannot say so)."""
+        return []
 
     def attributes(self, output: BaseModel, view: ImageView) -> dict[str, dict[str, Any]]:
         """Study attributes this output states: {"modality": {"value": "CT", "probability": 0.9 | None,

@@ -52,6 +52,7 @@ _DICOM_KEEP = (
     "Modality", "BodyPartExamined", "Manufacturer", "ManufacturerModelName", "ViewPosition",
     "PhotometricInterpretation", "BitsStored", "Rows", "Columns", "NumberOfFrames", "SliceThickness",
     "KVP", "WindowCenter", "WindowWidth", "PatientSex", "PatientAge",
+    "ImageOrientationPatient", "PatientOrientation",  # which image side is the patient's left (organ_segment)
 )
 _MODALITY_ALIASES = {
     "CXR": "DX", "XR": "DX", "XRAY": "DX", "X-RAY": "DX", "RADIOGRAPH": "DX", "MRI": "MR", "PET": "PT",
@@ -869,6 +870,22 @@ def _normalise_modality(text: str) -> str:
     return _MODALITY_ALIASES.get(key, key)
 
 
+def _study(ld: _Loaded) -> tuple[dict[str, Any] | None, str]:
+    """The study classifier's block for a loaded image (tools/study_classify.py), or (None, the one-line reason it
+    could not run: then the pixel rules guess the modality, and the report says why)."""
+    from tools.base import ToolError
+    from tools.study_classify import intake_study
+
+    pic = ld.arr if ld.rgb or ld.arr.ndim == 2 else ld.arr[ld.arr.shape[0] // 2]
+    try:
+        block = intake_study(pic, ld.rgb, (not ld.rgb) and looks_like_hu(ld.arr))
+    except ToolError as exc:
+        return None, str(exc)
+    if pic is not ld.arr:
+        block["slice_index"] = ld.arr.shape[0] // 2
+    return block, ""
+
+
 def _to_view(vid: str, ld: _Loaded, store: ArtifactStore, modality: str | None, body_part: str | None) -> ImageView:
     meta = {"format": ld.fmt, **ld.meta}
     user = _normalise_modality(modality) if modality else None
@@ -885,6 +902,20 @@ def _to_view(vid: str, ld: _Loaded, store: ArtifactStore, modality: str | None, 
     elif ld.modality:
         mod, src, conf = ld.modality, "dicom", 1.0
     else:
+        mod, src, conf = "", "", 0.0
+    study, why = _study(ld)
+    if study is not None:
+        meta["study"] = study
+    else:
+        meta["study_error"] = why
+    if src:
+        pass  # the file or the user said the modality
+    elif not ld.rgb and looks_like_hu(ld.arr):  # values in Hounsfield units: a CT whatever it looks like
+        (mod, conf), src = _GUESS_RULES["hu"], "guess"
+        meta["modality_guess"] = "values in Hounsfield units"
+    elif study is not None:
+        mod, src, conf = study["modality"], "classifier", study["modality_probability"]
+    else:  # the classifier could not run (meta["study_error"] says why): the pixel rules
         mod, conf = guess_modality(ld.arr, ld.rgb)
         src = "guess"
         if ld.rgb:

@@ -75,7 +75,7 @@ class InspectImage(Tool):
         assert isinstance(output, InspectOutput)
         out: dict[str, dict[str, Any]] = {"modality": {
             "value": output.modality, "source": output.modality_source,
-            "probability": output.modality_confidence if output.modality_source == "guess" else None}}
+            "probability": output.modality_confidence if output.modality_source in ("guess", "classifier") else None}}
         sp = output.spacing_mm
         out["spacing"] = {"value": "unknown" if sp == "unknown" else " x ".join(f"{s:.4g}" for s in sp) + " mm",
                           "source": "file", "probability": None}
