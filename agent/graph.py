@@ -30,6 +30,7 @@ from agent.planner import Planner, PlannerError
 from agent.question import Question
 from agent.state import Answer, ArtifactRef, Budget, CaseState, Critique, Decision, Evidence, ImageView, StepLog, Turn
 from agent.trace import TraceStore
+from tools._study import study_notes
 from tools.base import Tool, ToolContext, ToolError
 
 
@@ -132,9 +133,7 @@ def intake(rt: Runtime, state: CaseState) -> dict[str, Any]:
     notes = []
     if not v1.spacing_known:
         notes.append("Pixel spacing is unknown: measurements are in pixels, not mm.")
-    if v1.modality_source == "guess":
-        notes.append(f"Modality {v1.modality} was guessed from the pixels "
-                     f"(confidence {v1.metadata.get('modality_confidence', 'n/a')}); pass --modality to set it.")
+    notes += study_notes(v1)  # how the modality was found (classifier, rules), and whether it is uncertain
     rt.keep_artifacts([v.pixels for v in views])
     budget = state.budget.model_copy(update={"started_at": rt.now})
     u = understand(rt, state, applicable, views)
@@ -150,11 +149,30 @@ def intake(rt: Runtime, state: CaseState) -> dict[str, Any]:
             "steps": _log(rt, state, "intake", summary)}
 
 
+def route(state: CaseState, tools: dict[str, Tool]) -> Decision | None:
+    """The call to make without asking the planner: the question names a subject (not "describe the findings"), and a
+    tool that addresses it (intake's `addressing_tools`, in order) needs no region and has not been called yet - so
+    "Does the picture contain a kidney?" goes straight to the organ segmenter. None: the planner decides."""
+    q = state.question_info
+    if not state.budget.route or q is None or q.describe or q.kind == "open" and not (q.finding or q.organ):
+        return None
+    called = {e.tool for e in state.evidence}
+    for name in state.addressing_tools:
+        tool = tools.get(name)
+        if tool is None or name in called or tool.requires_region() or name not in state.applicable_tools:
+            continue
+        return Decision(action="call", tool=name, args={"view": "V1"},
+                        reason=f"routed: {name} can state the question's subject ({q.subject or q.kind})")
+    return None
+
+
 def think(rt: Runtime, state: CaseState) -> dict[str, Any]:
     left = state.budget.max_steps - state.tool_steps
     if left <= 0 or state.budget.elapsed(rt.now) >= state.budget.max_wall_s:
         decision = Decision(action="answer", reason="budget spent")
         update: dict[str, Any] = {}
+    elif (decision := route(state, rt.tools)) is not None:
+        update = {}
     else:
         try:
             decision = rt.planner.decide(state, rt.tools, now=rt.now)

@@ -269,7 +269,7 @@ def case_line(state: CaseState) -> str:
     study = v.metadata.get("study") or {}
     seen = ""
     if study:
-        from tools.study_classify import study_facts
+        from tools._study import study_facts
 
         f = study_facts(v)
         seen = "".join(f", {k} {f[k]} (classifier {f[k + '_probability']:.2f})" for k in ("plane", "body_region")

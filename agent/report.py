@@ -16,11 +16,12 @@ from langchain_core.messages import HumanMessage
 from pydantic import BaseModel, Field
 
 from agent.answer import compose_answer, findings_of
+from agent.models import BUNDLED_DIR
 from agent.planner import case_line, evidence_line, prompt_versions, render
 from agent.question import Question, parse_question
 from agent.state import Answer, CaseState
+from tools._study import study_facts, study_notes
 from tools.base import Measurement, Tool
-from tools.study_classify import study_facts, study_notes
 
 DISCLAIMER = ("RESEARCH USE ONLY. dxagent is not a medical device and has not been cleared or approved for "
               "clinical use. This report is produced by automated tools and must not be used for diagnosis or "
@@ -75,6 +76,7 @@ class ModelUsedLine(BaseModel):
     license: str
     intended_use: str
     validation: str = ""
+    card: str = ""  # the card file (under tools/models for dxagent's own)
     evidence_ids: list[str]
 
 
@@ -229,9 +231,15 @@ def compose(state: CaseState, tools: dict[str, Tool], planner_model: str, planne
                 used[key] = ModelUsedLine(**{k: v for k, v in card.items() if k in ModelUsedLine.model_fields},
                                           evidence_ids=[])
             used[key].evidence_ids.append(e.id)
+    intake_card = (v1.metadata.get("study") or {}).get("model_card")
+    if isinstance(intake_card, dict) and (intake_card.get("name"), intake_card.get("sha256")) not in used:
+        used[(intake_card["name"], intake_card["sha256"])] = ModelUsedLine(
+            **{k: v for k, v in intake_card.items() if k in ModelUsedLine.model_fields}, evidence_ids=[])
     for m in used.values():
-        limitations.append(f"{', '.join(m.evidence_ids)} come(s) from the user's model {m.name} (intended use: "
-                           f"{m.intended_use}); only as good as those weights and their card.")
+        whose = "dxagent's bundled model" if str(BUNDLED_DIR) in (m.card or "") else "the user's model"
+        what = f"{', '.join(m.evidence_ids)} come(s) from" if m.evidence_ids else "The study block (intake) comes from"
+        limitations.append(f"{what} {whose} {m.name} (intended use: {m.intended_use}); only as good as those weights "
+                           "and their card's validation figures.")
     rep = Report(run_id=state.run_id, study=study, question=state.question,
                  question_info=state.question_info or parse_question(state.question), answer=answer, findings=findings,
                  impression=impression, uncertainty=uncertainty, limitations=limitations,

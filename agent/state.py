@@ -37,7 +37,7 @@ class ImageView(BaseModel):
     ndim_spatial: int  # 2 or 3
     spacing_mm: Spacing = "unknown"  # (row, col) or (z, row, col) in mm, or "unknown"
     modality: str = "OT"  # DICOM modality code: CT, MR, US, CR, DX, XA, OT, ...
-    modality_source: str = "unknown"  # "dicom", "user", "classifier" (tools/study_classify.py), "guess" (pixel rules)
+    modality_source: str = "unknown"  # "dicom", "user", "classifier" (tools/_study.py), "guess" (pixel rules)
     body_part: str = "unknown"
     photometric: str = "MONOCHROME2"  # or "RGB"
     metadata: dict[str, Any] = Field(default_factory=dict)  # de-identified only
@@ -61,7 +61,7 @@ class ImageView(BaseModel):
 
     @property
     def modality_uncertain(self) -> bool:
-        """An inferred modality whose probability is under 0.6 (tools/study_classify.py UNCERTAIN)."""
+        """An inferred modality whose probability is under 0.6 (tools/_study.py UNCERTAIN)."""
         conf = self.metadata.get("modality_confidence")
         return self.modality_inferred and isinstance(conf, int | float) and conf < 0.6
 

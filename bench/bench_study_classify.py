@@ -49,8 +49,8 @@ def main() -> None:
     from PIL import Image
 
     from agent.artifacts import ArtifactStore
+    from tools._study import study_facts
     from tools.imaging import guess_modality, load_views
-    from tools.study_classify import study_facts
 
     rng = np.random.default_rng(14)
     sets = {"slake_validate": slake_items("validate"),
@@ -99,10 +99,10 @@ def main() -> None:
     print(f"load_views + classify: median {1000 * np.median(t):.0f} ms, p95 {1000 * np.percentile(t, 95):.0f} ms per "
           f"image over {n_all} images (first, with model load: {1000 * t[0]:.0f} ms); peak RSS "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+    from tools._study import StudyClassifier
     from tools._study_net import preprocess
-    from tools.study_classify import StudyClassify
 
-    tool = StudyClassify()
+    tool = StudyClassifier()
     card = tool.cards(None)[0]
     net = tool.load(card)
     x = preprocess(np.zeros((512, 512), np.float32), False)[None]

@@ -1,6 +1,6 @@
 """The study classifier's network and input normalisation, shared by its training script and the runtime.
 
-`scripts/train_study_classifier.py` trains it; `tools/study_classify.py` runs it (card `study_cnn_v1` in
+`scripts/train_study_classifier.py` trains it; `tools/_study.py` runs it (card `study_cnn_v1` in
 tools/models/). One small CNN (five conv blocks, global average pooling, about 0.3 M parameters) with three heads:
 
 - modality: CT, MR, DX (radiograph), US, XC (dermoscopy / clinical photo), OP (fundus), ES (endoscopy),

@@ -871,10 +871,10 @@ def _normalise_modality(text: str) -> str:
 
 
 def _study(ld: _Loaded) -> tuple[dict[str, Any] | None, str]:
-    """The study classifier's block for a loaded image (tools/study_classify.py), or (None, the one-line reason it
+    """The study classifier's block for a loaded image (tools/_study.py), or (None, the one-line reason it
     could not run: then the pixel rules guess the modality, and the report says why)."""
+    from tools._study import intake_study
     from tools.base import ToolError
-    from tools.study_classify import intake_study
 
     pic = ld.arr if ld.rgb or ld.arr.ndim == 2 else ld.arr[ld.arr.shape[0] // 2]
     try:

@@ -12,6 +12,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel
 
+from tools._study import study_facts
 from tools.base import Tool, ToolContext, ToolInput
 from tools.imaging import is_rgb, looks_like_hu
 
@@ -44,6 +45,7 @@ class InspectOutput(BaseModel):
     looks_like_hu: bool
     subsampled: bool = False
     metadata: dict[str, Any]
+    model_card: dict[str, Any] | None = None  # the study classifier's card, when it ran at intake (tools/_study.py)
 
 
 def _stats(values: np.ndarray) -> IntensityStats:
@@ -61,17 +63,21 @@ class InspectImage(Tool):
                    "de-identified tags. Does not find or measure anything in the image.")
     kind = "inspect"
     topics = ("metadata", "intensity", "quality", "spacing")
-    subjects = ("attribute:modality", "attribute:spacing", "attribute:intensity_range", "attribute:image_size", "mean_intensity")
+    subjects = ("attribute:modality", "attribute:spacing", "attribute:intensity_range", "attribute:image_size",
+                "mean_intensity")
 
     def addresses(self, view) -> frozenset[str]:
         known = {"attribute:body_region"} if view.body_part not in ("", "unknown") else set()
         if view.metadata.get("ViewPosition"):
             known.add("attribute:plane")
+        facts = study_facts(view)  # what the study classifier found at intake
+        known |= {f"attribute:{k}" for k in ("plane", "body_region") if facts[k]}
         return frozenset(self.subjects) | known
 
     def attributes(self, output: BaseModel, view) -> dict[str, dict[str, Any]]:
-        """The modality (with the guess's confidence when it was guessed), spacing, intensity range and shape, and the
-        body part and the radiograph view position when the file states them."""
+        """The modality (with the classifier's or the rules' probability when it was inferred), spacing, intensity range
+        and shape; the body region and the plane / radiograph view: from the file when it states them (BodyPartExamined,
+        ViewPosition), else the study classifier's (tools/_study.py), with its probability."""
         assert isinstance(output, InspectOutput)
         out: dict[str, dict[str, Any]] = {"modality": {
             "value": output.modality, "source": output.modality_source,
@@ -88,6 +94,10 @@ class InspectImage(Tool):
         if pos:
             out["plane"] = {"value": "lateral" if pos in ("LL", "RL", "LAT", "LATERAL") else "frontal",
                             "source": "dicom", "probability": None}
+        facts = study_facts(view)
+        for key in ("plane", "body_region"):
+            if key not in out and facts[key]:
+                out[key] = {"value": facts[key], "source": "classifier", "probability": facts[f"{key}_probability"]}
         return out
     Input = ToolInput
     Output = InspectOutput
@@ -112,6 +122,7 @@ class InspectImage(Tool):
             modality_confidence=view.metadata.get("modality_confidence"), body_part=view.body_part,
             photometric=view.photometric, intensity=intensity, fraction_nonzero=round(nonzero, 6),
             looks_like_hu=(not rgb) and looks_like_hu(arr), subsampled=step > 1, metadata=dict(view.metadata),
+            model_card=(view.metadata.get("study") or {}).get("model_card"),
         )
 
     def summary(self, output: BaseModel) -> str:
