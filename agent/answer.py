@@ -155,6 +155,16 @@ def statements(q: Question, state: CaseState, tools: dict[str, Tool]) -> list[St
             continue
         if q.describe and tool.kind not in QUANTITATIVE:
             continue
+        if q.kind in ("yes_no", "count") and (q.finding or q.organ):  # looked for and not found: a "no" / 0
+            try:
+                view = state.view(e.args.get("view", "V1"))
+                absent = tool.absent_labels(tool.Output.model_validate(e.output), view)
+            except KeyError:
+                absent = []
+            for lab in absent:  # only the very label asked about ("liver cancer" absent says nothing of the liver)
+                if label_key(lab) in (q.finding, q.organ):
+                    f = FindingDraft(label=lab, present=False, note=f"{e.tool} looked for it and found none")
+                    out.append(Statement(e.id, e.tool, tool.kind, finding=f))
         for f in findings_of(e, state, tools):
             if finding_matches(q, f, tool.kind):
                 if q.quantities and not q.describe and not any(m.name in q.quantities for m in f.measurements) \
@@ -209,6 +219,16 @@ def from_attribute(q: Question, stmts: list[Statement]) -> Answer:
         same = _same_attr(q.attribute, value, q.attribute_value)
         return Answer(kind="yes_no", value="yes" if same else "no", probability=p, evidence_ids=[s.eid],
                       basis=f"asked {_attr_words(q.attribute, q.attribute_value)}; {how}", method="evidence")
+    if q.kind == "choice" and q.attribute in ("largest_organ", "smallest_organ"):  # "Which is bigger, A or B?"
+        areas = {label_key(k): v for k, v in (a.get("areas") or {}).items()}
+        seen = {c: areas[label_key(c)] for c in q.choices if label_key(c) in areas}
+        if not seen:
+            return abstain("evidence_does_not_address", f"none of {q.choices} was found by {s.eid}", ids=[s.eid])
+        pick = (max if q.attribute == "largest_organ" else min)(seen, key=seen.get)
+        missing = [c for c in q.choices if c not in seen]
+        return Answer(kind="choice", value=pick, evidence_ids=[s.eid], method="evidence",
+                      basis=f"areas per {s.eid}: " + ", ".join(f"{c} {v:.4g}" for c, v in seen.items())
+                      + (f"; not found: {', '.join(missing)}" if missing else ""))
     if q.kind == "choice":
         for c in q.choices:
             named = attribute_value_in(c, q.attribute)
@@ -257,6 +277,10 @@ def from_evidence(q: Question, stmts: list[Statement]) -> Answer | None:
         # instances: findings claimed present, or a detector's boxes; a segmenter's tissue class is not an instance
         inst = [(s, f) for s, f in fs if f.present or (f.bbox is not None and s.tool_kind == "detect")]
         if not inst:
+            none = [s for s, f in fs if f.present is False]
+            if none:
+                return Answer(kind="count", value=0, evidence_ids=_ids(none), method="evidence",
+                              basis=f"no {q.subject} found by {', '.join(_ids(none))}")
             return None
         return Answer(kind="count", value=len(inst), evidence_ids=_ids([s for s, _ in inst]), method="evidence",
                       basis=f"{len(inst)} {q.subject} instance(s) found by {', '.join(_ids([s for s, _ in inst]))}")

@@ -49,9 +49,10 @@ def answer_text(report: dict[str, Any], narrative: bool) -> str:
 
 
 class Chat:
-    def __init__(self, eng: Engine, out: Console, per_turn_steps: int = 4, max_wall_s: float = 300.0):
+    def __init__(self, eng: Engine, out: Console, per_turn_steps: int = 4, max_wall_s: float = 300.0,
+                 route: bool = True):
         self.eng, self.out = eng, out
-        self.per_turn_steps, self.max_wall_s = per_turn_steps, max_wall_s
+        self.per_turn_steps, self.max_wall_s, self.route = per_turn_steps, max_wall_s, route
         self.thread_id = ""
         self.cancel = threading.Event()
         eng.rt.cancel = self.cancel
@@ -76,12 +77,12 @@ class Chat:
         state = CaseState(case_id=digest[:12], run_id=self.thread_id, question="(chat)",
                           inputs=CaseInput(paths=list(paths), modality=modality, body_part=body_part),
                           clinical_context=clinical_context,
-                          budget=Budget(max_steps=self.per_turn_steps, max_wall_s=self.max_wall_s))
+                          budget=Budget(max_steps=self.per_turn_steps, max_wall_s=self.max_wall_s, route=self.route))
         self.eng.trace.start_run(self.thread_id, state.case_id, "(chat)", planner.model_id, planner.mode, digest,
                                  {"prompts": prompt_versions(), "tools": {n: t.version for n, t in self.eng.rt.tools.items()}},
                                  settings={"llm": self.eng.llm, "chat": True, "max_steps": self.per_turn_steps,
                                            "max_wall_s": self.max_wall_s, "modality": modality, "body_part": body_part,
-                                           "clinical_context": clinical_context})
+                                           "clinical_context": clinical_context, "route": self.route})
         self.eng.invoke(state, self.config, interrupt_after=["intake"])
         self.eng.trace.finish_run(self.thread_id, "idle")  # sealed while it waits for a question
 
@@ -108,7 +109,8 @@ class Chat:
         rt.record("note", "turn", "turn", {"turn": n, "question": question})
         update = {"question": question, "conversation": conv, "report": None, "critiques": [], "pending": None, "answer": None,
                   "planner_failures": 0, "budget": Budget(max_steps=st.tool_steps + self.per_turn_steps,
-                                                          max_wall_s=self.max_wall_s, started_at=time.time())}
+                                                          max_wall_s=self.max_wall_s, started_at=time.time(),
+                                                          route=self.route)}
         self.cancel.clear()
         fut = self._pool.submit(self.eng.invoke, update, self.config)
         try:

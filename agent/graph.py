@@ -150,9 +150,11 @@ def intake(rt: Runtime, state: CaseState) -> dict[str, Any]:
 
 
 def route(state: CaseState, tools: dict[str, Tool]) -> Decision | None:
-    """The call to make without asking the planner: the question names a subject (not "describe the findings"), and a
-    tool that addresses it (intake's `addressing_tools`, in order) needs no region and has not been called yet - so
-    "Does the picture contain a kidney?" goes straight to the organ segmenter. None: the planner decides."""
+    """The step to take without asking the planner, for a question that names a subject (not "describe the
+    findings"): a call of the first tool that addresses it (intake's `addressing_tools`, in order), needs no region
+    and has not been called yet - "Does the picture contain a kidney?" goes straight to the organ segmenter - or the
+    answer once every addressing tool has run (a call of a tool that cannot state the subject cannot answer it).
+    None: the planner decides (a tool that needs a region, a derived view)."""
     q = state.question_info
     if not state.budget.route or q is None or q.describe or q.kind == "open" and not (q.finding or q.organ):
         return None
@@ -163,6 +165,9 @@ def route(state: CaseState, tools: dict[str, Tool]) -> Decision | None:
             continue
         return Decision(action="call", tool=name, args={"view": "V1"},
                         reason=f"routed: {name} can state the question's subject ({q.subject or q.kind})")
+    if state.addressing_tools and all(n in called for n in state.addressing_tools):
+        # every tool that could state the subject has run and none did: another call cannot answer it
+        return Decision(action="answer", reason=f"routed: every tool that can address {q.subject or q.kind} has run")
     return None
 
 

@@ -36,6 +36,8 @@ _MEASURE = re.compile(r"\b(composition|how (large|big|long|wide|thick|much)|what
                       r"width|length|density|cardiothoracic ratio|ctr)|measure|size of|diameter of|ratio)\b")
 _LOCATION = re.compile(r"\b(where|which side|what side|which lobe|in which part|which part of the (lung|liver|brain)|"
                        r"located|location|position of)\b")
+_ABNORMAL = re.compile(r"\b(abnormal\w*|diseased?|lesions?|affected|injur\w*|tumou?rs?|cancers?|sick|unhealthy)\b")
+_SIZE_RANK = re.compile(r"\b(largest|biggest|bigger|larger|smallest|smaller)\b")
 _ORGAN_ID = re.compile(r"\b(organ|organs|structure)\b(?! system)")
 _IMPERATIVE = {"segment", "measure", "detect", "find", "locate", "outline", "quantify", "show", "list", "classify",
                "describe", "analyse", "analyze", "assess", "evaluate", "summarize", "summarise", "report", "identify"}
@@ -96,7 +98,8 @@ def _choices(q: str) -> list[str]:
     a = " ".join(lw[-n:]) if lw else ""
     if "," in left:  # "liver, spleen or kidney"
         opts = [_strip_tail(x) for x in left.split(",")]
-        opts = [" ".join(o.split()[-n:]) for o in opts if o]
+        opts = [" ".join(o.split()[-n:]) for o in opts if o and len(o.split()) <= n + 1  # not the stem
+                and not _SIZE_RANK.fullmatch(o) and not _ABNORMAL.fullmatch(o)]
         return [o for o in opts if o] + [right]
     return [a, right] if a and a != right else []
 
@@ -116,7 +119,8 @@ def parse_question(text: str) -> Question:
     choices: list[str] = []
     if first in _IMPERATIVE:  # a task ("Segment the nodules and measure them."): the findings of the tools that do it
         kind = "open"
-    elif " or " in f" {q} " and (first in _YES_NO_START or first in ("which", "what")) and (choices := _choices(q)):
+    elif " or " in f" {q} " and (first in _YES_NO_START or first in ("which", "what")) and \
+            (choices := _choices(" ".join(re.sub(r"[^a-z0-9,]+", " ", text.lower()).replace(",", " , ").split()))):
         kind: QuestionKind = "choice"
     elif re.search(r"\bhow many\b|\bnumber of\b", q):
         kind = "count"
@@ -132,8 +136,14 @@ def parse_question(text: str) -> Question:
         kind = "open"
 
     attribute, value = subj.attribute, None
+    rank = _SIZE_RANK.search(q)
+    if rank and (kind == "choice" or _ORGAN_ID.search(q)):  # "What is the largest organ?", "Which is bigger, A or B?"
+        attribute = "smallest_organ" if rank.group(1).startswith("small") else "largest_organ"
+        kind = "choice" if kind == "choice" else "attribute"
     if kind == "attribute" and not attribute:
         attribute = "organ"
+    if attribute == "organ" and _ABNORMAL.search(q):  # "Which organ is abnormal?" is not "which organs are shown"
+        attribute = "abnormal_organ"
     if kind in ("yes_no", "choice"):
         named = attribute_value_in(text, attribute)
         if named and (attribute or not (subj.finding or subj.organ) or named[0] == "modality" and not subj.finding):

@@ -302,7 +302,8 @@ def replay(dump: dict[str, Any], tools: dict[str, Tool] | None = None) -> Replay
     state = CaseState(case_id=run["case_id"], run_id=run["id"], question=run.get("question") or "",
                       inputs=CaseInput(paths=[], modality=settings.get("modality"), body_part=settings.get("body_part")),
                       clinical_context=settings.get("clinical_context") or "",
-                      budget=Budget(max_steps=max_steps, max_wall_s=float(settings.get("max_wall_s", 300.0))))
+                      budget=Budget(max_steps=max_steps, max_wall_s=float(settings.get("max_wall_s", 300.0)),
+                                    route=bool(settings.get("route", False))))  # traces before routing: none
     counts = {"llm": 0, "tool": 0}
     for e in log.events:
         if e["kind"] in counts:
@@ -420,7 +421,7 @@ def rerun(dump: dict[str, Any], paths: list[str], *, llm: str | None = None, tra
                    trace_dir=trace_dir, db_url=db_url, max_steps=int(settings.get("max_steps", 6)),
                    max_wall_s=float(settings.get("max_wall_s", 300.0)), modality=settings.get("modality"),
                    body_part=settings.get("body_part"), clinical_context=settings.get("clinical_context") or "",
-                   on_step=on_step, **run_kw)
+                   route=bool(settings.get("route", False)), on_step=on_step, **run_kw)
     from agent.session import default_trace_dir
 
     new = TraceStore(db_url, trace_dir or default_trace_dir()).dump(res.run_id)

@@ -125,7 +125,7 @@ def engine(*, llm: str = "local", chat: Any = None, model_id: str | None = None,
 def run_case(paths: list[str] | None = None, question: str | None = None, *, llm: str = "local",
              max_steps: int = 6, max_wall_s: float = 300.0, modality: str | None = None,
              body_part: str | None = None, clinical_context: str = "", run_id: str | None = None,
-             resume: str | None = None, eng: Engine | None = None, **engine_kw: Any) -> Result:
+             resume: str | None = None, eng: Engine | None = None, route: bool = True, **engine_kw: Any) -> Result:
     """One case end to end (or `resume` an interrupted one). `engine_kw` build the Engine (see `engine`)."""
     eng = eng or engine(llm=llm, **engine_kw)
     rt, graph, trace, planner = eng.rt, eng.graph, eng.trace, eng.rt.planner
@@ -160,14 +160,14 @@ def run_case(paths: list[str] | None = None, question: str | None = None, *, llm
         config = {"configurable": {"thread_id": run_id}, "recursion_limit": 4 * max_steps + 12}
         state = CaseState(case_id=digest[:12], run_id=run_id, inputs=CaseInput(paths=[str(p) for p in paths], modality=modality,
                           body_part=body_part), clinical_context=clinical_context,
-                          budget=Budget(max_steps=max_steps, max_wall_s=max_wall_s),
+                          budget=Budget(max_steps=max_steps, max_wall_s=max_wall_s, route=route),
                           **({"question": question} if question else {}))
         trace.start_run(run_id, state.case_id, state.question, planner.model_id, planner.mode, digest,
                         {"prompts": prompt_versions(), "tools": {n: t.version for n, t in rt.tools.items()}},
                         settings={"llm": eng.llm, "llm_type": getattr(planner.chat, "_llm_type", ""), "max_steps": max_steps,
                                   "max_wall_s": max_wall_s, "modality": modality, "body_part": body_part,
                                   "clinical_context": clinical_context, "narrative": rt.narrative_llm is not None,
-                                  "with_reason": planner.with_reason})
+                                  "with_reason": planner.with_reason, "route": route})
         payload = state
     state = eng.invoke(payload, config)
     return Result(run_id, state.report, state)

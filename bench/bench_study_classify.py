@@ -76,6 +76,7 @@ def main() -> None:
             n_all += 1
             f = study_facts(view)
             got, p = view.modality, float(view.metadata.get("modality_confidence") or 0.0)
+            got = "DX" if got == "CR" else got  # a DICOM file's CR tag: the same radiograph family as DX
             rows["modality"].append((it["modality"], got, p))
             confusion[(it["modality"], got)] += 1
             arr = store.get_array(view.pixels)

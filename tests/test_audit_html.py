@@ -84,7 +84,7 @@ def common(page, seen, run_id: str) -> dict:
 
 
 def test_audit_page_shows_overlays_timeline_and_linked_report(browser, tmp_path):
-    res = run_case([CT], QUESTION, llm="scripted", trace_dir=tmp_path, script=[
+    res = run_case([CT], QUESTION, llm="scripted", trace_dir=tmp_path, route=False, script=[
         call("region_measure"), call("crop_zoom", bbox=[0, 88, 68, 128]), call("region_measure", view="V2"),
         call("ct_tissue_composition"), answer()])
     ev = {e.id: e for e in res.state.evidence}
@@ -128,7 +128,7 @@ def test_audit_page_shows_overlays_timeline_and_linked_report(browser, tmp_path)
 def test_failed_tool_rejected_reply_and_missing_artifacts_still_render(browser, tmp_path):
     ts = {**tools(), "boom": Boom()}
     question = "How large is the dominant region? <img src=x onerror=alert(1)>"
-    res = run_case([CT], question, llm="scripted", trace_dir=tmp_path, tool_set=ts,
+    res = run_case([CT], question, llm="scripted", trace_dir=tmp_path, tool_set=ts, route=False,
                    script=["not json at all", call("boom"), call("region_measure")])
     e1, e2 = res.state.evidence
     assert e1.status == "failed" and "kaboom" in e1.error and e2.status == "ok"

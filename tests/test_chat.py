@@ -29,7 +29,8 @@ def script_file(tmp_path: Path, name: str, replies: list[str]) -> Path:
 
 
 def spawn(tmp_path: Path, *args: str, env: dict | None = None) -> pexpect.spawn:
-    child = pexpect.spawn(sys.executable, ["-m", "agent.cli", "chat", *args, "--trace-dir", str(tmp_path / "tr")],
+    child = pexpect.spawn(sys.executable, ["-m", "agent.cli", "chat", *args, "--trace-dir", str(tmp_path / "tr"),
+                                           "--no-route"],  # the scripted planner's own loop
                           env={**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb", **(env or {})},
                           encoding="utf-8", timeout=90,
                           dimensions=(50, 200))

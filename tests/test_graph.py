@@ -22,8 +22,9 @@ MR = get_testdata_file("MR_small.dcm")
 TISSUE_Q = "What is the tissue composition of this CT slice: how much fat and bone?"
 
 
-def scripted(tmp_path, script, paths=(CT,), question=TISSUE_Q, **kw):
-    return run_case(list(paths), question, llm="scripted", script=script, trace_dir=tmp_path, **kw)
+def scripted(tmp_path, script, paths=(CT,), question=TISSUE_Q, route=False, **kw):
+    """The planner's own loop (route=False: no call is routed past it; test_organ_segment tests routing)."""
+    return run_case(list(paths), question, llm="scripted", script=script, trace_dir=tmp_path, route=route, **kw)
 
 
 def test_loop_inspect_then_measure_then_report(tmp_path):
@@ -128,7 +129,7 @@ import sys, json
 sys.path.insert(0, {tests!r})
 from helpers import Gate, call
 from agent.session import run_case, tools
-run_case([{ct!r}], {q!r}, llm="scripted", trace_dir={td!r}, run_id="run-resume",
+run_case([{ct!r}], {q!r}, llm="scripted", trace_dir={td!r}, run_id="run-resume", route=False,
          script=[call("inspect_image"), call("gate"), call("ct_tissue_composition")],
          tool_set={{**tools(), "gate": Gate()}})
 """

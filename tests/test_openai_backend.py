@@ -305,7 +305,7 @@ def test_replay_of_an_endpoint_run_with_refusal_garbage_and_impression(fake_open
                       FakeOpenAI.text("Fat and soft tissue were measured [E2]. The heart is enlarged."))
     res = run_case([get_testdata_file("CT_small.dcm")], "What is the tissue composition of this CT slice?",
                    llm="openai-json", base_url=fake_openai.base_url, model="fake", api_key="none", trace_dir=tmp_path,
-                   max_steps=2)
+                   max_steps=2, route=False)
     assert res.report["impression"] == "Fat and soft tissue were measured [E2]."  # the uncited sentence dropped
     dump = TraceStore(None, tmp_path).dump(res.run_id)
     assert any("json_schema_rejected" in (e["payload"].get("params") or {}) for e in dump["events"])

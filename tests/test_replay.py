@@ -33,7 +33,7 @@ TOOLS = {**tools(), "boom": Boom()}
 def recorded(tmp_path_factory):
     """One scripted run that visits every act path: ok, skipped repeat, a throwing tool, a new view, a measurement."""
     d = tmp_path_factory.mktemp("trace")
-    res = run_case([CT], Q, llm="scripted", script=SCRIPT, trace_dir=d, tool_set=TOOLS, max_steps=6)
+    res = run_case([CT], Q, llm="scripted", script=SCRIPT, trace_dir=d, tool_set=TOOLS, max_steps=6, route=False)
     return d, res
 
 
@@ -241,7 +241,8 @@ def test_trajectories_hold_each_planner_step_with_its_result(recorded):
 def test_cli_replay_and_verify(recorded, tmp_path):
     d, run_id = fresh_copy(recorded, tmp_path)
     # the CLI discovers the standard tools only: record a run without the test's extra tool
-    res = run_case([CT], Q, llm="scripted", script=[call("inspect_image"), call("ct_tissue_composition")], trace_dir=d)
+    res = run_case([CT], Q, llm="scripted", script=[call("inspect_image"), call("ct_tissue_composition")], trace_dir=d,
+                   route=False)
     r = subprocess.run(DXAGENT + ["replay", res.run_id, "--trace-dir", str(d)], capture_output=True, text=True)
     assert r.returncode == 0 and "verified" in r.stdout, r.stdout + r.stderr
     r = subprocess.run(DXAGENT + ["trace", "verify", "--all", "--trace-dir", str(d)], capture_output=True, text=True)

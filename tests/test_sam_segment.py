@@ -192,7 +192,7 @@ def test_graph_chains_detector_boxes_into_sam_and_records_the_card(tmp_path, mod
     assert any(line.startswith("sam_tiny: segment") for line in st.model_lines)
     store = TraceStore(None, tmp_path / "traces")
     [intake] = [json.loads(e.payload) for e in store.events(res.run_id) if e.name == "intake"]
-    assert {m["name"] for m in intake["models"]} == {"sam_tiny", "medsam_tiny"}
+    assert {m["name"] for m in intake["models"]} - {"organ_seg_slake"} == {"sam_tiny", "medsam_tiny"}  # + bundled
     first_prompt = json.loads(store.events(res.run_id, "llm")[0].payload)["request"]["messages"][1]["content"]
     assert "Your models (model cards) for this case:" in first_prompt and "sam_tiny: segment" in first_prompt
     [used] = res.report["models_used"]

@@ -1,0 +1,144 @@
+"""Issue 14: the organ segmenter the project trains on SLAKE masks (tools/models/organ_seg_slake) as a planner tool.
+
+Dice on a few held-out SLAKE validate slices (skipped where ../shared/data is absent); sides follow the radiological
+convention and swap on a flipped picture; a DICOM orientation overrides the convention; organ presence, side, size,
+largest-organ and count questions are answered from its evidence (and an organ it looked for and did not find is a
+"no" / 0), routed to it without the planner.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import dice, make_ctx, run_tool
+from PIL import Image
+
+from agent.answer import compose_answer
+from agent.models import ModelStore
+from agent.session import run_case, tools
+from agent.state import CaseInput, CaseState, Evidence
+from tools.organ_segment import patient_side, side_rule
+
+SLAKE = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "slake_dev"
+needs_slake = pytest.mark.skipif(not (SLAKE / "validate.jsonl").is_file(), reason="../shared/data/slake_dev is absent")
+
+
+def _validate_case(image: str) -> tuple[Path, dict[str, np.ndarray]]:
+    """A validate image and its truth masks per merged organ label ("lung" = left + right lung)."""
+    names: dict[int, str] = {}
+    for line in (SLAKE / "mask.txt").read_text().splitlines():
+        if ":" in line:
+            k, v = line.split(":", 1)
+            names[int(k)] = v.strip()
+    raw = np.asarray(Image.open(SLAKE / "imgs" / image / "mask.png"))
+    truth: dict[str, np.ndarray] = {}
+    for value, name in names.items():
+        merged = name.lower().replace("left ", "").replace("right ", "").replace(" ", "_").replace("-", "_")
+        m = raw == value
+        if m.any():
+            truth[merged] = truth.get(merged, np.zeros_like(m)) | m
+    return SLAKE / "imgs" / image / "source.jpg", truth
+
+
+def _pick(modality: str, organ: str, n: int) -> list[str]:
+    seen, out = set(), []
+    for line in (SLAKE / "validate.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        img = r["image"].split("/")[1]
+        if {"MRI": "MR"}.get(r["modality"], r["modality"]) != modality or img in seen:
+            continue
+        seen.add(img)
+        if organ in _validate_case(img)[1]:
+            out.append(img)
+    return out[:n]
+
+
+def _mask_of(store, out, label: str) -> np.ndarray:
+    from tools.organ_segment import OrganSegment
+
+    card = next(c for c in OrganSegment().cards(None) if c.name == out.model_card.name)
+    return store.get_array(out.mask) == card.labels.index(label) + 1
+
+
+@needs_slake
+@pytest.mark.parametrize("modality, organ, floor", [("CT", "liver", 0.4), ("CT", "lung", 0.45), ("CT", "kidney", 0.45)])
+def test_dice_on_held_out_validate_slices(store, modality, organ, floor):
+    """Floors under the card's per-organ validate Dice (liver 0.61, lung 0.66, kidney 0.68 over all validate slices;
+    one missed slice scores 0), over the first 3 validate slices with the organ: a broken preprocessing, label order
+    or checkpoint fails them, the model's known weakness (below the issue's 0.8 target) does not."""
+    scores = []
+    for img in _pick(modality, organ, 3):
+        path, truth = _validate_case(img)
+        ctx = make_ctx(store, path, modality=modality)
+        out = run_tool(ctx, "organ_segment")
+        scores.append(dice(_mask_of(store, out, organ), truth[organ]))
+    assert scores and np.mean(scores) >= floor, scores
+
+
+@needs_slake
+def test_sides_swap_on_a_flipped_picture(store, tmp_path):
+    img = _pick("CT", "kidney", 1)[0]
+    path, _ = _validate_case(img)
+    flipped = tmp_path / "flipped.png"
+    Image.fromarray(np.asarray(Image.open(path).convert("L"))[:, ::-1].copy()).save(flipped)
+    sides = {}
+    for name, p in (("orig", path), ("flip", flipped)):
+        out = run_tool(make_ctx(store, p, modality="CT"), "organ_segment")
+        liver = next(o for o in out.organs if o.label == "liver")
+        sides[name] = liver.components[0].side
+        assert "radiological convention" in out.side_convention
+    assert sides == {"orig": "right", "flip": "left"}  # the liver is on the patient's right
+
+
+def test_dicom_orientation_overrides_the_convention():
+    from helpers import bare_view
+
+    v = bare_view("CT")
+    assert side_rule(v)[0] == "left"  # image right = patient left
+    flipped = v.model_copy(update={"metadata": {"ImageOrientationPatient": [-1, 0, 0, 0, 1, 0]}})
+    assert side_rule(flipped)[0] == "right" and patient_side("left", "right") == "left"
+    sag = v.model_copy(update={"metadata": {"ImageOrientationPatient": [0, 1, 0, 0, 0, -1]}})
+    assert side_rule(sag)[0] is None and patient_side("left", None) == "undefined"
+    lat = v.model_copy(update={"metadata": {"PatientOrientation": ["A", "F"]}})
+    assert side_rule(lat)[0] is None
+
+
+def test_the_bundled_card_is_usable_and_hashed():
+    card = ModelStore().get("organ_seg_slake")
+    assert ModelStore().verify_card(card, fresh=True).ok and card.adapter == "organ_unet"
+    assert {"liver", "lung", "kidney", "heart", "spleen"} <= set(card.labels)
+
+
+@needs_slake
+def test_organ_questions_are_answered_from_its_evidence_without_the_planner(tmp_path):
+    ct = _pick("CT", "kidney", 1)[0]
+    mr_brain = next(img for img in _pick("MR", "brain_edema", 3))
+    path, _ = _validate_case(ct)
+    cases = [("How many kidneys are there in this image?", path, "count", 2),
+             ("Does the picture contain kidney?", path, "yes_no", "yes"),
+             ("Where is the liver?", path, "location", "right"),
+             ("Which is bigger in this image, liver or kidney?", path, "choice", "liver"),
+             ("Does the picture contain kidney?", _validate_case(mr_brain)[0], "yes_no", "no"),
+             ("How many kidneys are there in this image?", _validate_case(mr_brain)[0], "count", 0)]
+    for question, p, kind, value in cases:
+        res = run_case([str(p)], question, llm="scripted", script=[], trace_dir=tmp_path,
+                       modality="MR" if p != path else "CT")
+        a = res.report["answer"]
+        assert (a["kind"], a["value"]) == (kind, value), (question, a)
+        assert [e.tool for e in res.state.evidence] == ["organ_segment"] and a["evidence_ids"]
+        assert res.report["recommendation"]["outcome"] == "report"
+
+
+def test_absent_organs_answer_no_only_for_what_it_looked_for(store):
+    from pydicom.data import get_testdata_file
+
+    ctx = make_ctx(store, get_testdata_file("CT_small.dcm"))
+    out = run_tool(ctx, "organ_segment")
+    ev = Evidence(id="E1", tool="organ_segment", tool_version="1", args={"view": "V1"}, status="ok",
+                  output=out.model_dump(mode="json"))
+    st = CaseState(inputs=CaseInput(paths=["x"]), views=ctx.state.views, evidence=[ev],
+                   question="Is there a pneumothorax?", applicable_tools=list(tools()))
+    assert compose_answer(st, tools()).kind == "abstain"  # not a label it looks for: no "no" from it

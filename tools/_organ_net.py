@@ -1,0 +1,128 @@
+"""Inference helpers for the 2D organ segmenter trained on SLAKE 1.0 masks (organ_seg_slake).
+
+Method: a MONAI 2D U-Net (architecture given as data, the card's `input.net`) takes one slice or picture resized to
+`size` x `size` (bilinear, antialiased) after percentile scaling (0.5..99.5 -> 0..1, clipped), so 0..255 JPEGs and HU
+or raw MR values land on the same range. Logits are upsampled bilinearly to the original shape, then softmax and
+argmax; index 0 is background. Left/right organs are trained as one merged class (so horizontal flips are
+label-safe); `sides` splits a predicted organ into connected components and places each one left, right or on the
+midline of the picture relative to the body's centroid column. Image sides are not patient sides: under the
+radiological convention image left = patient right, which is the caller's business.
+Shared by scripts/train_organ_segmenter.py and the runtime tool; no training code here. Research use only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.networks import nets
+from skimage.measure import label, regionprops
+
+ARCHS = ("UNet", "BasicUNet", "AttentionUnet")
+MIN_COMPONENT = 0.02  # components under 2 % of the organ's area are ignored by `sides`
+MIDLINE_BALANCE = 0.6  # a component whose extent on the smaller side is >= 60 % of the larger side is "midline"
+
+
+def build_net(cfg: dict[str, Any]) -> torch.nn.Module:
+    """The network described by `cfg` (the card's `input` dict, or its `net` entry): `arch` (default UNet) + kwargs."""
+    kw = dict(cfg.get("net", cfg))
+    arch = kw.pop("arch", "UNet")
+    if arch not in ARCHS:
+        raise ValueError(f"unsupported architecture {arch!r}; expected one of {ARCHS}")
+    for k in ("channels", "strides"):
+        if k in kw:
+            kw[k] = tuple(kw[k])
+    return getattr(nets, arch)(**kw)
+
+
+def load_net(cfg: dict[str, Any], weights: str | Path) -> torch.nn.Module:
+    """Build the network and load a (possibly float16) state_dict; returns it in eval mode, float32."""
+    net = build_net(cfg)
+    state = torch.load(str(weights), map_location="cpu", weights_only=True)
+    net.load_state_dict({k: v.float() for k, v in state.items()})
+    return net.eval()
+
+
+def _gray(img: np.ndarray) -> np.ndarray:
+    a = np.asarray(img, dtype=np.float32)
+    if a.ndim == 3:
+        a = a[..., :3].mean(-1) if a.shape[-1] in (3, 4) else a.mean(0)
+    if a.ndim != 2:
+        raise ValueError(f"expected a 2D picture, got shape {np.shape(img)}")
+    return a
+
+
+def preprocess(img: np.ndarray, rgb: bool, size: int) -> np.ndarray:
+    """Float32 (C, size, size): C = 3 if `rgb` (uint8 RGB / 255) else 1 (gray, percentile 0.5..99.5 -> 0..1)."""
+    if rgb:
+        a = np.asarray(img, dtype=np.float32)
+        if a.ndim == 2:
+            a = np.repeat(a[..., None], 3, -1)
+        a = np.moveaxis(a[..., :3], -1, 0) / 255.0
+    else:
+        g = _gray(img)
+        lo, hi = np.percentile(g, [0.5, 99.5])
+        a = (np.clip((g - lo) / max(float(hi - lo), 1e-6), 0.0, 1.0))[None]
+    t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))[None]
+    t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return t[0].numpy().astype(np.float32)
+
+
+@torch.no_grad()
+def predict(net: torch.nn.Module, img: np.ndarray, rgb: bool, size: int,
+            with_probs: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    """(labels int64 (H, W), probs float32 (K, H, W) or None) at the input picture's original shape."""
+    h, w = np.asarray(img).shape[:2]
+    x = torch.from_numpy(preprocess(img, rgb, size))[None]
+    logits = F.interpolate(net.eval()(x), size=(h, w), mode="bilinear", align_corners=False)[0]
+    labels = logits.argmax(0).numpy().astype(np.int64)
+    probs = torch.softmax(logits, 0).numpy().astype(np.float32) if with_probs else None
+    return labels, probs
+
+
+def body_mask(img: np.ndarray, rgb: bool = False) -> np.ndarray:
+    """Pixels clearly above background (p1 + 15 % of the p1..p99 range), largest component, holes filled."""
+    g = _gray(img)  # rgb pictures are reduced to their mean channel either way
+    lo, hi = np.percentile(g, [1, 99])
+    fg = g > lo + 0.15 * max(float(hi - lo), 1e-6)
+    lab = label(fg, connectivity=2)
+    if lab.max() == 0:
+        return fg
+    body = lab == (np.argmax(np.bincount(lab.ravel())[1:]) + 1)
+    holes = label(~body, connectivity=1)
+    border = np.unique(np.concatenate([holes[0], holes[-1], holes[:, 0], holes[:, -1]]))
+    return body | ~np.isin(holes, border)
+
+
+def sides(mask: np.ndarray, body: np.ndarray | None = None) -> list[dict[str, Any]]:
+    """Connected components (>= 2 % of the organ's area) of one organ's mask with their image side.
+
+    Each: centroid (row, col), area_px, bbox [r0, c0, r1, c1] (r1, c1 exclusive), image_side left|right|midline;
+    the midline is the body's centroid column (image centre without a body). A component is `midline` when it
+    crosses the midline with its extent on the smaller side at least 60 % of that on the larger side.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    if body is not None and np.asarray(body).any():
+        mid = float(np.nonzero(body)[1].mean())
+    else:
+        mid = (mask.shape[1] - 1) / 2.0
+    total = int(mask.sum())
+    out: list[dict[str, Any]] = []
+    if total == 0:
+        return out
+    for p in regionprops(label(mask, connectivity=2)):
+        if p.area < MIN_COMPONENT * total:
+            continue
+        r0, c0, r1, c1 = (int(v) for v in p.bbox)
+        cr, cc = (float(v) for v in p.centroid)
+        left_ext, right_ext = mid - c0, c1 - 1 - mid
+        if min(left_ext, right_ext) > 0 and min(left_ext, right_ext) >= MIDLINE_BALANCE * max(left_ext, right_ext):
+            side = "midline"
+        else:
+            side = "left" if cc < mid else "right"
+        out.append({"centroid": [round(cr, 1), round(cc, 1)], "area_px": int(p.area), "bbox": [r0, c0, r1, c1],
+                    "image_side": side})
+    return sorted(out, key=lambda d: -d["area_px"])

@@ -1,0 +1,243 @@
+"""organ_segment: which organs a CT or MR slice shows, where, on which side, and how large.
+
+Chest radiographs are not covered: SLAKE's chest X-ray "masks" are the picture with the finding boxes drawn on it,
+not organ masks, and no other organ masks for radiographs exist here; their lungs and heart are measured by the
+classical cxr_lung_fields and cardiothoracic_ratio tools.
+
+Runs the cards with `adapter: organ_unet` (the project's own `organ_seg_slake` in tools/models/, a MONAI 2D U-Net
+trained on the SLAKE 1.0 organ masks by scripts/train_organ_segmenter.py; inference helpers in tools/_organ_net.py).
+The network sees the picture at the card's working size (e.g. 192 px; a CT in Hounsfield units is first put through
+a soft-tissue window, -160..240 HU, as SLAKE's exports are); its label map is upsampled back, so every measurement is
+in the original pixel grid: area in mm² when the spacing is known, else px².
+
+Per organ: presence (area at least MIN_FRACTION of the picture), area, mean probability, and its connected
+components with centroid, box and side. Left/right organs (lungs, kidneys, eyes, ...) are one class for the network;
+each component's side comes from geometry - left or right of the body's midline column (tools/_organ_net.py
+`sides`). Image side to patient side: radiological convention by default (image left = patient right, as axial CT/MR
+and frontal radiographs are displayed); a DICOM ImageOrientationPatient whose row direction points to the patient's
+right, or a PatientOrientation whose first value is R, flips it; a row direction along A/P or H/F (a sagittal slice, a
+lateral radiograph) leaves the side undefined, and so does a picture the study classifier calls sagittal or lateral.
+
+Evidence: a finding per organ (per side for paired organs: "left kidney", "right kidney"), the organs looked for and
+not found (so "Does the picture contain a kidney?" can be answered no, and "How many kidneys?" 0), the organs present
+and the largest one as study attributes, a label mask and a colour overlay as artifacts.
+
+Limitations (see the card's validation block for figures on SLAKE validate, held out): trained on 450 SLAKE images
+(one hospital's CT/MR slices and NIH chest radiographs); lesion classes (liver / lung / kidney cancer, brain tumour,
+edema) are learned from few examples and their Dice is low: they are reported as segmenter findings with that caveat,
+not as diagnoses; small organs at 192 px are coarse.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+from agent.models import ModelCard
+from agent.state import ArtifactRef, ImageView
+from tools._learned import LearnedInput, LearnedTool, ModelUsed, model_used
+from tools.base import FindingDraft, Measurement, ToolContext, ToolError
+
+ADAPTER = "organ_unet"
+MIN_FRACTION = 5e-4  # an organ is present when its area is at least 0.05 % of the picture (as the card's figures)
+PAIRED = frozenset({"lung", "kidney", "eye", "ear", "femoral_head", "humerus_head", "parotid", "temporal_lobe",
+                    "mandible"})
+LESIONS = frozenset({"liver_cancer", "lung_cancer", "kidney_cancer", "brain_edema", "brain_enhancing_tumor",
+                     "brain_non_enhancing_tumor"})
+HU_WINDOW = (-160.0, 240.0)
+_COLOURS = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48], [145, 30, 180],
+                     [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212], [0, 128, 128],
+                     [220, 190, 255], [170, 110, 40], [255, 250, 200], [128, 0, 0], [170, 255, 195]], np.uint8)
+
+
+class OrganInput(LearnedInput):
+    slice_index: int | None = Field(None, description="slice of a volume (default: the middle one)")
+
+
+class Component(BaseModel):
+    side: str  # patient side: left | right | center | undefined
+    image_side: str  # left | right | midline of the picture
+    centroid: list[float]  # [row, col] in the view's pixels
+    bbox: list[int]  # [row0, col0, row1, col1], end exclusive
+    area: float
+    unit: str  # mm2 | px2
+
+
+class Organ(BaseModel):
+    label: str  # e.g. "kidney", "small_bowel", "liver_cancer"
+    area: float
+    unit: str
+    mean_probability: float
+    lesion: bool = False
+    components: list[Component]
+
+
+class OrganOutput(BaseModel):
+    view: str
+    slice_index: int | None = None
+    organs: list[Organ]  # present ones, largest first
+    absent: list[str]  # labels looked for and not found
+    side_convention: str
+    working_size: int
+    notes: list[str] = Field(default_factory=list)
+    mask: ArtifactRef | None = None
+    overlay: ArtifactRef | None = None
+    model_card: ModelUsed
+
+
+def words(label: str) -> str:
+    return label.replace("_", " ")
+
+
+def side_rule(view: ImageView) -> tuple[str | None, str]:
+    """(patient side of the picture's right half, or None when sides are undefined; the convention in words)."""
+    iop = view.metadata.get("ImageOrientationPatient")
+    if isinstance(iop, list | tuple) and len(iop) == 6:
+        row_x = float(iop[0])
+        if abs(row_x) < 0.5:
+            return None, "DICOM ImageOrientationPatient: rows run along A/P or H/F, so left/right is undefined"
+        return ("left" if row_x > 0 else "right"), (f"DICOM ImageOrientationPatient (row direction x {row_x:+.2f}): "
+                                                   f"image right = patient {'left' if row_x > 0 else 'right'}")
+    po = view.metadata.get("PatientOrientation")
+    first = (po[0] if isinstance(po, list | tuple) and po else str(po or "").split("\\")[0]).strip().upper()
+    if first[:1] in ("L", "R"):
+        return ("left" if first[0] == "L" else "right"), f"DICOM PatientOrientation {first}: image right = patient " \
+            f"{'left' if first[0] == 'L' else 'right'}"
+    if first[:1] in ("A", "P", "H", "F"):
+        return None, f"DICOM PatientOrientation {first}: left/right is undefined on this projection"
+    plane = ((view.metadata.get("study") or {}).get("probabilities") or {}).get("plane") or {}
+    if plane and max(plane, key=plane.get) in ("sagittal", "lateral") and max(plane.values()) >= 0.6:
+        return None, "the study classifier calls the picture sagittal/lateral: left/right is undefined"
+    return "left", "radiological convention assumed (no orientation tag): image left = patient right"
+
+
+def patient_side(image_side: str, right_is: str | None) -> str:
+    if right_is is None:
+        return "undefined"
+    if image_side == "midline":
+        return "center"
+    if image_side == "right":
+        return right_is
+    return "right" if right_is == "left" else "left"
+
+
+class OrganSegment(LearnedTool):
+    name = "organ_segment"
+    description = ("Which organs a CT or MR slice shows (liver, lungs, heart, kidneys, spleen, bowel, bladder, "
+                   "...): per organ presence, side, centroid, area, and a mask overlay.")
+    kind = "segment"
+    adapter = ADAPTER
+    card_kinds = frozenset({"segment"})
+    requires = ("torch", "monai")
+    modalities = frozenset({"CT", "MR"})
+    topics = ("organ", "which organs", "where", "side", "size", "largest", "how many")
+    subjects = ("attribute:organ", "attribute:largest_organ", "attribute:smallest_organ", "area")
+    limitations = ("2D: one slice or radiograph at a time; trained on 450 SLAKE images; lesion classes have low Dice "
+                   "and are not diagnoses; sides follow the radiological convention unless a DICOM tag says otherwise")
+    validation = "see the card organ_seg_slake (Dice per organ on SLAKE validate, held out)"
+    timeout_s = 60.0
+    Input = OrganInput
+    Output = OrganOutput
+
+    def build(self, card: ModelCard, path: Path) -> Any:
+        from tools._organ_net import load_net
+
+        return load_net(card.input, path)
+
+    def run(self, ctx: ToolContext, inp: OrganInput) -> OrganOutput:
+        from tools._organ_net import body_mask, predict, sides
+        from tools.imaging import is_rgb, looks_like_hu, picture, to_uint8
+
+        view = self.usable_view(ctx, inp.view)
+        card = self.pick(view, inp.model)
+        net = self.load(card)
+        rgb = is_rgb(view)
+        try:
+            pic, k, notes = picture(ctx.pixels(inp.view), view, inp.slice_index)
+        except ValueError as exc:
+            raise ToolError(str(exc)) from None
+        pic = np.asarray(pic)
+        if rgb:  # the network reads one gray channel (CT/MR exported as colour JPEG)
+            pic, rgb = pic[..., :3].astype(np.float32).mean(-1), False
+            notes.append("colour picture read as its gray mean")
+        if looks_like_hu(pic):
+            pic = np.clip(pic.astype(np.float32), *HU_WINDOW)
+            notes.append("Hounsfield units put through a -160..240 HU window first, as the training images were")
+        size = int(card.input.get("size", 192))
+        notes.append(f"segmented at {size}x{size} px and upsampled to the view's {pic.shape[0]}x{pic.shape[1]} grid; "
+                     "areas are in that grid")
+        labels_map, probs = predict(net, pic, rgb, size)
+        body = body_mask(pic, rgb)
+        right_is, convention = side_rule(view)
+        sp = view.spacing_mm if view.spacing_known else None
+        px_area, unit = (float(sp[-2]) * float(sp[-1]), "mm2") if sp else (1.0, "px2")
+        organs, absent = [], []
+        floor = MIN_FRACTION * labels_map.size
+        for i, lab in enumerate(card.labels, start=1):
+            m = labels_map == i
+            n = int(m.sum())
+            if n < floor:
+                absent.append(lab)
+                continue
+            comps = sides(m, body)
+            organs.append(Organ(
+                label=lab, area=round(n * px_area, 2), unit=unit, lesion=lab in LESIONS,
+                mean_probability=round(float(probs[i][m].mean()), 4) if probs is not None else 0.0,
+                components=[Component(side=patient_side(c["image_side"], right_is),
+                                      image_side=c["image_side"], centroid=c["centroid"], bbox=c["bbox"],
+                                      area=round(c["area_px"] * px_area, 2), unit=unit) for c in comps]))
+        organs.sort(key=lambda o: -o.area)
+        mask_ref = ctx.save_mask(labels_map.astype(np.uint8), f"organ labels of {view.id} ({card.name}; "
+                                 f"index = position in the card's labels, 0 background)")
+        base = pic if rgb else to_uint8(pic)
+        rgb_img = base if rgb else np.repeat(base[..., None], 3, -1)
+        over = rgb_img.copy()
+        hit = labels_map > 0
+        over[hit] = (0.55 * rgb_img[hit] + 0.45 * _COLOURS[(labels_map[hit] - 1) % len(_COLOURS)]).astype(np.uint8)
+        overlay = ctx.save_png(over, "overlay", f"organ overlay of {view.id} ({card.name})")
+        return OrganOutput(view=view.id, slice_index=k, organs=organs, absent=absent, side_convention=convention,
+                           working_size=size, notes=notes, mask=mask_ref, overlay=overlay, model_card=model_used(card))
+
+    # -- what the evidence states ------------------------------------------------------------------------------
+    def findings(self, output: BaseModel, view: ImageView) -> list[FindingDraft]:
+        assert isinstance(output, OrganOutput)
+        out = []
+        for o in output.organs:
+            note = "learned lesion class with low validation Dice: a segmenter finding, not a diagnosis" \
+                if o.lesion else ""
+            parts = o.components if o.label in PAIRED else o.components[:1]
+            for c in parts:
+                side = c.side if c.side in ("left", "right") else ""
+                label = f"{side} {words(o.label)}" if o.label in PAIRED and side else words(o.label)
+                area = o.area if o.label not in PAIRED else c.area
+                out.append(FindingDraft(label=label, present=True, location=c.side if c.side != "undefined" else "",
+                                        bbox=[float(v) for v in c.bbox], probability=o.mean_probability, note=note,
+                                        measurements=[Measurement(name="area", value=area, unit=o.unit)]))
+        return out
+
+    def absent_labels(self, output: BaseModel, view: ImageView) -> list[str]:
+        assert isinstance(output, OrganOutput)
+        return [words(lab) for lab in output.absent]
+
+    def attributes(self, output: BaseModel, view: ImageView) -> dict[str, dict[str, Any]]:
+        assert isinstance(output, OrganOutput)
+        organs = [o for o in output.organs if not o.lesion]
+        if not organs:
+            return {"organ": {"value": "none found", "probability": None, "source": "segmenter"}}
+        return {"organ": {"value": ", ".join(words(o.label) for o in organs), "probability": None,
+                          "source": "segmenter"},
+                "largest_organ": {"value": words(organs[0].label), "probability": None, "source": "segmenter",
+                                  "areas": {words(o.label): o.area for o in organs}},
+                "smallest_organ": {"value": words(organs[-1].label), "probability": None, "source": "segmenter",
+                                   "areas": {words(o.label): o.area for o in organs}}}
+
+    def summary(self, output: BaseModel) -> str:
+        assert isinstance(output, OrganOutput)
+        parts = []
+        for o in output.organs[:8]:
+            sides_ = "/".join(c.side for c in o.components) if o.label in PAIRED else o.components[0].side
+            parts.append(f"{words(o.label)} {o.area:.4g} {o.unit} ({sides_})")
+        return f"{output.view}: " + ("; ".join(parts) or "no organ found") + f" ({output.model_card.name})"
