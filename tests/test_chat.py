@@ -214,7 +214,7 @@ def test_embedded_tiny_planner_chooses_the_tools(tmp_path):
     child = spawn(tmp_path, MR, "--llm", "tiny", "-q", "How large is the dominant bright region?")
     child.timeout = 240
     child.expect(r"think +→ (\w+)\(")
-    child.expect(r"act +\[E1\] \w+ ok")
+    child.expect(r"act +\[E1\] \w+ (ok|failed)")  # the 135M model's first call may carry bad arguments
     child.expect(r"dxagent: (.*\[E\d+\]|Cannot answer \((budget_spent|evidence_does_not_address)\): .*Needed: a call of .*"
                  r"region_measure)")
     child.expect_exact(PROMPT)

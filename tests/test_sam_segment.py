@@ -195,7 +195,7 @@ def test_graph_chains_detector_boxes_into_sam_and_records_the_card(tmp_path, mod
     assert {m["name"] for m in intake["models"]} - {"organ_seg_slake"} == {"sam_tiny", "medsam_tiny"}  # + bundled
     first_prompt = json.loads(store.events(res.run_id, "llm")[0].payload)["request"]["messages"][1]["content"]
     assert "Your models (model cards) for this case:" in first_prompt and "sam_tiny: segment" in first_prompt
-    [used] = res.report["models_used"]
+    [used] = [m for m in res.report["models_used"] if m["name"] != "study_cnn_v1"]  # the intake classifier aside
     assert used["name"] == "sam_tiny" and used["evidence_ids"] == ["E2"]
     md = to_markdown(res.report)
     assert "## Models used" in md and "sam_tiny" in md
