@@ -870,7 +870,7 @@ def _normalise_modality(text: str) -> str:
     return _MODALITY_ALIASES.get(key, key)
 
 
-def _study(ld: _Loaded) -> tuple[dict[str, Any] | None, str]:
+def _study(ld: _Loaded, hu: bool) -> tuple[dict[str, Any] | None, str]:
     """The study classifier's block for a loaded image (tools/_study.py), or (None, the one-line reason it
     could not run: then the pixel rules guess the modality, and the report says why)."""
     from tools._study import intake_study
@@ -878,7 +878,7 @@ def _study(ld: _Loaded) -> tuple[dict[str, Any] | None, str]:
 
     pic = ld.arr if ld.rgb or ld.arr.ndim == 2 else ld.arr[ld.arr.shape[0] // 2]
     try:
-        block = intake_study(pic, ld.rgb, (not ld.rgb) and looks_like_hu(ld.arr))
+        block = intake_study(pic, ld.rgb, hu)
     except ToolError as exc:
         return None, str(exc)
     if pic is not ld.arr:
@@ -903,14 +903,15 @@ def _to_view(vid: str, ld: _Loaded, store: ArtifactStore, modality: str | None, 
         mod, src, conf = ld.modality, "dicom", 1.0
     else:
         mod, src, conf = "", "", 0.0
-    study, why = _study(ld)
+    hu = (not ld.rgb) and looks_like_hu(ld.arr)  # once per view: the classifier's input and the CT rule
+    study, why = _study(ld, hu)
     if study is not None:
         meta["study"] = study
     else:
         meta["study_error"] = why
     if src:
         pass  # the file or the user said the modality
-    elif not ld.rgb and looks_like_hu(ld.arr):  # values in Hounsfield units: a CT whatever it looks like
+    elif hu:  # values in Hounsfield units: a CT whatever it looks like
         (mod, conf), src = _GUESS_RULES["hu"], "guess"
         meta["modality_guess"] = "values in Hounsfield units"
     elif study is not None:
