@@ -353,7 +353,9 @@ def _store(trace_dir: Path | None, db_url: str | None):
     from agent.session import default_trace_dir
     from agent.trace import TraceStore
 
-    return TraceStore(db_url, trace_dir or default_trace_dir())
+    store = TraceStore(db_url, trace_dir or default_trace_dir())
+    store.mark_interrupted()  # runs whose process died are not "running"
+    return store
 
 
 def _load_trace(ref: str, trace_dir: Path | None, db_url: str | None) -> tuple[dict, Path]:
@@ -416,7 +418,8 @@ def trace_verify(
     db_url: Annotated[str, typer.Option()] = None,
 ) -> None:
     """Check runs for tampering: edited, inserted or deleted events (hash chain + seal), an edited run row or
-    report, missing or edited artifact files. Exit 1 if any run is not intact."""
+    report, missing or edited artifact files; a run without its seal (running, killed, truncated) is incomplete, and
+    with DXAGENT_TRACE_KEY set only keyed seals pass. Exit 1 if any run is not intact."""
     from agent.trace import verify_dump
 
     refs = list(runs or [])
@@ -431,13 +434,13 @@ def trace_verify(
         n = len(dump["events"])
         if problems:
             bad += 1
-            out.print(f"[red]TAMPERED[/] {dump['run']['id']} ({n} events)", highlight=False)
+            verdict = "INCOMPLETE" if all(p.startswith("incomplete") for p in problems) else "TAMPERED"
+            out.print(f"[red]{verdict}[/] {dump['run']['id']} ({n} events)", highlight=False)
             for p in problems:
                 out.print(f"  - {p}", highlight=False, soft_wrap=True)
         else:
-            state = "sealed" if dump["run"].get("seal") else "unsealed, still running or killed"
             out.print(f"[green]intact[/] {dump['run']['id']} ({n} events, {len(dump.get('artifacts', []))} artifacts, "
-                      f"{state})", highlight=False)
+                      f"sealed with {dump['run'].get('seal_alg')})", highlight=False)
     if bad:
         raise typer.Exit(1)
 

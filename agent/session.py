@@ -30,13 +30,24 @@ def default_trace_dir() -> Path:
 
 
 def inputs_sha256(paths: list[str]) -> str:
+    """sha256 over the input files' own sha256s (a folder: its regular files, sorted); only regular files under the
+    size limit are opened (a pipe or a device is refused with one line before anything reads it)."""
+    from tools.imaging import ImageLoadError, regular_file, sha256_file
+
     h = hashlib.sha256()
     for p in map(Path, paths):
-        files = sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p]
+        if not p.exists():
+            raise DxError(f"{p.name or p}: no such file or folder")
+        files = sorted(x for x in p.rglob("*") if x.is_file() and not x.is_symlink()) if p.is_dir() else [p]
         for f in files:
-            if not f.exists():
-                raise DxError(f"{p.name}: no such file or folder")
-            h.update(hashlib.sha256(f.read_bytes()).digest())
+            try:
+                if f is p or f.stat().st_size:  # an empty file in a folder is skipped by the series reader
+                    regular_file(f)
+                h.update(bytes.fromhex(sha256_file(f)))
+            except ImageLoadError as exc:
+                raise DxError(str(exc)) from None
+            except OSError as exc:
+                raise DxError(f"{f.name}: cannot be read ({exc.strerror or type(exc).__name__})") from None
     return h.hexdigest()
 
 
@@ -109,6 +120,7 @@ def engine(*, llm: str = "local", chat: Any = None, model_id: str | None = None,
            on_step: Any = None, tool_set: dict[str, Tool] | None = None) -> Engine:
     trace_dir = Path(trace_dir or default_trace_dir())
     trace = TraceStore(db_url, trace_dir)
+    trace.mark_interrupted()
     store = ArtifactStore(trace_dir / "artifacts")
     if chat is None:
         chat, model_id, mode = make_llm(llm, base_url=base_url, model=model, api_key=api_key,
@@ -133,6 +145,8 @@ def run_case(paths: list[str] | None = None, question: str | None = None, *, llm
         if trace.get_run(resume) is None:
             raise DxError(f"no run {resume!r} in {trace.url}")
         run_id = resume
+        if trace.get_run(run_id).status != "done":
+            trace.reopen(run_id)  # running again (and unsealed) until it finishes
     if resume:
         rt.run_id = run_id
         config = {"configurable": {"thread_id": run_id}, "recursion_limit": 1000}

@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import json
 import os
+import socket
 import threading
 import time
 from datetime import UTC, datetime
@@ -44,7 +45,7 @@ class Run(SQLModel, table=True):
     case_id: str = Field(index=True)
     created_at: str
     finished_at: str | None = None
-    status: str = "running"  # running | done | failed
+    status: str = "running"  # running | done | failed | cancelled | idle (chat) | interrupted (its process died)
     question: str = ""
     llm: str = ""  # model id
     planner_mode: str = ""
@@ -60,6 +61,21 @@ class Run(SQLModel, table=True):
     head_hash: str | None = None
     seal_alg: str | None = None
     seal: str | None = None
+    owner: str | None = None  # "host:pid" of the process writing the run while it runs (not sealed)
+
+
+def _owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True
+    return True
 
 
 class Event(SQLModel, table=True):
@@ -137,7 +153,8 @@ class TraceStore:
                 return  # resuming: keep the original row
             s.add(Run(id=run_id, case_id=case_id, created_at=datetime.now(UTC).isoformat(), question=question,
                       llm=llm, planner_mode=planner_mode, inputs_sha256=inputs_sha256,
-                      versions=canonical(versions), settings=canonical(settings or {}), chain=CHAIN_VERSION))
+                      versions=canonical(versions), settings=canonical(settings or {}), chain=CHAIN_VERSION,
+                      owner=_owner()))
             s.commit()
 
     def finish_run(self, run_id: str, status: str, report: dict | None = None, error: str | None = None) -> None:
@@ -158,8 +175,22 @@ class TraceStore:
             run = s.get(Run, run_id)
             if run is not None:
                 run.status, run.n_events, run.head_hash, run.seal_alg, run.seal = "running", None, None, None, None
+                run.owner = _owner()
                 s.add(run)
                 s.commit()
+
+    def mark_interrupted(self) -> list[str]:
+        """Runs left "running" by a process of this host that no longer exists (killed, crashed, machine reset) become
+        "interrupted", sealed as they are; returns their ids. Runs of other hosts or of live processes are left."""
+        host = socket.gethostname()
+        with Session(self.engine) as s:
+            stale = [r.id for r in s.exec(select(Run).where(Run.status == "running"))
+                     if (r.owner or "").rpartition(":")[0] == host and r.owner.rpartition(":")[2].isdigit()
+                     and not _alive(int(r.owner.rpartition(":")[2]))]
+        for run_id in stale:
+            self.finish_run(run_id, "interrupted", error="the process running it ended before it finished (killed "
+                                                         "or crashed); resume it with --resume")
+        return stale
 
     def reseal(self, run_id: str) -> None:
         """Seal again after events were added to a finished run, keeping its status."""
@@ -317,18 +348,27 @@ def verify_dump(dump: dict[str, Any], artifact_root: str | Path | None) -> list[
             problems.append(f"{where}: hash chain broken (edited or inserted event)")
             break
         prev = ev["hash"]
+    key = os.environ.get(KEY_ENV) or None
+    if run.get("seal") and key and run.get("seal_alg") != "hmac-sha256":
+        problems.append(f"sealed with {run.get('seal_alg')!r}, which anyone can recompute, while {KEY_ENV} is set: "
+                        "only keyed (hmac-sha256) seals are accepted")
     if run.get("seal"):
         if run.get("n_events") != len(events) or run.get("head_hash") != prev:
             problems.append(f"the run was sealed with {run.get('n_events')} events (head {str(run.get('head_hash'))[:12]}) "
                             f"but {len(events)} are recorded (head {prev[:12]}): events deleted or appended")
         try:
-            if seal_of(run, run["seal_alg"], os.environ.get(KEY_ENV) or None) != run["seal"]:
+            if seal_of(run, run["seal_alg"], key) != run["seal"]:
                 problems.append("run row edited (report, status, question or settings differ from the seal)")
         except KeyError as exc:
             problems.append(str(exc.args[0]))
     elif run.get("status") != "running":
         problems.append(f"run is {run.get('status')} but not sealed (written by an older dxagent, or the seal removed)")
+    else:  # a record without its seal proves nothing about its end: say so rather than "intact"
+        problems.append(f"incomplete: the run is not sealed ({len(events)} events, no final report) - still running, "
+                        "killed, or truncated")
     reports = [e["payload"].get("report") for e in events if e["kind"] == "node" and e["name"] == "report"]
+    if run.get("status") == "done" and not reports:
+        problems.append("the run is marked done but has no report event (truncated)")
     if reports and run.get("report") is not None and canonical(reports[-1]) != run["report"]:
         problems.append("the run's report differs from the report event")
     if artifact_root is not None:

@@ -115,13 +115,28 @@ def test_refused_when_tool_not_for_modality(tmp_path):
 def test_bad_input_is_one_line_error(tmp_path):
     from agent.session import DxError
 
-    bad = tmp_path / "empty.dcm"
-    bad.write_bytes(b"")
+    bad = tmp_path / "notes.dcm"
+    bad.write_bytes(b"a text file, not an image\n" * 40)
     with pytest.raises(DxError) as exc:
         scripted(tmp_path, [answer()], paths=(bad,))
-    assert "\n" not in str(exc.value) and "empty.dcm" in str(exc.value)
+    assert "\n" not in str(exc.value) and "not an image" in str(exc.value)
     failed = [r for r in TraceStore(None, tmp_path).runs() if r.status == "failed"]
     assert failed and failed[0].error
+
+
+def test_what_is_not_a_regular_file_is_refused_before_any_read(tmp_path):
+    """A 0-byte file, a named pipe (which would block a reader for ever) and a device (/dev/zero, endless) are
+    refused with one line from one stat() before a run starts: no run row, nothing read."""
+    from agent.session import DxError
+
+    empty, pipe = tmp_path / "empty.dcm", tmp_path / "pipe.dcm"
+    empty.write_bytes(b"")
+    os.mkfifo(pipe)
+    for path, words in ((empty, "0-byte"), (pipe, "named pipe"), (Path("/dev/zero"), "device")):
+        with pytest.raises(DxError) as exc:
+            scripted(tmp_path, [answer()], paths=(path,))
+        assert "\n" not in str(exc.value) and words in str(exc.value), str(exc.value)
+    assert TraceStore(None, tmp_path).runs() == []
 
 
 CHILD = """

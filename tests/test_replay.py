@@ -202,6 +202,58 @@ def test_hmac_seal_needs_the_key(tmp_path, monkeypatch):
     assert any("DXAGENT_TRACE_KEY" in p for p in verify_dump(dump, None))
 
 
+def test_forged_records_do_not_verify(tmp_path, monkeypatch):
+    """Issue 15's forgeries: (a) events cut after event 3, report removed, status set back to running and seal
+    cleared -> incomplete, not intact; (b) a keyed run re-sealed with plain sha256 (anyone can compute it) -> refused
+    while DXAGENT_TRACE_KEY is set; (c) a run marked done without its report event -> truncated."""
+    from agent.trace import SEALED_FIELDS, seal_of
+
+    monkeypatch.setenv("DXAGENT_TRACE_KEY", "auditor-secret")
+    res = run_case([MR], "How large is the dominant bright region?", llm="scripted", script=[call("region_measure")],
+                   trace_dir=tmp_path)
+    _sql(tmp_path, "DELETE FROM event WHERE run_id = ? AND seq > 3", res.run_id)
+    _sql(tmp_path, "UPDATE run SET status = 'running', report = NULL, seal = NULL, seal_alg = NULL, n_events = NULL, "
+                   "head_hash = NULL WHERE id = ?", res.run_id)
+    assert [p for p in _problems(tmp_path, res.run_id) if p.startswith("incomplete")], _problems(tmp_path, res.run_id)
+
+    res2 = run_case([MR], "How large is the dominant bright region?", llm="scripted", script=[call("region_measure")],
+                    trace_dir=tmp_path)
+    row = TraceStore(None, tmp_path).dump(res2.run_id)["run"]
+    forged = seal_of(row, "sha256")
+    _sql(tmp_path, "UPDATE run SET seal_alg = 'sha256', seal = ? WHERE id = ?", forged, res2.run_id)
+    assert any("only keyed" in p for p in _problems(tmp_path, res2.run_id))
+    monkeypatch.delenv("DXAGENT_TRACE_KEY")  # without a key a sha256 seal proves integrity, not authorship
+    assert _problems(tmp_path, res2.run_id) == []
+
+    _sql(tmp_path, "DELETE FROM event WHERE run_id = ? AND name = 'report'", res2.run_id)
+    dump = TraceStore(None, tmp_path).dump(res2.run_id)
+    run = dump["run"]
+    run["n_events"], run["head_hash"] = len(dump["events"]), dump["events"][-1]["hash"]
+    run["seal"] = seal_of({k: run[k] for k in SEALED_FIELDS}, "sha256")
+    assert any("no report event" in p for p in verify_dump(dump, None))
+
+
+def test_a_run_whose_process_died_is_marked_interrupted(tmp_path):
+    """A run left "running" by a process of this host that no longer exists becomes "interrupted" (sealed as it is)
+    the next time a store is opened by the engine or the CLI; a live process's run is left alone."""
+    import os
+
+    store = TraceStore(None, tmp_path)
+    store.start_run("dead", "c", "q", "m", "json", "0" * 64, {})
+    store.start_run("live", "c", "q", "m", "json", "0" * 64, {})
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = store.get_run("dead").owner.rpartition(":")[0]
+    _sql(tmp_path, "UPDATE run SET owner = ? WHERE id = 'dead'", f"{host}:{child.stdout.strip()}")
+    assert store.get_run("live").owner == f"{host}:{os.getpid()}"
+    assert store.mark_interrupted() == ["dead"]
+    dead = store.get_run("dead")
+    assert dead.status == "interrupted" and "--resume" in dead.error and dead.seal
+    assert store.get_run("live").status == "running"
+    r = subprocess.run(DXAGENT + ["trace", "verify", "live", "--trace-dir", str(tmp_path)], capture_output=True,
+                       text=True)
+    assert r.returncode == 1 and "INCOMPLETE" in r.stdout, r.stdout
+
+
 # -- exports ------------------------------------------------------------------------------------------------------
 
 def test_export_json_verifies_and_replays_on_its_own(recorded, tmp_path):
