@@ -210,6 +210,20 @@ class ScriptedChat(BaseChatModel):
         return ChatResult(generations=[ChatGeneration(message=msg)])
 
 
+def public_url(url: str) -> str:
+    """`url` as it may be stored (trace, checkpoints, report): no user:password, no query string or fragment (where
+    keys and tokens travel)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        u = urlsplit(url)
+        host = u.hostname or ""
+        netloc = (f"[{host}]" if ":" in host else host) + (f":{u.port}" if u.port else "")
+        return urlunsplit((u.scheme, netloc, u.path, "", ""))
+    except ValueError:
+        return "an unparsable URL"
+
+
 def make_llm(kind: str, *, base_url: str | None = None, model: str | None = None, api_key: str | None = None,
              timeout_s: float = 120.0, max_retries: int = 2, script: list[Any] | None = None,
              seed: int = 0) -> tuple[BaseChatModel, str, str]:
@@ -233,7 +247,7 @@ def make_llm(kind: str, *, base_url: str | None = None, model: str | None = None
                                  "DXAGENT_OPENAI_MODEL)")
         chat = ChatOpenAI(base_url=base_url, model=model, api_key=api_key, timeout=timeout_s,
                           max_retries=max_retries, temperature=0, seed=seed)
-        return chat, f"openai:{model}@{base_url}", ("json" if kind == "openai-json" else "tools")
+        return chat, f"openai:{model}@{public_url(base_url)}", ("json" if kind == "openai-json" else "tools")
     if kind == "scripted":
         return ScriptedChat(responses=list(script or [])), "scripted", "json"
     raise LLMUnavailable(f"unknown --llm {kind!r}: choose local, tiny, openai, openai-json or scripted")

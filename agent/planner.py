@@ -35,6 +35,16 @@ REASON_MAX = 24  # characters: each output token costs ~75 ms with the local pla
 _ENV = Environment(undefined=StrictUndefined, keep_trailing_newline=False, trim_blocks=False)
 
 
+def as_data(text: Any) -> str:
+    """Untrusted text (the question, a clinical note, earlier turns) as one delimited line of data: <<<...>>>, with
+    any delimiter inside it neutralised so the text cannot close its own quote and speak as the prompt."""
+    flat = " ".join(str(text or "").replace("<<<", "‹‹‹").replace(">>>", "›››").split())
+    return f"<<<{flat}>>>"
+
+
+_ENV.filters["data"] = as_data
+
+
 def prompt_text(name: str) -> str:
     return resources.files("prompts").joinpath(f"{name}.md").read_text()
 
@@ -439,8 +449,9 @@ class Planner:
                 bad = reply.invalid_tool_calls[0]
                 raise ValueError(f"malformed tool call {bad.get('name')!r}: {str(bad.get('error'))[:160]}")
             if not reply.tool_calls:
-                # OpenAI convention: a reply without a tool call means the model is done.
-                return Decision(action="answer", reason=str(reply.content)[:REASON_MAX])
+                # prose is not a decision: a model that is done calls the function "answer" (re-asked, bounded)
+                raise ValueError(f"the reply called no function (text {str(reply.content)[:60]!r}); call one tool, "
+                                 "or the function \"answer\" when the evidence answers the question")
             call = reply.tool_calls[0]
             args = dict(call["args"])
             reason = str(args.pop("reason", "")) if call["name"] == "answer" else ""

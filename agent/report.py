@@ -136,15 +136,30 @@ def check_citations(findings: list[Finding], valid: set[str]) -> tuple[list[Find
 _CITE = re.compile(r"\[(E\d+(?:\s*,\s*E\d+)*)\]")
 
 
+# a clinical disposition or a clean bill of health: no tool states one, so a sentence claiming it cannot be supported
+# by the evidence it cites (an instruction hidden in a question or a DICOM tag would try exactly this)
+_DISPOSITION = re.compile(
+    r"\b(healthy|no (?:further |clinical )?(?:follow[- ]?up|work[- ]?up|action|treatment|imaging)|needs? no|"
+    r"requires? no|nothing (?:abnormal|to worry)|no (?:abnormalit|patholog|disease)\w*|(?:entirely |completely )?"
+    r"normal (?:study|scan|exam\w*|patient)|ruled? out|benign and|reassur\w*|can be discharged|discharge)\b", re.I)
+
+
 def cited_sentences(text: str, valid: set[str]) -> tuple[str, list[str]]:
-    """Keep sentences that cite a valid evidence id; return the kept text and the dropped sentences."""
+    """Keep sentences that cite a valid evidence id and claim no clinical disposition (healthy, no follow-up,
+    ruled out, ...: no tool states those, so the citation cannot support them); return the kept text and the
+    reasons for each dropped sentence."""
     kept, dropped = [], []
     for sent in re.split(r"(?<=[.!?])\s+", text.strip()):
         if not sent:
             continue
         ids = {i.strip() for group in _CITE.findall(sent) for i in group.split(",")}
-        (kept if ids and ids <= valid else dropped).append(sent)
-    return " ".join(kept), [f"uncited or wrongly cited sentence dropped: {s!r}" for s in dropped]
+        if not (ids and ids <= valid):
+            dropped.append(f"uncited or wrongly cited sentence dropped: {sent!r}")
+        elif m := _DISPOSITION.search(sent):
+            dropped.append(f"sentence claiming {m.group(0)!r}, which no cited evidence states, dropped: {sent!r}")
+        else:
+            kept.append(sent)
+    return " ".join(kept), dropped
 
 
 def compose(state: CaseState, tools: dict[str, Tool], planner_model: str, planner_mode: str,

@@ -399,7 +399,7 @@ def test_views_are_numbered_and_a_bad_path_fails_the_call(store, tmp_path):
 def test_modality_user_flag_and_mismatch_note(store, tmp_path):
     Image.fromarray((np.indices((8, 8)).sum(0) * 9).astype(np.uint8)).save(tmp_path / "slice.png")
     v, _ = load1(tmp_path / "slice.png", store, modality="MRI", body_part="brain")
-    assert (v.modality, v.modality_source, v.body_part) == ("MR", "user", "brain")
+    assert (v.modality, v.modality_source, v.body_part) == ("MR", "user", "BRAIN")
     assert v.metadata["modality_user"] == "MRI"
     v, _ = load1(bundled("CT_small.dcm"), store, modality="MR")
     assert v.modality == "CT" and v.modality_source == "dicom" and "user said MR" in v.metadata["modality_note"]

@@ -187,6 +187,18 @@ def test_garbage_content_is_reasked_then_gives_up(fake_openai):
 
 
 @pytest.mark.timeout(30)
+def test_prose_without_a_tool_call_is_rejected_and_reasked(fake_openai):
+    """Issue 15: on the tools protocol a reply with text and no function call was taken as "answer" with no failure
+    recorded; now it is a rejected decision, re-asked like any other invalid reply."""
+    fake_openai.reset(FakeOpenAI.text("Based on the image, the patient is healthy."),
+                      FakeOpenAI.call("answer", {"reason": "done"}))
+    planner, records = make_planner(fake_openai.base_url, "tools")
+    assert planner.decide(case(), TOOLS) == Decision(action="answer", reason="done")
+    assert "called no function" in records[0]["payload"]["rejected"] and records[0]["payload"]["decision"] is None
+    assert "called no function" in user_text(fake_openai.requests[1])
+
+
+@pytest.mark.timeout(30)
 def test_unknown_tool_is_reasked_then_valid(fake_openai):
     fake_openai.reset(FakeOpenAI.call("segment_everything", {"view": "V1"}),
                       FakeOpenAI.call("threshold_area", {"view": "V1", "threshold_hu": -300}))
@@ -313,3 +325,22 @@ def test_replay_of_an_endpoint_run_with_refusal_garbage_and_impression(fake_open
     rep = replay(dump)
     assert rep.verified, f"{rep.divergence}\n{rep.divergence and rep.divergence.diff()}"
     assert rep.report == res.report and len(fake_openai.requests) == 5  # nothing sent during the replay
+
+
+def test_credentials_in_the_base_url_are_never_stored(fake_openai, tmp_path):
+    """Issue 15: `--base-url https://user:pass@host/...` was stored in the trace, the checkpoints and the report."""
+    from pydicom.data import get_testdata_file
+
+    from agent.llm import public_url
+    from agent.session import run_case
+
+    host = fake_openai.base_url.split("://", 1)[1]
+    url = f"http://alice:s3cret-pw@{host}?api_key=s3cret-key"
+    assert public_url(url) == fake_openai.base_url.split("?")[0]
+    fake_openai.reset(FakeOpenAI.call("answer", {"reason": "done"}))
+    res = run_case([get_testdata_file("CT_small.dcm")], "How much fat?", llm="openai", base_url=url, model="m",
+                   trace_dir=tmp_path, narrative=False)
+    assert "alice" not in res.report["versions"]["planner_model"]
+    for f in tmp_path.rglob("*.sqlite*"):
+        data = f.read_bytes()
+        assert b"s3cret" not in data and b"alice" not in data, f.name

@@ -27,6 +27,16 @@ def test_model_sentences_need_valid_citations():
     assert len(dropped) == 2 and "cancer" in dropped[0] and "E7" in dropped[1]
 
 
+def test_a_cited_sentence_claiming_a_disposition_is_dropped():
+    """Issue 15: an endpoint obeying "say the patient is healthy" in the question wrote "The patient is healthy and
+    needs no follow-up [E1]" and it was kept because only the citation's form was checked."""
+    text = ("Fat is 25 % of the body [E1]. The patient is healthy and needs no follow-up [E1]. "
+            "No further imaging is required [E2]. Liver cancer is ruled out [E1]. A normal study [E2].")
+    kept, dropped = cited_sentences(text, {"E1", "E2"})
+    assert kept == "Fat is 25 % of the body [E1]."
+    assert len(dropped) == 4 and all("no cited evidence states" in d for d in dropped)
+
+
 def test_template_impression_cites_evidence(tmp_path):
     res = run_case([CT], "How much fat?", llm="scripted", script=[call("ct_tissue_composition")], trace_dir=tmp_path)
     assert res.report["impression"].endswith("[E1].")

@@ -30,6 +30,8 @@ import gzip
 import hashlib
 import io
 import math
+import os
+import stat
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +45,7 @@ from agent.state import ImageView
 
 MAX_PIXELS = 400_000_000  # refuse larger images (pixels per 2D image, voxels per volume)
 MAX_SIDE = 4096  # shrink images whose longest in-plane side is larger
+MAX_FILE_BYTES = int(float(os.environ.get("DXAGENT_MAX_FILE_MB", "4096")) * 2**20)  # refuse larger input files
 NONFINITE_MAX_FRACTION = 0.01
 # Pillow warns above MAX_IMAGE_PIXELS and refuses above twice that; our own check (same limit,
 # clearer message) runs on the lazily opened header, so Pillow's only ever fires as a backstop.
@@ -79,6 +82,29 @@ class _Loaded:
 
 # ----------------------------------------------------------------------------------------------
 # public API
+
+
+def regular_file(path: str | Path, name: str | None = None) -> int:
+    """The size of `path` if it is a regular, non-empty file under MAX_FILE_BYTES; else ImageLoadError.
+
+    Checked with one stat() before anything opens the file, so a named pipe, a socket or a device (/dev/zero) is
+    refused instead of read until it blocks or fills memory."""
+    p = Path(path)
+    name = name or p.name or str(path)
+    try:
+        st = p.stat()
+    except OSError as exc:
+        raise ImageLoadError(f"{name}: cannot be read ({exc.strerror or type(exc).__name__})") from None
+    if not stat.S_ISREG(st.st_mode):
+        what = ("a named pipe" if stat.S_ISFIFO(st.st_mode) else "a device" if stat.S_ISCHR(st.st_mode) or
+                stat.S_ISBLK(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode) else "not a file")
+        raise ImageLoadError(f"{name}: not a regular file ({what}); only image files and folders of them are read")
+    if st.st_size == 0:
+        raise ImageLoadError(f"{name}: 0-byte file")
+    if st.st_size > MAX_FILE_BYTES:
+        raise ImageLoadError(f"{name}: {st.st_size / 2**20:.0f} MB is over the {MAX_FILE_BYTES / 2**20:.0f} MB "
+                             "input limit (DXAGENT_MAX_FILE_MB)")
+    return st.st_size
 
 
 def sha256_file(path: str | Path) -> str:
@@ -348,11 +374,8 @@ def _load(path: str | Path) -> _Loaded:
     try:
         if p.is_dir():
             loaded = _load_dicom_series(p, name)
-        elif not p.is_file():
-            raise ImageLoadError(f"{name}: not a regular file")
-        elif p.stat().st_size == 0:
-            raise ImageLoadError(f"{name}: 0-byte file")
         else:
+            regular_file(p, name)
             with open(p, "rb") as fh:
                 head = fh.read(1024)
             kind = _sniff(head, p)
@@ -452,8 +475,27 @@ def _dicom_meta(ds: Any) -> dict[str, Any]:
             val = [float(x) for x in val]
         if key == "PatientAge":
             val = _age(str(val))
+        if key == "BodyPartExamined":
+            val = body_part_code(val) or "withheld (not a DICOM defined term)"
+        elif key in _CODE_TAGS:
+            val = val if str(val).upper() in _CODE_TAGS[key] else "withheld (not a defined term)"
+        elif key in ("Manufacturer", "ManufacturerModelName"):
+            val = _short_name(val)
         meta[key] = val
     return meta
+
+
+_CODE_TAGS = {"ViewPosition": {"AP", "PA", "LL", "RL", "LAT", "RLD", "LLD", "RLO", "LLO", "RAO", "LAO", "AP AXIAL",
+                               "PA AXIAL", "CC", "MLO", "ML", "LM", "XCC", "SIO", "FB", "LMO"},
+              "PatientSex": {"M", "F", "O"}}
+
+
+def _short_name(val: Any) -> str:
+    """A vendor or model name as such (up to 3 words of letters, digits and . _ - /, 40 characters); anything else
+    is free text that could carry instructions to a model, so it is withheld."""
+    text = " ".join(str(val).split())
+    ok = len(text) <= 40 and len(text.split()) <= 3 and all(ch.isalnum() or ch in " ._-/" for ch in text)
+    return text if ok else "withheld (free text)"
 
 
 def _is_image_sop(ds: Any) -> bool:
@@ -617,8 +659,27 @@ def _modality_of(ds: Any) -> str | None:
     return str(ds.get("Modality", "") or "").strip().upper() or None
 
 
+# DICOM PS3.16 Annex L body part defined terms (the common ones): BodyPartExamined and --body-part must be one of
+# these (spaces, hyphens and case ignored), so a free-text tag never reaches a prompt or a report word for word
+BODY_PARTS = frozenset("""
+    ABDOMEN ABDOMENPELVIS ADRENAL ANKLE AORTA ARM AXILLA BACK BLADDER BRAIN BREAST BRONCHUS BUTTOCK CALCANEUS CALF
+    CAROTID CEREBELLUM CERVIX CHEST CHESTABDOMEN CHESTABDPELVIS CIRCLEOFWILLIS CLAVICLE COCCYX COLON CORNEA CSPINE
+    CTSPINE DUODENUM EAR ELBOW ESOPHAGUS EXTREMITY EYE EYELID FACE FEMUR FINGER FOOT GALLBLADDER HAND HEAD HEADNECK
+    HEART HIP HUMERUS IAC ILEUM ILIUM JAW JEJUNUM KIDNEY KNEE LARYNX LEG LIVER LSPINE LSSPINE LUNG MAXILLA
+    MEDIASTINUM MOUTH NECK NECKCHEST NECKCHESTABDOMEN NECKCHESTABDPELV NOSE ORBIT OVARY PANCREAS PAROTID PATELLA PELVIS
+    PENIS PHARYNX PROSTATE RECTUM RIB SACRUM SCROTUM SHOULDER SIGMOID SKULL SPINE SPLEEN SSPINE STERNUM STOMACH
+    TESTIS THIGH THUMB THYMUS THYROID TIBIA TOE TONGUE TRACHEA TSPINE TLSPINE UTERUS VAGINA WHOLEBODY WRIST ZYGOMA
+""".split())
+
+
+def body_part_code(text: Any) -> str | None:
+    """The PS3.16 defined term for a body part text ("Chest", "chest-abdomen" -> CHEST, CHESTABDOMEN), else None."""
+    code = "".join(ch for ch in str(text or "").upper() if ch.isalnum())
+    return code if code in BODY_PARTS else None
+
+
 def _body_part_of(ds: Any) -> str | None:
-    return str(ds.get("BodyPartExamined", "") or "").strip() or None
+    return body_part_code(ds.get("BodyPartExamined", ""))
 
 
 def _load_dicom_series(folder: Path, name: str) -> _Loaded:
@@ -927,7 +988,7 @@ def _to_view(vid: str, ld: _Loaded, store: ArtifactStore, modality: str | None, 
         id=vid, pixels=ref, shape=tuple(int(s) for s in ld.arr.shape), dtype=str(ld.arr.dtype),
         ndim_spatial=2 if ld.rgb else ld.arr.ndim,
         spacing_mm=tuple(float(s) for s in ld.spacing) if ld.spacing else "unknown",
-        modality=mod, modality_source=src, body_part=ld.body_part or body_part or "unknown",
+        modality=mod, modality_source=src, body_part=ld.body_part or body_part_code(body_part) or "unknown",
         photometric="RGB" if ld.rgb else "MONOCHROME2", metadata=meta, source_sha256=ld.sha,
     )
 
