@@ -83,6 +83,14 @@ def predict(net: torch.nn.Module, img: np.ndarray, rgb: bool, size: int,
     return labels, probs
 
 
+def gray8(img: np.ndarray) -> np.ndarray:
+    """The picture as (H, W, 3) uint8 for the box-prompted refiner: gray, percentile 0.5..99.5 -> 0..255."""
+    g = _gray(img)
+    lo, hi = np.percentile(g, [0.5, 99.5])
+    u8 = np.clip((g - lo) / max(float(hi - lo), 1e-6) * 255.0, 0, 255).astype(np.uint8)
+    return np.repeat(u8[..., None], 3, -1)
+
+
 def body_mask(img: np.ndarray, rgb: bool = False) -> np.ndarray:
     """Pixels clearly above background (p1 + 15 % of the p1..p99 range), largest component, holes filled."""
     g = _gray(img)  # rgb pictures are reduced to their mean channel either way
@@ -126,3 +134,55 @@ def sides(mask: np.ndarray, body: np.ndarray | None = None) -> list[dict[str, An
         out.append({"centroid": [round(cr, 1), round(cc, 1)], "area_px": int(p.area), "bbox": [r0, c0, r1, c1],
                     "image_side": side})
     return sorted(out, key=lambda d: -d["area_px"])
+
+
+def refine(labels: np.ndarray, targets: dict[int, float], segment: Any, min_component: float = MIN_COMPONENT,
+           ) -> tuple[np.ndarray, dict[int, int]]:
+    """Re-draw the outline of the classes in `targets` with a box-prompted segmenter (LiteMedSAM).
+
+    For each target class i (value: the box margin as a fraction of the component's height/width), every connected
+    component of `labels == i` with at least `min_component` of the class's area gives a box (its extent plus the
+    margin, clipped); `segment(box)` returns a probability map at the picture's size for the one object in that box.
+    The class's new mask is the union, over its components, of the pieces with probability > 0.5 that touch the
+    component's own box; pixels the U-Net gave to another class are left to that class unless the box-prompted
+    probability there is higher than 0.5 and the pixel was background or the same class before. Where two refined
+    classes claim a pixel, the higher probability wins. Returns (new labels, pixels changed per class).
+    """
+    from scipy import ndimage as ndi
+
+    out = labels.copy()
+    h, w = labels.shape
+    best = np.zeros(labels.shape, dtype=np.float32)
+    claim = np.zeros(labels.shape, dtype=np.int64)
+    for i, margin in targets.items():
+        m = labels == i
+        total = int(m.sum())
+        if total == 0:
+            continue
+        union_p = np.zeros(labels.shape, dtype=np.float32)
+        for p in regionprops(label(m, connectivity=2)):
+            if p.area < min_component * total:
+                continue
+            r0, c0, r1, c1 = (int(v) for v in p.bbox)
+            dr, dc = int(round(margin * (r1 - r0))), int(round(margin * (c1 - c0)))
+            box = (max(0, r0 - dr), max(0, c0 - dc), min(h, r1 + dr), min(w, c1 + dc))
+            prob = np.asarray(segment(box), dtype=np.float32)
+            piece = prob > 0.5
+            lab_, n = ndi.label(piece)
+            if n > 1:
+                keep = np.unique(lab_[r0:r1, c0:c1])
+                piece = np.isin(lab_, keep[keep > 0])
+            union_p = np.where(piece & (prob > union_p), prob, union_p)
+        allowed = (labels == 0) | (labels == i)
+        take = (union_p > 0.5) & allowed & (union_p > best)
+        best[take], claim[take] = union_p[take], i
+    changed: dict[int, int] = {}
+    for i in targets:
+        old = labels == i
+        new = claim == i
+        if not old.any():
+            continue
+        out[old & ~new] = 0
+        out[new] = i
+        changed[i] = int((old ^ new).sum())
+    return out, changed
