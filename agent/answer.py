@@ -375,9 +375,13 @@ def choice_probability(tokens: list[dict[str, Any]], chosen: str, allowed: list[
 
 
 def ask(chat: Any, model_id: str, prompt_name: str, q: Question, record: Any, node: str, *,
-        case_line: str = "", evidence: list[str] | None = None, max_tokens: int = 24) -> tuple[str | None, float | None, str]:
-    """One constrained answer from `chat`: (value, probability, error). Records the call when `record` is given."""
-    from agent.planner import render, structured_invoke
+        case_line: str = "", evidence: list[str] | None = None, max_tokens: int = 24,
+        seconds: float = 120.0) -> tuple[str | None, float | None, str]:
+    """One constrained answer from `chat` within `seconds` (an endpoint that stays silent longer is abandoned):
+    (value, probability, error). Records the call when `record` is given."""
+    import functools
+
+    from agent.planner import bounded_call, render, structured_invoke
 
     allowed = allowed_values(q)
     prompt = render(prompt_name, question=q.text, case_line=case_line, evidence=evidence or [], allowed=allowed)
@@ -386,7 +390,8 @@ def ask(chat: Any, model_id: str, prompt_name: str, q: Question, record: Any, no
                                                {"role": "user", "content": prompt}], "allowed": allowed}
     t0 = time.perf_counter()
     try:
-        reply, params = structured_invoke(chat, model_id, messages, answer_schema(allowed), max_tokens)
+        reply, params = bounded_call(chat, seconds, functools.partial(
+            structured_invoke, chat, model_id, messages, answer_schema(allowed), max_tokens), "the answer step's LLM")
     except Exception as exc:
         err = f"{type(exc).__name__}: {exc}"
         if record:
@@ -427,6 +432,14 @@ def typed_value(q: Question, value: str) -> tuple[str, Any]:
 
 
 # -- the step ----------------------------------------------------------------------------------------------------
+GRACE_S = 10.0  # the answer step and the written impression each get at least this long, even with the budget spent
+
+
+def grace_seconds(state: CaseState) -> float:
+    """Time an LLM call after the loop may take: what is left of the wall-clock budget, at least GRACE_S."""
+    return max(GRACE_S, state.budget.max_wall_s - state.budget.elapsed())
+
+
 def compose_answer(state: CaseState, tools: dict[str, Tool], chat: Any = None, model_id: str = "",
                    record: Any = None, case_line: str = "") -> Answer:
     q, addressing = understood(state, tools)
@@ -449,7 +462,7 @@ def compose_answer(state: CaseState, tools: dict[str, Tool], chat: Any = None, m
         return finish(abstain("evidence_does_not_address", "the evidence needs reading and no LLM is available",
                               ids=_ids(stmts)))
     value, prob, err = ask(chat, model_id, "answer", q, record, "answer", case_line=case_line,
-                           evidence=[s.line() for s in stmts])
+                           evidence=[s.line() for s in stmts], seconds=grace_seconds(state))
     if value is None:
         return finish(abstain("planner_failed", f"the answer step failed: {err[:160]}", ids=_ids(stmts)))
     if value == CANNOT_TELL:

@@ -18,6 +18,7 @@ import functools
 import hashlib
 import json
 import re
+import threading
 import time
 from importlib import resources
 from typing import Any
@@ -60,6 +61,38 @@ def prompt_versions() -> dict[str, str]:
 
 class PlannerError(RuntimeError):
     """The planner produced no valid decision within its bounds."""
+
+
+def within(seconds: float, fn: Any, what: str = "the LLM") -> Any:
+    """fn() if it returns within `seconds`, else TimeoutError. The call runs in a daemon thread that is abandoned on
+    timeout (an HTTP request then ends at its own client timeout, in the background; the run does not wait for it),
+    so a silent endpoint cannot hold a run past its wall-clock budget, whatever its timeout x retries would allow."""
+    if seconds <= 0:
+        raise TimeoutError(f"no time left in the run's budget for {what}")
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # handed to the caller
+            box["error"] = exc
+
+    t = threading.Thread(target=run, name="dxagent-llm-call", daemon=True)
+    t.start()
+    t.join(seconds)
+    if t.is_alive():
+        raise TimeoutError(f"{what} did not reply within the {seconds:.0f} s left in the run's budget")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def bounded_call(chat: Any, seconds: float, fn: Any, what: str = "the LLM") -> Any:
+    """`within` for HTTP endpoints; the embedded llama.cpp model runs inline (it cannot be abandoned safely - the next
+    call would share its context - and its output is bounded by max_tokens)."""
+    if getattr(chat, "_llm_type", "") == "llama-cpp":
+        return fn()
+    return within(seconds, fn, what)
 
 
 def _clean_schema(schema: dict[str, Any]) -> dict[str, Any]:
@@ -415,7 +448,9 @@ class Planner:
                        "candidates": sorted(cand_map), "held_back": held, "exhausted": sorted(done)}
             t0 = time.perf_counter()
             try:
-                reply, params = self._ask(messages, cands, view_ids, bool(grounded))
+                left = state.budget.max_wall_s - state.budget.elapsed(now)
+                reply, params = bounded_call(self.chat, left, functools.partial(
+                    self._ask, messages, cands, view_ids, bool(grounded)))
             except Exception as exc:  # timeouts, connection errors, HTTP errors after retries
                 self.record(kind="llm", node=node, name="error", payload={
                     "request": request, "error": f"{type(exc).__name__}: {exc}",

@@ -15,9 +15,9 @@ from jinja2 import Environment, PackageLoader
 from langchain_core.messages import HumanMessage
 from pydantic import BaseModel, Field
 
-from agent.answer import compose_answer, findings_of
+from agent.answer import compose_answer, findings_of, grace_seconds
 from agent.models import BUNDLED_DIR
-from agent.planner import case_line, evidence_line, prompt_versions, render
+from agent.planner import bounded_call, case_line, evidence_line, prompt_versions, render
 from agent.question import Question, parse_question
 from agent.state import Answer, CaseState
 from tools._study import study_facts, study_notes
@@ -203,7 +203,8 @@ def compose(state: CaseState, tools: dict[str, Tool], planner_model: str, planne
                         evidence=[evidence_line(e, tools) for e in state.evidence],
                         findings=[finding_line(f) for f in findings])
         try:
-            reply = narrative_llm.invoke([HumanMessage(prompt)], max_tokens=300)
+            reply = bounded_call(narrative_llm, grace_seconds(state), lambda: narrative_llm.invoke(
+                [HumanMessage(prompt)], max_tokens=300), "the impression's LLM")
         except Exception as exc:
             reply = None
             if record:

@@ -156,6 +156,26 @@ def test_timeout_is_a_quick_planner_error(fake_openai):
 
 
 @pytest.mark.timeout(30)
+def test_a_silent_endpoint_cannot_outlast_the_run_budget(fake_openai):
+    """Issue 15: a silent endpoint overran --max-seconds 60 (each request could use the client timeout x 3 tries).
+    With 1.5 s left in the run's budget, a 5 s client timeout and 2 retries, the decision fails within ~1.5 s."""
+    fake_openai.reset(FakeOpenAI.slow(8), FakeOpenAI.slow(8), FakeOpenAI.slow(8))
+    planner, records = make_planner(fake_openai.base_url, "tools", timeout_s=5.0, max_retries=2)
+    st = case()
+    st.budget.max_wall_s, st.budget.started_at = 60.0, time.time() - 58.5
+    t0 = time.perf_counter()
+    with pytest.raises(PlannerError, match="did not reply within the 1 s left"):
+        planner.decide(st, TOOLS)
+    assert time.perf_counter() - t0 < 3
+    assert [r["name"] for r in records] == ["error"] and "budget" in records[0]["payload"]["error"]
+    import threading
+
+    for t in threading.enumerate():  # the abandoned request ends at its client timeout; let it, so that its
+        if t.name == "dxagent-llm-call":  # retries do not take the next test's scripted replies
+            t.join(25)
+
+
+@pytest.mark.timeout(30)
 @pytest.mark.parametrize("content_type", ["application/json", "text/html"])
 def test_non_json_http_body_is_a_planner_error(fake_openai, content_type):
     fake_openai.reset(FakeOpenAI.garbage(content_type))
