@@ -22,7 +22,7 @@ from typing import Any
 from rich.console import Console
 from rich.markdown import Markdown
 
-from agent.graph import TurnCancelled, new_run_id
+from agent.graph import TurnCancelled, new_run_id, stored_inputs
 from agent.planner import evidence_line, prompt_versions
 from agent.report import to_markdown
 from agent.session import DxError, Engine, inputs_sha256
@@ -73,9 +73,10 @@ class Chat:
         """Start a thread: load the images (intake), record the run."""
         digest = inputs_sha256(paths)
         self.thread_id = self.eng.rt.run_id = new_run_id(digest)
+        self.eng.rt.input_paths[self.thread_id] = [str(p) for p in paths]
         planner = self.eng.rt.planner
         state = CaseState(case_id=digest[:12], run_id=self.thread_id, question="(chat)",
-                          inputs=CaseInput(paths=list(paths), modality=modality, body_part=body_part),
+                          inputs=CaseInput(paths=stored_inputs(paths), modality=modality, body_part=body_part),
                           clinical_context=clinical_context,
                           budget=Budget(max_steps=self.per_turn_steps, max_wall_s=self.max_wall_s, route=self.route))
         self.eng.trace.start_run(self.thread_id, state.case_id, "(chat)", planner.model_id, planner.mode, digest,

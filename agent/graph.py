@@ -34,6 +34,20 @@ from tools._study import study_notes
 from tools.base import Tool, ToolContext, ToolError
 
 
+def stored_inputs(paths: list[str]) -> list[str]:
+    """What the state (and so the checkpoint database) keeps of the input paths: "input 1", "input 2", ... A folder
+    or file named after the patient (MRN12345_DOE_JANE/...) never leaves the user's command line."""
+    return [f"input {i}" for i in range(1, len(paths) + 1)]
+
+
+def redact_paths(text: str, paths: list[str]) -> str:
+    """`text` with every input's path and file name replaced by "input N" (for the trace and the run's error)."""
+    for i, p in enumerate(paths, 1):
+        for s in sorted({str(p), str(Path(p).resolve()), Path(p).name} - {""}, key=len, reverse=True):
+            text = text.replace(s, f"input {i}")
+    return text
+
+
 @dataclass
 class Runtime:
     """What the nodes need, and every contact with the world outside the state: the clock, image loading, tool
@@ -50,6 +64,9 @@ class Runtime:
     on_step: Any = None  # callback(node, state_update) for live display
     now: float = 0.0  # the current node's clock reading: every budget decision in a node uses this one value
     cancel: Any = None  # a threading.Event: once set, the graph stops before its next node (chat's Ctrl-C)
+    # run id -> the input paths: kept here, never in the state (which the checkpoint database stores); the state's
+    # inputs.paths hold "input 1", ... (see stored_inputs)
+    input_paths: dict[str, list[str]] = field(default_factory=dict)
     _pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(max_workers=4))
 
     def record(self, kind: str, node: str, name: str, payload: dict[str, Any]) -> None:
@@ -61,10 +78,15 @@ class Runtime:
     def observe_intake(self, state: CaseState) -> dict[str, Any]:
         """Load the inputs into views and find which tools (and which of the user's model cards) apply."""
         from tools._learned import LearnedTool, model_used
-        from tools.imaging import load_views
+        from tools.imaging import ImageLoadError, load_views
 
-        views = load_views(state.inputs.paths, self.store, modality=state.inputs.modality,
-                           body_part=state.inputs.body_part)
+        paths = self.input_paths.get(state.run_id) or state.inputs.paths
+        try:
+            views = load_views(paths, self.store, modality=state.inputs.modality, body_part=state.inputs.body_part)
+        except ImageLoadError as exc:  # LangGraph stores a node's error in the checkpoints: no file names there
+            safe = ImageLoadError(redact_paths(str(exc), paths))
+            safe.local_message = str(exc)  # for the user's own terminal only (not in the exception's args)
+            raise safe from None
         v1 = views[0]
         applicable, refused = [], {}
         for name, tool in self.tools.items():

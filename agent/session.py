@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.artifacts import ArtifactStore
-from agent.graph import Runtime, build_graph, new_run_id, sqlite_checkpointer
+from agent.graph import Runtime, build_graph, new_run_id, redact_paths, sqlite_checkpointer, stored_inputs
 from agent.llm import make_llm
 from agent.planner import Planner, prompt_versions
 from agent.state import Budget, CaseInput, CaseState
@@ -105,10 +105,11 @@ class Engine:
             final = self.graph.invoke(payload, config, **kw)
         except Exception as exc:
             msg = error_message(exc)
-            self.rt.record("note", "error", "error", {"error": msg})
-            self.trace.finish_run(self.rt.run_id, "failed", error=msg)
+            stored = redact_paths(msg, self.rt.input_paths.get(self.rt.run_id, []))  # the terminal may show names
+            self.rt.record("note", "error", "error", {"error": stored})
+            self.trace.finish_run(self.rt.run_id, "failed", error=stored)
             if user_error(exc):
-                raise DxError(msg) from None
+                raise DxError(getattr(exc, "local_message", None) or msg) from None
             raise
         return CaseState.model_validate(final)
 
@@ -149,6 +150,8 @@ def run_case(paths: list[str] | None = None, question: str | None = None, *, llm
             trace.reopen(run_id)  # running again (and unsealed) until it finishes
     if resume:
         rt.run_id = run_id
+        if paths:  # only needed when the run stopped before its intake had loaded the images
+            rt.input_paths[run_id] = [str(p) for p in paths]
         config = {"configurable": {"thread_id": run_id}, "recursion_limit": 1000}
         snap = graph.get_state(config)
         if not snap.values:
@@ -172,8 +175,9 @@ def run_case(paths: list[str] | None = None, question: str | None = None, *, llm
         run_id = run_id or new_run_id(digest)
         rt.run_id = run_id
         config = {"configurable": {"thread_id": run_id}, "recursion_limit": 4 * max_steps + 12}
-        state = CaseState(case_id=digest[:12], run_id=run_id, inputs=CaseInput(paths=[str(p) for p in paths], modality=modality,
-                          body_part=body_part), clinical_context=clinical_context,
+        rt.input_paths[run_id] = [str(p) for p in paths]
+        state = CaseState(case_id=digest[:12], run_id=run_id, inputs=CaseInput(paths=stored_inputs(paths),
+                          modality=modality, body_part=body_part), clinical_context=clinical_context,
                           budget=Budget(max_steps=max_steps, max_wall_s=max_wall_s, route=route),
                           **({"question": question} if question else {}))
         trace.start_run(run_id, state.case_id, state.question, planner.model_id, planner.mode, digest,

@@ -85,3 +85,31 @@ def test_injection_in_tags_context_and_question_changes_nothing(tmp_path):
     for p in prompts:  # the injection is in the prompts only as quoted data, never from the DICOM tags
         outside = re.sub(r"<<<.*?>>>", "", p, flags=re.S)
         assert "IGNORE ALL" not in outside
+
+
+def test_paths_named_after_the_patient_are_never_stored(tmp_path):
+    """Issue 15: the input path (a folder or file named after the patient) was stored in checkpoints.sqlite, and a
+    file that failed to load put its name into the run's error and the sealed error event."""
+    import shutil
+
+    import pytest
+
+    from agent.session import DxError
+
+    folder = tmp_path / "MRN12345_DOE_JANE"
+    folder.mkdir()
+    good = folder / "DOE_JANE_MRN12345.dcm"
+    shutil.copy(get_testdata_file("CT_small.dcm"), good)
+    bad = folder / "DOE_JANE_MRN12345_notes.dcm"
+    bad.write_bytes(b"not an image at all\n" * 50)
+    run_case([str(good)], Q, llm="scripted", script=[call("ct_tissue_composition")], trace_dir=tmp_path / "tr",
+             route=False)
+    with pytest.raises(DxError) as exc:
+        run_case([str(bad)], Q, llm="scripted", script=[], trace_dir=tmp_path / "tr")
+    assert "DOE_JANE" in str(exc.value)  # the user's own terminal names the file
+    failed = [r for r in TraceStore(None, tmp_path / "tr").runs() if r.status == "failed"]
+    assert failed and "input 1" in failed[0].error
+    for f in (tmp_path / "tr").rglob("*"):
+        if f.is_file():
+            data = f.read_bytes()
+            assert b"DOE_JANE" not in data and b"MRN12345" not in data, f
