@@ -30,6 +30,7 @@ Research use only.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -207,6 +208,8 @@ def _check(root: Path, specs: list[CaseSpec]) -> list[CaseSpec]:
             stem = _strip_suffix(Path(s.paths[0]).name) if s.paths else ""
             s.case_id = stem or f"case{i:05d}"
         safe = SAFE_ID.sub("_", s.case_id.replace("/", "__")).strip("._") or f"case{i:05d}"
+        if safe != s.case_id:  # "a/b" and "a__b" must not meet in one folder: an altered id keeps a trace of itself
+            safe = f"{safe}-{hashlib.sha1(s.case_id.encode()).hexdigest()[:6]}"
         if safe in seen:
             s.error = s.error or f"{s.where}: case id {s.case_id!r} is repeated"
             safe = f"{safe}~{i}"

@@ -52,6 +52,8 @@ def test_manifest_rows_are_checked_one_by_one(images, tmp_path):
         {"case_id": "noimg"},
         [1, 2],
         {"case_id": "weird/id with spaces", "image": "imgs/ct.dcm"},
+        {"case_id": "x/y", "image": "imgs/ct.dcm"},
+        {"case_id": "x__y", "image": "imgs/ct.dcm"},
     ], extra="{not json\n")
     root, specs = read_manifest(m)
     assert root == images.resolve()
@@ -63,8 +65,11 @@ def test_manifest_rows_are_checked_one_by_one(images, tmp_path):
     assert "case id 'a' is repeated" in by["line 6"].error
     assert "no image path" in by["line 7"].error
     assert "a JSON object is needed" in by["line 8"].error
-    assert by["line 9"].case_id == "weird__id_with_spaces" and by["line 9"].error is None
-    assert by["line 10"].error.startswith("line 10: not JSON")
+    assert by["line 9"].case_id.startswith("weird__id_with_spaces-") and by["line 9"].error is None
+    # "x/y" and "x__y" would share a folder after sanitising: the altered one carries a hash of the original id
+    assert by["line 11"].case_id == "x__y" and by["line 10"].case_id.startswith("x__y-")
+    assert by["line 10"].error is None and by["line 11"].error is None
+    assert by["line 12"].error.startswith("line 12: not JSON")
     assert all("\n" not in (s.error or "") for s in specs)
 
     bad_csv = images / "bad.csv"

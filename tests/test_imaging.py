@@ -357,6 +357,20 @@ def test_huge_image_refused_from_header_alone(store, tmp_path, w, h):
     assert "megapixel" in msg
 
 
+def test_a_picture_that_would_decode_past_the_memory_cap_is_refused_before_decoding(store, tmp_path):
+    """Issue 15: a 389 KB PNG just under the pixel limit decoded to 808 MB. A 16-bit 20000x20000 PNG (400 megapixels,
+    under MAX_PIXELS) is refused from its header by the decoded-size cap, with the figure and the env var."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    path = tmp_path / "bomb.png"
+    ihdr = struct.pack(">IIBBBBB", 20000, 20000, 16, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+                     + chunk(b"IEND", b""))
+    msg = load_error(path, store)
+    assert "would decode to 1526 MB" in msg and "DXAGENT_MAX_DECODED_MB" in msg, msg
+
+
 # ---------------------------------------------------------------------------------------------- bad inputs
 
 

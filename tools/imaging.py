@@ -46,6 +46,9 @@ from agent.state import ImageView
 MAX_PIXELS = 400_000_000  # refuse larger images (pixels per 2D image, voxels per volume)
 MAX_SIDE = 4096  # shrink images whose longest in-plane side is larger
 MAX_FILE_BYTES = int(float(os.environ.get("DXAGENT_MAX_FILE_MB", "4096")) * 2**20)  # refuse larger input files
+# refuse a PNG/JPEG/TIFF whose decoded picture would be larger (checked from the header, before decoding: a 389 KB PNG
+# can hold 400 megapixels of 16-bit gray, 808 MB once decoded and more as the tools copy it)
+MAX_DECODED_BYTES = int(float(os.environ.get("DXAGENT_MAX_DECODED_MB", "512")) * 2**20)
 NONFINITE_MAX_FRACTION = 0.01
 # Pillow warns above MAX_IMAGE_PIXELS and refuses above twice that; our own check (same limit,
 # clearer message) runs on the lazily opened header, so Pillow's only ever fires as a backstop.
@@ -844,10 +847,15 @@ def _load_pillow(p: Path, name: str, sha: str) -> _Loaded:
                 f"{name}: {w}×{h} image ({w * h / 1e6:.0f} megapixels) is over the {limit}-megapixel limit"
             )
         fmt = {"MPO": "jpeg"}.get(im.format or "", (im.format or "image").lower())
+        factor = math.ceil(max(w, h) / MAX_SIDE)
+        per_px = 4 if im.mode.startswith(("I", "F")) else 1 if im.mode in ("1", "L", "P") else 3
+        decoded = w * h * per_px // (factor * factor if fmt == "jpeg" else 1)
+        if decoded > MAX_DECODED_BYTES:
+            raise ImageLoadError(f"{name}: a {w}×{h} {im.mode} {fmt.upper()} would decode to {decoded / 2**20:.0f} MB, "
+                                 f"over the {MAX_DECODED_BYTES / 2**20:.0f} MB limit (DXAGENT_MAX_DECODED_MB)")
         meta: dict[str, Any] = {}
         if getattr(im, "n_frames", 1) > 1:
             meta["frames_total"], meta["frame_used"] = int(im.n_frames), 0
-        factor = math.ceil(max(w, h) / MAX_SIDE)
         if factor > 1 and fmt == "jpeg":  # let the JPEG decoder shrink by 2/4/8 while decoding
             im.draft("RGB" if im.mode not in ("L", "RGB") else im.mode, (w // factor, h // factor))
         try:
