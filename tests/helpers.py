@@ -57,7 +57,8 @@ class Slow(Tool):
 
 
 class Gate(Tool):
-    """Blocks while the file named by $DXAGENT_TEST_GATE exists (for kill/resume tests)."""
+    """Blocks while the file named by $DXAGENT_TEST_GATE exists (for kill/resume tests); on entering it writes
+    `<gate>.entered`, so a test can wait for that event instead of guessing with the clock."""
 
     name = "gate"
     description = "Waits on a gate file."
@@ -67,6 +68,8 @@ class Gate(Tool):
 
     def run(self, ctx: ToolContext, inp: ToolInput) -> CountOut:
         gate = os.environ.get("DXAGENT_TEST_GATE")
+        if gate:
+            Path(gate + ".entered").write_text("in")
         while gate and Path(gate).exists():
             time.sleep(0.1)
         return CountOut(value=2)
@@ -116,3 +119,12 @@ def expert_box(truth, grow: float = 0.0) -> list[int]:
     dr, dc = grow * (r1 - r0), grow * (c1 - c0)
     h, w = truth.shape
     return [max(0, round(r0 - dr)), max(0, round(c0 - dc)), min(h, round(r1 + dr)), min(w, round(c1 + dc))]
+
+
+def wait_for(path: Path | str, timeout_s: float = 120.0) -> None:
+    """Wait until `path` exists (an event a child process signals), polling; fails after `timeout_s`."""
+    end = time.monotonic() + timeout_s
+    while not Path(path).exists():
+        if time.monotonic() > end:
+            raise AssertionError(f"{path} did not appear within {timeout_s:.0f} s")
+        time.sleep(0.05)

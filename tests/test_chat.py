@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pexpect
 import pytest
-from helpers import answer, call
+from helpers import answer, call, wait_for
 from pydicom.data import get_testdata_file
 
 from agent.trace import TraceStore, verify_dump
@@ -125,7 +125,7 @@ def test_conversation_with_every_command_then_resume(tmp_path):
     asks = [e["payload"]["request"]["messages"][1]["content"] for e in dump["events"] if e["kind"] == "llm"]
     assert "Earlier in this conversation" not in asks[0]
     assert "- Q: <<<What is the tissue composition of this CT slice?>>>" in asks[-1]
-    assert "- Q: How large is the dominant bright region?" in asks[-1]
+    assert "- Q: <<<How large is the dominant bright region?>>>" in asks[-1]
     turns = [e["payload"] for e in dump["events"] if e["kind"] == "note" and e["name"] == "turn"]
     assert [t["turn"] for t in turns] == [1, 2, 3]
 
@@ -157,6 +157,7 @@ def test_ctrl_c_during_a_tool_call_cancels_the_turn_and_keeps_the_evidence(tmp_p
     child.sendline("Is there a gate?")  # Gate's subject: the loop goes on until Ctrl-C
     child.expect(r"act +\[E1\] inspect_image ok")
     child.expect(r"think +→ gate")
+    wait_for(str(gate) + ".entered")  # the event, not a guess: the gate tool is running now
     child.sendintr()  # Ctrl-C while the gate tool blocks
     child.expect("cancelling this turn")
     gate.unlink()  # the tool returns; its result is kept, and the turn stops before its next step

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import Boom, Gate, Slow, answer, call
+from helpers import Boom, Gate, Slow, answer, call, wait_for
 from pydicom.data import get_testdata_file
 
 from agent.session import run_case, tools
@@ -165,7 +165,7 @@ def test_resume_after_kill(tmp_path):
             break
         assert proc.poll() is None, "child exited early"
         time.sleep(0.2)
-    time.sleep(0.5)
+    wait_for(str(gate) + ".entered")  # the gate tool itself signals that it runs
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert [json.loads(e.payload)["evidence"]["id"] for e in store.events("run-resume", "tool")] == ["E1"]
