@@ -27,6 +27,7 @@ from agent.planner import evidence_line, prompt_versions
 from agent.report import to_markdown
 from agent.session import DxError, Engine, inputs_sha256
 from agent.state import Budget, CaseInput, CaseState, Turn
+from agent.untrusted import clean_inputs
 
 HELP = """commands:
   /tools            the tools that apply to this case
@@ -72,12 +73,14 @@ class Chat:
              clinical_context: str = "") -> None:
         """Start a thread: load the images (intake), record the run."""
         digest = inputs_sha256(paths)
+        clinical_context, _, removed = clean_inputs(clinical_context, "")
         self.thread_id = self.eng.rt.run_id = new_run_id(digest)
         self.eng.rt.input_paths[self.thread_id] = [str(p) for p in paths]
         planner = self.eng.rt.planner
         state = CaseState(case_id=digest[:12], run_id=self.thread_id, question="(chat)",
                           inputs=CaseInput(paths=stored_inputs(paths), modality=modality, body_part=body_part),
                           clinical_context=clinical_context,
+                          notes=[n.replace("question", "clinical context") for n in removed],
                           budget=Budget(max_steps=self.per_turn_steps, max_wall_s=self.max_wall_s, route=self.route))
         self.eng.trace.start_run(self.thread_id, state.case_id, "(chat)", planner.model_id, planner.mode, digest,
                                  {"prompts": prompt_versions(), "tools": {n: t.version for n, t in self.eng.rt.tools.items()}},
@@ -107,8 +110,10 @@ class Chat:
         rt = self.eng.rt
         rt.now = time.time()
         self.eng.trace.reopen(self.thread_id)
+        question, _, removed = clean_inputs(question, "")
         rt.record("note", "turn", "turn", {"turn": n, "question": question})
-        update = {"question": question, "conversation": conv, "report": None, "critiques": [], "pending": None, "answer": None,
+        update = {"question": question, "conversation": conv, "notes": list(dict.fromkeys(st.notes + removed)),
+                  "report": None, "critiques": [], "pending": None, "answer": None,
                   "planner_failures": 0, "budget": Budget(max_steps=st.tool_steps + self.per_turn_steps,
                                                           max_wall_s=self.max_wall_s, started_at=time.time(),
                                                           route=self.route)}

@@ -289,6 +289,13 @@ def evidence_line(e: Evidence, tools: dict[str, Tool]) -> dict[str, Any]:
         summary = tools[e.tool].summary(tools[e.tool].Output.model_validate(e.output))
     else:
         summary = e.error or e.status
+    # retrieved passages (knowledge_search, similar cases) and error texts are text from outside the project: a
+    # sentence in them that reads as an instruction to the model is dropped before the model reads the summary
+    from agent.untrusted import strip_instructions
+
+    summary, removed = strip_instructions(summary)
+    if removed:
+        summary += f" [{removed} sentence(s) reading as instructions to the model withheld]"
     args = ", ".join(f"{k}={json.dumps(v)}" for k, v in e.args.items())
     return {"id": e.id, "tool": e.tool, "args": args, "status": e.status, "summary": summary}
 

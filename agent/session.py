@@ -18,6 +18,7 @@ from agent.llm import make_llm
 from agent.planner import Planner, prompt_versions
 from agent.state import Budget, CaseInput, CaseState
 from agent.trace import TraceStore
+from agent.untrusted import clean_inputs
 from tools.base import Tool, discover
 
 
@@ -176,10 +177,15 @@ def run_case(paths: list[str] | None = None, question: str | None = None, *, llm
         rt.run_id = run_id
         config = {"configurable": {"thread_id": run_id}, "recursion_limit": 4 * max_steps + 12}
         rt.input_paths[run_id] = [str(p) for p in paths]
+        if question:
+            question, clinical_context, removed = clean_inputs(question, clinical_context)
+        else:
+            clinical_context, _, removed = clean_inputs(clinical_context, "")
+            removed = [n.replace("question", "clinical context") for n in removed]
         state = CaseState(case_id=digest[:12], run_id=run_id, inputs=CaseInput(paths=stored_inputs(paths),
                           modality=modality, body_part=body_part), clinical_context=clinical_context,
                           budget=Budget(max_steps=max_steps, max_wall_s=max_wall_s, route=route),
-                          **({"question": question} if question else {}))
+                          notes=removed, **({"question": question} if question else {}))
         trace.start_run(run_id, state.case_id, state.question, planner.model_id, planner.mode, digest,
                         {"prompts": prompt_versions(), "tools": {n: t.version for n, t in rt.tools.items()}},
                         settings={"llm": eng.llm, "llm_type": getattr(planner.chat, "_llm_type", ""), "max_steps": max_steps,
