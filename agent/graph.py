@@ -13,8 +13,6 @@ from __future__ import annotations
 import hashlib
 import sqlite3
 import time
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +24,7 @@ from pydantic import ValidationError
 
 from agent import critic
 from agent.artifacts import ArtifactStore
-from agent.planner import Planner, PlannerError
+from agent.planner import Planner, PlannerError, within
 from agent.question import Question
 from agent.state import Answer, ArtifactRef, Budget, CaseState, Critique, Decision, Evidence, ImageView, StepLog, Turn
 from agent.trace import TraceStore
@@ -67,7 +65,6 @@ class Runtime:
     # run id -> the input paths: kept here, never in the state (which the checkpoint database stores); the state's
     # inputs.paths hold "input 1", ... (see stored_inputs)
     input_paths: dict[str, list[str]] = field(default_factory=dict)
-    _pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(max_workers=4))
 
     def record(self, kind: str, node: str, name: str, payload: dict[str, Any]) -> None:
         self.trace.record(self.run_id, kind, node, name, {**payload, "now": self.now})
@@ -105,12 +102,11 @@ class Runtime:
     def execute(self, tool: Tool, ctx: ToolContext, inp: Any) -> tuple[str, str | None, dict | None, float]:
         """Run a tool under its timeout: (status, error, output, seconds). Artifacts and new views land in ctx."""
         t0 = time.perf_counter()
-        future = self._pool.submit(tool.run, ctx, inp)
-        try:
-            out = future.result(timeout=tool.timeout_s)
+        try:  # a daemon thread: a tool stuck past its timeout is abandoned and never holds up the process's exit
+            out = within(tool.timeout_s, lambda: tool.run(ctx, inp), f"tool {tool.name}")
             status, error, output = "ok", None, out.model_dump(mode="json")
-        except FutureTimeout:
-            status, error, output = "failed", f"timed out after {tool.timeout_s:.0f} s", None
+        except TimeoutError:
+            status, error, output = "failed", f"timed out after {tool.timeout_s:.0f} s (abandoned)", None
         except ToolError as exc:
             status, error, output = "failed", str(exc), None
         except Exception as exc:  # a tool never crashes the graph

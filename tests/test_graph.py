@@ -91,6 +91,34 @@ def test_throwing_and_slow_tools_become_failed_evidence(tmp_path):
     assert any("kaboom" in u for u in res.report["uncertainty"])
 
 
+STUCK = """
+import sys, time
+sys.path.insert(0, {tests!r})
+from helpers import Slow, call
+from agent.session import run_case, tools
+
+class Stuck(Slow):
+    name = "stuck"
+    def run(self, ctx, inp):
+        time.sleep(120)
+
+res = run_case([{ct!r}], "What is the tissue composition?", llm="scripted", script=[call("stuck")],
+               trace_dir={td!r}, route=False, tool_set={{**tools(), "stuck": Stuck()}})
+print([(e.status, e.error) for e in res.state.evidence], res.report["recommendation"]["outcome"])
+"""
+
+
+def test_a_stuck_tool_is_abandoned_and_the_process_still_exits(tmp_path):
+    """Issue 15: a tool past its timeout is abandoned (a daemon thread), so the run ends with a report and the
+    process exits at once instead of waiting 120 s for the stuck tool at interpreter exit."""
+    code = STUCK.format(tests=str(Path(__file__).parent), ct=CT, td=str(tmp_path))
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=100)
+    assert r.returncode == 0, r.stderr[-800:]
+    assert "('failed', 'timed out after 0 s (abandoned)')" in r.stdout, r.stdout
+    assert time.monotonic() - t0 < 60
+
+
 def test_invalid_decisions_are_reasked_then_give_up(tmp_path):
     res = scripted(tmp_path, ["not json at all", json.dumps({"tool": "nope", "args": {}}), call("ct_tissue_composition")])
     assert res.state.evidence[0].tool == "ct_tissue_composition"
