@@ -179,6 +179,9 @@ def compose(state: CaseState, tools: dict[str, Tool], planner_model: str, planne
     limitations = list(dict.fromkeys(state.notes))
     conf = v1.metadata.get("modality_confidence")
     limitations = list(dict.fromkeys(limitations + study_notes(v1)))
+    if v1.modality == "US" or v1.metadata.get("secondary_capture"):
+        limitations.append("Burned-in text (names, dates, IDs written into the pixels), common in ultrasound and "
+                           "secondary captures, cannot be detected here: the pixels were used as they are.")
 
     answer = state.answer or compose_answer(state, tools)  # the answer step ran (graph); else rules only
     if answer.kind == "abstain" and answer.reason in ("tools_conflict", "planner_failed"):

@@ -468,6 +468,9 @@ def _age(v: str) -> str:
 
 def _dicom_meta(ds: Any) -> dict[str, Any]:
     meta: dict[str, Any] = {}
+    uid = ds.get("SOPClassUID") or getattr(ds, "file_meta", {}).get("MediaStorageSOPClassUID")
+    if uid is not None and "Secondary Capture" in str(getattr(uid, "name", "")):
+        meta["secondary_capture"] = True  # often carries burned-in text (report limitation)
     for key in _DICOM_KEEP:
         if key not in ds:
             continue
