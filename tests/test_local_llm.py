@@ -89,3 +89,35 @@ def test_default_planner_chains_a_detector_into_sam(tmp_path, monkeypatch, yolo_
     assert [e.tool for e in ev[:2]] == ["yolo_detect", "sam_segment"], [(e.tool, e.args, e.error) for e in ev]
     assert ev[1].args["boxes_from"] == "E1" and ev[1].status == "ok"
     assert {m["name"] for m in res.report["models_used"]} - {"study_cnn_v1"} == {"yolo_tiny", "sam_tiny"}
+
+
+def _first_decision(tmp_path, name):
+    res = run_case([CT], "What is the tissue composition of this CT slice?", llm="tiny", trace_dir=tmp_path / name,
+                   route=False, max_steps=1)
+    first = json.loads(TraceStore(None, tmp_path / name).events(res.run_id, "llm")[0].payload)
+    return first["decision"], first["metadata"].get("prefix_state") or {}
+
+
+def test_the_system_prompt_state_is_saved_once_and_restored_by_a_fresh_model(tmp_path, monkeypatch):
+    """Issue 16: the planner's static system prompt is prefilled once; its llama.cpp state is saved under the cache
+    and a freshly loaded model restores it (same decision), a broken state file is ignored and replaced."""
+    from agent import llm as llm_mod
+
+    monkeypatch.setenv("DXAGENT_CACHE", str(tmp_path / "cache"))
+
+    def fresh():  # as a new process: no loaded model, nothing restored yet
+        llm_mod._LOADED.clear()
+        llm_mod._RESTORED.clear()
+
+    fresh()
+    d1, s1 = _first_decision(tmp_path, "a")
+    files = list((tmp_path / "cache" / "llama-state").glob("*.npz"))
+    assert s1.get("saved_tokens", 0) > 500 and len(files) == 1
+    fresh()
+    d2, s2 = _first_decision(tmp_path, "b")
+    assert s2 == {"restored_tokens": s1["saved_tokens"]} and d2 == d1
+    files[0].write_bytes(b"not a state")
+    fresh()
+    d3, s3 = _first_decision(tmp_path, "c")
+    assert s3.get("saved_tokens") == s1["saved_tokens"] and d3 == d1
+    fresh()
