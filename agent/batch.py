@@ -219,7 +219,12 @@ def _check(root: Path, specs: list[CaseSpec]) -> list[CaseSpec]:
             continue
         resolved = []
         for p in s.paths:
-            full = (root / p).resolve() if not Path(p).is_absolute() else Path(p).resolve()
+            try:
+                full = (root / p).resolve() if not Path(p).is_absolute() else Path(p).resolve()
+                full.exists()
+            except (ValueError, OSError, RuntimeError) as exc:  # a NUL byte, a name too long, a symlink loop
+                s.error = f"{s.where}: {ascii(p)[:80]} is not a usable path ({type(exc).__name__})"
+                break
             if not full.is_relative_to(root):
                 s.error = f"{s.where}: {p} escapes the manifest's folder {root}"
                 break

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from helpers import answer, call
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from makers import fuzz
 
@@ -105,6 +105,7 @@ _line = st.one_of(
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(lines=st.lists(_line, max_size=8))
+@example(lines=['{"case_id": "n", "image": "a\\u0000b.png"}'])  # found by hypothesis: a NUL byte in a path crashed it
 def test_the_manifest_reader_never_crashes(tmp_path, lines):
     p = tmp_path / "m.jsonl"
     p.write_bytes("\n".join(lines).encode("utf-8", "surrogatepass"))  # lone surrogates too: not valid UTF-8

@@ -32,7 +32,7 @@ ALLOWED_META = {
     "format", "spacing_source", "modality_confidence", "modality_guess", "modality_note", "modality_user",
     "downscaled_from", "nonfinite_replaced", "inverted_monochrome1", "frames_total", "frame_used", "gray_from_rgb",
     "slices", "slice_order", "slice_spacing_irregular", "files_skipped", "spacing_inplane_mm", "orientation",
-    "ImageOrientationPatient", "PatientOrientation", "study", "study_error",
+    "ImageOrientationPatient", "PatientOrientation", "study", "study_error", "secondary_capture",
 }
 
 
