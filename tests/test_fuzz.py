@@ -103,7 +103,7 @@ _line = st.one_of(
                     max_size=5).map(json.dumps))
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(lines=st.lists(_line, max_size=8))
 @example(lines=['{"case_id": "n", "image": "a\\u0000b.png"}'])  # found by hypothesis: a NUL byte in a path crashed it
 def test_the_manifest_reader_never_crashes(tmp_path, lines):
@@ -119,7 +119,7 @@ def test_the_manifest_reader_never_crashes(tmp_path, lines):
         assert "/" not in s.case_id and s.case_id not in ("", ".", "..")
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200, deadline=None, derandomize=True)
 @given(tool=st.sampled_from(["region_measure", "crop_zoom", "ct_window", "answer", "nope", ""]),
        args=st.dictionaries(st.sampled_from(["view", "bbox", "preset", "threshold", "box", "zoom", "x"]),
                             st.one_of(st.none(), st.floats(allow_nan=True), st.integers(), st.text(max_size=10),
