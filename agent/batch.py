@@ -51,12 +51,6 @@ PATH_KEYS = ("image", "images", "path", "paths")
 SAFE_ID = re.compile(r"[^A-Za-z0-9._-]+")
 
 
-def _public_url(url: str) -> str:
-    from agent.llm import public_url
-
-    return public_url(url)
-
-
 class ManifestError(ValueError):
     """The manifest as a whole cannot be read (one line); a bad row is a CaseSpec with an error instead."""
 
@@ -438,6 +432,8 @@ def run_batch(manifest: str | Path, out: str | Path, *, root: str | Path | None 
               modality: str | None = None, limit: int | None = None, script: list[Any] | None = None,
               on_case: Callable[[dict[str, Any]], None] | None = None,
               on_start: Callable[[int, int], None] | None = None) -> BatchSummary:
+    from agent.llm import public_url  # batch.json keeps the endpoint without its credentials
+
     root, specs = read_manifest(manifest, root)
     if limit is not None:
         specs = specs[:limit]
@@ -451,7 +447,7 @@ def run_batch(manifest: str | Path, out: str | Path, *, root: str | Path | None 
     _write_atomic(out / "batch.json", json.dumps({"manifest": str(Path(manifest).resolve()), "root": str(root),
                                                   "cases": len(specs), "options": {
                                                       **{k: v for k, v in opts.items() if k not in ("api_key", "script")},
-                                                      "base_url": _public_url(base_url) if base_url else None},
+                                                      "base_url": public_url(base_url) if base_url else None},
                                                   "started": _now()}, indent=2))
     done = {cid for cid, r in latest.items() if r.get("status") == "done" and (out / "cases" / cid / "result.json").exists()}
     todo = [s for s in specs if s.case_id not in done]

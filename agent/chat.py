@@ -73,14 +73,14 @@ class Chat:
              clinical_context: str = "") -> None:
         """Start a thread: load the images (intake), record the run."""
         digest = inputs_sha256(paths)
-        clinical_context, _, removed = clean_inputs(clinical_context, "")
+        _, clinical_context, removed = clean_inputs("", clinical_context)
         self.thread_id = self.eng.rt.run_id = new_run_id(digest)
         self.eng.rt.input_paths[self.thread_id] = [str(p) for p in paths]
         planner = self.eng.rt.planner
         state = CaseState(case_id=digest[:12], run_id=self.thread_id, question="(chat)",
                           inputs=CaseInput(paths=stored_inputs(paths), modality=modality, body_part=body_part),
                           clinical_context=clinical_context,
-                          notes=[n.replace("question", "clinical context") for n in removed],
+                          notes=removed,
                           budget=Budget(max_steps=self.per_turn_steps, max_wall_s=self.max_wall_s, route=self.route))
         self.eng.trace.start_run(self.thread_id, state.case_id, "(chat)", planner.model_id, planner.mode, digest,
                                  {"prompts": prompt_versions(), "tools": {n: t.version for n, t in self.eng.rt.tools.items()}},

@@ -77,7 +77,7 @@ def within(seconds: float, fn: Any, what: str = "the LLM") -> Any:
         except BaseException as exc:  # handed to the caller
             box["error"] = exc
 
-    t = threading.Thread(target=run, name="dxagent-llm-call", daemon=True)
+    t = threading.Thread(target=run, name="dxagent-bounded-call", daemon=True)
     t.start()
     t.join(seconds)
     if t.is_alive():

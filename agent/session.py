@@ -144,10 +144,11 @@ def run_case(paths: list[str] | None = None, question: str | None = None, *, llm
     eng = eng or engine(llm=llm, **engine_kw)
     rt, graph, trace, planner = eng.rt, eng.graph, eng.trace, eng.rt.planner
     if resume:
-        if trace.get_run(resume) is None:
+        prior_run = trace.get_run(resume)
+        if prior_run is None:
             raise DxError(f"no run {resume!r} in {trace.url}")
         run_id = resume
-        if trace.get_run(run_id).status != "done":
+        if prior_run.status != "done":
             trace.reopen(run_id)  # running again (and unsealed) until it finishes
     if resume:
         rt.run_id = run_id
@@ -177,11 +178,7 @@ def run_case(paths: list[str] | None = None, question: str | None = None, *, llm
         rt.run_id = run_id
         config = {"configurable": {"thread_id": run_id}, "recursion_limit": 4 * max_steps + 12}
         rt.input_paths[run_id] = [str(p) for p in paths]
-        if question:
-            question, clinical_context, removed = clean_inputs(question, clinical_context)
-        else:
-            clinical_context, _, removed = clean_inputs(clinical_context, "")
-            removed = [n.replace("question", "clinical context") for n in removed]
+        question, clinical_context, removed = clean_inputs(question or "", clinical_context)
         state = CaseState(case_id=digest[:12], run_id=run_id, inputs=CaseInput(paths=stored_inputs(paths),
                           modality=modality, body_part=body_part), clinical_context=clinical_context,
                           budget=Budget(max_steps=max_steps, max_wall_s=max_wall_s, route=route),

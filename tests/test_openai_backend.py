@@ -171,7 +171,7 @@ def test_a_silent_endpoint_cannot_outlast_the_run_budget(fake_openai):
     import threading
 
     for t in threading.enumerate():  # the abandoned request ends at its client timeout; let it, so that its
-        if t.name == "dxagent-llm-call":  # retries do not take the next test's scripted replies
+        if t.name == "dxagent-bounded-call":  # retries do not take the next test's scripted replies
             t.join(25)
 
 
