@@ -16,7 +16,6 @@ from langchain_core.messages import HumanMessage
 from pydantic import BaseModel, Field
 
 from agent.answer import compose_answer, findings_of, grace_seconds
-from agent.models import BUNDLED_DIR
 from agent.planner import bounded_call, case_line, evidence_line, prompt_versions, render
 from agent.question import Question, parse_question
 from agent.state import Answer, CaseState
@@ -76,7 +75,8 @@ class ModelUsedLine(BaseModel):
     license: str
     intended_use: str
     validation: str = ""
-    card: str = ""  # the card file (under tools/models for dxagent's own)
+    card: str = ""  # the card file (tools/models/... for dxagent's own)
+    bundled: bool = False  # dxagent's own trained expert, not a user's card
     evidence_ids: list[str]
 
 
@@ -255,7 +255,7 @@ def compose(state: CaseState, tools: dict[str, Tool], planner_model: str, planne
         used[(intake_card["name"], intake_card["sha256"])] = ModelUsedLine(
             **{k: v for k, v in intake_card.items() if k in ModelUsedLine.model_fields}, evidence_ids=[])
     for m in used.values():
-        whose = "dxagent's bundled model" if str(BUNDLED_DIR) in (m.card or "") else "the user's model"
+        whose = "dxagent's bundled model" if m.bundled else "the user's model"
         what = f"{', '.join(m.evidence_ids)} come(s) from" if m.evidence_ids else "The study block (intake) comes from"
         limitations.append(f"{what} {whose} {m.name} (intended use: {m.intended_use}); only as good as those weights "
                            "and their card's validation figures.")

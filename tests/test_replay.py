@@ -336,13 +336,21 @@ GOLDEN_FILES = sorted(GOLDEN.glob("*.json"))
 
 
 def test_golden_traces_exist():
-    assert len(GOLDEN_FILES) >= 2, "record them with scripts/record_golden.sh"
+    assert len(GOLDEN_FILES) >= 2, "record them with scripts/record_golden.py"
+
+
+@pytest.mark.parametrize("path", GOLDEN_FILES, ids=[p.stem for p in GOLDEN_FILES])
+def test_golden_trace_does_not_depend_on_where_the_project_lives(path):
+    """A trace names dxagent's own model cards relative to the project: replay of a clone in another folder (CI's)
+    must produce the same report, and no install path goes into a trace."""
+    root = str(Path(__file__).resolve().parent.parent)
+    assert root not in path.read_text(), "an absolute project path in a golden trace"
 
 
 @pytest.mark.parametrize("path", GOLDEN_FILES, ids=[p.stem for p in GOLDEN_FILES])
 def test_golden_trace_replays_and_verifies(path):
     """Recorded from the bundled demo cases with the embedded planner: a change in prompts, tools, critic or report
-    shows up here as a divergence (re-record with scripts/record_golden.sh when the change is intended)."""
+    shows up here as a divergence (re-record with scripts/record_golden.py when the change is intended)."""
     dump = load_dump(path)
     assert verify_dump(dump, path.parent / "artifacts") == []
     rep = replay(dump)

@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, Field
 
-from agent.models import ModelCard, ModelStore, ModelStoreError
+from agent.models import BUNDLED_DIR, ModelCard, ModelStore, ModelStoreError
 from agent.state import ImageView
 from tools.base import Tool, ToolContext, ToolError, ToolInput
 
@@ -54,13 +54,17 @@ class ModelUsed(BaseModel):
     license: str
     intended_use: str
     validation: str = ""
-    card: str = ""  # the card file
+    card: str = ""  # the card file; for dxagent's own models relative to the project (no install path in traces)
+    bundled: bool = False  # one of dxagent's own trained experts (tools/models), not a user's card
 
 
 def model_used(card: ModelCard) -> ModelUsed:
+    src = Path(card.source) if card.source else None
+    bundled = src is not None and src.resolve().is_relative_to(BUNDLED_DIR)
+    where = f"tools/models/{src.resolve().relative_to(BUNDLED_DIR)}" if bundled and src else str(src or "")
     return ModelUsed(name=card.name, adapter=card.adapter, kind=card.kind, version=card.version, sha256=card.sha256,
                      license=card.license, intended_use=card.intended_use, validation=card.validation_headline(120),
-                     card=str(card.source or ""))
+                     card=where, bundled=bundled)
 
 
 def modality_fits(card: ModelCard, modality: str) -> bool:
