@@ -10,12 +10,14 @@ import io
 import os
 import tempfile
 import threading
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 
 from agent.state import ArtifactRef
 
+CACHE_BYTES = 512 * 2**20  # decoded arrays kept in memory per store (least recently used go first)
 _EXT = {"application/x-npy": ".npy", "image/png": ".png", "application/json": ".json"}
 
 
@@ -23,7 +25,7 @@ class ArtifactStore:
     def __init__(self, root: str | Path):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        self._cache: dict[str, np.ndarray] = {}
+        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()  # a long batch must not keep every case's pixels
         self._lock = threading.Lock()
 
     def put_bytes(self, data: bytes, kind: str, media_type: str, description: str = "") -> ArtifactRef:
@@ -42,8 +44,7 @@ class ArtifactStore:
         buf = io.BytesIO()
         np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
         ref = self.put_bytes(buf.getvalue(), kind, "application/x-npy", description)
-        with self._lock:
-            self._cache[ref.sha256] = arr
+        self._remember(ref.sha256, arr)
         return ref
 
     def put_png(self, rgb_or_gray: np.ndarray, kind: str = "overlay", description: str = "") -> ArtifactRef:
@@ -59,12 +60,20 @@ class ArtifactStore:
     def get_array(self, ref: ArtifactRef) -> np.ndarray:
         with self._lock:
             hit = self._cache.get(ref.sha256)
-        if hit is not None:
-            return hit
+            if hit is not None:
+                self._cache.move_to_end(ref.sha256)
+                return hit
         arr = np.load(self.path(ref), allow_pickle=False)
-        with self._lock:
-            self._cache[ref.sha256] = arr
+        self._remember(ref.sha256, arr)
         return arr
+
+    def _remember(self, sha: str, arr: np.ndarray) -> None:
+        with self._lock:
+            self._cache[sha] = arr
+            self._cache.move_to_end(sha)
+            total = sum(a.nbytes for a in self._cache.values())
+            while total > CACHE_BYTES and len(self._cache) > 1:
+                total -= self._cache.popitem(last=False)[1].nbytes
 
     def verify(self, ref: ArtifactRef) -> bool:
         p = self.path(ref)

@@ -24,7 +24,7 @@ from pydantic import ValidationError
 
 from agent import critic
 from agent.artifacts import ArtifactStore
-from agent.planner import Planner, PlannerError, within
+from agent.planner import Planner, PlannerError
 from agent.question import Question
 from agent.state import Answer, ArtifactRef, Budget, CaseState, Critique, Decision, Evidence, ImageView, StepLog, Turn
 from agent.trace import TraceStore
@@ -100,14 +100,18 @@ class Runtime:
         return tool.applicable(view)
 
     def execute(self, tool: Tool, ctx: ToolContext, inp: Any) -> tuple[str, str | None, dict | None, float]:
-        """Run a tool under its timeout: (status, error, output, seconds). Artifacts and new views land in ctx."""
+        """Run a tool under its timeout in a worker process that is stopped if it overruns (agent/worker.py):
+        (status, error, output, seconds). Artifacts and new views land in ctx."""
+        from agent import worker
+
         t0 = time.perf_counter()
-        try:  # a daemon thread: a tool stuck past its timeout is abandoned and never holds up the process's exit
-            out = within(tool.timeout_s, lambda: tool.run(ctx, inp), f"tool {tool.name}")
-            status, error, output = "ok", None, out.model_dump(mode="json")
-        except TimeoutError:
-            status, error, output = "failed", f"timed out after {tool.timeout_s:.0f} s (abandoned)", None
-        except ToolError as exc:
+        try:
+            output, _how = worker.call(tool, ctx, inp)
+            status, error = "ok", None
+        except TimeoutError as exc:
+            status, error, output = "failed", str(exc) if "worker" in str(exc) else \
+                f"timed out after {tool.timeout_s:.0f} s (abandoned)", None
+        except (ToolError, worker.ToolCrashed, worker.WorkerDied) as exc:
             status, error, output = "failed", str(exc), None
         except Exception as exc:  # a tool never crashes the graph
             status, error, output = "failed", f"{type(exc).__name__}: {exc}", None

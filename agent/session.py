@@ -133,6 +133,9 @@ def engine(*, llm: str = "local", chat: Any = None, model_id: str | None = None,
                  narrative_llm=(narrator or chat) if use_narrative or narrator else None, on_step=on_step,
                  answer_llm=answer_chat(chat))
     planner.record = lambda kind, node, name, payload: rt.record(kind, node, name, payload)
+    from agent import worker
+
+    worker.warm()  # the tool worker process imports while intake and the first decision run
     return Engine(rt, build_graph(rt, sqlite_checkpointer(trace_dir / "checkpoints.sqlite")), trace, llm)
 
 

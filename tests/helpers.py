@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -73,6 +74,55 @@ class Gate(Tool):
         while gate and Path(gate).exists():
             time.sleep(0.1)
         return CountOut(value=2)
+
+
+class Hang(Tool):
+    """Writes its process id to $DXAGENT_TEST_PIDFILE, then never returns (for the worker-stop tests)."""
+
+    name = "hang"
+    description = "Hangs."
+    kind = "measure"
+    timeout_s = 1.0
+    Output = CountOut
+
+    def run(self, ctx: ToolContext, inp: ToolInput) -> CountOut:
+        Path(os.environ["DXAGENT_TEST_PIDFILE"]).write_text(str(os.getpid()))
+        time.sleep(600)
+        return CountOut(value=0)
+
+
+class Crash(Tool):
+    """Kills the process it runs in, as a segfault in a native library would."""
+
+    name = "crash"
+    description = "Crashes its process."
+    kind = "measure"
+    Output = CountOut
+
+    def run(self, ctx: ToolContext, inp: ToolInput) -> CountOut:
+        os.kill(os.getpid(), signal.SIGKILL)
+        return CountOut(value=0)
+
+
+class WhoOut(BaseModel):
+    pid: int
+    mark: str
+    overlay: str
+
+
+class Who(Tool):
+    """Reports the process it runs in and $DXAGENT_TEST_MARK, and saves an overlay (artifacts cross back)."""
+
+    name = "who"
+    description = "Says where it runs."
+    kind = "inspect"
+    Output = WhoOut
+
+    def run(self, ctx: ToolContext, inp: ToolInput) -> WhoOut:
+        import numpy as np
+
+        ref = ctx.save_png(np.full((4, 4), os.getpid() % 251, np.uint8), "overlay", "who")
+        return WhoOut(pid=os.getpid(), mark=os.environ.get("DXAGENT_TEST_MARK", ""), overlay=ref.sha256)
 
 
 _TOOLS: dict[str, Tool] = {}
