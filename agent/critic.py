@@ -119,6 +119,10 @@ def critique(state: CaseState, tools: dict[str, Tool], now: float | None = None)
         route, why = "report", "wall-clock budget spent"
     elif fails >= 3:
         route, why = "report", "three tool calls in a row failed"
+    elif last is not None and last.status == "skipped" and not new_items:
+        route, why = "report", f"{last.id} repeated an earlier call: nothing new can be learned"
+    elif repeated_retrieval(state, tools) and not new_items:
+        route, why = "report", f"{last.id} {last.tool} retrieved nothing that earlier retrieval had not"
     elif new_items:
         route, why = "think", f"{len(new_items)} new conflict(s)/suggestion(s) to weigh"
     elif answered:
@@ -129,6 +133,23 @@ def critique(state: CaseState, tools: dict[str, Tool], now: float | None = None)
                     question_topics=topics, suggestions=suggestions,
                     budget_left={"tool_calls": steps_left, "seconds": round(max(0.0, secs_left), 1)},
                     route=route, why=why)
+
+
+def repeated_retrieval(state: CaseState, tools: dict[str, Tool]) -> bool:
+    """The last call was retrieval (kind "retrieve") whose results (their source or case ids) an earlier call of the
+    same tool had already returned: asking again with other words found nothing new."""
+    last = state.evidence[-1] if state.evidence else None
+    if last is None or last.status != "ok" or tools.get(last.tool, _NoTool).kind != "retrieve":
+        return False
+
+    def found(e: Evidence) -> set[str]:
+        items = next((v for v in (e.output or {}).values() if isinstance(v, list) and v), [])
+        keys = [next((x[k] for k in ("source_id", "case_id", "id") if k in x), x) if isinstance(x, dict) else x
+                for x in items]
+        return {json.dumps(k, sort_keys=True, default=str) for k in keys}
+
+    mine = found(last)
+    return any(e.tool == last.tool and e.status == "ok" and found(e) >= mine for e in state.evidence[:-1])
 
 
 def classifier_conflicts(drafts: list[tuple[Evidence, FindingDraft]], tools: dict[str, Tool]) -> list[str]:

@@ -107,3 +107,39 @@ def test_detector_boxes_suggest_the_segmenter_once():
     no_boxes = state(ev(1, "det", {"boxes": []}))
     assert not any("boxes_from" in s for s in critique(no_boxes, TOOLS).suggestions)
     assert np.isfinite(c.budget_left["tool_calls"])
+
+
+class PassagesOut(BaseModel):
+    passages: list[dict]
+
+
+class Retriever(Tool):
+    name = "ret"
+    description = "Finds passages."
+    kind = "retrieve"
+    Output = PassagesOut
+
+    def run(self, ctx, inp: ToolInput) -> PassagesOut:
+        return PassagesOut(passages=[])
+
+
+def test_a_repeated_call_or_retrieval_that_finds_nothing_new_ends_the_loop():
+    """Issue 16: no further planner step when nothing new can be learned (each would cost seconds of decoding)."""
+    tools = {**TOOLS, "ret": Retriever()}
+
+    def passages(*ids):
+        return {"passages": [{"source_id": i, "score": 0.5, "snippet": "..."} for i in ids]}
+
+    def st(*evidence):
+        s = state(*evidence)
+        s.applicable_tools = sorted(tools)
+        return s
+
+    same = st(ev(1, "ret", passages("a", "b"), query="heart"), ev(2, "ret", passages("b"), query="cardiac size"))
+    c = critique(same, tools)
+    assert c.route == "report" and "retrieved nothing that earlier retrieval had not" in c.why, c.why
+    new = st(ev(1, "ret", passages("a", "b"), query="heart"), ev(2, "ret", passages("b", "c"), query="cardiac"))
+    assert "retrieved nothing" not in critique(new, tools).why
+    skipped = ev(2, "ret", {}, query="heart").model_copy(update={"status": "skipped", "output": None})
+    c2 = critique(st(ev(1, "ret", passages("a"), query="heart"), skipped), tools)
+    assert c2.route == "report" and "E2 repeated an earlier call" in c2.why, c2.why
