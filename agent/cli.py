@@ -246,8 +246,9 @@ def eval_cmd(
     manifest: Annotated[Path, typer.Argument(help="VQA-style JSONL/JSON/TXT (SLAKE, VQA-RAD, VQA-Med layouts) or a "
                                              "realcases label manifest (see agent/eval_data.py)")],
     out_dir: Annotated[Path, typer.Option("--out", help="output folder (results.jsonl, summary.json/.md, eval.html)")],
-    systems: Annotated[str, typer.Option(help="comma-separated: agent, no-tools, blind, prior, majority (default: all "
-                                         "with --prior-from, else the first three)")] = None,
+    systems: Annotated[str, typer.Option(help="comma-separated: agent, no-tools, blind, vlm-only, prior, majority "
+                                         "(default: all but vlm-only with --prior-from, else the first three; vlm-only "
+                                         "needs the vision endpoint `vlm`)")] = None,
     prior_from: Annotated[Path, typer.Option(help="reference split the prior and majority baselines are fitted on "
                                              "(e.g. the train split; never the evaluated items)")] = None,
     root: Annotated[Path, typer.Option(help="folder the manifest's relative paths are relative to")] = None,

@@ -5,6 +5,9 @@ Systems (`--systems`, comma-separated):
 * `no-tools` the planner's model answers from the question and the case line (intake's modality, shape, spacing)
              alone, with the same constrained answer schema, no tool called;
 * `blind`    the same model sees only the question (no image at all);
+* `vlm-only` the vision endpoint named `vlm` (agent/endpoints.py) alone: the question and the picture in one call
+             (tools/vlm_ask.py), no planner, no other tool; beside `agent` with that endpoint configured (the agent may
+             then call `vlm_ask`), it shows what the VLM gains or loses inside dxagent;
 * `prior`    the most frequent answer for the question's type in the reference split `--prior-from` (SURE-VQA's
              question-only prior: same question text, else same content and answer type, else same answer type);
 * `majority` the most frequent answer per answer type (OPEN/CLOSED) in the reference split.
@@ -32,8 +35,8 @@ from typing import Any
 from agent.batch import _now, _prepare_stores, _run_local, _write_atomic
 from agent.eval_data import EvalItem, MajorityBaseline, ManifestError, PriorBaseline, read_eval_manifest, sample_items
 
-SYSTEMS = ("agent", "no-tools", "blind", "prior", "majority")
-LLM_SYSTEMS = ("agent", "no-tools", "blind")
+SYSTEMS = ("agent", "no-tools", "blind", "vlm-only", "prior", "majority")
+LLM_SYSTEMS = ("agent", "no-tools", "blind", "vlm-only")
 QUESTION_ONLY = ("prior", "majority")
 
 
@@ -154,6 +157,54 @@ def _run_baseline(item: EvalItem, opts: dict[str, Any], row: dict[str, Any], wit
         row["answer"] = _typed_answer(item.question, value, prob, basis, "llm")
 
 
+def _run_vlm(item: EvalItem, opts: dict[str, Any], row: dict[str, Any]) -> None:
+    """The `vlm` endpoint alone on the question and the picture (one vlm_ask call), recorded as its own run."""
+    from agent.artifacts import ArtifactStore
+    from agent.graph import new_run_id
+    from agent.planner import prompt_versions
+    from agent.question import parse_question
+    from agent.session import inputs_sha256
+    from agent.state import CaseInput, CaseState
+    from agent.trace import TraceStore
+    from tools.base import ToolContext, ToolError
+    from tools.imaging import ImageLoadError, load_views
+    from tools.vlm_ask import VlmAsk, VlmInput
+
+    root = Path(opts["out"]) / "traces"
+    store = ArtifactStore(root / "artifacts")
+    try:
+        views = load_views(item.paths, store)
+    except ImageLoadError as exc:
+        row.update(answer=_abstain("input_unreadable", str(exc)), error=str(exc))
+        return
+    tool, digest = VlmAsk(), inputs_sha256(item.paths)
+    trace = TraceStore(opts.get("db_url"), root)
+    run_id = new_run_id(f"vlm-only{item.case_id}")
+    trace.start_run(run_id, digest[:12], item.question, "vlm", "baseline:vlm-only", digest,
+                    {"prompts": prompt_versions(), "tools": {tool.name: tool.version}},
+                    settings={"baseline": "vlm-only"})
+    ctx = ToolContext(state=CaseState(inputs=CaseInput(paths=["input 1"]), views=views), store=store)
+    try:
+        out = tool.run(ctx, VlmInput(question=item.question))
+    except ToolError as exc:
+        trace.record(run_id, "tool", "vlm-only", tool.name, {"error": str(exc)})
+        trace.finish_run(run_id, "failed", error=str(exc))
+        row.update(run_id=run_id, llm_calls=1, answer=_abstain("planner_failed", str(exc)), error=str(exc))
+        return
+    for ref in ctx.artifacts:
+        trace.add_artifact(ref, store.path(ref).stat().st_size)
+    trace.record(run_id, "tool", "vlm-only", tool.name, {"evidence": {
+        "tool": tool.name, "status": "ok", "output": out.model_dump(mode="json"),
+        "artifacts": [a.model_dump(mode="json") for a in ctx.artifacts]}})
+    trace.finish_run(run_id, "done")
+    value, prob = out.answer, None
+    if out.yes_no is not None and parse_question(item.question).kind == "yes_no":
+        value = "yes" if out.yes_no else "no"
+        prob = None if out.probability is None else (out.probability if out.yes_no else 1 - out.probability)
+    row.update(run_id=run_id, llm_calls=1)
+    row["answer"] = _typed_answer(item.question, value, prob, f"from the picture by {out.model} alone, no tool", "llm")
+
+
 def eval_one(spec: dict[str, Any], opts: dict[str, Any]) -> dict[str, Any]:
     """Every LLM system still missing for one item; each result written atomically. Never raises for an item."""
     item = EvalItem(**spec)
@@ -167,6 +218,8 @@ def eval_one(spec: dict[str, Any], opts: dict[str, Any]) -> dict[str, Any]:
         try:
             if system == "agent":
                 _run_agent(item, opts, row)
+            elif system == "vlm-only":
+                _run_vlm(item, opts, row)
             else:
                 _run_baseline(item, opts, row, with_case=system == "no-tools")
         except Exception as exc:  # an item never stops the eval
@@ -206,10 +259,16 @@ def run_eval(manifest: str | Path, out: str | Path, *, systems: list[str] | None
              on_item: Callable[[dict[str, Any]], None] | None = None) -> EvalRun:
     from agent.eval_metrics import summarize, summary_markdown, write_eval_html
 
-    systems = list(systems or ([*SYSTEMS] if prior_from else [*LLM_SYSTEMS]))
+    default = [s for s in (SYSTEMS if prior_from else LLM_SYSTEMS) if s != "vlm-only"]  # vlm-only needs an endpoint
+    systems = list(systems or default)
     unknown = [s for s in systems if s not in SYSTEMS]
     if unknown:
         raise ManifestError(f"unknown system(s) {', '.join(unknown)}: choose from {', '.join(SYSTEMS)}")
+    if "vlm-only" in systems:
+        from tools.vlm_ask import _endpoint
+
+        if isinstance(why := _endpoint(), str):
+            raise ManifestError(f"--systems vlm-only: {why}")
     if any(s in QUESTION_ONLY for s in systems) and not prior_from:
         raise ManifestError("the prior and majority baselines need a reference split: --prior-from MANIFEST")
     _, items = read_eval_manifest(manifest, root)

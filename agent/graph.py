@@ -117,6 +117,16 @@ class Runtime:
             status, error, output = "failed", f"{type(exc).__name__}: {exc}", None
         return status, error, output, time.perf_counter() - t0
 
+    def planner_images(self, state: CaseState) -> list[dict[str, Any]]:
+        """The pictures a vision-capable planner gets this step (agent/vision.py), kept as the run's artifacts."""
+        from agent import vision
+
+        cfg = self.planner.vision
+        parts = vision.image_parts(self.store, vision.planner_views(state, cfg.max_images), cfg.image_max_px,
+                                   cfg.redact_corners)
+        self.keep_artifacts([ArtifactRef.model_validate(p["ref"]) for p in parts])
+        return parts
+
     def keep_artifacts(self, refs: list[ArtifactRef]) -> None:
         for ref in refs:
             self.trace.add_artifact(ref, self.store.path(ref).stat().st_size)
@@ -202,7 +212,8 @@ def think(rt: Runtime, state: CaseState) -> dict[str, Any]:
         update = {}
     else:
         try:
-            decision = rt.planner.decide(state, rt.tools, now=rt.now)
+            images = rt.planner_images(state) if rt.planner.vision else None
+            decision = rt.planner.decide(state, rt.tools, now=rt.now, images=images)
             update = {}
         except PlannerError as exc:
             decision = Decision(action="answer", reason="planner failed")

@@ -341,9 +341,15 @@ def make_llm(kind: str, *, base_url: str | None = None, model: str | None = None
     if kind in ("openai", "openai-json"):
         from langchain_openai import ChatOpenAI
 
-        base_url = base_url or os.environ.get("DXAGENT_OPENAI_BASE_URL") or os.environ.get("OPENAI_BASE_URL")
-        model = model or os.environ.get("DXAGENT_OPENAI_MODEL") or os.environ.get("OPENAI_MODEL")
-        api_key = api_key or os.environ.get("DXAGENT_OPENAI_API_KEY") or os.environ.get("OPENAI_API_KEY") or "none"
+        from agent.endpoints import load as load_endpoint
+
+        named = load_endpoint("planner") if not (base_url and model) else None  # [endpoints.planner] in the file
+        base_url = base_url or os.environ.get("DXAGENT_OPENAI_BASE_URL") or os.environ.get("OPENAI_BASE_URL") \
+            or (named.base_url if named else None)
+        model = model or os.environ.get("DXAGENT_OPENAI_MODEL") or os.environ.get("OPENAI_MODEL") \
+            or (named.model if named else None)
+        api_key = api_key or os.environ.get("DXAGENT_OPENAI_API_KEY") or os.environ.get("OPENAI_API_KEY") \
+            or (named.api_key if named else "none")
         if not base_url or not model:
             raise LLMUnavailable("--llm openai needs --base-url and --model (or DXAGENT_OPENAI_BASE_URL / "
                                  "DXAGENT_OPENAI_MODEL)")

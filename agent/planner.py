@@ -28,6 +28,7 @@ from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import HumanMessage, SystemMessage
 from pydantic import ValidationError
 
+from agent import vision
 from agent.critic import tools_for_question
 from agent.state import CaseState, Decision, Evidence
 from tools.base import COORDINATE_ARGS, Tool
@@ -396,6 +397,7 @@ class Planner:
         # grammar, and a 1.5B model's reason ("The ct_tissue_compositon") says nothing the call does not.
         self.with_reason = with_reason if with_reason is not None else getattr(chat, "_llm_type", "") != "llama-cpp"
         self.record = record or (lambda **kw: None)  # callback(kind, node, name, payload)
+        self.vision: Any = None  # agent.endpoints.Vision when the endpoint is declared vision-capable: it gets pictures
 
     def system_prompt(self, tools: list[Tool]) -> str:
         return render("system", tools=[{"name": t.name, "description": t.description, "args": args_line(t)}
@@ -414,7 +416,8 @@ class Planner:
             evidence=[evidence_line(e, tools) for e in state.evidence], critic=critic,
             conversation=[{"question": t.question, "answer": t.answer[:300]} for t in state.conversation],
             models=state.model_lines,  # all applicable learned tools' cards, held-back ones too (what a box unlocks)
-            steps_left=state.budget.max_steps - state.tool_steps,
+            steps_left=state.budget.max_steps - state.tool_steps,  # seconds shown only under a minute: the decision
+            # must not depend on how busy the machine was (the same case on a loaded machine chose other tools)
             seconds_left=int(max(0.0, state.budget.max_wall_s - state.budget.elapsed(now))), error=error,
         )
 
@@ -431,7 +434,9 @@ class Planner:
             if hasattr(self.chat, "bind_tools") else self.chat
         return bound.invoke(messages, max_tokens=self.max_tokens), params
 
-    def decide(self, state: CaseState, tools: dict[str, Tool], node: str = "think", now: float | None = None) -> Decision:
+    def decide(self, state: CaseState, tools: dict[str, Tool], node: str = "think", now: float | None = None,
+               images: list[dict[str, Any]] | None = None) -> Decision:
+        """One decision; `images` (agent/vision.py parts) go to a vision-capable endpoint with the user message."""
         grounded = grounded_coordinates(state)
         cands = [tools[n] for n in state.applicable_tools if n in tools]
         # a tool that needs a region is offered only once there are coordinates to give it
@@ -449,10 +454,12 @@ class Planner:
         error: str | None = None
         for attempt in range(state.budget.max_invalid_decisions + 1):
             user = self.user_prompt(state, tools, error, [t.name for t in cands], now)
-            messages = [SystemMessage(system), HumanMessage(user)]
+            messages = [SystemMessage(system), HumanMessage(vision.content(user, images) if images else user)]
             request = {"model": self.model_id, "mode": self.mode, "attempt": attempt,
                        "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
                        "candidates": sorted(cand_map), "held_back": held, "exhausted": sorted(done)}
+            if images:
+                request["images"] = vision.recorded(images)  # by sha256: the artifact store keeps the pictures
             t0 = time.perf_counter()
             try:
                 left = state.budget.max_wall_s - state.budget.elapsed(now)
@@ -462,7 +469,9 @@ class Planner:
                 self.record(kind="llm", node=node, name="error", payload={
                     "request": request, "error": f"{type(exc).__name__}: {exc}",
                     "latency_s": time.perf_counter() - t0})
-                raise PlannerError(f"LLM call failed: {type(exc).__name__}: {str(exc)[:200]}") from exc
+                hint = " (pictures were sent: is the endpoint vision-capable?)" if images and \
+                    "400" in str(exc) else ""
+                raise PlannerError(f"LLM call failed{hint}: {type(exc).__name__}: {str(exc)[:200]}") from exc
             latency = time.perf_counter() - t0
             meta = dict(reply.response_metadata or {})
             token_lp = meta.get("token_logprobs") or []  # kept in the trace: replay recomputes the scores from them

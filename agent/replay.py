@@ -236,6 +236,11 @@ class ReplayRuntime(Runtime):
         ctx.new_views[:] = [ImageView.model_validate(v) for v in ev["payload"].get("new_views") or []]
         return e["status"], e.get("error"), e.get("output"), float(e.get("duration_s") or 0.0)
 
+    def planner_images(self, state: CaseState) -> list[dict[str, Any]]:
+        """The pictures the recorded think step sent, as the trace names them (by sha256; no pixels, no endpoint)."""
+        ev = self.log.peek("the planner's pictures", kind="llm")
+        return list((ev["payload"].get("request") or {}).get("images") or [])
+
     def keep_artifacts(self, refs: list[ArtifactRef]) -> None:
         pass
 
@@ -287,6 +292,10 @@ def replay(dump: dict[str, Any], tools: dict[str, Tool] | None = None) -> Replay
     chat = ReplayChat(log=log, llm_type=_llm_type(run, settings))
     planner = Planner(chat, run.get("llm") or "custom", run.get("planner_mode") or "json",
                       with_reason=settings.get("with_reason"))
+    if settings.get("vision"):
+        from agent.endpoints import Vision
+
+        planner.vision = Vision.model_validate(settings["vision"])
     first = next((e["payload"] for e in events if e["kind"] == "llm" and e["node"] == "think"), None)
     if first and (first.get("params") or {}).get("response_format", {}).get("type") == "json_object" \
             and chat.llm_type not in ("llama-cpp", "scripted") and "json_schema_rejected" not in first["params"]:

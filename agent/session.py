@@ -70,9 +70,10 @@ def tools() -> dict[str, Tool]:
 
 
 def user_error(exc: BaseException) -> bool:
+    from agent.endpoints import EndpointError
     from tools.imaging import ImageLoadError
 
-    return isinstance(exc, ImageLoadError | DxError)
+    return isinstance(exc, ImageLoadError | DxError | EndpointError)
 
 
 def error_message(exc: BaseException) -> str:
@@ -128,6 +129,7 @@ def engine(*, llm: str = "local", chat: Any = None, model_id: str | None = None,
         chat, model_id, mode = make_llm(llm, base_url=base_url, model=model, api_key=api_key,
                                         timeout_s=llm_timeout_s, script=script)
     planner = Planner(chat, model_id or "custom", mode or "json")
+    planner.vision = _vision(llm)
     use_narrative = narrative if narrative is not None else llm.startswith("openai")
     rt = Runtime(tools=tool_set or tools(), planner=planner, store=store, trace=trace,
                  narrative_llm=(narrator or chat) if use_narrative or narrator else None, on_step=on_step,
@@ -137,6 +139,18 @@ def engine(*, llm: str = "local", chat: Any = None, model_id: str | None = None,
 
     worker.warm()  # the tool worker process imports while intake and the first decision run
     return Engine(rt, build_graph(rt, sqlite_checkpointer(trace_dir / "checkpoints.sqlite")), trace, llm)
+
+
+def _vision(llm: str) -> Any:
+    """The planner endpoint's picture settings when it is declared vision-capable ([endpoints.planner] vision = true
+    or DXAGENT_PLANNER_VISION=1); the embedded models take no pictures."""
+    from agent.endpoints import EndpointError, vision_settings
+
+    v = vision_settings("planner")
+    if v is not None and not llm.startswith("openai"):
+        raise EndpointError(f"the planner endpoint is declared vision-capable, but --llm {llm} takes no pictures "
+                            "(use --llm openai or openai-json with a vision model)")
+    return v
 
 
 def run_case(paths: list[str] | None = None, question: str | None = None, *, llm: str = "local",
@@ -191,7 +205,8 @@ def run_case(paths: list[str] | None = None, question: str | None = None, *, llm
                         settings={"llm": eng.llm, "llm_type": getattr(planner.chat, "_llm_type", ""), "max_steps": max_steps,
                                   "max_wall_s": max_wall_s, "modality": modality, "body_part": body_part,
                                   "clinical_context": clinical_context, "narrative": rt.narrative_llm is not None,
-                                  "with_reason": planner.with_reason, "route": route})
+                                  "with_reason": planner.with_reason, "route": route,
+                                  "vision": planner.vision.model_dump() if planner.vision else None})
         payload = state
     state = eng.invoke(payload, config)
     return Result(run_id, state.report, state)

@@ -276,13 +276,16 @@ EXPORT_FORMAT = "dxagent-trace/1"
 
 
 def artifact_refs(events: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Every artifact a run's events refer to: view pixels (intake and derived views) and evidence artifacts."""
+    """Every artifact a run's events refer to: view pixels (intake and derived views), evidence artifacts and the
+    pictures sent to a vision-capable planner."""
     refs: dict[str, dict[str, Any]] = {}
     for e in events:
         p = e["payload"]
         views = list(p.get("views") or []) + list(p.get("new_views") or [])
         items = [v.get("pixels") for v in views if isinstance(v, dict)]
         items += list((p.get("evidence") or {}).get("artifacts") or []) if isinstance(p.get("evidence"), dict) else []
+        request = p.get("request") if isinstance(p.get("request"), dict) else {}
+        items += [i.get("ref") for i in request.get("images") or [] if isinstance(i, dict)]
         for a in items:
             if isinstance(a, dict) and a.get("sha256"):
                 refs.setdefault(a["sha256"], {k: a.get(k) for k in ("sha256", "kind", "media_type", "path")})
