@@ -100,6 +100,10 @@ def critique(state: CaseState, tools: dict[str, Tool], now: float | None = None)
     last = state.evidence[-1] if state.evidence else None
     if last is not None and last.status in ("failed", "refused"):
         suggestions.append(f"{last.id} {last.tool} {last.status}: {last.error}; choose another tool or other arguments")
+    repeats = sum(e.status == "skipped" for e in state.evidence)
+    if last is not None and last.status == "skipped" and repeats == 1:
+        suggestions.append(f"{last.id} repeated an earlier call: its result is already in the evidence; call another "
+                           "tool or answer")
 
     steps_left = state.budget.max_steps - state.tool_steps
     secs_left = state.budget.max_wall_s - state.budget.elapsed(now)
@@ -119,8 +123,8 @@ def critique(state: CaseState, tools: dict[str, Tool], now: float | None = None)
         route, why = "report", "wall-clock budget spent"
     elif fails >= 3:
         route, why = "report", "three tool calls in a row failed"
-    elif last is not None and last.status == "skipped" and not new_items:
-        route, why = "report", f"{last.id} repeated an earlier call: nothing new can be learned"
+    elif last is not None and last.status == "skipped" and repeats >= 2:
+        route, why = "report", f"{last.id} repeated an earlier call again: nothing new can be learned"
     elif repeated_retrieval(state, tools) and not new_items:
         route, why = "report", f"{last.id} {last.tool} retrieved nothing that earlier retrieval had not"
     elif new_items:

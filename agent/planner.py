@@ -400,8 +400,10 @@ class Planner:
         self.vision: Any = None  # agent.endpoints.Vision when the endpoint is declared vision-capable: it gets pictures
 
     def system_prompt(self, tools: list[Tool]) -> str:
+        """Every tool this installation can run (not only this case's): the same text across steps and cases."""
         return render("system", tools=[{"name": t.name, "description": t.description, "args": args_line(t)}
-                                       for t in tools], mode=self.mode, reason=self.with_reason)
+                                       for t in tools if t.available() is None], mode=self.mode,
+                      reason=self.with_reason)
 
     def user_prompt(self, state: CaseState, tools: dict[str, Tool], error: str | None,
                     candidates: list[str] | None = None, now: float | None = None) -> str:

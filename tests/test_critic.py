@@ -140,6 +140,14 @@ def test_a_repeated_call_or_retrieval_that_finds_nothing_new_ends_the_loop():
     assert c.route == "report" and "retrieved nothing that earlier retrieval had not" in c.why, c.why
     new = st(ev(1, "ret", passages("a", "b"), query="heart"), ev(2, "ret", passages("b", "c"), query="cardiac"))
     assert "retrieved nothing" not in critique(new, tools).why
-    skipped = ev(2, "ret", {}, query="heart").model_copy(update={"status": "skipped", "output": None})
-    c2 = critique(st(ev(1, "ret", passages("a"), query="heart"), skipped), tools)
-    assert c2.route == "report" and "E2 repeated an earlier call" in c2.why, c2.why
+    def skip(i):
+        return ev(i, "ret", {}, query="heart").model_copy(update={"status": "skipped", "output": None})
+
+    once = st(ev(1, "ret", passages("a"), query="heart"), skip(2))
+    c1 = critique(once, tools)  # a first repeat: told so, and asked again
+    assert c1.route == "think" and any("E2 repeated an earlier call" in x for x in c1.suggestions), c1
+    once.critiques.append(c1)
+    twice = st(ev(1, "ret", passages("a"), query="heart"), skip(2), skip(3))
+    twice.critiques.append(c1)
+    c2 = critique(twice, tools)
+    assert c2.route == "report" and "E3 repeated an earlier call again" in c2.why, c2.why

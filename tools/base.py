@@ -130,6 +130,11 @@ class Tool(ABC):
             return self.needs_region
         return any(f.is_required() for n, f in self.Input.model_fields.items() if n in COORDINATE_ARGS)
 
+    def available(self) -> str | None:
+        """None if this installation can run the tool at all (e.g. its endpoint is configured), else why not. A tool
+        that is unavailable is left out of the planner's tool list, so that list stays the same across cases."""
+        return None
+
     def applicable(self, view: ImageView) -> str | None:
         """None if the tool can run on this view, else the reason it cannot."""
         if self.modalities is not None and view.modality not in self.modalities:

@@ -127,9 +127,12 @@ class VlmAsk(Tool):
     Input = VlmInput
     Output = VlmOutput
 
-    def applicable(self, view: Any) -> str | None:
+    def available(self) -> str | None:
         ep = _endpoint()
-        return ep if isinstance(ep, str) else super().applicable(view)
+        return ep if isinstance(ep, str) else None
+
+    def applicable(self, view: Any) -> str | None:
+        return self.available() or super().applicable(view)
 
     def run(self, ctx: ToolContext, inp: VlmInput) -> VlmOutput:
         from agent.llm import public_url
