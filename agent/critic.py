@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import re
+from typing import Any
 
 from agent.answer import addressed_by, findings_of, understood
 from agent.state import CaseState, Critique, Evidence
@@ -180,24 +181,34 @@ def classifier_conflicts(drafts: list[tuple[Evidence, FindingDraft]], tools: dic
     return out
 
 
-def chain_suggestions(state: CaseState, tools: dict[str, Tool]) -> tuple[list[str], set[str]]:
-    """A detector's boxes on a view that no box-prompted segmenter has taken yet: the suggestions, and the ids of the
-    detector evidence they name or a segmenter already took."""
+def pending_chains(state: CaseState, tools: dict[str, Tool]) -> list[tuple[Evidence, int, str, dict[str, Any]]]:
+    """Detector evidence with boxes that no box-prompted segmenter has taken yet (a call of any outcome takes them):
+    (the evidence, its box count, the segmenter, the call's arguments)."""
     segs = [n for n in BOX_SEGMENTERS if n in state.applicable_tools]
     if not segs:
-        return [], set()
-    used = {e.args.get("boxes_from") for e in state.evidence if e.tool in segs and e.status == "ok"}
-    out, ids = [], {u for u in used if isinstance(u, str)}
+        return []
+    tried = {e.args.get("boxes_from") for e in state.evidence if e.tool in segs}
+    out = []
     for e in state.evidence:
-        if e.status != "ok" or tools.get(e.tool, _NoTool).kind != "detect" or e.id in used:
+        if e.status != "ok" or tools.get(e.tool, _NoTool).kind != "detect" or e.id in tried:
             continue
         n = sum(f.bbox is not None for f in findings_of(e, state, tools))
         if n:
             view = e.args.get("view", "V1")
-            ids.add(e.id)
-            args = {"boxes_from": e.id} | ({"view": view} if view != "V1" else {})
-            out.append(f"{e.id} {e.tool} found {n} box(es) on {view}; to segment and measure them call "
-                       + json.dumps({"tool": segs[0], "args": args}))
+            out.append((e, n, segs[0], {"boxes_from": e.id} | ({"view": view} if view != "V1" else {})))
+    return out
+
+
+def chain_suggestions(state: CaseState, tools: dict[str, Tool]) -> tuple[list[str], set[str]]:
+    """A detector's boxes on a view that no box-prompted segmenter has taken yet: the suggestions, and the ids of the
+    detector evidence they name or a segmenter already took."""
+    segs = [n for n in BOX_SEGMENTERS if n in state.applicable_tools]
+    ids = {u for e in state.evidence if e.tool in segs and isinstance(u := e.args.get("boxes_from"), str)}
+    out = []
+    for e, n, seg, args in pending_chains(state, tools):
+        ids.add(e.id)
+        out.append(f"{e.id} {e.tool} found {n} box(es) on {e.args.get('view', 'V1')}; to segment and measure them "
+                   "call " + json.dumps({"tool": seg, "args": args}))
     return out, ids
 
 

@@ -182,12 +182,20 @@ def intake(rt: Runtime, state: CaseState) -> dict[str, Any]:
 
 
 def route(state: CaseState, tools: dict[str, Tool]) -> Decision | None:
-    """The step to take without asking the planner, for a question that names a subject (not "describe the
-    findings"): a call of the first tool that addresses it (intake's `addressing_tools`, in order), needs no region
-    and has not been called yet - "Does the picture contain a kidney?" goes straight to the organ segmenter - or the
+    """The step to take without asking the planner: a box-prompted segmenter on a detector's boxes that none has
+    taken yet (what the critic would suggest); for a question that names a subject (not "describe the findings"), a
+    call of the first tool that addresses it (intake's `addressing_tools`, in order), needs no region and has not
+    been called yet - "Does the picture contain a kidney?" goes straight to the organ segmenter - or the
     answer once every addressing tool has run (a call of a tool that cannot state the subject cannot answer it).
     None: the planner decides (a tool that needs a region, a derived view)."""
     q = state.question_info
+    if state.budget.route and (chains := critic.pending_chains(state, tools)):  # a detector's boxes: segment them
+        from tools._learned import LearnedTool
+
+        e, n, seg, args = chains[0]
+        choice = tools[seg].cards(state.view(args.get("view", "V1"))) if isinstance(tools[seg], LearnedTool) else []
+        if len(choice) <= 1:  # which of several of the user's models: the planner's choice, not the router's
+            return Decision(action="call", tool=seg, args=args, reason=f"routed: segment the {n} box(es) of {e.id}")
     if not state.budget.route or q is None or q.describe or q.kind == "open" and not (q.finding or q.organ):
         return None
     called = {e.tool for e in state.evidence}

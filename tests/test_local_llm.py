@@ -68,8 +68,9 @@ def test_tiny_planner_always_produces_valid_actions(tmp_path):
 
 @pytest.mark.slow
 def test_default_planner_chains_a_detector_into_sam(tmp_path, monkeypatch, yolo_trained):
-    """The user's detector finds the objects; the rethink step suggests segmenting its boxes; the 1.5B planner calls
-    sam_segment with boxes_from=E1 in the next act step; the report lists both model cards."""
+    """The user's detector finds the objects (the 1.5B planner's choice); its boxes go to sam_segment with
+    boxes_from=E1 in the next act step (routed: the critic's chain, without another 6-8 s decision, which the 1.5B
+    model got wrong once its prompt changed); the report lists both model cards."""
     import numpy as np
     from makers import sam as sam_maker
     from makers import yolo as yolo_maker
