@@ -71,16 +71,25 @@ def preprocess(img: np.ndarray, rgb: bool, size: int) -> np.ndarray:
     return t[0].numpy().astype(np.float32)
 
 
+WORK_PX = 1024  # logits are upsampled to at most this a side; labels then to the picture's own grid (nearest)
+
+
 @torch.no_grad()
 def predict(net: torch.nn.Module, img: np.ndarray, rgb: bool, size: int,
             with_probs: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
-    """(labels int64 (H, W), probs float32 (K, H, W) or None) at the input picture's original shape."""
+    """(labels int64 (H, W) at the input picture's original shape, probs float32 (K, h, w) or None), where (h, w) is
+    (H, W) for pictures up to WORK_PX a side and that shape scaled down to WORK_PX otherwise: upsampling every class's
+    logits to a 4096 px picture took 15 s and gigabytes for nothing the network resolves."""
     h, w = np.asarray(img).shape[:2]
+    scale = min(1.0, WORK_PX / max(h, w))
+    wh, ww = max(1, round(h * scale)), max(1, round(w * scale))
     x = torch.from_numpy(preprocess(img, rgb, size))[None]
-    logits = F.interpolate(net.eval()(x), size=(h, w), mode="bilinear", align_corners=False)[0]
-    labels = logits.argmax(0).numpy().astype(np.int64)
+    logits = F.interpolate(net.eval()(x), size=(wh, ww), mode="bilinear", align_corners=False)[0]
+    labels = logits.argmax(0)
+    if (wh, ww) != (h, w):
+        labels = F.interpolate(labels[None, None].float(), size=(h, w), mode="nearest")[0, 0].long()
     probs = torch.softmax(logits, 0).numpy().astype(np.float32) if with_probs else None
-    return labels, probs
+    return labels.numpy().astype(np.int64), probs
 
 
 def gray8(img: np.ndarray) -> np.ndarray:

@@ -191,7 +191,7 @@ class OrganSegment(LearnedTool):
         return load_net(card.input, path)
 
     def run(self, ctx: ToolContext, inp: OrganInput) -> OrganOutput:
-        from tools._organ_net import body_mask, predict, sides
+        from tools._organ_net import WORK_PX, body_mask, predict, sides
         from tools.imaging import is_rgb, looks_like_hu, picture, to_uint8
 
         view = self.usable_view(ctx, inp.view)
@@ -211,7 +211,8 @@ class OrganSegment(LearnedTool):
             notes.append("Hounsfield units put through a -160..240 HU window first, as the training images were")
         size = int(card.input.get("size", 192))
         notes.append(f"segmented at {size}x{size} px and upsampled to the view's {pic.shape[0]}x{pic.shape[1]} grid; "
-                     "areas are in that grid")
+                     "areas are in that grid" + (f" (through a {WORK_PX} px working grid)" if max(pic.shape) > WORK_PX
+                                                 else ""))
         labels_map, probs = predict(net, pic, rgb, size)
         refined: list[str] = []
         if inp.refine:
@@ -222,6 +223,9 @@ class OrganSegment(LearnedTool):
         px_area, unit = (float(sp[-2]) * float(sp[-1]), "mm2") if sp else (1.0, "px2")
         organs, absent = [], []
         floor = MIN_FRACTION * labels_map.size
+        grid = None if probs is None or probs.shape[1:] == labels_map.shape else np.ix_(  # probs at working size
+            (np.arange(labels_map.shape[0]) * probs.shape[1] // labels_map.shape[0]),
+            (np.arange(labels_map.shape[1]) * probs.shape[2] // labels_map.shape[1]))
         for i, lab in enumerate(card.labels, start=1):
             m = labels_map == i
             n = int(m.sum())
@@ -231,7 +235,8 @@ class OrganSegment(LearnedTool):
             comps = sides(m, body)
             organs.append(Organ(
                 label=lab, area=round(n * px_area, 2), unit=unit, lesion=lab in LESIONS,
-                mean_probability=round(float(probs[i][m].mean()), 4) if probs is not None else 0.0,
+                mean_probability=round(float((probs[i] if grid is None else probs[i][grid])[m].mean()), 4)
+                if probs is not None else 0.0,
                 components=[Component(side=patient_side(c["image_side"], right_is),
                                       image_side=c["image_side"], centroid=c["centroid"], bbox=c["bbox"],
                                       area=round(c["area_px"] * px_area, 2), unit=unit) for c in comps]))
