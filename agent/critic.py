@@ -126,6 +126,10 @@ def critique(state: CaseState, tools: dict[str, Tool], now: float | None = None)
         route, why = "report", "three tool calls in a row failed"
     elif last is not None and last.status == "skipped" and repeats >= 2:
         route, why = "report", f"{last.id} repeated an earlier call again: nothing new can be learned"
+    elif last is not None and last.status == "ok" and not answered and \
+            sum(e.tool == last.tool and e.status == "ok" for e in state.evidence) >= SAME_TOOL_MAX:
+        route, why = "report", (f"{last.id} was {last.tool}'s call no. {SAME_TOOL_MAX} and the question is still "
+                                "not answered: more of the same will not answer it")
     elif repeated_retrieval(state, tools) and not new_items:
         route, why = "report", f"{last.id} {last.tool} retrieved nothing that earlier retrieval had not"
     elif new_items:
@@ -138,6 +142,9 @@ def critique(state: CaseState, tools: dict[str, Tool], now: float | None = None)
                     question_topics=topics, suggestions=suggestions,
                     budget_left={"tool_calls": steps_left, "seconds": round(max(0.0, secs_left), 1)},
                     route=route, why=why)
+
+
+SAME_TOOL_MAX = 3  # successful calls of one tool (other arguments, other views) after which the loop stops unanswered
 
 
 def repeated_retrieval(state: CaseState, tools: dict[str, Tool]) -> bool:

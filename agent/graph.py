@@ -183,8 +183,10 @@ def intake(rt: Runtime, state: CaseState) -> dict[str, Any]:
 
 def route(state: CaseState, tools: dict[str, Tool]) -> Decision | None:
     """The step to take without asking the planner: a box-prompted segmenter on a detector's boxes that none has
-    taken yet (what the critic would suggest); for a question that names a subject (not "describe the findings"), a
-    call of the first tool that addresses it (intake's `addressing_tools`, in order), needs no region and has not
+    taken yet (what the critic would suggest); for "describe the findings", each quantitative tool made for the
+    study's modality (its own `modalities`: the lung fields and the cardiothoracic ratio on a radiograph, the
+    organs and the tissue composition on CT), then the planner; for a question that names a subject, a call of the
+    first tool that addresses it (intake's `addressing_tools`, in order), needs no region and has not
     been called yet - "Does the picture contain a kidney?" goes straight to the organ segmenter - or the
     answer once every addressing tool has run (a call of a tool that cannot state the subject cannot answer it).
     None: the planner decides (a tool that needs a region, a derived view)."""
@@ -196,9 +198,17 @@ def route(state: CaseState, tools: dict[str, Tool]) -> Decision | None:
         choice = tools[seg].cards(state.view(args.get("view", "V1"))) if isinstance(tools[seg], LearnedTool) else []
         if len(choice) <= 1:  # which of several of the user's models: the planner's choice, not the router's
             return Decision(action="call", tool=seg, args=args, reason=f"routed: segment the {n} box(es) of {e.id}")
-    if not state.budget.route or q is None or q.describe or q.kind == "open" and not (q.finding or q.organ):
-        return None
     called = {e.tool for e in state.evidence}
+    if state.budget.route and q is not None and q.describe:  # "describe the findings": the modality's own tools first
+        for name in state.addressing_tools:
+            tool = tools.get(name)
+            if tool is None or tool.modalities is None or name in called or tool.requires_region():
+                continue
+            return Decision(action="call", tool=name, args={"view": "V1"},
+                            reason=f"routed: {name} is made for {state.views[0].modality}; a description starts there")
+        return None
+    if not state.budget.route or q is None or q.kind == "open" and not (q.finding or q.organ):
+        return None
     for name in state.addressing_tools:
         tool = tools.get(name)
         if tool is None or name in called or tool.requires_region() or name not in state.applicable_tools:

@@ -151,3 +151,17 @@ def test_a_repeated_call_or_retrieval_that_finds_nothing_new_ends_the_loop():
     twice.critiques.append(c1)
     c2 = critique(twice, tools)
     assert c2.route == "report" and "E3 repeated an earlier call again" in c2.why, c2.why
+
+
+def test_a_third_call_of_the_same_tool_that_still_does_not_answer_ends_the_loop():
+    tools = {**TOOLS, "ret": Retriever()}
+
+    def st(*evidence):
+        s = state(*evidence)
+        s.applicable_tools = sorted(tools)
+        return s
+
+    calls = [ev(i, "ret", {"passages": [{"source_id": f"p{i}"}]}, query=f"q{i}") for i in (1, 2, 3)]
+    assert critique(st(*calls[:2]), tools).route == "think"
+    c = critique(st(*calls), tools)
+    assert c.route == "report" and "call no. 3" in c.why, c.why

@@ -238,3 +238,14 @@ def test_planner_may_not_invent_coordinates(tmp_path):
         check_grounded({"bbox": [box[0] + 17, box[1], box[2], box[3]]}, grounded)
     st.question = "Measure the box 12, 20, 60, 90."
     check_grounded({"bbox": [12, 20, 60, 90]}, grounded_coordinates(st))
+
+
+def test_describe_runs_the_modality_s_own_tools_before_the_planner(tmp_path):
+    """Issue 16: "Describe the findings" on a CT goes to a CT tool without a planner decision (the 1.5B planner
+    called knowledge_search three times on radiographs instead); once quantitative evidence describes the study the
+    critic ends the loop. A generic tool, or one that needs a region, is left to the planner."""
+    res = scripted(tmp_path, [call("knowledge_search", query="findings"), answer()], question="Describe the findings",
+                   route=True)
+    assert [e.tool for e in res.state.evidence] == ["ct_tissue_composition"]
+    assert not [e for e in TraceStore(None, tmp_path).events(res.run_id, "llm") if e.node == "think"]
+    assert res.report["recommendation"]["outcome"] == "report"
