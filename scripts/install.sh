@@ -17,7 +17,7 @@ step() {  # step LABEL CMD...: run one set-up step, saying every 30 s that it is
   local label=$1 t0=$SECONDS rc=0 ticker
   shift
   echo "[install] $label" >&2
-  ( while sleep 30; do echo "[install]   still $label ($((SECONDS - t0)) s)" >&2; done ) &
+  ( while sleep 30; do echo "[install]   ... still working ($((SECONDS - t0)) s)" >&2; done ) &
   ticker=$!
   "$@" || rc=$?
   kill "$ticker" 2>/dev/null || true
