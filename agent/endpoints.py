@@ -80,8 +80,8 @@ def _truthy(v: str) -> bool:
     return v.strip().lower() in ("1", "true", "yes", "on")
 
 
-def load(name: str) -> Endpoint | None:
-    """The endpoint called `name` (file entry, then environment overrides), or None when it is not configured."""
+def _raw(name: str) -> dict:
+    """The file entry of `name` with the environment's overrides (no validation, no key from the file)."""
     raw = dict(_file_entries().get(name, {}))
     key_env = raw.pop("api_key_env", None)
     if "api_key" in raw:
@@ -93,6 +93,26 @@ def load(name: str) -> Endpoint | None:
         v = os.environ.get(f"DXAGENT_{name.upper()}_{f.upper()}")
         if v is not None:
             raw[f] = _truthy(v) if f in ("vision", "redact_corners") else v
+    return raw
+
+
+def token_budget(name: str) -> int | None:
+    """max_tokens_per_run of endpoint `name` when it is set (file or DXAGENT_<NAME>_MAX_TOKENS_PER_RUN), else None."""
+    v = _raw(name).get("max_tokens_per_run")
+    if v is None:
+        return None
+    try:
+        n = int(v)
+    except (TypeError, ValueError):
+        n = 0
+    if n <= 0:
+        raise EndpointError(f"endpoint {name!r}: max_tokens_per_run must be a positive integer, not {v!r}")
+    return n
+
+
+def load(name: str) -> Endpoint | None:
+    """The endpoint called `name` (file entry, then environment overrides), or None when it is not configured."""
+    raw = _raw(name)
     if not raw.get("base_url") or not raw.get("model"):
         return None
     unknown = set(raw) - set(_FIELDS)
@@ -116,11 +136,7 @@ class Vision(BaseModel):
 def vision_settings(name: str) -> Vision | None:
     """The picture settings of endpoint `name` when it is declared vision-capable (file or DXAGENT_<NAME>_VISION),
     whether or not its URL comes from the file; None when it is not declared vision-capable."""
-    raw = dict(_file_entries().get(name, {}))
-    for f in ("vision", "image_max_px", "max_images", "redact_corners"):
-        v = os.environ.get(f"DXAGENT_{name.upper()}_{f.upper()}")
-        if v is not None:
-            raw[f] = _truthy(v) if f in ("vision", "redact_corners") else v
+    raw = _raw(name)
     if not (raw.get("vision") is True or (isinstance(raw.get("vision"), str) and _truthy(raw["vision"]))):
         return None
     try:

@@ -350,6 +350,8 @@ def make_llm(kind: str, *, base_url: str | None = None, model: str | None = None
             or (named.model if named else None)
         api_key = api_key or os.environ.get("DXAGENT_OPENAI_API_KEY") or os.environ.get("OPENAI_API_KEY") \
             or (named.api_key if named else "none")
+        if named is not None and base_url == named.base_url:  # the named endpoint's own timeout and retries
+            timeout_s, max_retries = named.timeout_s, named.retries
         if not base_url or not model:
             raise LLMUnavailable("--llm openai needs --base-url and --model (or DXAGENT_OPENAI_BASE_URL / "
                                  "DXAGENT_OPENAI_MODEL)")

@@ -398,6 +398,8 @@ class Planner:
         self.with_reason = with_reason if with_reason is not None else getattr(chat, "_llm_type", "") != "llama-cpp"
         self.record = record or (lambda **kw: None)  # callback(kind, node, name, payload)
         self.vision: Any = None  # agent.endpoints.Vision when the endpoint is declared vision-capable: it gets pictures
+        self.token_budget: int | None = None  # prompt + completion tokens this planner may spend (an endpoint's
+        self.tokens_used = 0  # max_tokens_per_run); the engine makes a planner per run, chat one per thread
 
     def system_prompt(self, tools: list[Tool]) -> str:
         """Every tool this installation can run (not only this case's): the same text across steps and cases."""
@@ -462,6 +464,9 @@ class Planner:
                        "candidates": sorted(cand_map), "held_back": held, "exhausted": sorted(done)}
             if images:
                 request["images"] = vision.recorded(images)  # by sha256: the artifact store keeps the pictures
+            if self.token_budget is not None and self.tokens_used >= self.token_budget:
+                raise PlannerError(f"the run's token budget for the planner endpoint is spent ({self.tokens_used} of "
+                                   f"{self.token_budget})")
             t0 = time.perf_counter()
             try:
                 left = state.budget.max_wall_s - state.budget.elapsed(now)
@@ -475,6 +480,7 @@ class Planner:
                     "400" in str(exc) else ""
                 raise PlannerError(f"LLM call failed{hint}: {type(exc).__name__}: {str(exc)[:200]}") from exc
             latency = time.perf_counter() - t0
+            self.tokens_used += int((reply.usage_metadata or {}).get("total_tokens") or 0)
             meta = dict(reply.response_metadata or {})
             token_lp = meta.get("token_logprobs") or []  # kept in the trace: replay recomputes the scores from them
             if not token_lp:

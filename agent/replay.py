@@ -292,6 +292,7 @@ def replay(dump: dict[str, Any], tools: dict[str, Tool] | None = None) -> Replay
     chat = ReplayChat(log=log, llm_type=_llm_type(run, settings))
     planner = Planner(chat, run.get("llm") or "custom", run.get("planner_mode") or "json",
                       with_reason=settings.get("with_reason"))
+    planner.token_budget = settings.get("token_budget")
     if settings.get("vision"):
         from agent.endpoints import Vision
 

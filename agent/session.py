@@ -130,6 +130,12 @@ def engine(*, llm: str = "local", chat: Any = None, model_id: str | None = None,
                                         timeout_s=llm_timeout_s, script=script)
     planner = Planner(chat, model_id or "custom", mode or "json")
     planner.vision = _vision(llm)
+    if llm.startswith("openai"):
+        from agent.endpoints import token_budget
+
+        planner.token_budget = token_budget("planner")
+    if narrator is None:
+        narrator = _narrator()
     use_narrative = narrative if narrative is not None else llm.startswith("openai")
     rt = Runtime(tools=tool_set or tools(), planner=planner, store=store, trace=trace,
                  narrative_llm=(narrator or chat) if use_narrative or narrator else None, on_step=on_step,
@@ -139,6 +145,17 @@ def engine(*, llm: str = "local", chat: Any = None, model_id: str | None = None,
 
     worker.warm()  # the tool worker process imports while intake and the first decision run
     return Engine(rt, build_graph(rt, sqlite_checkpointer(trace_dir / "checkpoints.sqlite")), trace, llm)
+
+
+def _narrator() -> Any:
+    """The endpoint named `narrator` (it writes the impression from the evidence), when one is configured."""
+    from agent.endpoints import load
+
+    ep = load("narrator")
+    if ep is None:
+        return None
+    return make_llm("openai", base_url=ep.base_url, model=ep.model, api_key=ep.api_key, timeout_s=ep.timeout_s,
+                    max_retries=ep.retries)[0]
 
 
 def _vision(llm: str) -> Any:
@@ -206,7 +223,8 @@ def run_case(paths: list[str] | None = None, question: str | None = None, *, llm
                                   "max_wall_s": max_wall_s, "modality": modality, "body_part": body_part,
                                   "clinical_context": clinical_context, "narrative": rt.narrative_llm is not None,
                                   "with_reason": planner.with_reason, "route": route,
-                                  "vision": planner.vision.model_dump() if planner.vision else None})
+                                  "vision": planner.vision.model_dump() if planner.vision else None,
+                                  "token_budget": planner.token_budget})
         payload = state
     state = eng.invoke(payload, config)
     return Result(run_id, state.report, state)

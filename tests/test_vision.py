@@ -234,3 +234,25 @@ def test_a_vlm_yes_against_a_measured_no_is_a_conflict():
            "model_card": {}}
     st = state(ev(1, "ctr", {"label": "cardiomegaly", "present": False}), ev(2, "vlm_ask", out, question="enlarged?"))
     assert critique(st, tools).conflicts == ["cardiomegaly: present per E2, absent per E1"]
+
+
+def test_the_planner_endpoint_s_token_budget_ends_the_run_with_a_recorded_reason(tmp_path, fake_openai, monkeypatch):
+    monkeypatch.setenv("DXAGENT_ENDPOINTS", str(tmp_path / "none.toml"))
+    monkeypatch.setenv("DXAGENT_PLANNER_MAX_TOKENS_PER_RUN", "100")  # the fake's replies use 57 tokens each
+    fake = fake_openai.reset(FakeOpenAI.text(call("inspect_image")), FakeOpenAI.text(call("ct_tissue_composition")),
+                             FakeOpenAI.text(answer()))
+    res = run_case([CT], "How large is the liver?", llm="openai-json", base_url=fake.base_url, model="fake",
+                   api_key="none", trace_dir=tmp_path / "tr", route=False, narrative=False)
+    assert [e.tool for e in res.state.evidence] == ["inspect_image", "ct_tissue_composition"]  # neither answers
+    assert any("token budget for the planner endpoint is spent (114 of 100)" in n for n in res.report["limitations"])
+    assert replay(TraceStore(None, tmp_path / "tr").dump(res.run_id)).verified
+
+
+def test_a_named_narrator_endpoint_writes_the_impression(tmp_path, fake_openai, monkeypatch):
+    (tmp_path / "e.toml").write_text(f'[endpoints.narrator]\nbase_url = "{fake_openai.base_url}"\nmodel = "narr"\n')
+    monkeypatch.setenv("DXAGENT_ENDPOINTS", str(tmp_path / "e.toml"))
+    fake = fake_openai.reset(*[FakeOpenAI.text("The body is mostly soft tissue [E1].")] * 3)
+    res = run_case([CT], "What is the tissue composition?", llm="scripted", script=[call("ct_tissue_composition")],
+                   trace_dir=tmp_path / "tr", route=False)
+    assert fake.requests and all(r["body"]["model"] == "narr" for r in fake.requests)
+    assert "mostly soft tissue [E1]" in res.report["impression"]
