@@ -1,0 +1,113 @@
+"""Real-sized cases end to end with the default planner: where a case's wall time goes, cold and warm.
+
+    .venv/bin/python bench/bench_real_cases.py [--per-source 3] [--llm local] [--max-seconds 300]
+
+Cases: up to --per-source images of every realcases source (../shared/data/realcases; CXR, CT, MRI, ultrasound,
+dermoscopy, fundus, endoscopy, pathology) at their native size, plus the two bundled demo slices; the question is the
+case's own where it has one, else "Describe the findings". The first case also runs cold, in a fresh process
+(`dxagent run`): its time to the intake event is import + planner load + decode.
+
+Per case: wall, intake (decode, views, study classifier), LLM (every planner/answer call's latency, from the trace),
+tools (their recorded durations), the rest (critic, answer, report, trace writes: the orchestration overhead), and
+wall / floor where floor = tools + LLM. Prints medians and the worst case. Asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REALCASES = Path(__file__).resolve().parents[2] / "shared" / "data" / "realcases"
+DEFAULT_Q = "Describe the findings"
+
+
+def cases(per_source: int) -> list[tuple[str, str, str]]:
+    from agent.cli import demo_cases
+
+    out = [(name, path, q) for name, path, q in demo_cases()]
+    if (REALCASES / "cases.jsonl").exists():
+        seen: dict[str, int] = {}
+        for line in (REALCASES / "cases.jsonl").open():
+            r = json.loads(line)
+            if seen.get(r["source"], 0) >= per_source:
+                continue
+            seen[r["source"]] = seen.get(r["source"], 0) + 1
+            out.append((f"{r['source']}/{r['case_id']}", str(REALCASES / r["image"]), r.get("question") or DEFAULT_Q))
+    return out
+
+
+def split(trace_dir: str, run_id: str, wall: float, t_start: float) -> dict:
+    from agent.trace import TraceStore
+
+    store = TraceStore(None, trace_dir)
+    events = list(store.events(run_id))
+    payload = [json.loads(e.payload) for e in events]
+    llm = sum(p.get("latency_s", 0.0) for e, p in zip(events, payload, strict=True) if e.kind == "llm")
+    tools = sum((p.get("evidence") or {}).get("duration_s") or 0.0
+                for e, p in zip(events, payload, strict=True) if e.kind == "tool")
+    intake = next((e.t for e in events if e.node == "intake"), t_start) - t_start
+    floor = llm + tools
+    return {"wall": wall, "intake": intake, "llm": llm, "tools": tools, "rest": max(0.0, wall - intake - floor),
+            "ratio": wall / floor if floor > 0 else float("nan"), "llm_calls": sum(e.kind == "llm" for e in events),
+            "tool_names": [p["evidence"]["tool"] for e, p in zip(events, payload, strict=True) if e.kind == "tool"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--per-source", type=int, default=3)
+    ap.add_argument("--llm", default="local")
+    ap.add_argument("--max-seconds", type=float, default=300)
+    args = ap.parse_args()
+    todo = cases(args.per_source)
+    rows = []
+    with tempfile.TemporaryDirectory() as td:
+        name, path, q = todo[0]
+        t0 = time.time()
+        r = subprocess.run([sys.executable, "-m", "agent.cli", "run", path, "-q", q, "--llm", args.llm,
+                            "--trace-dir", td, "--json"], capture_output=True, text=True)
+        wall = time.time() - t0
+        if r.returncode != 0:
+            print(f"cold run failed ({r.returncode}): {r.stderr.strip()[-300:]}")
+        else:
+            cold = split(td, json.loads(r.stdout)["run_id"], wall, t0)
+            print(f"cold {name}: wall {wall:.1f} s; to the intake event (import, planner load, decode) "
+                  f"{cold['intake']:.1f} s; LLM {cold['llm']:.1f} s in {cold['llm_calls']} call(s); tools "
+                  f"{cold['tools']:.2f} s")
+        from agent.session import run_case
+
+        run_case([todo[0][1]], todo[0][2], llm=args.llm, trace_dir=td)  # load the model into this process
+        print(f"\n{'case':44s} {'wall':>6s} {'intake':>6s} {'llm':>6s} {'calls':>5s} {'tools':>6s} {'rest':>5s} "
+              f"{'ratio':>5s}  outcome / tools")
+        for name, path, q in todo:
+            t0 = time.time()
+            try:
+                res = run_case([path], q, llm=args.llm, trace_dir=td, max_wall_s=args.max_seconds)
+            except Exception as exc:  # a case that cannot load is a row, not the end of the bench
+                print(f"{name[:44]:44s} error: {str(exc)[:80]}")
+                continue
+            s = split(td, res.run_id, time.time() - t0, t0)
+            s["case"] = name
+            rows.append(s)
+            outcome = res.report["recommendation"]["outcome"] if res.report else "no report"
+            print(f"{name[:44]:44s} {s['wall']:6.1f} {s['intake']:6.2f} {s['llm']:6.1f} {s['llm_calls']:5d} "
+                  f"{s['tools']:6.2f} {s['rest']:5.2f} {s['ratio']:5.2f}  {outcome} {','.join(s['tool_names'])}")
+    if rows:
+        med = {k: statistics.median(r[k] for r in rows) for k in ("wall", "intake", "llm", "tools", "rest", "ratio")}
+        worst = max(rows, key=lambda r: r["wall"])
+        overhead = sum(r["rest"] + r["intake"] for r in rows) / sum(r["wall"] for r in rows)
+        print(f"\n{len(rows)} warm cases: median wall {med['wall']:.1f} s (intake {med['intake']:.2f}, LLM "
+              f"{med['llm']:.1f}, tools {med['tools']:.2f}, rest {med['rest']:.2f}); median wall/floor "
+              f"{med['ratio']:.2f}; orchestration share (intake + rest) {overhead:.1%}")
+        print(f"worst: {worst['case']} {worst['wall']:.1f} s (LLM {worst['llm']:.1f} s in {worst['llm_calls']} "
+              f"call(s), tools {worst['tools']:.2f} s)")
+
+
+if __name__ == "__main__":
+    main()
