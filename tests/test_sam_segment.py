@@ -184,7 +184,7 @@ def test_graph_chains_detector_boxes_into_sam_and_records_the_card(tmp_path, mod
     Image.fromarray(img.astype(np.uint8)).save(path)
     res = run_case([str(path)], "Segment the nodules and measure them.", llm="scripted", modality="CT",
                    script=[call("detect_candidates"), call("sam_segment", boxes_from="E1", model="sam_tiny"), answer()],
-                   trace_dir=tmp_path / "traces")
+                   trace_dir=tmp_path / "traces", route=False)  # the planner's own chain, no CT tools routed first
     st = res.state
     assert [e.tool for e in st.evidence] == ["detect_candidates", "sam_segment"], [e.error for e in st.evidence]
     assert st.evidence[1].status == "ok", st.evidence[1].error
