@@ -76,6 +76,11 @@ def _file_entries() -> dict[str, dict]:
     return entries
 
 
+def _invalid(name: str, exc: ValidationError) -> EndpointError:
+    err = exc.errors()[0]
+    return EndpointError(f"endpoint {name!r}: {'.'.join(map(str, err['loc']))}: {err['msg']}")
+
+
 def _truthy(v: str) -> bool:
     return v.strip().lower() in ("1", "true", "yes", "on")
 
@@ -121,15 +126,14 @@ def load(name: str) -> Endpoint | None:
     try:
         return Endpoint(name=name, **raw)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        raise EndpointError(f"endpoint {name!r}: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+        raise _invalid(name, exc) from None
 
 
 class Vision(BaseModel):
     """How an endpoint is sent pictures (the part of its settings that the planner needs)."""
 
-    image_max_px: int = 768
-    max_images: int = 3
+    image_max_px: int = Field(default=768, ge=32, le=4096)
+    max_images: int = Field(default=3, ge=1, le=16)
     redact_corners: bool = False
 
 
@@ -140,8 +144,6 @@ def vision_settings(name: str) -> Vision | None:
     if not (raw.get("vision") is True or (isinstance(raw.get("vision"), str) and _truthy(raw["vision"]))):
         return None
     try:
-        ep = Endpoint(name=name, base_url="-", model="-", **{k: raw[k] for k in raw if k in Vision.model_fields})
+        return Vision(**{k: raw[k] for k in raw if k in Vision.model_fields})
     except ValidationError as exc:
-        err = exc.errors()[0]
-        raise EndpointError(f"endpoint {name!r}: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
-    return Vision(image_max_px=ep.image_max_px, max_images=ep.max_images, redact_corners=ep.redact_corners)
+        raise _invalid(name, exc) from None

@@ -106,12 +106,8 @@ class Runtime:
 
         t0 = time.perf_counter()
         try:
-            output, _how = worker.call(tool, ctx, inp)
-            status, error = "ok", None
-        except TimeoutError as exc:
-            status, error, output = "failed", str(exc) if "worker" in str(exc) else \
-                f"timed out after {tool.timeout_s:.0f} s (abandoned)", None
-        except (ToolError, worker.ToolCrashed, worker.WorkerDied) as exc:
+            output, status, error = worker.call(tool, ctx, inp), "ok", None
+        except (TimeoutError, ToolError, worker.ToolCrashed, worker.WorkerDied) as exc:
             status, error, output = "failed", str(exc), None
         except Exception as exc:  # a tool never crashes the graph
             status, error, output = "failed", f"{type(exc).__name__}: {exc}", None

@@ -59,7 +59,7 @@ class Worker:
         mine, theirs = socket.socketpair()
         self.proc = subprocess.Popen([sys.executable, "-m", "agent.worker", str(theirs.fileno())],
                                      pass_fds=(theirs.fileno(),), env=_env(), stdin=subprocess.DEVNULL, stdout=sys.stderr.fileno()
-                                     if _has_fd(sys.stderr) else subprocess.DEVNULL, start_new_session=False)
+                                     if _has_fd(sys.stderr) else subprocess.DEVNULL)
         theirs.close()
         self.conn = Connection(mine.detach())
         self.ready = False
@@ -146,16 +146,19 @@ def _shutdown() -> None:
         _POOL.clear()
 
 
-def call(tool: Any, ctx: Any, inp: Any) -> tuple[Any, str]:
-    """tool.run(ctx, inp) in a worker process: (output as JSON-ready dict, 'process'); with DXAGENT_TOOL_WORKER=thread
-    or a tool class the worker cannot import, in a daemon thread: (output, 'thread'). Raises what the tool raised
-    (a ToolError keeps its type; another exception arrives as ToolCrashed 'Type: message'), TimeoutError, or
-    WorkerDied."""
+def call(tool: Any, ctx: Any, inp: Any) -> dict[str, Any]:
+    """tool.run(ctx, inp) in a worker process (with DXAGENT_TOOL_WORKER=thread, or a tool class the worker cannot
+    import, in a daemon thread): its output as a JSON-ready dict. Raises what the tool raised (a ToolError keeps its
+    type; another exception arrives as ToolCrashed 'Type: message'), TimeoutError (its message is the evidence's
+    error), or WorkerDied."""
     from agent.planner import within
 
     if mode() == "thread" or not importable(tool):
-        out = within(tool.timeout_s, lambda: tool.run(ctx, inp), f"tool {tool.name}")
-        return out.model_dump(mode="json"), "thread"
+        try:
+            out = within(tool.timeout_s, lambda: tool.run(ctx, inp), f"tool {tool.name}")
+        except TimeoutError:
+            raise TimeoutError(f"timed out after {tool.timeout_s:.0f} s (abandoned)") from None
+        return out.model_dump(mode="json")
     cls = type(tool)
     request = {"module": cls.__module__, "qualname": cls.__qualname__, "state": ctx.state,
                "new_views": ctx.new_views, "store": str(ctx.store.root), "input": inp, "env": dict(os.environ),
@@ -171,7 +174,7 @@ def call(tool: Any, ctx: Any, inp: Any) -> tuple[Any, str]:
     if reply["status"] == "ok":
         ctx.artifacts.extend(reply["artifacts"])
         ctx.new_views.extend(reply["new_views"])
-        return reply["output"], "process"
+        return reply["output"]
     from tools.base import ToolError
 
     raise (ToolError if reply["status"] == "tool_error" else ToolCrashed)(reply["error"])
