@@ -3,7 +3,7 @@
     .venv/bin/python bench/bench_batch.py [--cases 12] [--llm local|tiny] [--workers 1 2]
 
 Takes `--cases` labelled realcases, spread over the sources (dermoscopy, CT, MRI, ultrasound, radiographs,
-pathology, fundus), with one question each, and runs `agent.batch.run_batch` (the code `dxagent batch` runs) into a
+pathology, fundus), with one question each, and runs `agent.app.batch.run_batch` (the code `dxagent batch` runs) into a
 fresh output folder for each worker count. Reports the wall time including worker start-up (spawn, imports, loading
 the planner and prefilling its system prompt), the steady rate (cases finished after the first one, over the time
 since the first one finished), the median case time, the speed-up of N workers over one, and the peak RSS of each
@@ -34,7 +34,7 @@ QUESTIONS = {"ham10000_dermoscopy": "How large is the skin lesion?", "covid_ct":
 def main() -> None:
     from helpers import realcases_root
 
-    from agent.batch import run_batch
+    from agent.app.batch import run_batch
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cases", type=int, default=12)

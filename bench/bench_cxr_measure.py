@@ -26,10 +26,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent.artifacts import ArtifactStore  # noqa: E402
-from agent.state import CaseInput, CaseState  # noqa: E402
-from tools.base import ToolContext, ToolError, discover  # noqa: E402
-from tools.imaging import load_views  # noqa: E402
+from agent.core.state import CaseInput, CaseState  # noqa: E402
+from agent.core.tool import ToolContext, ToolError  # noqa: E402
+from agent.engine.registry import discover  # noqa: E402
+from agent.imaging.views import load_views  # noqa: E402
+from agent.store.artifacts import ArtifactStore  # noqa: E402
 
 TOOLS = discover()
 DEFAULT_ROOT = Path(os.environ.get("DXAGENT_REALCASES", Path(__file__).resolve().parents[2] / "shared/data/realcases"))

@@ -4,7 +4,7 @@
     .venv/bin/python bench/bench_eval.py [--sample N] [--seed 0] [--limit K] [--systems agent,prior] [--workers 1]
                                          [--llm local] [--out DIR]
 
-Runs `agent.eval.run_eval` (the code `dxagent eval` runs) on `../shared/data/slake_dev/validate.jsonl` (or
+Runs `agent.app.eval.run_eval` (the code `dxagent eval` runs) on `../shared/data/slake_dev/validate.jsonl` (or
 $DXAGENT_SLAKE) with the prior and majority fitted on `train.jsonl`; `--sample` evaluates a seeded random sample
 (the full split is 1,053 questions). Prints the figures and the targets: the agent's closed accuracy over all items
 minus the prior's, with its paired interval (target: the interval excludes zero, above); no false "answered" (every
@@ -39,7 +39,7 @@ def main() -> None:
     if not (data / "validate.jsonl").exists():
         sys.exit(f"no SLAKE data at {data} (set DXAGENT_SLAKE)")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from agent.eval import run_eval
+    from agent.app.eval import run_eval
 
     out = args.out or Path(tempfile.mkdtemp(prefix="bench-eval-"))
     systems = [s.strip() for s in args.systems.split(",")] if args.systems else None

@@ -25,7 +25,7 @@ def corpus_table(tmp: Path) -> None:
     from helpers import answer, call
     from makers import fuzz
 
-    from agent.session import DxError, run_case
+    from agent.engine.session import DxError, run_case
 
     cases = fuzz.make(tmp / "inputs")
     print(f"\n## corpus: {len(cases)} inputs\n\n| input | outcome | message | s |\n|---|---|---|---|")
@@ -48,7 +48,7 @@ def injection_table(tmp: Path, local: bool) -> None:
     import test_hostile as th
     from pydicom.data import get_testdata_file
 
-    from agent.session import run_case
+    from agent.engine.session import run_case
 
     tmp.mkdir(parents=True, exist_ok=True)
     q = "Describe the findings"
@@ -83,8 +83,8 @@ def forgery_table(tmp: Path) -> None:
 
     from helpers import call
 
-    from agent.session import run_case
-    from agent.trace import TraceStore, seal_of, verify_dump
+    from agent.engine.session import run_case
+    from agent.store.trace import TraceStore, seal_of, verify_dump
 
     mr = __import__("pydicom.data", fromlist=["get_testdata_file"]).get_testdata_file("MR_small.dcm")
 

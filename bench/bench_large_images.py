@@ -59,11 +59,11 @@ def main() -> None:
     ap.add_argument("--synthetic", type=int, default=4096)
     ap.add_argument("--skip", default="", help="comma-separated tools to leave out")
     args = ap.parse_args()
-    from agent.artifacts import ArtifactStore
-    from agent.session import tools
-    from agent.state import CaseInput, CaseState
-    from tools.base import ToolContext
-    from tools.imaging import load_views
+    from agent.core.state import CaseInput, CaseState
+    from agent.core.tool import ToolContext
+    from agent.engine.session import tools
+    from agent.imaging.views import load_views
+    from agent.store.artifacts import ArtifactStore
 
     skip = {s for s in args.skip.split(",") if s}
     slow: list[tuple[float, str, str]] = []

@@ -151,9 +151,9 @@ def measure(adapter: str, card_path: Path, folder: Path, n_calls: int, small: bo
     import numpy as np  # noqa: F401
     from helpers import make_ctx
 
-    from agent.artifacts import ArtifactStore
-    from agent.models import ModelStore
-    from tools.base import discover
+    from agent.engine.registry import discover
+    from agent.store.artifacts import ArtifactStore
+    from agent.store.models import ModelStore
 
     tool = discover()[TOOL[adapter]]
     t0 = time.perf_counter()

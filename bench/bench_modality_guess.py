@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/bench_modality_guess.py [--errors] [--sources busi_ultrasound covid_ct ...]
 
-Every realcases image is loaded as the loader hands it to `guess_modality` (tools.imaging._load: PNG/JPEG via
+Every realcases image is loaded as the loader hands it to `guess_modality` (agent.imaging.loaders.load_file: PNG/JPEG via
 Pillow then _finish, so RGB uint8 (H, W, 3), gray float32 (H, W), colour files that are really gray already
 made gray; the one DICOM too, though its Modality tag would win in practice). The truth is the case's
 `modality` field through the loader's own alias table (CXR -> DX, MRI -> MR, fundus -> OP, ...).
@@ -35,11 +35,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from helpers import realcases_root  # noqa: E402
 
-from tools import imaging  # noqa: E402
-from tools.imaging import guess_modality, looks_like_hu  # noqa: E402
-
-_GUESS_RULES, _guess_modality_rule = imaging._GUESS_RULES, imaging._guess_modality_rule
-_load, _normalise_modality = imaging._load, imaging._normalise_modality
+from agent.analysis.display import looks_like_hu  # noqa: E402
+from agent.imaging.loaders import load_file as _load  # noqa: E402
+from agent.imaging.modality import GUESS_RULES as _GUESS_RULES  # noqa: E402
+from agent.imaging.modality import _guess_modality_rule, guess_modality  # noqa: E402
+from agent.imaging.modality import normalise_modality as _normalise_modality  # noqa: E402
 
 CODES = ["DX", "CT", "MR", "US", "XC", "OP", "ES", "SM", "OT"]
 

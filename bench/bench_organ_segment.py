@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/bench_organ_segment.py [--limit N] [--no-refine] [--update-card]
 
-Every validate CT/MR image goes through tools.imaging.load_views and the organ_segment tool exactly as in a run.
+Every validate CT/MR image goes through agent.imaging.loaders.load_views and the organ_segment tool exactly as in a run.
 Images whose mask is empty (8 of validate's 69 CT/MR images) were never annotated and are left out, as in training.
 Printed per organ (left/right merged): Dice (`strict`: mean over images where the organ is in the truth or predicted
 above the presence floor, as the card's figures; `truth`: mean over images where the organ is in the truth),
@@ -42,9 +42,10 @@ def main() -> None:
         return
     from PIL import Image
 
-    from agent.artifacts import ArtifactStore
-    from tools.base import ToolContext, discover
-    from tools.imaging import load_views
+    from agent.core.tool import ToolContext
+    from agent.engine.registry import discover
+    from agent.imaging.views import load_views
+    from agent.store.artifacts import ArtifactStore
     from tools.organ_segment import MIN_FRACTION, REFINE
 
     names = {int(k): v.strip() for k, v in (line.split(":", 1) for line in
@@ -65,7 +66,7 @@ def main() -> None:
     for r in rows:
         t0 = time.perf_counter()
         (view,) = load_views([str(SLAKE / r["image"])], store, modality="CT" if r["modality"] == "CT" else "MR")
-        from agent.state import CaseInput, CaseState
+        from agent.core.state import CaseInput, CaseState
 
         ctx = ToolContext(state=CaseState(inputs=CaseInput(paths=[r["image"]]), views=[view]), store=store)
         t1 = time.perf_counter()

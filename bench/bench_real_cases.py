@@ -29,7 +29,7 @@ DEFAULT_Q = "Describe the findings"
 
 
 def cases(per_source: int) -> list[tuple[str, str, str]]:
-    from agent.cli import demo_cases
+    from agent.app.cli import demo_cases
 
     out = [(name, path, q) for name, path, q in demo_cases()]
     if (REALCASES / "cases.jsonl").exists():
@@ -44,7 +44,7 @@ def cases(per_source: int) -> list[tuple[str, str, str]]:
 
 
 def split(trace_dir: str, run_id: str, wall: float, t_start: float) -> dict:
-    from agent.trace import TraceStore
+    from agent.store.trace import TraceStore
 
     store = TraceStore(None, trace_dir)
     events = list(store.events(run_id))
@@ -70,7 +70,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as td:
         name, path, q = todo[0]
         t0 = time.time()
-        r = subprocess.run([sys.executable, "-m", "agent.cli", "run", path, "-q", q, "--llm", args.llm,
+        r = subprocess.run([sys.executable, "-m", "agent.app.cli", "run", path, "-q", q, "--llm", args.llm,
                             "--trace-dir", td, "--json"], capture_output=True, text=True)
         wall = time.time() - t0
         if r.returncode != 0:
@@ -80,7 +80,7 @@ def main() -> None:
             print(f"cold {name}: wall {wall:.1f} s; to the intake event (import, planner load, decode) "
                   f"{cold['intake']:.1f} s; LLM {cold['llm']:.1f} s in {cold['llm_calls']} call(s); tools "
                   f"{cold['tools']:.2f} s")
-        from agent.session import run_case
+        from agent.engine.session import run_case
 
         run_case([todo[0][1]], todo[0][2], llm=args.llm, trace_dir=td)  # load the model into this process
         print(f"\n{'case':44s} {'wall':>6s} {'intake':>6s} {'llm':>6s} {'calls':>5s} {'tools':>6s} {'rest':>5s} "

@@ -54,11 +54,12 @@ def loo(lib, k: int) -> list[tuple[str, int, float, float, float, float]]:
 def bench_library(k: int, queries: int) -> None:
     from helpers import realcases_root
 
-    from agent.artifacts import ArtifactStore
-    from agent.library import Library, build, open_library
-    from agent.state import CaseInput, CaseState
-    from tools.base import ToolContext, discover
-    from tools.imaging import load_views
+    from agent.core.state import CaseInput, CaseState
+    from agent.core.tool import ToolContext
+    from agent.engine.registry import discover
+    from agent.imaging.views import load_views
+    from agent.index.library import Library, build, open_library
+    from agent.store.artifacts import ArtifactStore
 
     root = realcases_root()
     if root is None:

@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def one(llm: str, path: str, question: str, trace_dir: str) -> dict:
-    from agent.session import run_case
-    from agent.trace import TraceStore
+    from agent.engine.session import run_case
+    from agent.store.trace import TraceStore
 
     t0 = time.perf_counter()
     res = run_case([path], question, llm=llm, trace_dir=trace_dir)
@@ -39,13 +39,13 @@ def main() -> None:
     ap.add_argument("--llm", default="local")
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
-    from agent.cli import demo_cases
+    from agent.app.cli import demo_cases
 
     cases = demo_cases()
     with tempfile.TemporaryDirectory() as td:
         # cold start: a fresh process importing everything, loading the model and running the first case
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "agent.cli", "run", cases[0][1], "-q", cases[0][2], "--llm", args.llm,
+        subprocess.run([sys.executable, "-m", "agent.app.cli", "run", cases[0][1], "-q", cases[0][2], "--llm", args.llm,
                         "--trace-dir", td, "--json"], check=True, capture_output=True)
         cold = time.perf_counter() - t0
         print(f"cold start (new process, model load, first case): {cold:.1f} s")

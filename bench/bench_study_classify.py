@@ -3,7 +3,7 @@
     .venv/bin/python bench/bench_study_classify.py [--limit N]
 
 Each held-out image (SLAKE validate; the realcases 30 % case-id test split; the held-out non-medical pictures; see
-scripts/study_data.py) is loaded with tools.imaging.load_views exactly as `dxagent run` loads it, so the figures are
+scripts/study_data.py) is loaded with agent.imaging.loaders.load_views exactly as `dxagent run` loads it, so the figures are
 those of the study block a user sees: per head, accuracy, expected calibration error (15 bins), the most confident
 wrong answer and how many wrong answers are above 0.9; the modality confusion matrix; the pixel rules
 (guess_modality) on the same images; load + classify time per image and the process's peak memory. Plane and region
@@ -48,9 +48,10 @@ def main() -> None:
         return
     from PIL import Image
 
-    from agent.artifacts import ArtifactStore
-    from tools._study import study_facts
-    from tools.imaging import guess_modality, load_views
+    from agent.analysis.study import study_facts
+    from agent.imaging.modality import guess_modality
+    from agent.imaging.views import load_views
+    from agent.store.artifacts import ArtifactStore
 
     rng = np.random.default_rng(14)
     sets = {"slake_validate": slake_items("validate"),
@@ -100,8 +101,8 @@ def main() -> None:
     print(f"load_views + classify: median {1000 * np.median(t):.0f} ms, p95 {1000 * np.percentile(t, 95):.0f} ms per "
           f"image over {n_all} images (first, with model load: {1000 * t[0]:.0f} ms); peak RSS "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
-    from tools._study import StudyClassifier
-    from tools._study_net import preprocess
+    from agent.analysis.study import StudyClassifier
+    from agent.analysis.study_net import preprocess
 
     tool = StudyClassifier()
     card = tool.cards(None)[0]

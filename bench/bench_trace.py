@@ -6,7 +6,7 @@ Records `--runs` demo-sized runs (the bundled CT and MR, 2-3 tool calls each, th
 have the same shape as the embedded planner's, with full prompts) into a fresh trace store, then times:
 - verify: `verify_dump(store.dump(run), artifacts)`, i.e. read the run, check every event's payload hash and
   the hash chain, the seal, and sha256 every artifact file (the `dxagent trace verify` work);
-- replay: re-execute the graph against the record (`agent.replay.replay`);
+- replay: re-execute the graph against the record (`agent.engine.replay.replay`);
 - the golden traces in traces/golden/ (recorded with the embedded Qwen planner): verify and replay each.
 Target of the replay issue: >= 50 demo-sized traces verified per second. Prints figures; asserts nothing.
 """
@@ -40,9 +40,9 @@ def main() -> None:
     from helpers import call
     from pydicom.data import get_testdata_file
 
-    from agent.replay import replay
-    from agent.session import run_case
-    from agent.trace import TraceStore, load_dump, verify_dump
+    from agent.engine.replay import replay
+    from agent.engine.session import run_case
+    from agent.store.trace import TraceStore, load_dump, verify_dump
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=int, default=100)

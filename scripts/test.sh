@@ -5,4 +5,5 @@ cd "$(dirname "$0")/.."
 bash scripts/install.sh
 export HF_HUB_OFFLINE=1
 .venv/bin/ruff check .
+.venv/bin/lint-imports --no-cache  # the layers contract in pyproject.toml ([tool.importlinter])
 exec .venv/bin/python -m pytest -q "$@"

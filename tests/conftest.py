@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from helpers import realcases_root  # noqa: E402
 
-from agent.artifacts import ArtifactStore  # noqa: E402
+from agent.store.artifacts import ArtifactStore  # noqa: E402
 
 
 @pytest.fixture
@@ -105,7 +105,7 @@ def llama_server(tmp_path_factory, _loopback_without_proxy):
                            "pydantic_settings") if importlib.util.find_spec(m) is None]
     if missing:
         pytest.skip(f"llama-cpp-python[server] is not installed (missing {', '.join(missing)})")
-    from agent.llm import LLMUnavailable, smollm_gguf
+    from agent.llm.backends import LLMUnavailable, smollm_gguf
 
     try:
         model = smollm_gguf()

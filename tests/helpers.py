@@ -10,10 +10,11 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from agent.artifacts import ArtifactStore
-from agent.state import CaseInput, CaseState
-from tools.base import Tool, ToolContext, ToolInput, discover
-from tools.imaging import load_views
+from agent.core.state import CaseInput, CaseState
+from agent.core.tool import Tool, ToolContext, ToolInput
+from agent.engine.registry import discover
+from agent.imaging.views import load_views
+from agent.store.artifacts import ArtifactStore
 
 REALCASES = Path(os.environ.get("DXAGENT_REALCASES", Path(__file__).resolve().parents[2] / "shared/data/realcases"))
 
@@ -149,7 +150,7 @@ def run_tool(ctx: ToolContext, tool_name: str, **args):
 
 def bare_view(modality: str, shape: tuple[int, ...] = (64, 64)):
     """An ImageView with only a modality and a shape, for tests of applicability and the critic."""
-    from agent.state import ArtifactRef, ImageView
+    from agent.core.state import ArtifactRef, ImageView
 
     ref = ArtifactRef(sha256="0" * 64, kind="pixels", media_type="application/x-npy", path="x.npy")
     return ImageView(id="V1", pixels=ref, shape=shape, dtype="uint8", ndim_spatial=len(shape), modality=modality)

@@ -8,11 +8,11 @@ import pytest
 from helpers import call, make_ctx, realcases_root, run_tool
 from pydicom.data import get_testdata_file
 
-from agent.answer import answer_text, choice_probability, compose_answer, statements
-from agent.critic import critique
-from agent.question import parse_question
-from agent.session import run_case, tools
-from agent.state import CaseInput, CaseState, Evidence
+from agent.core.question import parse_question
+from agent.core.state import CaseInput, CaseState, Evidence
+from agent.engine.answer import answer_text, choice_probability, compose_answer, statements
+from agent.engine.critic import critique
+from agent.engine.session import run_case, tools
 
 CT = get_testdata_file("CT_small.dcm")
 MR = get_testdata_file("MR_small.dcm")
@@ -177,8 +177,8 @@ def test_each_abstention_carries_its_reason(store, reason, state_kw):
 def test_conflicting_yes_no_evidence_is_an_abstention_and_refers(tmp_path):
     from helpers import CountOut, Gate
 
-    from agent.report import compose
-    from tools.base import FindingDraft
+    from agent.core.tool import FindingDraft
+    from agent.engine.report import compose
 
     class Says(Gate):
         name, kind, subjects = "says", "measure", ("gate",)
@@ -199,7 +199,7 @@ def test_conflicting_yes_no_evidence_is_an_abstention_and_refers(tmp_path):
 
 def test_answers_cite_evidence_and_the_llm_reads_only_addressing_lines(store):
     """Evidence that needs reading goes to the model with only the lines about the subject; its choice cites them."""
-    from agent.llm import ScriptedChat
+    from agent.llm.backends import ScriptedChat
 
     ctx = make_ctx(store, CT)
     ev = [_evidence(ctx, "region_measure"), _evidence(ctx, "ct_tissue_composition", "E2")]
@@ -230,7 +230,7 @@ def test_choice_probability_from_token_logprobs():
 
 
 def test_answer_text_renders_values_and_abstentions():
-    from agent.state import Answer
+    from agent.core.state import Answer
 
     assert answer_text(Answer(kind="measurement", value=41.234, unit="mm", evidence_ids=["E3"], basis="b")) == \
         "41.23 mm — b [E3]"

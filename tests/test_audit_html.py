@@ -1,4 +1,4 @@
-"""The HTML audit view (agent/audit_html.py) of real scripted runs, opened in a real headless Chromium via Playwright.
+"""The HTML audit view (agent/app/audit_html.py) of real scripted runs, opened in a real headless Chromium via Playwright.
 
 Playwright drives the system's chromium (scripts/install.sh installs Debian's package); no browser is downloaded.
 Without playwright or a chromium binary the tests skip.
@@ -15,9 +15,9 @@ from helpers import Boom, answer, call
 from PIL import Image
 from pydicom.data import get_testdata_file
 
-from agent.audit_html import write_html
-from agent.session import run_case, tools
-from agent.trace import TraceStore
+from agent.app.audit_html import write_html
+from agent.engine.session import run_case, tools
+from agent.store.trace import TraceStore
 
 CT = get_testdata_file("CT_small.dcm")
 QUESTION = "How large is the dominant region, and what is its tissue composition (fat, bone)?"

@@ -17,9 +17,9 @@ import pytest
 from helpers import call
 from pydicom.data import get_testdata_file
 
-from agent.batch import ManifestError, agreement, read_manifest, run_batch
+from agent.app.batch import ManifestError, agreement, read_manifest, run_batch
 
-DX = [sys.executable, "-m", "agent.cli"]
+DX = [sys.executable, "-m", "agent.app.cli"]
 CT = get_testdata_file("CT_small.dcm")
 MR = get_testdata_file("MR_small.dcm")
 TISSUE_Q = "What is the tissue composition of this CT slice: how much fat and bone?"
@@ -198,7 +198,7 @@ def test_ray_executor_on_a_local_instance(images, tmp_path):
     recs = {p.parent.name: json.loads(p.read_text()) for p in (out / "cases").glob("*/result.json")}
     assert recs["ct"]["status"] == "done" and recs["mr"]["status"] == "done"
     assert recs["ct"]["worker"] != os.getpid()  # ran in a Ray worker process
-    from agent.trace import TraceStore
+    from agent.store.trace import TraceStore
 
     store = TraceStore(None, out / "traces")  # the workers' trace events landed in the one store, chains intact
     for cid in ("ct", "mr"):

@@ -14,7 +14,7 @@ import pytest
 from helpers import answer, call, wait_for
 from pydicom.data import get_testdata_file
 
-from agent.trace import TraceStore, verify_dump
+from agent.store.trace import TraceStore, verify_dump
 
 CT = get_testdata_file("CT_small.dcm")
 MR = get_testdata_file("MR_small.dcm")
@@ -29,7 +29,7 @@ def script_file(tmp_path: Path, name: str, replies: list[str]) -> Path:
 
 
 def spawn(tmp_path: Path, *args: str, env: dict | None = None) -> pexpect.spawn:
-    child = pexpect.spawn(sys.executable, ["-m", "agent.cli", "chat", *args, "--trace-dir", str(tmp_path / "tr"),
+    child = pexpect.spawn(sys.executable, ["-m", "agent.app.cli", "chat", *args, "--trace-dir", str(tmp_path / "tr"),
                                            "--no-route"],  # the scripted planner's own loop
                           env={**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb", **(env or {})},
                           encoding="utf-8", timeout=90,

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from pydicom.data import get_testdata_file
 
-DX = [sys.executable, "-m", "agent.cli"]
+DX = [sys.executable, "-m", "agent.app.cli"]
 CT = get_testdata_file("CT_small.dcm")
 
 

@@ -19,13 +19,14 @@ import yaml
 from helpers import make_ctx, run_tool
 from PIL import Image
 
-from agent.artifacts import ArtifactStore
-from agent.library import Library, LibraryError, card_problem, make_encoder
-from agent.models import ModelStore
-from tools._learned import loaded_models
-from tools.base import ToolError, discover
-from tools.clip_classify import embed_images
-from tools.imaging import to_uint8
+from agent.analysis.clip import embed_images
+from agent.analysis.display import to_uint8
+from agent.analysis.learned import loaded_models
+from agent.core.tool import ToolError
+from agent.engine.registry import discover
+from agent.index.library import Library, LibraryError, card_problem, make_encoder
+from agent.store.artifacts import ArtifactStore
+from agent.store.models import ModelStore
 
 pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
@@ -146,7 +147,7 @@ def test_loads_offline_without_touching_the_network(made, models, tmp_path, monk
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket.socket, "connect_ex", refuse)
-    assert os.environ.get("HF_HUB_OFFLINE") == "1"  # set by tools/_learned.py before any hub import
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"  # set by agent/analysis/learned.py before any hub import
     assert not any(str(card.weights_path) == w for _, w, _ in loaded_models())  # so the run below loads it
     (path, _), = pictures(tmp_path / "one", 1, seed=5)[:1]
     out = run_tool(make_ctx(ArtifactStore(tmp_path / "art"), path), "clip_classify")  # a fresh store path: a real load
@@ -176,7 +177,7 @@ def test_changed_or_missing_model_directory(made, models, tmp_path):
 
 
 def _cli(env: dict, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "agent.cli", "library", *args], cwd=ROOT, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "agent.app.cli", "library", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
 
 

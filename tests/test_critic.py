@@ -7,9 +7,9 @@ import numpy as np
 from helpers import bare_view
 from pydantic import BaseModel
 
-from agent.critic import critique, label_key
-from agent.state import CaseInput, CaseState, Evidence
-from tools.base import FindingDraft, Tool, ToolInput
+from agent.core.state import CaseInput, CaseState, Evidence
+from agent.core.tool import FindingDraft, Tool, ToolInput
+from agent.engine.critic import critique, label_key
 
 
 class ProbOut(BaseModel):

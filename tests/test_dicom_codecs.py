@@ -8,7 +8,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from tools.imaging import load_views
+from agent.imaging.views import load_views
 
 FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 

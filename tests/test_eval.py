@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from agent.eval import run_eval
-from agent.eval_data import ManifestError
-from agent.eval_metrics import closed_correct
-from agent.trace import TraceStore
+from agent.app.eval import run_eval
+from agent.app.eval_data import ManifestError
+from agent.app.eval_metrics import closed_correct
+from agent.store.trace import TraceStore
 
-DX = [sys.executable, "-m", "agent.cli"]
+DX = [sys.executable, "-m", "agent.app.cli"]
 SLAKE = Path(os.environ.get("DXAGENT_SLAKE") or Path(__file__).resolve().parents[2] / "shared" / "data" / "slake_dev")
 # One scripted reply serves every LLM call: the planner reads "tool"/"args" (inspect_image), the answer step and the
 # baselines read "answer".

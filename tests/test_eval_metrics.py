@@ -1,4 +1,4 @@
-"""Eval scoring (agent/eval_metrics.py), benchmark manifests and question-only baselines (agent/eval_data.py), and the
+"""Eval scoring (agent/app/eval_metrics.py), benchmark manifests and question-only baselines (agent/app/eval_data.py), and the
 eval HTML page opened in a real headless Chromium (skipped without playwright or chromium).
 
 Every expected number below is worked out by hand from the toy rows."""
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from agent.eval_data import (
+from agent.app.eval_data import (
     EvalItem,
     MajorityBaseline,
     ManifestError,
@@ -23,7 +23,7 @@ from agent.eval_data import (
     read_eval_manifest,
     sample_items,
 )
-from agent.eval_metrics import (
+from agent.app.eval_metrics import (
     aurc,
     bootstrap_ci,
     closed_correct,

@@ -19,8 +19,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from makers import fuzz
 
-from agent.batch import ManifestError, read_manifest
-from agent.session import DxError, run_case
+from agent.app.batch import ManifestError, read_manifest
+from agent.engine.session import DxError, run_case
 
 Q = "What is the tissue composition of this image?"
 
@@ -74,7 +74,7 @@ def test_no_identifier_or_injected_text_in_any_store(corpus, outcomes):
 def test_the_cli_exits_2_with_one_line_and_no_traceback(corpus, tmp_path, which):
     _, cases = corpus
     c = next(x for x in cases if x.name == which)
-    r = subprocess.run([sys.executable, "-m", "agent.cli", "run", str(c.path), "--llm", "tiny", "--trace-dir",
+    r = subprocess.run([sys.executable, "-m", "agent.app.cli", "run", str(c.path), "--llm", "tiny", "--trace-dir",
                         str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2, (r.returncode, r.stderr[-500:])
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
@@ -126,8 +126,8 @@ def test_the_manifest_reader_never_crashes(tmp_path, lines):
                                       st.lists(st.floats(allow_nan=True), max_size=5)), max_size=4))
 def test_tool_arguments_from_a_model_are_validated_or_rejected(tool, args):
     """Whatever a model writes as a call, validation gives a decision or a ValueError (a re-ask), never a crash."""
-    from agent.planner import validate
-    from agent.session import tools
+    from agent.engine.planner import validate
+    from agent.engine.session import tools
 
     try:
         d = validate(tools(), tool, args, "", ["V1"], set())

@@ -14,8 +14,8 @@ import pytest
 from helpers import Boom, Gate, Slow, answer, call, wait_for
 from pydicom.data import get_testdata_file
 
-from agent.session import run_case, tools
-from agent.trace import TraceStore
+from agent.engine.session import run_case, tools
+from agent.store.trace import TraceStore
 
 CT = get_testdata_file("CT_small.dcm")
 MR = get_testdata_file("MR_small.dcm")
@@ -95,7 +95,7 @@ STUCK = """
 import sys
 sys.path.insert(0, {tests!r})
 from helpers import Hang, call
-from agent.session import run_case, tools
+from agent.engine.session import run_case, tools
 
 res = run_case([{ct!r}], "What is the tissue composition?", llm="scripted", script=[call("hang")],
                trace_dir={td!r}, route=False, tool_set={{**tools(), "hang": Hang()}})
@@ -140,7 +140,7 @@ def test_refused_when_tool_not_for_modality(tmp_path):
 
 
 def test_bad_input_is_one_line_error(tmp_path):
-    from agent.session import DxError
+    from agent.engine.session import DxError
 
     bad = tmp_path / "notes.dcm"
     bad.write_bytes(b"a text file, not an image\n" * 40)
@@ -154,7 +154,7 @@ def test_bad_input_is_one_line_error(tmp_path):
 def test_what_is_not_a_regular_file_is_refused_before_any_read(tmp_path):
     """A 0-byte file, a named pipe (which would block a reader for ever) and a device (/dev/zero, endless) are
     refused with one line from one stat() before a run starts: no run row, nothing read."""
-    from agent.session import DxError
+    from agent.engine.session import DxError
 
     empty, pipe = tmp_path / "empty.dcm", tmp_path / "pipe.dcm"
     empty.write_bytes(b"")
@@ -170,7 +170,7 @@ CHILD = """
 import sys, json
 sys.path.insert(0, {tests!r})
 from helpers import Gate, call
-from agent.session import run_case, tools
+from agent.engine.session import run_case, tools
 run_case([{ct!r}], {q!r}, llm="scripted", trace_dir={td!r}, run_id="run-resume", route=False,
          script=[call("inspect_image"), call("gate"), call("ct_tissue_composition")],
          tool_set={{**tools(), "gate": Gate()}})
@@ -208,7 +208,7 @@ def test_resume_after_kill(tmp_path):
     assert res.report and res.report["recommendation"]["outcome"] == "report"
     assert store.verify_chain("run-resume") is None
     # the resumed run replays: the pause is served from the resume note, the budget arithmetic comes out the same
-    from agent.replay import replay
+    from agent.engine.replay import replay
 
     rep = replay(store.dump("run-resume"), tools={**tools(), "gate": Gate()})
     assert rep.verified, f"{rep.divergence}\n{rep.divergence and rep.divergence.diff()}"
@@ -227,7 +227,7 @@ def test_planner_may_not_invent_coordinates(tmp_path):
     assert "seed_point=[33, 77] is not from the evidence" in events[1]["rejected"]
     assert events[2]["rejected"] is None and res.state.evidence[0].tool == "region_measure"
 
-    from agent.planner import check_grounded, grounded_coordinates
+    from agent.engine.planner import check_grounded, grounded_coordinates
 
     st = res.state
     grounded = grounded_coordinates(st)

@@ -1,4 +1,4 @@
-"""tools/imaging.py: loading DICOM files and series, NIfTI, PNG/JPEG/TIFF into views, and refusing bad inputs."""
+"""agent/imaging/loaders.py: loading DICOM files and series, NIfTI, PNG/JPEG/TIFF into views, and refusing bad inputs."""
 
 from __future__ import annotations
 
@@ -21,8 +21,11 @@ from PIL import Image, features
 from pydicom.pixels import apply_modality_lut
 from pydicom.uid import generate_uid
 
-from agent.artifacts import ArtifactStore
-from tools.imaging import MAX_SIDE, ImageLoadError, guess_modality, load_views, sha256_file
+from agent.core.files import sha256_file
+from agent.imaging.loaders import MAX_SIDE, ImageLoadError
+from agent.imaging.modality import guess_modality
+from agent.imaging.views import load_views
+from agent.store.artifacts import ArtifactStore
 
 TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 ALLOWED_META = {

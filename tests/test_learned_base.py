@@ -1,4 +1,4 @@
-"""The shared base of the learned tools (tools/_learned.py): one load per model even under concurrent calls, the
+"""The shared base of the learned tools (agent/analysis/learned.py): one load per model even under concurrent calls, the
 card checks before loading, and why a card does not fit."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import pytest
 from helpers import bare_view as view
 from makers import write_card
 
-from agent.models import ModelStore
-from tools._learned import LearnedTool, modality_fits
-from tools.base import ToolError
+from agent.analysis.learned import LearnedTool, modality_fits
+from agent.core.tool import ToolError
+from agent.store.models import ModelStore
 from tools.xrv_classify import XrvOutput
 
 

@@ -16,10 +16,11 @@ from helpers import run_tool as call
 from PIL import Image
 from scipy import ndimage as ndi
 
-from agent.artifacts import ArtifactStore
-from tools.base import ToolContext, ToolError, discover
+from agent.core.tool import ToolContext, ToolError
+from agent.engine.registry import discover
+from agent.imaging.views import load_views
+from agent.store.artifacts import ArtifactStore
 from tools.fundus_vessels import field_of_view
-from tools.imaging import load_views
 
 TOOLS = discover()
 CT_SMALL = Path(pydicom.__file__).parent / "data" / "test_files" / "CT_small.dcm"

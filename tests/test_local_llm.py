@@ -12,8 +12,8 @@ import pytest
 from helpers import REALCASES
 from pydicom.data import get_testdata_file
 
-from agent.session import run_case
-from agent.trace import TraceStore
+from agent.engine.session import run_case
+from agent.store.trace import TraceStore
 
 CT = get_testdata_file("CT_small.dcm")
 MR = get_testdata_file("MR_small.dcm")
@@ -76,7 +76,7 @@ def test_default_planner_chains_a_detector_into_sam(tmp_path, monkeypatch, yolo_
     from makers import yolo as yolo_maker
     from PIL import Image
 
-    from agent.models import ModelStore
+    from agent.store.models import ModelStore
 
     monkeypatch.setenv("DXAGENT_MODELS", str(tmp_path / "models"))
     store = ModelStore()
@@ -102,7 +102,7 @@ def _first_decision(tmp_path, name):
 def test_the_system_prompt_state_is_saved_once_and_restored_by_a_fresh_model(tmp_path, monkeypatch):
     """Issue 16: the planner's static system prompt is prefilled once; its llama.cpp state is saved under the cache
     and a freshly loaded model restores it (same decision), a broken state file is ignored and replaced."""
-    from agent import llm as llm_mod
+    from agent.llm import backends as llm_mod
 
     monkeypatch.setenv("DXAGENT_CACHE", str(tmp_path / "cache"))
 

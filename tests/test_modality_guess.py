@@ -17,7 +17,9 @@ import skimage
 from PIL import Image
 from scipy import ndimage as ndi
 
-from tools.imaging import _GUESS_RULES, _guess_modality_rule, _load, _normalise_modality, guess_modality, load_views
+from agent.imaging.loaders import load_file
+from agent.imaging.modality import GUESS_RULES, _guess_modality_rule, guess_modality, normalise_modality
+from agent.imaging.views import load_views
 
 KNOWN_CODES = {"DX", "CT", "MR", "US", "XC", "OP", "ES", "SM", "OT"}
 # Measured with bench/bench_modality_guess.py on the 562 realcases images: accuracy 0.950 (old heuristic 0.093),
@@ -146,7 +148,7 @@ def test_synthetic_picture_is_recognised(make, code, rule):
         arr = make(seed=seed)
         before = arr.copy()
         assert _guess_modality_rule(arr) == rule, seed
-        assert guess_modality(arr) == (code, _GUESS_RULES[rule][1]) == guess_modality(arr)  # deterministic
+        assert guess_modality(arr) == (code, GUESS_RULES[rule][1]) == guess_modality(arr)  # deterministic
         assert np.array_equal(arr, before)  # the caller's pixels are left alone
 
 
@@ -187,9 +189,9 @@ def test_hounsfield_units_and_volumes_keep_their_rules():
 
 
 def test_rule_table_is_consistent():
-    for rule, (code, conf) in _GUESS_RULES.items():
+    for rule, (code, conf) in GUESS_RULES.items():
         assert code in KNOWN_CODES and 0.0 < conf <= 0.9, rule
-    assert {rule for _, _, rule in SYNTHETIC} <= set(_GUESS_RULES)
+    assert {rule for _, _, rule in SYNTHETIC} <= set(GUESS_RULES)
 
 
 def test_guess_reaches_the_view_when_the_classifier_cannot_run(store, tmp_path, monkeypatch):
@@ -199,7 +201,7 @@ def test_guess_reaches_the_view_when_the_classifier_cannot_run(store, tmp_path, 
     (view,) = load_views([str(tmp_path / "eye.png")], store)
     assert (view.modality, view.modality_source) == ("OP", "guess")
     assert "no usable study_cnn model card" in view.metadata["study_error"]
-    assert view.metadata["modality_confidence"] == _GUESS_RULES["fundus"][1]
+    assert view.metadata["modality_confidence"] == GUESS_RULES["fundus"][1]
     (view,) = load_views([str(tmp_path / "eye.png")], store, modality="dermoscopy")  # the user's word wins
     assert (view.modality, view.modality_source) == ("XC", "user")
 
@@ -215,7 +217,7 @@ BUNDLED = [  # real images shipped with pydicom / scikit-image (not realcases, n
 def test_bundled_real_images_from_pixels_alone(path, code):
     if not path.exists():
         pytest.skip(f"{path.name} is not bundled with this version")
-    ld = _load(path)  # the DICOM tag would win in practice; here only the pixels are judged
+    ld = load_file(path)  # the DICOM tag would win in practice; here only the pixels are judged
     assert guess_modality(ld.arr, ld.rgb)[0] == code
 
 
@@ -225,9 +227,9 @@ def test_realcases_accuracy_and_honest_confidence(realcases):
     for line in (realcases / "cases.jsonl").read_text().splitlines():
         if line.strip():
             case = json.loads(line)
-            ld = _load(realcases / case["image"])
+            ld = load_file(realcases / case["image"])
             code, conf = guess_modality(ld.arr, ld.rgb)
-            rows.append((_normalise_modality(case["modality"]), code, conf, _guess_modality_rule(ld.arr, ld.rgb)))
+            rows.append((normalise_modality(case["modality"]), code, conf, _guess_modality_rule(ld.arr, ld.rgb)))
     assert len(rows) >= 500
     accuracy = sum(true == code for true, code, _, _ in rows) / len(rows)
     assert accuracy >= REALCASES_ACCURACY_FLOOR, f"accuracy {accuracy:.3f}"
@@ -240,6 +242,6 @@ def test_realcases_accuracy_and_honest_confidence(realcases):
     for true, code, _, rule in rows:
         by_rule[rule].append(true == code)
     for rule, hits in by_rule.items():
-        code, conf = _GUESS_RULES[rule]
+        code, conf = GUESS_RULES[rule]
         if code != "OT":  # each rule's stated confidence is at most its measured precision
             assert conf <= sum(hits) / len(hits), (rule, conf, sum(hits), len(hits))

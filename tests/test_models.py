@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from agent.models import ModelCardError, ModelStore, ModelStoreError, load_card, load_weights_path, planner_lines
+from agent.store.models import ModelCardError, ModelStore, ModelStoreError, load_card, load_weights_path, planner_lines
 
-DX = [sys.executable, "-m", "agent.cli"]
+DX = [sys.executable, "-m", "agent.app.cli"]
 
 
 @pytest.fixture(autouse=True)
@@ -109,7 +109,7 @@ def test_sha256_mismatch_refused_at_add_and_detected_after_tampering(tmp_path):
 
 
 def test_sha256_cache_is_used_and_invalidated_when_the_file_changes(tmp_path, monkeypatch):
-    import agent.models as models
+    import agent.store.models as models
 
     path = tmp_path / "w.bin"
     path.write_bytes(os.urandom(3 << 20))  # 3 MiB: three chunks

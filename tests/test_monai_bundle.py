@@ -19,10 +19,11 @@ import yaml
 from helpers import make_ctx, run_tool
 from PIL import Image
 
-from agent.models import ModelStore
-from agent.state import Evidence
-from tools._learned import boxes_from_evidence
-from tools.base import ToolError, discover
+from agent.analysis.learned import boxes_from_evidence
+from agent.core.state import Evidence
+from agent.core.tool import ToolError
+from agent.engine.registry import discover
+from agent.store.models import ModelStore
 
 pytest.importorskip("monai")
 from makers import write_card  # noqa: E402
@@ -61,7 +62,7 @@ def model_store(tmp_path, monkeypatch, bundle3d):
 
 def sphere_volume(tmp_path: Path, seed: int = 3) -> tuple[Path, np.ndarray, np.ndarray]:
     """A NIfTI stored LPS-like (affine diag(-0.8, -0.8, 2.0), as DICOM converters write), its view-space truth and
-    pixels (what tools.imaging.load_views must give)."""
+    pixels (what agent.imaging.loaders.load_views must give)."""
     z, r, c = np.ogrid[: SHAPE[0], : SHAPE[1], : SHAPE[2]]
     d2 = ((z - CENTRE[0]) * SPACING[0]) ** 2 + ((r - CENTRE[1]) * SPACING[1]) ** 2 + ((c - CENTRE[2]) * SPACING[2]) ** 2
     truth = d2 <= RADIUS_MM**2

@@ -11,11 +11,11 @@ import pytest
 from conftest import FakeOpenAI
 from pydantic import BaseModel, Field
 
-from agent import planner as planner_mod
-from agent.llm import make_llm
-from agent.planner import Planner, PlannerError
-from agent.state import ArtifactRef, Budget, CaseInput, CaseState, Decision, ImageView
-from tools.base import Tool, ToolContext, ToolInput
+from agent.core.state import ArtifactRef, Budget, CaseInput, CaseState, Decision, ImageView
+from agent.core.tool import Tool, ToolContext, ToolInput
+from agent.engine import planner as planner_mod
+from agent.engine.planner import Planner, PlannerError
+from agent.llm.backends import make_llm
 
 
 class WindowIn(ToolInput):
@@ -305,7 +305,7 @@ def test_cli_run_end_to_end_against_the_real_server(llama_server, tmp_path):
 
     from pydicom.data import get_testdata_file
 
-    r = subprocess.run([sys.executable, "-m", "agent.cli", "run", get_testdata_file("CT_small.dcm"),
+    r = subprocess.run([sys.executable, "-m", "agent.app.cli", "run", get_testdata_file("CT_small.dcm"),
                         "-q", "How much fat is in this CT slice?", "--llm", "openai", "--base-url", llama_server.base_url,
                         "--model", llama_server.model, "--max-steps", "2", "--json", "--trace-dir", str(tmp_path)],
                        capture_output=True, text=True, timeout=580)
@@ -315,7 +315,7 @@ def test_cli_run_end_to_end_against_the_real_server(llama_server, tmp_path):
     assert report["versions"]["planner_model"].startswith("openai:")
     assert report["disclaimer"].startswith("RESEARCH USE ONLY")
     # the endpoint run (native tool calls, the model-written impression) replays from its record with no server
-    r = subprocess.run([sys.executable, "-m", "agent.cli", "replay", report["run_id"], "--trace-dir", str(tmp_path)],
+    r = subprocess.run([sys.executable, "-m", "agent.app.cli", "replay", report["run_id"], "--trace-dir", str(tmp_path)],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "verified" in r.stdout, r.stdout + r.stderr
 
@@ -327,9 +327,9 @@ def test_replay_of_an_endpoint_run_with_refusal_garbage_and_impression(fake_open
     from helpers import call
     from pydicom.data import get_testdata_file
 
-    from agent.replay import replay
-    from agent.session import run_case
-    from agent.trace import TraceStore
+    from agent.engine.replay import replay
+    from agent.engine.session import run_case
+    from agent.store.trace import TraceStore
 
     refusal = "Input should be 'text' or 'json_object' (input: 'json_schema')"
     fake_openai.reset(FakeOpenAI.error(400, refusal), FakeOpenAI.text("not json at all"),
@@ -351,8 +351,8 @@ def test_credentials_in_the_base_url_are_never_stored(fake_openai, tmp_path):
     """Issue 15: `--base-url https://user:pass@host/...` was stored in the trace, the checkpoints and the report."""
     from pydicom.data import get_testdata_file
 
-    from agent.llm import public_url
-    from agent.session import run_case
+    from agent.engine.session import run_case
+    from agent.llm.backends import public_url
 
     host = fake_openai.base_url.split("://", 1)[1]
     url = f"http://alice:s3cret-pw@{host}?api_key=s3cret-key"

@@ -16,10 +16,10 @@ import pytest
 from helpers import dice, make_ctx, run_tool
 from PIL import Image
 
-from agent.answer import compose_answer
-from agent.models import ModelStore
-from agent.session import run_case, tools
-from agent.state import CaseInput, CaseState, Evidence
+from agent.core.state import CaseInput, CaseState, Evidence
+from agent.engine.answer import compose_answer
+from agent.engine.session import run_case, tools
+from agent.store.models import ModelStore
 from tools.organ_segment import patient_side, side_rule
 
 SLAKE = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "slake_dev"
@@ -150,7 +150,7 @@ def test_refine_redraws_only_its_classes_inside_their_boxes():
     """tools/_organ_net.refine: the box-prompted segmenter re-draws class 1 from a box around each component (plus the
     margin); class 2's pixels stay class 2 although the prompt's probability covers them, and a piece of the prompt's
     mask that does not touch the component's box is dropped."""
-    from tools._organ_net import refine
+    from agent.analysis.organ_net import refine
 
     labels = np.zeros((60, 60), np.int64)
     labels[10:20, 10:20] = 1  # the U-Net's square "organ"

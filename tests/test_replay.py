@@ -14,14 +14,14 @@ import pytest
 from helpers import Boom, call
 from pydicom.data import get_testdata_file
 
-from agent.replay import replay, report_sha256, rerun
-from agent.session import run_case, tools
-from agent.trace import TraceStore, load_dump, trajectories, verify_dump
+from agent.engine.replay import replay, report_sha256, rerun
+from agent.engine.session import run_case, tools
+from agent.store.trace import TraceStore, load_dump, trajectories, verify_dump
 
 CT = get_testdata_file("CT_small.dcm")
 MR = get_testdata_file("MR_small.dcm")
 GOLDEN = Path(__file__).resolve().parents[1] / "traces" / "golden"
-DXAGENT = [sys.executable, "-m", "agent.cli"]
+DXAGENT = [sys.executable, "-m", "agent.app.cli"]
 Q = "How much fat is in this slice?"  # only the last call (ct_tissue_composition) addresses it
 SCRIPT = [call("inspect_image"), call("region_measure"), call("region_measure"),  # the repeat is "skipped"
           call("boom"), call("crop_zoom", bbox=[17, 24, 64, 64]),  # an invented box: rejected and re-asked
@@ -64,7 +64,7 @@ def test_replay_loads_no_model_and_reads_no_pixels(recorded, monkeypatch):
 
     for t in TOOLS.values():
         monkeypatch.setattr(t, "run", no)
-    import tools.imaging as imaging
+    import agent.imaging.views as imaging
 
     monkeypatch.setattr(imaging, "load_views", no)
     assert replay(TraceStore(None, d).dump(res.run_id), tools=TOOLS).verified
@@ -89,7 +89,7 @@ def test_a_changed_tool_output_diverges_at_the_next_request(recorded):
 def test_changed_code_diverges_where_it_acts(recorded, monkeypatch):
     """A behaviour change in the graph (here: the critic) shows up at the first event it changes."""
     d, res = recorded
-    import agent.critic as critic
+    import agent.engine.critic as critic
 
     real = critic.critique
 
@@ -153,7 +153,7 @@ def test_each_kind_of_edit_is_detected(recorded, tmp_path, edit, expect):
 
 def test_an_inserted_event_with_a_rewritten_chain_is_caught_by_the_seal(recorded, tmp_path):
     """Even a forger who inserts an event and recomputes every later hash is caught: the seal holds the head."""
-    from agent.trace import canonical, event_hash, sha256_text
+    from agent.store.trace import canonical, event_hash, sha256_text
 
     d, run_id = fresh_copy(recorded, tmp_path)
     store = TraceStore(None, d)
@@ -206,7 +206,7 @@ def test_forged_records_do_not_verify(tmp_path, monkeypatch):
     """Issue 15's forgeries: (a) events cut after event 3, report removed, status set back to running and seal
     cleared -> incomplete, not intact; (b) a keyed run re-sealed with plain sha256 (anyone can compute it) -> refused
     while DXAGENT_TRACE_KEY is set; (c) a run marked done without its report event -> truncated."""
-    from agent.trace import SEALED_FIELDS, seal_of
+    from agent.store.trace import SEALED_FIELDS, seal_of
 
     monkeypatch.setenv("DXAGENT_TRACE_KEY", "auditor-secret")
     res = run_case([MR], "How large is the dominant bright region?", llm="scripted", script=[call("region_measure")],

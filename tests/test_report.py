@@ -5,9 +5,9 @@ from __future__ import annotations
 from helpers import call
 from pydicom.data import get_testdata_file
 
-from agent.llm import ScriptedChat
-from agent.report import Finding, check_citations, cited_sentences, to_markdown
-from agent.session import run_case
+from agent.engine.report import Finding, check_citations, cited_sentences, to_markdown
+from agent.engine.session import run_case
+from agent.llm.backends import ScriptedChat
 
 CT = get_testdata_file("CT_small.dcm")
 

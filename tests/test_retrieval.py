@@ -1,4 +1,4 @@
-"""Retrieval: the case library (agent/library.py, `dxagent library`), similar_cases and knowledge_search."""
+"""Retrieval: the case library (agent/index/library.py, `dxagent library`), similar_cases and knowledge_search."""
 
 from __future__ import annotations
 
@@ -16,11 +16,12 @@ import pytest
 from helpers import realcases_root
 from PIL import Image
 
-from agent.artifacts import ArtifactStore
-from agent.library import Library, LibraryError, build, modality_family
-from agent.state import CaseInput, CaseState
-from tools.base import ToolContext, ToolError, discover
-from tools.imaging import load_views
+from agent.core.state import CaseInput, CaseState
+from agent.core.tool import ToolContext, ToolError
+from agent.engine.registry import discover
+from agent.imaging.views import load_views
+from agent.index.library import Library, LibraryError, build, modality_family
+from agent.store.artifacts import ArtifactStore
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOLS = discover()
@@ -189,7 +190,7 @@ def test_encoder_mismatch_is_refused(folder, tmp_path):
 def test_cli_library_build_and_info(folder, tmp_path):
     env = {**os.environ, "DXAGENT_CACHE": str(tmp_path / "cache"), "COLUMNS": "200"}
     env.pop("DXAGENT_LIBRARY", None)
-    run = lambda *a: subprocess.run([sys.executable, "-m", "agent.cli", "library", *a], cwd=ROOT, env=env,
+    run = lambda *a: subprocess.run([sys.executable, "-m", "agent.app.cli", "library", *a], cwd=ROOT, env=env,
                                     capture_output=True, text=True, timeout=120)
     res = run("build", str(folder), "--modality", "CXR")
     assert res.returncode == 0, res.stderr

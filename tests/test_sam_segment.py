@@ -13,10 +13,11 @@ import torch  # noqa: E402
 from helpers import make_ctx  # noqa: E402
 from makers import sam as sam_maker  # noqa: E402
 
-from agent.models import ModelStore  # noqa: E402
-from agent.state import Evidence  # noqa: E402
+from agent.core.state import Evidence  # noqa: E402
+from agent.core.tool import ToolError  # noqa: E402
+from agent.engine.registry import discover  # noqa: E402
+from agent.store.models import ModelStore  # noqa: E402
 from tools import sam_segment  # noqa: E402
-from tools.base import ToolError, discover  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +160,7 @@ def test_wrong_tampered_and_missing_weights_name_the_card(tmp_path, models, phot
 
 
 def _art(tmp_path):
-    from agent.artifacts import ArtifactStore
+    from agent.store.artifacts import ArtifactStore
 
     return ArtifactStore(tmp_path / f"art{np.random.randint(1 << 30)}")
 
@@ -171,9 +172,9 @@ def test_graph_chains_detector_boxes_into_sam_and_records_the_card(tmp_path, mod
 
     from helpers import answer, call
 
-    from agent.report import to_markdown
-    from agent.session import run_case
-    from agent.trace import TraceStore
+    from agent.engine.report import to_markdown
+    from agent.engine.session import run_case
+    from agent.store.trace import TraceStore
 
     rng = np.random.default_rng(5)
     img = rng.normal(40, 6, (160, 160)).clip(0, 255)

@@ -19,8 +19,8 @@ from helpers import bare_view
 from PIL import Image
 from pydicom.data import get_testdata_file
 
-from agent.models import BUNDLED_DIR, ModelStore
-from tools.imaging import load_views
+from agent.imaging.views import load_views
+from agent.store.models import BUNDLED_DIR, ModelStore
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -89,7 +89,7 @@ def test_held_out_non_medical_pictures_are_other_or_uncertain(store, tmp_path):
 
 
 def test_dicom_modality_wins_and_planes_follow_it(store):
-    from tools._study import study_facts
+    from agent.analysis.study import study_facts
 
     (v,) = load_views([get_testdata_file("CT_small.dcm")], store)
     assert v.modality == "CT" and v.modality_source == "dicom" and "study" in v.metadata
@@ -115,7 +115,7 @@ def _corrupt_store(tmp_path, monkeypatch, rehash: bool) -> Path:
 @pytest.mark.parametrize("rehash, words", [(False, "sha256 mismatch"), (True, "cannot load weights.pt")])
 def test_a_corrupt_weight_file_is_refused_naming_the_card_and_rules_take_over(tmp_path, monkeypatch, store, rehash,
                                                                                words):
-    from tools import _learned
+    from agent.analysis import learned as _learned
 
     _learned._LOADED.clear()
     _corrupt_store(tmp_path, monkeypatch, rehash)
@@ -125,13 +125,13 @@ def test_a_corrupt_weight_file_is_refused_naming_the_card_and_rules_take_over(tm
     err = v.metadata["study_error"]
     assert "study_cnn_v1" in err and words in err and "\n" not in err
     assert v.modality_source == "guess" and "study" not in v.metadata
-    from tools._study import study_notes
+    from agent.analysis.study import study_notes
 
     assert any("could not run" in n and "study_cnn_v1" in n for n in study_notes(v))
 
 
 def test_an_uncertain_modality_says_why_tools_do_or_do_not_apply():
-    from tools.base import discover
+    from agent.engine.registry import discover
 
     v = bare_view("CT")
     v = v.model_copy(update={"modality_source": "classifier", "metadata": {
@@ -141,6 +141,6 @@ def test_an_uncertain_modality_says_why_tools_do_or_do_not_apply():
     assert v.modality_uncertain
     why = discover()["cardiothoracic_ratio"].applicable(v)
     assert "uncertain" in why and "CT 0.45" in why and "--modality DX" in why
-    from tools._study import study_notes
+    from agent.analysis.study import study_notes
 
     assert any("uncertain" in n and "tools were chosen for CT" in n for n in study_notes(v))

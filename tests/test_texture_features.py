@@ -20,11 +20,12 @@ import pytest
 
 pytest.importorskip("mirp")
 
-from agent.artifacts import ArtifactStore  # noqa: E402
-from agent.state import CaseInput, CaseState, Evidence, ImageView  # noqa: E402
+from agent.core.state import CaseInput, CaseState, Evidence, ImageView  # noqa: E402
+from agent.core.tool import ToolContext, ToolError  # noqa: E402
+from agent.engine.registry import discover  # noqa: E402
+from agent.imaging.views import load_views  # noqa: E402
+from agent.store.artifacts import ArtifactStore  # noqa: E402
 from tools import texture_features as tf  # noqa: E402
-from tools.base import ToolContext, ToolError, discover  # noqa: E402
-from tools.imaging import load_views  # noqa: E402
 
 TOOL = tf.TextureFeatures()
 CT_SMALL = Path(pydicom.__file__).parent / "data" / "test_files" / "CT_small.dcm"

@@ -17,7 +17,8 @@ from PIL import Image
 from pydantic import ValidationError
 from pydicom.uid import generate_uid
 
-from tools.base import FindingDraft, ToolContext, ToolError, discover
+from agent.core.tool import FindingDraft, ToolContext, ToolError
+from agent.engine.registry import discover
 
 TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 CT_SMALL = TEST_FILES / "CT_small.dcm"

@@ -17,7 +17,8 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from tools.base import ToolError, discover
+from agent.core.tool import ToolError
+from agent.engine.registry import discover
 
 TOOLS = discover()
 CT_SMALL = Path(pydicom.__file__).parent / "data" / "test_files" / "CT_small.dcm"

@@ -16,10 +16,10 @@ from helpers import answer, call
 from PIL import Image
 from pydicom.data import get_testdata_file
 
-from agent.endpoints import EndpointError, load, vision_settings
-from agent.replay import replay
-from agent.session import run_case
-from agent.trace import TraceStore
+from agent.engine.replay import replay
+from agent.engine.session import run_case
+from agent.llm.endpoints import EndpointError, load, vision_settings
+from agent.store.trace import TraceStore
 
 CT = get_testdata_file("CT_small.dcm")
 
@@ -191,7 +191,7 @@ def test_endpoint_files_that_hold_a_key_or_bad_values_are_one_line_errors(tmp_pa
 def test_eval_compares_the_vlm_alone_with_the_agent(tmp_path, vlm):
     from test_eval import SLAKE, _rows, _slice
 
-    from agent.eval import run_eval
+    from agent.app.eval import run_eval
 
     if not (SLAKE / "validate.jsonl").exists():
         pytest.skip(f"no SLAKE data at {SLAKE}")
@@ -213,8 +213,8 @@ def test_eval_compares_the_vlm_alone_with_the_agent(tmp_path, vlm):
 
 
 def test_eval_vlm_only_without_an_endpoint_is_a_one_line_error(tmp_path, monkeypatch):
-    from agent.eval import run_eval
-    from agent.eval_data import ManifestError
+    from agent.app.eval import run_eval
+    from agent.app.eval_data import ManifestError
 
     monkeypatch.setenv("DXAGENT_ENDPOINTS", str(tmp_path / "none.toml"))
     with pytest.raises(ManifestError, match="no vision endpoint is configured"):
@@ -225,7 +225,7 @@ def test_a_vlm_yes_against_a_measured_no_is_a_conflict():
     """The critic weighs a VLM's claim like any tool's: a contradiction is a conflict (and the answer is referred)."""
     from test_critic import TOOLS, ev, state
 
-    from agent.critic import critique
+    from agent.engine.critic import critique
     from tools.vlm_ask import VlmAsk
 
     tools = {**TOOLS, "vlm_ask": VlmAsk()}

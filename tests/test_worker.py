@@ -1,4 +1,4 @@
-"""Tools run in a worker process that can be stopped (agent/worker.py): crashes, reuse, environment, artifacts."""
+"""Tools run in a worker process that can be stopped (agent/engine/worker.py): crashes, reuse, environment, artifacts."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 from helpers import Crash, Who, call
 from pydicom.data import get_testdata_file
 
-from agent import worker
-from agent.session import run_case, tools
+from agent.engine import worker
+from agent.engine.session import run_case, tools
 
 CT = get_testdata_file("CT_small.dcm")
 
@@ -57,7 +57,7 @@ def test_thread_mode_runs_tools_in_the_calling_process(tmp_path, monkeypatch):
 KILLED = """
 import sys
 sys.path.insert(0, {tests!r})
-from agent import worker
+from agent.engine import worker
 w = worker.Worker(); w.wait_ready()
 print(w.proc.pid, flush=True)
 sys.stdin.read()
@@ -94,7 +94,7 @@ def test_the_artifact_cache_keeps_recent_arrays_within_its_budget(tmp_path, monk
     """A long batch (or a worker serving many cases) must not hold every case's decoded pixels in memory."""
     import numpy as np
 
-    from agent import artifacts
+    from agent.store import artifacts
 
     monkeypatch.setattr(artifacts, "CACHE_BYTES", 3 * 8 * 1000)
     store = artifacts.ArtifactStore(tmp_path)

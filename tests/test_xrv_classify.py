@@ -11,10 +11,11 @@ import torch
 import yaml
 from PIL import Image
 
-from agent.models import ModelStore
-from agent.state import CaseInput, CaseState
-from tools.base import ToolContext, ToolError, discover
-from tools.imaging import load_views
+from agent.core.state import CaseInput, CaseState
+from agent.core.tool import ToolContext, ToolError
+from agent.engine.registry import discover
+from agent.imaging.views import load_views
+from agent.store.models import ModelStore
 
 torchxrayvision = pytest.importorskip("torchxrayvision")
 LABELS = ["Cardiomegaly", "Effusion", "Pneumonia"]
@@ -39,7 +40,7 @@ def model_store(tmp_path, monkeypatch):
 
 
 def radiograph_state(tmp_path, store_dir):
-    from agent.artifacts import ArtifactStore
+    from agent.store.artifacts import ArtifactStore
 
     rng = np.random.default_rng(1)
     img = (rng.normal(120, 30, (96, 80))).clip(0, 255).astype(np.uint8)

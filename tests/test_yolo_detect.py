@@ -23,9 +23,10 @@ if importlib.util.find_spec("ultralytics") is None:  # not importorskip: importi
 from helpers import make_ctx, run_tool  # noqa: E402
 from makers import yolo as yolo_maker  # noqa: E402
 
-from agent.models import ModelStore  # noqa: E402
-from tools._learned import device  # noqa: E402
-from tools.base import ToolError, discover  # noqa: E402
+from agent.analysis.learned import device  # noqa: E402
+from agent.core.tool import ToolError  # noqa: E402
+from agent.engine.registry import discover  # noqa: E402
+from agent.store.models import ModelStore  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ROW_MM, COL_MM = 0.7, 0.4  # anisotropic, so swapped axes would show
@@ -49,7 +50,7 @@ def models(tmp_path, monkeypatch, trained):
 
 
 def nifti(path: Path, img: np.ndarray) -> Path:
-    """A 2D NIfTI that tools.imaging loads as exactly `img` (rows, cols) with spacing (ROW_MM, COL_MM)."""
+    """A 2D NIfTI that agent.imaging.loaders loads as exactly `img` (rows, cols) with spacing (ROW_MM, COL_MM)."""
     import nibabel as nib
 
     data = np.ascontiguousarray(img[::-1, ::-1].T[..., None].astype(np.float32))  # (x, y, 1); the loader undoes this
@@ -155,8 +156,8 @@ NO_NETWORK = textwrap.dedent("""
     omp = os.environ.get("OMP_NUM_THREADS")
     sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
     from helpers import make_ctx, run_tool
-    from agent.artifacts import ArtifactStore
-    from tools.base import discover
+    from agent.store.artifacts import ArtifactStore
+    from agent.engine.registry import discover
     tool = discover()["yolo_detect"]
     assert "ultralytics" not in sys.modules  # discovering the tool does not import it
     ctx = make_ctx(ArtifactStore(sys.argv[3]), sys.argv[2], modality="OT")
@@ -252,7 +253,7 @@ def test_label_count_differing_from_the_model_is_one_line_naming_the_card(tmp_pa
 
 def test_not_offered_without_a_fitting_yolo_card(tmp_path, monkeypatch, trained):
     monkeypatch.setenv("DXAGENT_MODELS", str(tmp_path / "models"))
-    from agent.artifacts import ArtifactStore
+    from agent.store.artifacts import ArtifactStore
 
     (img, _), = new_images(1, seed=17)
     ctx = make_ctx(ArtifactStore(tmp_path / "art"), nifti(tmp_path / "new.nii.gz", img), modality="MR")

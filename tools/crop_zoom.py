@@ -10,8 +10,9 @@ import numpy as np
 from pydantic import BaseModel, Field
 from skimage.transform import rescale
 
-from tools.base import Tool, ToolContext, ToolError, ToolInput
-from tools.imaging import MAX_SIDE, bbox_to_px, display_slice, is_rgb, to_uint8
+from agent.analysis.display import bbox_to_px, display_slice, is_rgb, to_uint8
+from agent.core.tool import Tool, ToolContext, ToolError, ToolInput
+from agent.imaging.loaders import MAX_SIDE
 
 _MAX_OUT_VOXELS = 64_000_000
 

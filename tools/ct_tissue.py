@@ -23,9 +23,9 @@ import numpy as np
 from pydantic import BaseModel
 from scipy import ndimage as ndi
 
-from agent.state import ImageView
-from tools.base import FindingDraft, Measurement, Tool, ToolContext, ToolError, ToolInput
-from tools.imaging import looks_like_hu, to_uint8
+from agent.analysis.display import looks_like_hu, to_uint8
+from agent.core.state import ImageView
+from agent.core.tool import FindingDraft, Measurement, Tool, ToolContext, ToolError, ToolInput
 
 HU_RANGES = {"lung": "-900..-500", "fat": "-190..-30", "soft_tissue": "-29..150", "bone": ">300"}  # for labels
 _COLOURS = {"lung": (60, 140, 255), "fat": (255, 220, 0), "soft_tissue": (230, 60, 60), "bone": (255, 255, 255)}

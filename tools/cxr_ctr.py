@@ -35,8 +35,8 @@ import numpy as np
 from pydantic import BaseModel, Field
 from scipy import ndimage as ndi
 
-from agent.state import ImageView
-from tools.base import FindingDraft, Measurement, Tool, ToolContext, ToolError, ToolInput
+from agent.core.state import ImageView
+from agent.core.tool import FindingDraft, Measurement, Tool, ToolContext, ToolError, ToolInput
 from tools.cxr_lungs import LungFields, Overlay, gray_image, segment_lungs, spacing_check
 
 CTR_THRESHOLD = 0.5

@@ -46,9 +46,9 @@ from skimage.morphology import disk
 from skimage.segmentation import find_boundaries, watershed
 from skimage.transform import resize
 
-from agent.state import ImageView
-from tools.base import FindingDraft, Measurement, Tool, ToolContext, ToolError, ToolInput
-from tools.imaging import is_rgb, to_uint8
+from agent.analysis.display import is_rgb, to_uint8
+from agent.core.state import ImageView
+from agent.core.tool import FindingDraft, Measurement, Tool, ToolContext, ToolError, ToolInput
 
 WORK_SIDE = 256  # working resolution (longest side, px); morphology sizes below are tuned to it
 DISPLAY_SIDE = 2048  # overlays are shrunk to at most this many pixels a side

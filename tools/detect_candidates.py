@@ -44,11 +44,11 @@ from skimage.feature import peak_local_max
 from skimage.filters import gaussian, threshold_otsu
 from skimage.transform import resize
 
-from agent.state import ImageView
-from tools.base import FindingDraft, Measurement, Tool, ToolContext, ToolError, ToolInput
+from agent.analysis.display import is_rgb, looks_like_hu, to_uint8
+from agent.core.state import ImageView
+from agent.core.tool import FindingDraft, Measurement, Tool, ToolContext, ToolError, ToolInput
 from tools.ct_tissue import body_mask as ct_body_mask
 from tools.cxr_lungs import segment_lungs
-from tools.imaging import is_rgb, looks_like_hu, to_uint8
 from tools.measure_roi import shrink_for_display
 
 _MAX_WORK_VOXELS = 4_000_000

@@ -50,10 +50,10 @@ from skimage.morphology import skeletonize
 from skimage.segmentation import find_boundaries
 from skimage.transform import resize
 
-from agent.state import ImageView
-from tools._masks import disk as _disk
-from tools.base import FindingDraft, Measurement, Tool, ToolContext, ToolError, ToolInput
-from tools.imaging import is_rgb
+from agent.analysis.display import is_rgb
+from agent.analysis.masks import disk as _disk
+from agent.core.state import ImageView
+from agent.core.tool import FindingDraft, Measurement, Tool, ToolContext, ToolError, ToolInput
 
 REF_FOV = 540.0  # FOV diameter (px) at which the filter scales below were chosen (DRIVE)
 SIGMAS = (1.0, 2.0, 3.0)  # Sato scales at REF_FOV

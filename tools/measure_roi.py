@@ -28,9 +28,9 @@ from skimage.color import rgb2gray
 from skimage.draw import line
 from skimage.segmentation import find_boundaries
 
-from agent.state import ImageView
-from tools.base import FindingDraft, Measurement, Tool, ToolContext, ToolError, ToolInput
-from tools.imaging import bbox_to_px, is_rgb, looks_like_hu, to_uint8
+from agent.analysis.display import bbox_to_px, is_rgb, looks_like_hu, to_uint8
+from agent.core.state import ImageView
+from agent.core.tool import FindingDraft, Measurement, Tool, ToolContext, ToolError, ToolInput
 
 
 class ROIInput(ToolInput):

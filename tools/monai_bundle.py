@@ -1,13 +1,13 @@
 """monai_bundle: a MONAI Model Zoo segmentation bundle from the user's model store, run with its own inference config.
 
-Adapter for model cards with `adapter: monai_bundle`, `kind: segment` (agent/models.py; `dxagent models add
+Adapter for model cards with `adapter: monai_bundle`, `kind: segment` (agent/store/models.py; `dxagent models add
 CARD.yaml`). The card's `weights` is a bundle folder laid out as in the MONAI Model Zoo::
 
     <bundle>/configs/inference.json   (or .yaml / .yml; the card's `input: {config: PATH}` names another)
     <bundle>/configs/metadata.json    (optional: bundle name, version, input/output keys)
     <bundle>/models/model.pt          (a state_dict, loaded with torch.load(weights_only=True))
 
-Its sha256 is the tree digest of the whole folder (agent/models.py), so editing any config is caught before loading.
+Its sha256 is the tree digest of the whole folder (agent/store/models.py), so editing any config is caught before loading.
 The card's `labels` are the foreground classes 1..N in the order of the output's label values (0 is background);
 `input.dims` (2 or 3, default 3) says which views the card fits; `input.channels` must be 1 (one image is fed).
 
@@ -21,7 +21,7 @@ Method (the bundle's own inference path, read with `monai.bundle.ConfigParser`):
      nothing is written next to the bundle or anywhere else;
   4. the view is written to a temporary NIfTI so the bundle's LoadImaged sees physical spacing: a volume (Z, H, W)
      with spacing (z, row, col) goes back to RAS-canonical (x, y, z) order with affine diag(col, row, z) -- the exact
-     inverse of how tools/imaging.py reads a NIfTI, so the bundle sees the voxels as it would the original file
+     inverse of how agent/imaging/loaders.py reads a NIfTI, so the bundle sees the voxels as it would the original file
      after Orientationd("RAS"); a 2D view (H, W) is written as (x = column, y = row), as MONAI's PIL reader reads a
      PNG/JPEG. Unknown spacing is written as 1 mm (said in the note);
   5. preprocessing({image_key: file}); inferer(image[None], network); postprocessing({image_key, pred_key}) under
@@ -47,7 +47,7 @@ label values above 255 do not fit the saved uint8 mask; the
 output is only as good as the user's bundle on this data (intensity range, orientation, field of view); CPU
 sliding-window inference on a whole CT can take minutes.
 
-Loading (tools/_learned.py): lazy, once per process per (bundle folder, sha256, card input), thread-safe; a bundle without
+Loading (agent/analysis/learned.py): lazy, once per process per (bundle folder, sha256, card input), thread-safe; a bundle without
 configs/inference.* or models/model.pt, a config that does not parse or weights that do not fit the network give a
 one-line error naming the card. Validation: the card's own figures (`dxagent models list`). The adapter is tested on
 tiny UNet bundles the tests train on synthetic phantoms (tests/makers/monai_bundle.py, tests/test_monai_bundle.py):
@@ -70,11 +70,11 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel
 
-from agent.models import ModelCard
-from agent.state import ImageView
-from tools._learned import LearnedInput, LearnedTool, ModelUsed, device, model_used, one_line
-from tools.base import FindingDraft, Measurement, ToolContext, ToolError
-from tools.imaging import to_uint8
+from agent.analysis.display import to_uint8
+from agent.analysis.learned import LearnedInput, LearnedTool, ModelUsed, device, model_used, one_line
+from agent.core.state import ImageView
+from agent.core.tool import FindingDraft, Measurement, ToolContext, ToolError
+from agent.store.models import ModelCard
 
 CONFIG_NAMES = ("configs/inference.json", "configs/inference.yaml", "configs/inference.yml")
 WEIGHTS_NAME = "models/model.pt"
@@ -128,7 +128,7 @@ class MonaiBundleOutput(BaseModel):
 
 def to_bundle_axes(arr: np.ndarray) -> np.ndarray:
     """View pixels to the array written to the NIfTI: (Z, H, W) -> RAS-canonical (x, y, z), the inverse of
-    tools/imaging.py's NIfTI reading; (H, W) -> (x = column, y = row)."""
+    agent/imaging/loaders.py's NIfTI reading; (H, W) -> (x = column, y = row)."""
     if arr.ndim == 3:
         return np.ascontiguousarray(arr.transpose(2, 1, 0)[::-1, ::-1, :])
     return np.ascontiguousarray(arr.T)

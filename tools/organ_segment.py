@@ -5,7 +5,7 @@ not organ masks, and no other organ masks for radiographs exist here; their lung
 classical cxr_lung_fields and cardiothoracic_ratio tools.
 
 Runs the cards with `adapter: organ_unet` (the project's own `organ_seg_slake` in tools/models/, a MONAI 2D U-Net
-trained on the SLAKE 1.0 organ masks by scripts/train_organ_segmenter.py; inference helpers in tools/_organ_net.py).
+trained on the SLAKE 1.0 organ masks by scripts/train_organ_segmenter.py; inference helpers in agent/analysis/organ_net.py).
 The network sees the picture at the card's working size (e.g. 192 px; a CT in Hounsfield units is first put through
 a soft-tissue window, -160..240 HU, as SLAKE's exports are); its label map is upsampled back, so every measurement is
 in the original pixel grid: area in mm² when the spacing is known, else px².
@@ -18,7 +18,7 @@ run, the U-Net's outlines are kept and the notes say why.
 
 Per organ: presence (area at least MIN_FRACTION of the picture), area, mean probability, and its connected
 components with centroid, box and side. Left/right organs (lungs, kidneys, eyes, ...) are one class for the network;
-each component's side comes from geometry - left or right of the body's midline column (tools/_organ_net.py
+each component's side comes from geometry - left or right of the body's midline column (agent/analysis/organ_net.py
 `sides`). Image side to patient side: radiological convention by default (image left = patient right, as axial CT/MR
 and frontal radiographs are displayed); a DICOM ImageOrientationPatient whose row direction points to the patient's
 right, or a PatientOrientation whose first value is R, flips it; a row direction along A/P or H/F (a sagittal slice, a
@@ -43,10 +43,10 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, Field
 
-from agent.models import ModelCard
-from agent.state import ArtifactRef, ImageView
-from tools._learned import LearnedInput, LearnedTool, ModelUsed, model_used
-from tools.base import FindingDraft, Measurement, ToolContext, ToolError
+from agent.analysis.learned import LearnedInput, LearnedTool, ModelUsed, model_used
+from agent.core.state import ArtifactRef, ImageView
+from agent.core.tool import FindingDraft, Measurement, ToolContext, ToolError
+from agent.store.models import ModelCard
 
 ADAPTER = "organ_unet"
 MIN_FRACTION = 5e-4  # an organ is present when its area is at least 0.05 % of the picture (as the card's figures)
@@ -145,8 +145,8 @@ def refine_outlines(pic: np.ndarray, labels_map: np.ndarray, labels: list[str], 
 
     When LiteMedSAM cannot run (package or weights missing, wrong sha256), the U-Net's outlines stay and a note says
     why; nothing is hidden."""
+    from agent.analysis.organ_net import gray8, refine
     from tools import litemedsam
-    from tools._organ_net import gray8, refine
 
     targets = {labels.index(lab) + 1: m for lab, m in REFINE.items() if lab in labels}
     targets = {i: m for i, m in targets.items() if (labels_map == i).any()}
@@ -186,13 +186,13 @@ class OrganSegment(LearnedTool):
     Output = OrganOutput
 
     def build(self, card: ModelCard, path: Path) -> Any:
-        from tools._organ_net import load_net
+        from agent.analysis.organ_net import load_net
 
         return load_net(card.input, path)
 
     def run(self, ctx: ToolContext, inp: OrganInput) -> OrganOutput:
-        from tools._organ_net import WORK_PX, body_mask, predict, sides
-        from tools.imaging import is_rgb, looks_like_hu, picture, to_uint8
+        from agent.analysis.display import is_rgb, looks_like_hu, picture, to_uint8
+        from agent.analysis.organ_net import WORK_PX, body_mask, predict, sides
 
         view = self.usable_view(ctx, inp.view)
         card = self.pick(view, inp.model)

@@ -37,12 +37,12 @@ from skimage.filters import gaussian, threshold_otsu
 from skimage.measure import find_contours, regionprops
 from skimage.segmentation import find_boundaries
 
-from agent.state import ImageView
-from tools._masks import border as _border
-from tools._masks import clean as _clean
-from tools._masks import vignette as _vignette
-from tools.base import FindingDraft, Measurement, Tool, ToolContext, ToolError, ToolInput
-from tools.imaging import bbox_to_px, is_rgb, to_uint8
+from agent.analysis.display import bbox_to_px, is_rgb, to_uint8
+from agent.analysis.masks import border as _border
+from agent.analysis.masks import clean as _clean
+from agent.analysis.masks import vignette as _vignette
+from agent.core.state import ImageView
+from agent.core.tool import FindingDraft, Measurement, Tool, ToolContext, ToolError, ToolInput
 
 WORK_PX = 1024
 

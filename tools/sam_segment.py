@@ -1,6 +1,6 @@
 """sam_segment: segment-anything (SAM) or MedSAM checkpoints from the user's model store, prompted by boxes or points.
 
-Adapter for model cards with `adapter: sam`, `kind: segment` (agent/models.py; `dxagent models add CARD.yaml`). The
+Adapter for model cards with `adapter: sam`, `kind: segment` (agent/store/models.py; `dxagent models add CARD.yaml`). The
 card's weights are a segment-anything checkpoint (a state_dict .pth: Meta's sam_vit_b/l/h, or MedSAM's medsam_vit_b,
 which loads the same way). The card's `input` says which:
 
@@ -47,11 +47,11 @@ from pydantic import BaseModel, Field, model_validator
 from skimage.measure import regionprops
 from skimage.segmentation import find_boundaries
 
-from agent.models import ModelCard
-from agent.state import ImageView
-from tools._learned import LearnedInput, LearnedTool, ModelUsed, boxes_from_evidence, device, model_used
-from tools.base import FindingDraft, Measurement, ToolContext, ToolError
-from tools.imaging import bbox_to_px, picture
+from agent.analysis.display import bbox_to_px, picture
+from agent.analysis.learned import LearnedInput, LearnedTool, ModelUsed, boxes_from_evidence, device, model_used
+from agent.core.state import ImageView
+from agent.core.tool import FindingDraft, Measurement, ToolContext, ToolError
+from agent.store.models import ModelCard
 from tools.litemedsam import CT_WINDOWS, to_rgb8
 
 REGISTRY = {"vit_b": (768, 12, 12, [2, 5, 8, 11]), "vit_l": (1024, 24, 16, [5, 11, 17, 23]),

@@ -2,7 +2,7 @@
 
 What: embeds the view (a volume's middle slice) with the encoder that built the case library
 (`dxagent library build`; default handcrafted colour/intensity/GLCM/LBP/HOG features, see
-agent/library.py) and returns the k nearest library cases by cosine similarity (faiss inner
+agent/index/library.py) and returns the k nearest library cases by cosine similarity (faiss inner
 product on L2-normalised vectors), restricted to the view's modality family (DX/CR/RG/DR are one
 family, every other code its own) when the library holds any case of it. Each neighbour comes with
 its labels, source, modality and similarity; a vote counts each label once per neighbour ("7 of the
@@ -35,7 +35,10 @@ from collections import Counter
 
 from pydantic import BaseModel, Field
 
-from agent.library import (
+from agent.analysis.display import is_rgb
+from agent.core.state import ImageView
+from agent.core.tool import FindingDraft, Tool, ToolContext, ToolError, ToolInput
+from agent.index.library import (
     LibraryError,
     card_problem,
     default_library_dir,
@@ -44,9 +47,6 @@ from agent.library import (
     modality_family,
     open_library,
 )
-from agent.state import ImageView
-from tools.base import FindingDraft, Tool, ToolContext, ToolError, ToolInput
-from tools.imaging import is_rgb
 
 
 class SimilarInput(ToolInput):

@@ -88,9 +88,9 @@ from pydantic import BaseModel, Field
 from skimage.color import rgb2gray
 from skimage.segmentation import find_boundaries
 
-from agent.state import ArtifactRef, ImageView
-from tools.base import FindingDraft, Measurement, Tool, ToolContext, ToolError, ToolInput
-from tools.imaging import bbox_to_px, is_rgb, looks_like_hu, to_uint8
+from agent.analysis.display import bbox_to_px, is_rgb, looks_like_hu, to_uint8
+from agent.core.state import ArtifactRef, ImageView
+from agent.core.tool import FindingDraft, Measurement, Tool, ToolContext, ToolError, ToolInput
 from tools.measure_roi import shrink_for_display
 
 MIN_ROI_VOXELS = 16

@@ -2,7 +2,7 @@
 region of it; its answer, and the yes/no probability where the endpoint returns token log-probabilities, become
 evidence with the model named.
 
-The endpoint is the one named `vlm` (agent/endpoints.py: `[endpoints.vlm]` in endpoints.toml, or
+The endpoint is the one named `vlm` (agent/llm/endpoints.py: `[endpoints.vlm]` in endpoints.toml, or
 DXAGENT_VLM_BASE_URL / _MODEL / _API_KEY / _VISION=1); without it, or when it is not declared vision-capable, the tool
 does not apply and says why. The picture is the view's 2D rendering (CT in a soft-tissue window, the region cut out
 with a 10 % margin when `bbox` is given, downscaled to the endpoint's image_max_px, corners blacked out with
@@ -23,7 +23,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from tools.base import FindingDraft, Tool, ToolContext, ToolError, ToolInput
+from agent.core.tool import FindingDraft, Tool, ToolContext, ToolError, ToolInput
 
 MARGIN = 0.1
 SYSTEM = ("You answer one focused question about a medical image for research (not for diagnosis). Answer in one short "
@@ -55,7 +55,7 @@ class VlmOutput(BaseModel):
 
 
 def _endpoint() -> Any:
-    from agent.endpoints import EndpointError, load
+    from agent.llm.endpoints import EndpointError, load
 
     try:
         ep = load("vlm")
@@ -135,10 +135,10 @@ class VlmAsk(Tool):
         return self.available() or super().applicable(view)
 
     def run(self, ctx: ToolContext, inp: VlmInput) -> VlmOutput:
-        from agent.llm import public_url
-        from agent.planner import as_data
-        from agent.vision import content, data_url, render
-        from tools.imaging import bbox_to_px, is_rgb
+        from agent.analysis.display import bbox_to_px, is_rgb
+        from agent.core.untrusted import as_data
+        from agent.llm.backends import public_url
+        from agent.llm.pictures import content, data_url, render
 
         ep = _endpoint()
         if isinstance(ep, str):

@@ -13,9 +13,9 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, Field
 
-from agent.state import ImageView
-from tools.base import Tool, ToolContext, ToolError, ToolInput
-from tools.imaging import display_slice, is_rgb, looks_like_hu
+from agent.analysis.display import display_slice, is_rgb, looks_like_hu
+from agent.core.state import ImageView
+from agent.core.tool import Tool, ToolContext, ToolError, ToolInput
 
 PRESETS: dict[str, tuple[float, float]] = {
     "lung": (-600.0, 1500.0),

@@ -1,6 +1,6 @@
 """xrv_classify: a TorchXRayVision DenseNet chest X-ray classifier from the user's model store.
 
-Adapter for model cards with `adapter: torchxrayvision` (agent/models.py; `dxagent models add CARD.yaml`). The
+Adapter for model cards with `adapter: torchxrayvision` (agent/store/models.py; `dxagent models add CARD.yaml`). The
 card names the weights (a state_dict file; its sha256 is checked before every load), the labels in the order of
 the network's outputs, and optionally `input: {resolution: 224}` (and `block_config`, `growth_rate`,
 `num_init_features` for a DenseNet other than the default DenseNet-121). Nothing is downloaded: the network is built
@@ -11,7 +11,7 @@ Method (TorchXRayVision's own preprocessing): the radiograph's gray values to 8 
 (default 224), one channel; the network's logits through a sigmoid. Every label's probability is kept: no
 threshold turns them into yes/no, so the report shows probabilities, not diagnoses.
 
-Loading (tools/_learned.py): lazy, once per process per (weights, sha256), thread-safe; CUDA when present, else CPU.
+Loading (agent/analysis/learned.py): lazy, once per process per (weights, sha256), thread-safe; CUDA when present, else CPU.
 
 Limitations: only as good as the user's weights and their card; frontal radiographs only; probabilities of a
 model trained elsewhere are not calibrated for this data. Validation: the card's own figures (shown by
@@ -27,11 +27,11 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel
 
-from agent.models import ModelCard
-from agent.state import ImageView
-from tools._learned import LearnedInput, LearnedTool, ModelUsed, model_used
-from tools.base import FindingDraft, ToolContext
-from tools.imaging import to_uint8
+from agent.analysis.display import to_uint8
+from agent.analysis.learned import LearnedInput, LearnedTool, ModelUsed, model_used
+from agent.core.state import ImageView
+from agent.core.tool import FindingDraft, ToolContext
+from agent.store.models import ModelCard
 
 
 def preprocess(img: np.ndarray, resolution: int) -> np.ndarray:
@@ -125,6 +125,6 @@ class XrvClassify(LearnedTool):
 
 
 def _device() -> str:
-    from tools._learned import device
+    from agent.analysis.learned import device
 
     return device()

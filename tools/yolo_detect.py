@@ -1,6 +1,6 @@
 """yolo_detect: an Ultralytics YOLO object detector from the user's model store.
 
-Adapter for model cards with `adapter: yolo`, `kind: detect` (agent/models.py; `dxagent models add CARD.yaml`). The
+Adapter for model cards with `adapter: yolo`, `kind: detect` (agent/store/models.py; `dxagent models add CARD.yaml`). The
 card names the weights (an Ultralytics `.pt` checkpoint the user trained; its sha256 is checked before every load),
 the labels in class-id order (their count must equal the checkpoint's classes), and optionally
 `input: {size: 640, conf: 0.25}` (the inference size, `imgsz`: one side or [rows, cols], and the default
@@ -22,7 +22,7 @@ import, settings `sync` (analytics, crash reports) and the training integrations
 downloaded: the weights are the card's local file. Two process-wide side effects of Ultralytics are undone:
 OMP_NUM_THREADS=1 set at its import, and the torch thread count its device selection sets on every new predictor.
 
-Loading (tools/_learned.py): lazy, once per process per model, thread-safe, sha256 rechecked first; CUDA when present,
+Loading (agent/analysis/learned.py): lazy, once per process per model, thread-safe, sha256 rechecked first; CUDA when present,
 else CPU. One prediction at a time per process (an Ultralytics model keeps its predictor on itself).
 
 Limitations: only as good as the user's weights and card; 2D images only (a 3D volume is not sliced); the boxes are
@@ -43,10 +43,10 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, Field
 
-from agent.models import ModelCard
-from agent.state import ImageView
-from tools._learned import LearnedInput, LearnedTool, ModelUsed, model_used
-from tools.base import USER_ONLY, FindingDraft, Measurement, ToolContext, ToolError
+from agent.analysis.learned import LearnedInput, LearnedTool, ModelUsed, model_used
+from agent.core.state import ImageView
+from agent.core.tool import USER_ONLY, FindingDraft, Measurement, ToolContext, ToolError
+from agent.store.models import ModelCard
 
 DEFAULT_SIZE = 640
 DEFAULT_CONF = 0.25
@@ -260,6 +260,6 @@ def draw_boxes(rgb8: np.ndarray, dets: list[Detection]) -> np.ndarray:
 
 
 def _device() -> str:
-    from tools._learned import device
+    from agent.analysis.learned import device
 
     return device()

@@ -15,7 +15,7 @@ import yaml
 
 def write_card(folder: Path, weights: str, **fields: Any) -> Path:
     """Write `<folder>/card.yaml` for weights (a file or folder under `folder`), with their real sha256."""
-    from agent.models import ModelStore
+    from agent.store.models import ModelStore
 
     sha = ModelStore(folder / ".hash-cache").sha256(folder / weights, fresh=True)
     card = {"license": "test weights made by the project", "intended_use": "tests and benchmarks of the adapter",

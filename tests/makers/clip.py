@@ -8,7 +8,7 @@ text transformer (hidden 32, 2 layers) over a word-level vocabulary of the templ
 `tokenizers` library; saved as tokenizer.json through PreTrainedTokenizerFast). Training: AdamW, batches of
 `groups` × (one picture per class), the family's own loss on each group's 3×3 image-prompt logits (CLIP: the
 symmetric cross-entropy; SigLIP: the pairwise sigmoid loss), the pictures through the same preprocessing as the
-tool (tools.clip_classify.to_rgb8, then the saved image processor). The zero-shot accuracy on `held_out` fresh
+tool (agent.analysis.clip.to_rgb8, then the saved image processor). The zero-shot accuracy on `held_out` fresh
 pictures (another seed) is measured after training and written into the card's validation.
 """
 
@@ -93,7 +93,7 @@ def _model(family: str, vocab: int):
 def _pixels(proc, pictures: list[np.ndarray]):
     from PIL import Image
 
-    from tools.clip_classify import to_rgb8
+    from agent.analysis.clip import to_rgb8
 
     return proc(images=[Image.fromarray(to_rgb8(p, False)[0]) for p in pictures], return_tensors="pt")["pixel_values"]
 
@@ -101,7 +101,7 @@ def _pixels(proc, pictures: list[np.ndarray]):
 def _features(model, pixel_values, text):
     import torch.nn.functional as F
 
-    from tools.clip_classify import pooled
+    from agent.analysis.clip import pooled
 
     img = F.normalize(pooled(model.get_image_features(pixel_values=pixel_values)), dim=-1)
     txt = F.normalize(pooled(model.get_text_features(**text)), dim=-1)

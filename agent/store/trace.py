@@ -1,0 +1,425 @@
+"""Trace store (sqlmodel): a run row, a hash-chained event per node step / LLM call / tool call,
+and an artifact row per file. A SQLite file by default; any SQLAlchemy database URL works.
+
+Enough is recorded to replay a run without any model: every LLM request and response (messages,
+parameters, model id, token counts, latency, candidate scores) and every tool input and output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import socket
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import event as sa_event
+from sqlalchemy import inspect, text
+from sqlmodel import Field, Session, SQLModel, create_engine, select
+
+from agent.core.files import sha256_text
+from agent.core.state import ArtifactRef
+
+GENESIS = "0" * 64
+CHAIN_VERSION = 2  # 2: an event's hash also covers its timestamp; rows written before have chain NULL (= 1)
+KEY_ENV = "DXAGENT_TRACE_KEY"  # set it to seal runs with HMAC-SHA256 instead of plain SHA-256
+
+
+def canonical(obj: Any) -> str:
+    """The stored form of a payload: compact JSON that keeps key order. Order is part of what happened (a tool's
+    dict of classes is reported in its order), so replay must see it as the run did; json.loads keeps it, so
+    re-serialising a parsed payload gives back the same text and hash."""
+    return json.dumps(obj, separators=(",", ":"), default=str, ensure_ascii=False)
+
+
+class Run(SQLModel, table=True):
+    id: str = Field(primary_key=True)
+    case_id: str = Field(index=True)
+    created_at: str
+    finished_at: str | None = None
+    status: str = "running"  # running | done | failed | cancelled | idle (chat) | interrupted (its process died)
+    question: str = ""
+    llm: str = ""  # model id
+    planner_mode: str = ""
+    inputs_sha256: str = ""  # sha256 of the input files, never their paths
+    versions: str = "{}"  # JSON
+    report: str | None = None  # JSON
+    error: str | None = None
+    settings: str = "{}"  # JSON: what --rerun needs (budget, hints, llm kind); never the input paths
+    # the seal, written when the run finishes: the chain head and length, and a digest over the whole row, so a
+    # deleted last event, an appended event or an edited report is caught (with DXAGENT_TRACE_KEY: an HMAC)
+    chain: int | None = None
+    n_events: int | None = None
+    head_hash: str | None = None
+    seal_alg: str | None = None
+    seal: str | None = None
+    owner: str | None = None  # "host:pid" of the process writing the run while it runs (not sealed)
+
+
+def _owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True
+    return True
+
+
+class Event(SQLModel, table=True):
+    id: int | None = Field(default=None, primary_key=True)
+    run_id: str = Field(index=True, foreign_key="run.id")
+    seq: int
+    kind: str  # node | llm | tool | note
+    node: str
+    name: str
+    payload: str  # canonical JSON
+    payload_sha256: str
+    prev_hash: str
+    hash: str
+    t: float
+
+
+class Artifact(SQLModel, table=True):
+    sha256: str = Field(primary_key=True)
+    kind: str
+    media_type: str
+    path: str  # relative to the artifact root
+    bytes: int
+
+
+def event_hash(prev_hash: str, run_id: str, seq: int, kind: str, node: str, name: str, payload_sha256: str,
+               t: float | None = None) -> str:
+    fields: list[Any] = [prev_hash, run_id, seq, kind, node, name, payload_sha256]
+    return sha256_text(canonical(fields if t is None else fields + [repr(float(t))]))
+
+
+SEALED_FIELDS = ("id", "case_id", "created_at", "finished_at", "status", "question", "llm", "planner_mode",
+                 "inputs_sha256", "versions", "report", "error", "settings", "chain", "n_events", "head_hash")
+
+
+def seal_of(run: dict[str, Any], alg: str, key: str | None = None) -> str:
+    """The digest over a run row's fields (SEALED_FIELDS); alg is "sha256" or "hmac-sha256" (needs the key)."""
+    body = canonical([run.get(f) for f in SEALED_FIELDS]).encode()
+    if alg == "hmac-sha256":
+        if not key:
+            raise KeyError(f"this run is sealed with a key: set {KEY_ENV} to check its seal")
+        return hmac.new(key.encode(), body, hashlib.sha256).hexdigest()
+    return hashlib.sha256(body).hexdigest()
+
+
+class TraceStore:
+    """Writes one run's events; each event's hash chains the previous one."""
+
+    def __init__(self, url: str | None = None, root: str | Path = "traces"):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.url = url or f"sqlite:///{self.root / 'dxagent.sqlite'}"
+        self.engine = create_engine(self.url)
+        if self.url.startswith("sqlite"):
+            @sa_event.listens_for(self.engine, "connect")
+            def _wal(dbapi_conn, _):  # concurrent readers while a run writes
+                dbapi_conn.execute("PRAGMA journal_mode=WAL")
+                dbapi_conn.execute("PRAGMA busy_timeout=30000")
+        SQLModel.metadata.create_all(self.engine)
+        self._migrate()
+        self._lock = threading.Lock()
+
+    def _migrate(self) -> None:
+        """Add the columns a newer version introduced to a trace database an older version created."""
+        have = {c["name"] for c in inspect(self.engine).get_columns("run")}
+        missing = [c for c in Run.__table__.columns if c.name not in have]
+        with self.engine.begin() as conn:
+            for col in missing:
+                conn.execute(text(f"ALTER TABLE run ADD COLUMN {col.name} {col.type.compile(self.engine.dialect)}"))
+
+    # -- runs -------------------------------------------------------------------------------
+    def start_run(self, run_id: str, case_id: str, question: str, llm: str, planner_mode: str,
+                  inputs_sha256: str, versions: dict[str, Any], settings: dict[str, Any] | None = None) -> None:
+        with Session(self.engine) as s:
+            if s.get(Run, run_id) is not None:
+                return  # resuming: keep the original row
+            s.add(Run(id=run_id, case_id=case_id, created_at=datetime.now(UTC).isoformat(), question=question,
+                      llm=llm, planner_mode=planner_mode, inputs_sha256=inputs_sha256,
+                      versions=canonical(versions), settings=canonical(settings or {}), chain=CHAIN_VERSION,
+                      owner=_owner()))
+            s.commit()
+
+    def finish_run(self, run_id: str, status: str, report: dict | None = None, error: str | None = None) -> None:
+        """Mark the run finished and seal it: chain length and head, then a digest over the row."""
+        with self._lock, Session(self.engine) as s:
+            run = s.get(Run, run_id)
+            if run is None:
+                return
+            run.status, run.error = status, error
+            run.finished_at = datetime.now(UTC).isoformat()
+            if report is not None:
+                run.report = canonical(report)
+            self._seal(s, run)
+
+    def reopen(self, run_id: str) -> None:
+        """A finished run gets more events (a chat thread's next turn): running and unsealed until it finishes."""
+        with self._lock, Session(self.engine) as s:
+            run = s.get(Run, run_id)
+            if run is not None:
+                run.status, run.n_events, run.head_hash, run.seal_alg, run.seal = "running", None, None, None, None
+                run.owner = _owner()
+                s.add(run)
+                s.commit()
+
+    def mark_interrupted(self) -> list[str]:
+        """Runs left "running" by a process of this host that no longer exists (killed, crashed, machine reset) become
+        "interrupted", sealed as they are; returns their ids. Runs of other hosts or of live processes are left."""
+        host = socket.gethostname()
+        with Session(self.engine) as s:
+            stale = [r.id for r in s.exec(select(Run).where(Run.status == "running"))
+                     if (r.owner or "").rpartition(":")[0] == host and r.owner.rpartition(":")[2].isdigit()
+                     and not _alive(int(r.owner.rpartition(":")[2]))]
+        for run_id in stale:
+            self.finish_run(run_id, "interrupted", error="the process running it ended before it finished (killed "
+                                                         "or crashed); resume it with --resume")
+        return stale
+
+    def reseal(self, run_id: str) -> None:
+        """Seal again after events were added to a finished run, keeping its status."""
+        with self._lock, Session(self.engine) as s:
+            run = s.get(Run, run_id)
+            if run is not None and run.status != "running":
+                self._seal(s, run)
+
+    def _seal(self, s: Session, run: Run) -> None:
+        last = s.exec(select(Event).where(Event.run_id == run.id).order_by(Event.seq.desc()).limit(1)).first()
+        run.n_events = 0 if last is None else last.seq + 1
+        run.head_hash = GENESIS if last is None else last.hash
+        key = os.environ.get(KEY_ENV) or None
+        run.seal_alg = "hmac-sha256" if key else "sha256"
+        run.seal = seal_of(run.model_dump(), run.seal_alg, key)
+        s.add(run)
+        s.commit()
+
+    def get_run(self, run_id: str) -> Run | None:
+        with Session(self.engine) as s:
+            return s.get(Run, run_id)
+
+    def runs(self, limit: int = 50, status: str | None = None) -> list[Run]:
+        with Session(self.engine) as s:
+            q = select(Run) if status is None else select(Run).where(Run.status == status)
+            return list(s.exec(q.order_by(Run.created_at.desc()).limit(limit)))
+
+    # -- events -----------------------------------------------------------------------------
+    def record(self, run_id: str, kind: str, node: str, name: str, payload: dict[str, Any]) -> Event:
+        body = canonical(payload)
+        psha = sha256_text(body)
+        with self._lock, Session(self.engine) as s:
+            last = s.exec(select(Event).where(Event.run_id == run_id).order_by(Event.seq.desc()).limit(1)).first()
+            seq = 0 if last is None else last.seq + 1
+            prev = GENESIS if last is None else last.hash
+            t = time.time()
+            ev = Event(run_id=run_id, seq=seq, kind=kind, node=node, name=name, payload=body, payload_sha256=psha,
+                       prev_hash=prev, hash=event_hash(prev, run_id, seq, kind, node, name, psha, t), t=t)
+            s.add(ev)
+            s.commit()
+            s.refresh(ev)
+            return ev
+
+    def events(self, run_id: str, kind: str | None = None) -> list[Event]:
+        with Session(self.engine) as s:
+            q = select(Event).where(Event.run_id == run_id)
+            if kind:
+                q = q.where(Event.kind == kind)
+            return list(s.exec(q.order_by(Event.seq)))
+
+    def add_artifact(self, ref: ArtifactRef, nbytes: int) -> None:
+        with self._lock, Session(self.engine) as s:
+            if s.get(Artifact, ref.sha256) is None:
+                s.add(Artifact(sha256=ref.sha256, kind=ref.kind, media_type=ref.media_type, path=ref.path,
+                               bytes=nbytes))
+                s.commit()
+
+    def artifacts(self, shas: list[str]) -> dict[str, Artifact]:
+        with Session(self.engine) as s:
+            return {a.sha256: a for a in s.exec(select(Artifact).where(Artifact.sha256.in_(shas)))}
+
+    def dump(self, run_id: str) -> dict[str, Any]:
+        """One run as a self-describing dict (the `trace export` JSON): the run row, every event with its hashes
+        and parsed payload, and the artifact rows the events refer to."""
+        run = self.get_run(run_id)
+        if run is None:
+            raise KeyError(f"no run {run_id!r} in {self.url}")
+        events = [{"seq": e.seq, "kind": e.kind, "node": e.node, "name": e.name, "t": e.t,
+                   "payload_sha256": e.payload_sha256, "prev_hash": e.prev_hash, "hash": e.hash,
+                   "payload": json.loads(e.payload)} for e in self.events(run_id)]
+        refs = artifact_refs(events)
+        rows = self.artifacts(sorted(refs))
+        arts = [rows[s].model_dump() if s in rows else {**refs[s], "missing_row": True} for s in sorted(refs)]
+        return {"format": EXPORT_FORMAT, "run": run.model_dump(), "events": events, "artifacts": arts}
+
+    def verify_chain(self, run_id: str) -> str | None:
+        """None if the run's events and seal are intact, else the first problem (artifacts not checked)."""
+        problems = verify_dump(self.dump(run_id), None)
+        return problems[0] if problems else None
+
+
+EXPORT_FORMAT = "dxagent-trace/1"
+
+
+def artifact_refs(events: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Every artifact a run's events refer to: view pixels (intake and derived views), evidence artifacts and the
+    pictures sent to a vision-capable planner."""
+    refs: dict[str, dict[str, Any]] = {}
+    for e in events:
+        p = e["payload"]
+        views = list(p.get("views") or []) + list(p.get("new_views") or [])
+        items = [v.get("pixels") for v in views if isinstance(v, dict)]
+        items += list((p.get("evidence") or {}).get("artifacts") or []) if isinstance(p.get("evidence"), dict) else []
+        request = p.get("request") if isinstance(p.get("request"), dict) else {}
+        items += [i.get("ref") for i in request.get("images") or [] if isinstance(i, dict)]
+        for a in items:
+            if isinstance(a, dict) and a.get("sha256"):
+                refs.setdefault(a["sha256"], {k: a.get(k) for k in ("sha256", "kind", "media_type", "path")})
+    return refs
+
+
+def write_export(dump: dict[str, Any], out_path: str | Path, artifact_root: str | Path | None = None) -> Path:
+    """Write a run's dump as the export JSON; with `artifact_root`, copy its artifact files to artifacts/ beside
+    it, so the file verifies (and renders) on its own."""
+    import shutil
+
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    if artifact_root is not None:
+        for a in dump["artifacts"]:
+            src, dest = Path(artifact_root) / a["path"], out_path.parent / "artifacts" / a["path"]
+            if not src.is_file():
+                raise FileNotFoundError(f"artifact {a['path']} is missing from {artifact_root}")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dest)
+    out_path.write_text(json.dumps(dump, indent=1, ensure_ascii=False) + "\n")
+    return out_path
+
+
+def run_report(run: dict[str, Any]) -> dict[str, Any] | None:
+    """A dumped run row's report (stored as JSON text), parsed."""
+    raw = run.get("report")
+    return json.loads(raw) if isinstance(raw, str) else raw
+
+
+def load_dump(path: str | Path) -> dict[str, Any]:
+    """A trace exported as JSON (`dxagent trace export`); refuses anything else with one line."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not a readable trace export ({type(exc).__name__}: {str(exc)[:80]})") from None
+    if not isinstance(data, dict) or data.get("format") != EXPORT_FORMAT:
+        raise ValueError(f"{path}: not a dxagent trace export (format {EXPORT_FORMAT!r} expected)")
+    return data
+
+
+def verify_dump(dump: dict[str, Any], artifact_root: str | Path | None) -> list[str]:
+    """Every problem with one run's record, in order: an edited, inserted, reordered or deleted event (hash chain
+    plus the seal's length and head), an edited run row (seal), and with `artifact_root` a missing or edited
+    artifact file. An empty list means intact."""
+    run = dump["run"]
+    run_id = run["id"]
+    v1 = run.get("chain") in (None, 1)
+    problems: list[str] = []
+    prev = GENESIS
+    events = dump["events"]
+    for i, ev in enumerate(events):
+        where = f"event {ev.get('seq')} ({ev.get('kind')} {ev.get('name')})"
+        if ev["seq"] != i:
+            problems.append(f"event seq {ev['seq']} where {i} was expected (inserted, deleted or reordered event)")
+            break
+        if sha256_text(canonical(ev["payload"])) != ev["payload_sha256"]:
+            problems.append(f"{where}: payload edited")
+            break
+        want = event_hash(prev, run_id, ev["seq"], ev["kind"], ev["node"], ev["name"], ev["payload_sha256"],
+                          None if v1 else ev["t"])
+        if ev["prev_hash"] != prev or ev["hash"] != want:
+            problems.append(f"{where}: hash chain broken (edited or inserted event)")
+            break
+        prev = ev["hash"]
+    key = os.environ.get(KEY_ENV) or None
+    if run.get("seal") and key and run.get("seal_alg") != "hmac-sha256":
+        problems.append(f"sealed with {run.get('seal_alg')!r}, which anyone can recompute, while {KEY_ENV} is set: "
+                        "only keyed (hmac-sha256) seals are accepted")
+    if run.get("seal"):
+        if run.get("n_events") != len(events) or run.get("head_hash") != prev:
+            problems.append(f"the run was sealed with {run.get('n_events')} events (head {str(run.get('head_hash'))[:12]}) "
+                            f"but {len(events)} are recorded (head {prev[:12]}): events deleted or appended")
+        try:
+            if seal_of(run, run["seal_alg"], key) != run["seal"]:
+                problems.append("run row edited (report, status, question or settings differ from the seal)")
+        except KeyError as exc:
+            problems.append(str(exc.args[0]))
+    elif run.get("status") != "running":
+        problems.append(f"run is {run.get('status')} but not sealed (written by an older dxagent, or the seal removed)")
+    else:  # a record without its seal proves nothing about its end: say so rather than "intact"
+        problems.append(f"incomplete: the run is not sealed ({len(events)} events, no final report) - still running, "
+                        "killed, or truncated")
+    reports = [e["payload"].get("report") for e in events if e["kind"] == "node" and e["name"] == "report"]
+    if run.get("status") == "done" and not reports:
+        problems.append("the run is marked done but has no report event (truncated)")
+    if reports and run.get("report") is not None and canonical(reports[-1]) != run["report"]:
+        problems.append("the run's report differs from the report event")
+    if artifact_root is not None:
+        root = Path(artifact_root)
+        for a in dump.get("artifacts", []):
+            if a.get("missing_row"):
+                problems.append(f"artifact {a['sha256'][:12]}: no row in the artifact table")
+            f = root / a["path"]
+            if not f.is_file():
+                problems.append(f"artifact {a['sha256'][:12]} ({a.get('kind')}): file {a['path']} missing")
+            elif hashlib.sha256(f.read_bytes()).hexdigest() != a["sha256"]:
+                problems.append(f"artifact {a['sha256'][:12]} ({a.get('kind')}): file {a['path']} edited")
+            elif a.get("bytes") is not None and f.stat().st_size != a["bytes"]:
+                problems.append(f"artifact {a['sha256'][:12]}: size differs from its row")
+    return problems
+
+
+def trajectories(dump: dict[str, Any]) -> list[dict[str, Any]]:
+    """The planner's steps as training records (one per LLM decision): the chat messages it saw and what it
+    answered, whether the reply was accepted, the tool result that followed and the critic's verdict after it."""
+    run, events = dump["run"], dump["events"]
+    report = run_report(run)
+    out: list[dict[str, Any]] = []
+    for i, ev in enumerate(events):
+        if ev["kind"] != "llm" or ev["node"] != "think" or ev["name"] != "decision":
+            continue
+        p = ev["payload"]
+        resp = p.get("response") or {}
+        reply: dict[str, Any] = {"role": "assistant", "content": resp.get("content") or ""}
+        if resp.get("tool_calls"):
+            reply["tool_calls"] = [{"type": "function", "function": {"name": c["name"],
+                                                                       "arguments": canonical(c["args"])}}
+                                   for c in resp["tool_calls"]]
+        rec: dict[str, Any] = {
+            "run_id": run["id"], "case_id": run["case_id"], "step": sum(1 for x in out if x["accepted"]) + 1,
+            "attempt": p.get("request", {}).get("attempt", 0), "model": run.get("llm"),
+            "messages": list(p.get("request", {}).get("messages") or []) + [reply],
+            "accepted": p.get("decision") is not None, "rejected": p.get("rejected"),
+            "decision": p.get("decision"), "candidate_scores": p.get("candidate_scores") or {},
+            "observation": None, "critique": None}
+        if rec["accepted"] and (p["decision"] or {}).get("action") == "call":
+            for nxt in events[i + 1:]:
+                if nxt["kind"] == "llm" and nxt["node"] == "think":
+                    break
+                if nxt["kind"] == "tool" and rec["observation"] is None:
+                    e = nxt["payload"]["evidence"]
+                    rec["observation"] = {k: e.get(k) for k in ("id", "tool", "args", "status", "output", "error")}
+                if nxt["kind"] == "node" and nxt["name"] == "critique":
+                    c = nxt["payload"]
+                    rec["critique"] = {k: c.get(k) for k in ("route", "why", "answered", "conflicts", "suggestions")}
+                    break
+        rec["outcome"] = (report or {}).get("recommendation", {}).get("outcome")
+        out.append(rec)
+    return out
