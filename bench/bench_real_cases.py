@@ -29,7 +29,7 @@ DEFAULT_Q = "Describe the findings"
 
 
 def cases(per_source: int) -> list[tuple[str, str, str]]:
-    from agent.app.cli import demo_cases
+    from agent.app.cli.cases import demo_cases
 
     out = [(name, path, q) for name, path, q in demo_cases()]
     if (REALCASES / "cases.jsonl").exists():

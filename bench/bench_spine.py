@@ -39,7 +39,7 @@ def main() -> None:
     ap.add_argument("--llm", default="local")
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
-    from agent.app.cli import demo_cases
+    from agent.app.cli.cases import demo_cases
 
     cases = demo_cases()
     with tempfile.TemporaryDirectory() as td:

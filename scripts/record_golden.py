@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from agent.app.cli import demo_cases  # noqa: E402
+from agent.app.cli.cases import demo_cases  # noqa: E402
 from agent.engine.session import run_case  # noqa: E402
 from agent.store.trace import TraceStore, verify_dump, write_export  # noqa: E402
 

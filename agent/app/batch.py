@@ -35,38 +35,22 @@ import io
 import json
 import os
 import re
-import resource
 import statistics
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.app.executors import CaseSpec, now, prepare_stores, run_local
+from agent.core.errors import ManifestError  # noqa: F401 - re-exported: the manifest readers raise it
 from agent.core.files import write_atomic
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom", ".nii", ".nii.gz", ".mha",
                   ".mhd", ".nrrd")
 PATH_KEYS = ("image", "images", "path", "paths")
 SAFE_ID = re.compile(r"[^A-Za-z0-9._-]+")
-
-
-class ManifestError(ValueError):
-    """The manifest as a whole cannot be read (one line); a bad row is a CaseSpec with an error instead."""
-
-
-@dataclass
-class CaseSpec:
-    case_id: str
-    paths: list[str] = field(default_factory=list)
-    question: str | None = None
-    clinical_context: str = ""
-    modality: str | None = None
-    body_part: str | None = None
-    labels: list[str] = field(default_factory=list)
-    where: str = ""  # "line 3", "row 7", "file x.png": where in the manifest
-    error: str | None = None  # why the case cannot run (invalid)
 
 
 # -- manifests ------------------------------------------------------------------------------------------------------
@@ -232,91 +216,6 @@ def _check(root: Path, specs: list[CaseSpec]) -> list[CaseSpec]:
     return specs
 
 
-# -- one case (runs in a worker) --------------------------------------------------------------------------------------
-def _now() -> str:
-    """UTC time with microseconds, always the same width: records of one case order by this string."""
-    from datetime import UTC, datetime
-
-    return datetime.now(UTC).isoformat(timespec="microseconds")
-
-
-def predicted_labels(report: dict[str, Any]) -> list[str]:
-    """Labels the report calls present: a finding present=True, or with probability >= 0.5 (normalised keys)."""
-    from agent.engine.critic import label_key
-
-    out = set()
-    for f in report.get("findings", []):
-        p = f.get("probability")
-        if f.get("present") is True or (isinstance(p, int | float) and p >= 0.5):
-            out.add(label_key(f.get("label", "")))
-    return sorted(x for x in out if x)
-
-
-def run_one(spec: dict[str, Any], opts: dict[str, Any]) -> dict[str, Any]:
-    """Run one case and write its report and result.json; returns the record. Never raises for a case's failure."""
-    from agent.engine.report import to_markdown
-    from agent.engine.session import DxError, run_case
-    from agent.llm.backends import LLMUnavailable
-
-    s = CaseSpec(**spec)
-    out = Path(opts["out"])
-    case_dir = out / "cases" / s.case_id
-    rec: dict[str, Any] = {"case_id": s.case_id, "status": "failed", "run_id": None, "modality": None,
-                           "outcome": None, "findings": 0, "seconds": 0.0, "error": None, "labels": s.labels,
-                           "predicted": [], "where": s.where, "worker": os.getpid()}
-    t0 = time.perf_counter()
-    try:
-        res = run_case(s.paths, s.question or opts.get("question"), llm=opts.get("llm", "local"),
-                       base_url=opts.get("base_url"), model=opts.get("model"), api_key=opts.get("api_key"),
-                       trace_dir=out / "traces", db_url=opts.get("db_url"), max_steps=opts.get("max_steps", 6),
-                       max_wall_s=opts.get("max_wall_s", 300.0), modality=s.modality or opts.get("modality"),
-                       body_part=s.body_part, clinical_context=s.clinical_context, script=opts.get("script"))
-        report = res.report or {}
-        write_atomic(case_dir / "report.json", json.dumps(report, indent=2))
-        write_atomic(case_dir / "report.md", to_markdown(report))
-        rec.update(status="done", run_id=res.run_id, modality=report.get("study", {}).get("modality"),
-                   outcome=report.get("recommendation", {}).get("outcome"), findings=len(report.get("findings", [])),
-                   predicted=predicted_labels(report), report=f"cases/{s.case_id}/report.json",
-                   answer_kind=(report.get("answer") or {}).get("kind"), answer=(report.get("answer") or {}).get("text"),
-                   abstain_reason=(report.get("answer") or {}).get("reason"))
-    except (DxError, LLMUnavailable) as exc:
-        rec["error"] = str(exc)
-    except Exception as exc:  # a case never stops the batch
-        rec["error"] = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
-    rec["seconds"] = round(time.perf_counter() - t0, 3)
-    rec["worker_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    rec["finished_at"] = _now()
-    write_atomic(case_dir / "result.json", json.dumps(rec))
-    return rec
-
-
-def init_worker(threads: int, llm: str) -> None:
-    """Per worker process: its share of the cores, and the planner model and tools loaded once."""
-    os.environ["DXAGENT_THREADS"] = str(threads)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        import torch
-
-        torch.set_num_threads(threads)
-    except ImportError:  # pragma: no cover
-        pass
-    from agent.engine.session import tools
-
-    registry = tools()
-    if llm in ("local", "tiny"):
-        from langchain_core.messages import HumanMessage, SystemMessage
-
-        from agent.engine.planner import Planner
-        from agent.llm.backends import make_llm
-
-        try:  # load the GGUF and prefill the (static) system prompt now, once per worker: llama.cpp reuses its KV
-            chat, model_id, mode = make_llm(llm)
-            system = Planner(chat, model_id, mode).system_prompt(list(registry.values()))
-            chat.invoke([SystemMessage(system), HumanMessage("ok")], max_tokens=1)
-        except Exception:  # the cases will report it, one line each
-            pass
-
-
 # -- the batch ------------------------------------------------------------------------------------------------------
 def _records(path: Path) -> Iterator[dict[str, Any]]:
     if not path.exists():
@@ -435,7 +334,7 @@ def run_batch(manifest: str | Path, out: str | Path, *, root: str | Path | None 
                                                   "cases": len(specs), "options": {
                                                       **{k: v for k, v in opts.items() if k not in ("api_key", "script")},
                                                       "base_url": public_url(base_url) if base_url else None},
-                                                  "started": _now()}, indent=2))
+                                                  "started": now()}, indent=2))
     done = {cid for cid, r in latest.items() if r.get("status") == "done" and (out / "cases" / cid / "result.json").exists()}
     todo = [s for s in specs if s.case_id not in done]
     skipped = len(specs) - len(todo)
@@ -449,12 +348,12 @@ def run_batch(manifest: str | Path, out: str | Path, *, root: str | Path | None 
         if on_case:
             on_case(rec)
 
-    _prepare_stores(out, db_url)
+    prepare_stores(out, db_url)
     runnable = []
     for s in todo:
         if s.error:
             finish({"case_id": s.case_id, "status": "invalid", "error": s.error, "where": s.where, "labels": s.labels,
-                    "seconds": 0.0, "finished_at": _now()})
+                    "seconds": 0.0, "finished_at": now()})
         else:
             runnable.append(s)
     if runnable:
@@ -463,7 +362,7 @@ def run_batch(manifest: str | Path, out: str | Path, *, root: str | Path | None 
 
             run_on_ray(runnable, opts, workers, finish)
         elif executor == "local":
-            _run_local(runnable, opts, workers, finish)
+            run_local(runnable, opts, workers, finish)
         else:
             raise ManifestError(f"unknown executor {executor!r}: local or ray")
     wall = time.perf_counter() - t0
@@ -479,74 +378,6 @@ def run_batch(manifest: str | Path, out: str | Path, *, root: str | Path | None 
                         counts=Counter(r.get("status") for r in final),
                         by_modality=Counter(r.get("modality") or "?" for r in final if r.get("status") == "done"),
                         seconds=[float(r.get("seconds") or 0) for r in ran], wall_s=wall, agreement=agree)
-
-
-def _prepare_stores(out: Path, db_url: str | None) -> None:
-    """Create the trace and checkpoint databases (tables, WAL) before the workers start, so that no two workers race
-    to create them."""
-    from agent.engine.graph import sqlite_checkpointer
-    from agent.store.trace import TraceStore
-
-    TraceStore(db_url, out / "traces").engine.dispose()
-    saver = sqlite_checkpointer(out / "traces" / "checkpoints.sqlite")
-    saver.setup()
-    saver.conn.close()
-
-
-def _run_local(specs: list[Any], opts: dict[str, Any], workers: int, finish: Callable[[dict], None],
-               fn: Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]] = run_one) -> None:
-    """Run `fn(asdict(spec), opts)` for every spec in `workers` spawned processes; `finish` gets each record (a
-    worker that dies: its cases are retried once, then recorded as failed). `eval` passes its own `fn`."""
-    import multiprocessing as mp
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-    from concurrent.futures.process import BrokenProcessPool
-
-    workers = max(1, min(workers, len(specs)))
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    pending = list(specs)
-    lost: Counter = Counter()  # cases in flight when a worker died: retried once, then recorded as failed
-    ctx = mp.get_context("spawn")  # llama.cpp and torch do not survive fork
-    while pending:
-        pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=init_worker,
-                                   initargs=(threads, opts.get("llm", "local")))
-        running: dict[Any, CaseSpec] = {}
-        broken = False
-        try:
-            while (pending or running) and not broken:
-                while pending and len(running) < workers * 2:  # a small queue keeps every worker busy
-                    spec = pending.pop(0)
-                    running[pool.submit(fn, asdict(spec), opts)] = spec
-                finished, _ = wait(running, return_when=FIRST_COMPLETED)
-                for fut in finished:
-                    try:
-                        rec = fut.result()
-                    except BrokenProcessPool:
-                        broken = True
-                        continue
-                    except Exception as exc:  # pragma: no cover - run_one catches the case's own errors
-                        rec = _failed(running[fut], f"{type(exc).__name__}: {exc}")
-                    finish(rec)
-                    del running[fut]
-        finally:
-            pool.shutdown(wait=not broken, cancel_futures=True)
-        if broken:  # a worker died (killed, out of memory, a crash in native code): which case did it is unknown
-            for spec in running.values():
-                retry_or_fail(spec, lost, pending, finish, "worker process")
-
-
-def retry_or_fail(spec: CaseSpec, lost: Counter, pending: list[CaseSpec], finish: Callable[[dict], None],
-                  who: str) -> None:
-    """A case whose worker died: back to the front of the queue once; the second time, recorded as failed."""
-    lost[spec.case_id] += 1
-    if lost[spec.case_id] >= 2:
-        finish(_failed(spec, f"the {who} running this case died twice (killed, out of memory or a crash in native code)"))
-    else:
-        pending.insert(0, spec)
-
-
-def _failed(s: CaseSpec, error: str) -> dict[str, Any]:
-    return {"case_id": s.case_id, "status": "failed", "error": " ".join(error.split())[:300], "where": s.where,
-            "labels": s.labels, "seconds": 0.0, "finished_at": _now()}
 
 
 def timing_line(summary: BatchSummary) -> str:

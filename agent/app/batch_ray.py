@@ -1,9 +1,9 @@
 """`dxagent batch --executor ray`: the same cases on a Ray cluster (`pip install 'dxagent[ray]'`).
 
 With $RAY_ADDRESS set (or a cluster started with `ray start`), the batch joins that cluster; otherwise it starts a
-local Ray instance on this machine's cores. Each worker is a Ray actor that runs `agent.app.batch.init_worker` once
+local Ray instance on this machine's cores. Each worker is a Ray actor that runs `agent.app.executors.init_worker` once
 (the planner model loaded and its system prompt prefilled, the tools discovered) and then one case at a time with
-`agent.app.batch.run_one`, exactly as a local worker process does, so reports, result.json files and the resume rules
+`agent.app.executors.run_one`, exactly as a local worker process does, so reports, result.json files and the resume rules
 are the same. An actor that dies is replaced; its case is retried once and then recorded as failed.
 
 Shared state: every worker writes its case's files under --out and its trace events to the trace store. On one
@@ -20,19 +20,19 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
-from agent.app.batch import CaseSpec, _failed, retry_or_fail
+from agent.app.executors import CaseSpec, failed_record, retry_or_fail
 
 
 def run_on_ray(specs: list[CaseSpec], opts: dict[str, Any], workers: int, finish: Callable[[dict], None]) -> None:
     try:
         import ray
     except ImportError:
-        from agent.app.batch import ManifestError
+        from agent.core.errors import ManifestError
 
         raise ManifestError("the ray executor needs Ray: pip install 'dxagent[ray]'") from None
     from ray.exceptions import RayActorError, WorkerCrashedError
 
-    from agent.app.batch import init_worker, run_one
+    from agent.app.executors import init_worker, run_one
 
     started_here = False
     if not ray.is_initialized():
@@ -76,7 +76,7 @@ def run_on_ray(specs: list[CaseSpec], opts: dict[str, Any], workers: int, finish
                     retry_or_fail(spec, lost, pending, finish, "Ray worker")
                     idle.append(new_actor())
                 except Exception as exc:  # pragma: no cover - run_one catches the case's own errors
-                    finish(_failed(spec, f"{type(exc).__name__}: {exc}"))
+                    finish(failed_record(spec, f"{type(exc).__name__}: {exc}"))
                     idle.append(actor)
     finally:
         if started_here:

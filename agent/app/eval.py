@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.app.batch import _now, _prepare_stores, _run_local
 from agent.app.eval_data import EvalItem, MajorityBaseline, ManifestError, PriorBaseline, read_eval_manifest, sample_items
+from agent.app.executors import now, prepare_stores, run_local
 from agent.core.files import write_atomic
 
 SYSTEMS = ("agent", "no-tools", "blind", "vlm-only", "prior", "majority")
@@ -227,7 +227,7 @@ def eval_one(spec: dict[str, Any], opts: dict[str, Any]) -> dict[str, Any]:
                 _run_baseline(item, opts, row, with_case=system == "no-tools")
         except Exception as exc:  # an item never stops the eval
             row.update(status="failed", error=" ".join(f"{type(exc).__name__}: {exc}".split())[:300])
-        row.update(seconds=round(time.perf_counter() - t0, 3), finished_at=_now(), worker=os.getpid())
+        row.update(seconds=round(time.perf_counter() - t0, 3), finished_at=now(), worker=os.getpid())
         write_atomic(d / f"{system}.json", json.dumps(row))
         rows.append(row)
     return {"case_id": item.case_id, "status": "done", "rows": rows}
@@ -296,7 +296,7 @@ def run_eval(manifest: str | Path, out: str | Path, *, systems: list[str] | None
     write_atomic(out / "eval.json", json.dumps({"manifest": str(Path(manifest).resolve()), "systems": systems,
                                                  "options": {k: v for k, v in opts.items() if k not in ("api_key", "script")},
                                                  "prior_from": str(prior_from) if prior_from else None,
-                                                 "started": _now()}, indent=2))
+                                                 "started": now()}, indent=2))
     valid = [it for it in items if not it.error]
     invalid = [it for it in items if it.error]
     done = lambda it, s: (out / "items" / it.case_id / f"{s}.json").exists()  # noqa: E731
@@ -317,7 +317,7 @@ def run_eval(manifest: str | Path, out: str | Path, *, systems: list[str] | None
                 row = _question_only(it, s, ref_models[s])
             else:
                 continue
-            row["finished_at"] = _now()
+            row["finished_at"] = now()
             write_atomic(out / "items" / it.case_id / f"{s}.json", json.dumps(row))
             ran += 1
         if it.error and on_item:
@@ -325,11 +325,11 @@ def run_eval(manifest: str | Path, out: str | Path, *, systems: list[str] | None
 
     def finish(rec: dict[str, Any]) -> None:
         nonlocal ran
-        if "rows" not in rec:  # a worker died twice on this item (batch's _failed record)
+        if "rows" not in rec:  # a worker died twice on this item (batch's failed_record record)
             for s in systems:
                 if s in LLM_SYSTEMS and not done(by_id[rec["case_id"]], s):
                     row = _base_row(by_id[rec["case_id"]], s) | {"status": "failed", "error": rec.get("error"),
-                                                                 "finished_at": _now()}
+                                                                 "finished_at": now()}
                     write_atomic(out / "items" / rec["case_id"] / f"{s}.json", json.dumps(row))
             rec = {**rec, "rows": []}
         ran += len(rec["rows"])
@@ -338,8 +338,8 @@ def run_eval(manifest: str | Path, out: str | Path, *, systems: list[str] | None
 
     by_id = {it.case_id: it for it in items}
     if todo_llm:
-        _prepare_stores(out, db_url)
-        _run_local(todo_llm, opts, workers, finish, fn=eval_one)
+        prepare_stores(out, db_url)
+        run_local(todo_llm, opts, workers, finish, fn=eval_one)
     wall = time.perf_counter() - t0
     rows = _read_rows(out, items, systems)
     write_atomic(out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))

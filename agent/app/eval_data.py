@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.app.eval_metrics import normalize_answer
+from agent.core.errors import ManifestError  # noqa: F401 - re-exported: the manifest readers raise it
 
 ID_KEYS = ("case_id", "id", "qid")
 IMAGE_KEYS = ("image", "img_name", "image_name", "image_id", "path")
@@ -42,10 +43,6 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _NO_FINDING = {"no finding", "no findings", "normal", "no tumor", "no tumour", "none", "healthy", "negative",
                "no abnormality", "no abnormalities", "no disease", "no lesion", "benign lung tissue"}
-
-
-class ManifestError(ValueError):
-    """The manifest as a whole is unusable (one-line message); a bad line is an EvalItem with an error instead."""
 
 
 @dataclass

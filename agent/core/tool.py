@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Protocol
 import numpy as np
 from pydantic import BaseModel, Field
 
+from agent.core.errors import DxagentError
 from agent.core.state import ArtifactRef, CaseState, ImageView
 
 # Input fields that hold image coordinates: the planner must take their values from recorded evidence or the
@@ -35,7 +36,7 @@ class ArtifactSink(Protocol):
     def get_array(self, ref: ArtifactRef) -> np.ndarray: ...
 
 
-class ToolError(Exception):
+class ToolError(DxagentError):
     """A tool could not do what was asked; the message goes into the evidence."""
 
 

@@ -23,6 +23,7 @@ from langgraph.graph import END, START, StateGraph
 from pydantic import ValidationError
 
 from agent.analysis.study import study_notes
+from agent.core.errors import ControlSignal
 from agent.core.question import Question
 from agent.core.state import Answer, ArtifactRef, Budget, CaseState, Critique, Decision, Evidence, ImageView, StepLog, Turn
 from agent.core.tool import Tool, ToolContext, ToolError
@@ -129,7 +130,7 @@ class Runtime:
             self.trace.add_artifact(ref, self.store.path(ref).stat().st_size)
 
 
-class TurnCancelled(BaseException):  # noqa: N818 - BaseException: not a failure of the run, nothing records it as one
+class TurnCancelled(ControlSignal):  # not a failure of the run: nothing records it as one
     """The user cancelled: raised before the next node; every completed node's result is checkpointed."""
 
 

@@ -28,6 +28,7 @@ from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import HumanMessage, SystemMessage
 from pydantic import ValidationError
 
+from agent.core.errors import DxagentError
 from agent.core.state import CaseState, Decision, Evidence
 from agent.core.tool import COORDINATE_ARGS, Tool
 from agent.core.untrusted import as_data
@@ -54,7 +55,7 @@ def prompt_versions() -> dict[str, str]:
     return {n: hashlib.sha256(prompt_text(n).encode()).hexdigest()[:12] for n in names}
 
 
-class PlannerError(RuntimeError):
+class PlannerError(DxagentError, RuntimeError):
     """The planner produced no valid decision within its bounds."""
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.core.errors import UserError
 from agent.core.state import Budget, CaseInput, CaseState
 from agent.core.tool import Tool
 from agent.core.untrusted import clean_inputs
@@ -23,7 +24,7 @@ from agent.store.artifacts import ArtifactStore
 from agent.store.trace import TraceStore
 
 
-class DxError(RuntimeError):
+class DxError(UserError, RuntimeError):
     """A user-facing failure: one line, no traceback."""
 
 

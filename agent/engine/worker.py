@@ -29,16 +29,17 @@ import threading
 from multiprocessing.connection import Connection
 from typing import Any
 
+from agent.core.errors import DxagentError
 from agent.store.artifacts import ArtifactStore
 
 STARTUP_S = 180.0  # a worker that is not ready by then (a machine under heavy load) is a failed call
 
 
-class WorkerDied(RuntimeError):
+class WorkerDied(DxagentError, RuntimeError):
     """The tool's worker process ended in the middle of a call."""
 
 
-class ToolCrashed(RuntimeError):
+class ToolCrashed(DxagentError, RuntimeError):
     """The tool raised an exception other than ToolError in the worker: its message is 'Type: text'."""
 
 

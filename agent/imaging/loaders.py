@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
+from agent.core.errors import UserError
 from agent.core.files import sha256_file
 from agent.imaging.deid import body_part_code, dicom_meta
 
@@ -56,7 +57,7 @@ NONFINITE_MAX_FRACTION = 0.01
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 
 
-class ImageLoadError(ValueError):
+class ImageLoadError(UserError, ValueError):
     """An input could not be loaded; the message is one line naming the file and the problem."""
 
 

@@ -67,6 +67,7 @@ from typing import Any
 
 import numpy as np
 
+from agent.core.errors import UserError
 from agent.core.files import cache_root, write_atomic
 
 FORMAT = "dxagent-library/1"
@@ -74,7 +75,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".dicom", ".
 _FAMILIES = {"DX": "xray", "CR": "xray", "RG": "xray", "DR": "xray"}
 
 
-class LibraryError(RuntimeError):
+class LibraryError(UserError, RuntimeError):
     """The library is missing, unreadable, or cannot be built as asked; one line says why."""
 
 

@@ -27,6 +27,7 @@ from langchain_core.messages.utils import convert_to_openai_messages
 from langchain_core.outputs import ChatGeneration, ChatResult
 from pydantic import Field, PrivateAttr
 
+from agent.core.errors import UserError
 from agent.core.files import cache_root, sha256_file
 
 QWEN_FILE = "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
@@ -35,7 +36,7 @@ QWEN_SIZE = 1_117_320_768
 QWEN_PARTS = 22
 
 
-class LLMUnavailable(RuntimeError):
+class LLMUnavailable(UserError, RuntimeError):
     """The chosen LLM backend cannot run here; the message says why and what to do."""
 
 

@@ -44,6 +44,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
+from agent.core.errors import UserError
 from agent.core.files import write_atomic
 
 CHUNK = 1 << 20  # sha256 is computed in 1 MiB chunks
@@ -53,7 +54,7 @@ KINDS = ("segment", "detect", "classify", "embed")
 BUNDLED_DIR = Path(__file__).resolve().parents[2] / "tools" / "models"  # the project's own trained experts
 
 
-class ModelStoreError(RuntimeError):
+class ModelStoreError(UserError, RuntimeError):
     """The store cannot do what was asked (unknown model, name clash, bad or missing weights); one line says why."""
 
 

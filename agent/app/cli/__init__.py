@@ -1,0 +1,30 @@
+"""`dxagent` command line (typer + rich). Research use only.
+
+One module per sub-app: cases.py (run, chat, batch, eval, demo, tools, replay), trace.py, library.py, models.py;
+options.py holds what they share (option definitions declared once, the consoles, the one-line failure).
+"""
+
+from __future__ import annotations
+
+import os
+
+import typer
+
+from agent.app.cli import cases
+from agent.app.cli.library import library_app
+from agent.app.cli.models import models_app
+from agent.app.cli.trace import trace_app
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="dxagent: an agentic diagnostic orchestrator for medical images. RESEARCH USE ONLY.")
+for fn, name in ((cases.run, "run"), (cases.chat, "chat"), (cases.batch, "batch"), (cases.eval_cmd, "eval"),
+                 (cases.demo, "demo"), (cases.list_tools, "tools"), (cases.replay, "replay")):
+    app.command(name)(fn)
+app.add_typer(trace_app, name="trace")
+app.add_typer(library_app, name="library")
+app.add_typer(models_app, name="models")
+
+
+def main() -> None:  # pragma: no cover
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    app()
