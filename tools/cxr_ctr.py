@@ -195,7 +195,7 @@ class CardiothoracicRatio(Tool):
         over.vline(mid, min(rr, lr), max(rr, lr), HEART_COLOUR)
         ctx.save_png(over.rgb, kind="overlay", description=f"{view.id}: CTR {ctr:.2f}; cardiac width magenta (right and left "
                      f"heart borders to the midline), thoracic width cyan, lung fields yellow{over.scale_note}")
-        unit = "mm" if view.spacing_known else "px"
+        unit = view.length_unit
         return CTROutput(
             ctr=round(ctr, 3), cardiac_width=round(cardiac, 2), thoracic_width=round(thoracic, 2), length_unit=unit,
             spacing_known=view.spacing_known, projection=projection, projection_source=source,

@@ -47,7 +47,7 @@ from skimage.segmentation import find_boundaries, watershed
 from skimage.transform import resize
 
 from agent.analysis.display import is_rgb, to_uint8
-from agent.core.state import ImageView
+from agent.core.state import SPACING_UNKNOWN_NOTE, ImageView
 from agent.core.tool import FindingDraft, Measurement, Tool, ToolContext, ToolError, ToolInput
 
 WORK_SIDE = 256  # working resolution (longest side, px); morphology sizes below are tuned to it
@@ -270,7 +270,7 @@ class CXRLungFields(Tool):
         view = self.usable_view(ctx, inp.view)
         gray = gray_image(view, ctx.pixels(inp.view))
         lungs = segment_lungs(gray)
-        spacing = tuple(float(s) for s in view.spacing_mm) if view.spacing_known else (1.0, 1.0)
+        spacing = view.plane_spacing()
         right, left = lung_stats(lungs.right, spacing), lung_stats(lungs.left, spacing)
         over = Overlay(gray)
         over.tint(lungs.right, RIGHT_COLOUR)
@@ -279,8 +279,8 @@ class CXRLungFields(Tool):
                      description=f"{view.id}: lung fields, patient's right red, left green{over.scale_note}")
         ctx.save_mask(lungs.right.astype(np.uint8) + 2 * lungs.left.astype(np.uint8),
                       description=f"{view.id}: lung fields, 1 right (image left), 2 left (image right)")
-        unit = "mm" if view.spacing_known else "px"
-        note = "pixel spacing unknown: sizes are in pixels"
+        unit = view.length_unit
+        note = SPACING_UNKNOWN_NOTE
         if view.spacing_known:
             note = spacing_check((right.bbox[1], left.bbox[3]), spacing[1])
         return LungFieldsOutput(

@@ -282,7 +282,7 @@ class DetectCandidates(Tool):
             iunit = "gray 0..1 (rgb2gray)" if is_rgb(view) else "image units"
         return DetectOutput(
             candidates=top, n_blobs=len(blobs), within=inp.within, diameter_range=[round(lo_d, 2), round(hi_d, 2)],
-            length_unit="mm" if view.spacing_known else "px", intensity_unit=iunit,
+            length_unit=view.length_unit, intensity_unit=iunit,
             spacing_known=view.spacing_known, note="; ".join(notes),
         )
 

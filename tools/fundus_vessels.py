@@ -47,12 +47,11 @@ from scipy import ndimage as ndi
 from skimage.exposure import equalize_adapthist
 from skimage.filters import gaussian, sato
 from skimage.morphology import skeletonize
-from skimage.segmentation import find_boundaries
 from skimage.transform import resize
 
-from agent.analysis.display import is_rgb
+from agent.analysis.display import is_rgb, outline
 from agent.analysis.masks import disk as _disk
-from agent.core.state import ImageView
+from agent.core.state import SPACING_UNKNOWN_NOTE, ImageView
 from agent.core.tool import FindingDraft, Measurement, Tool, ToolContext, ToolError, ToolInput
 
 REF_FOV = 540.0  # FOV diameter (px) at which the filter scales below were chosen (DRIVE)
@@ -246,13 +245,13 @@ class FundusVessels(Tool):
         if view.spacing_known and abs(sr - sc) > 1e-6 * max(sr, sc):
             notes.append("anisotropic pixels: lengths use the geometric mean spacing")
         if not view.spacing_known:
-            notes.append("pixel spacing unknown: sizes are in pixels")
+            notes.append(SPACING_UNKNOWN_NOTE)
 
         base = arr if rgb else np.repeat(np.clip(arr, 0, 255).astype(np.uint8)[..., None], 3, axis=-1)
         over = (np.array(base, dtype=np.float32) * 0.7).astype(np.uint8)
         over[ves] = (0, 255, 0)
         over[sk] = (255, 255, 0)
-        over[find_boundaries(fov, mode="inner")] = (0, 128, 255)
+        outline(over, fov, (0, 128, 255))
         ctx.save_png(over, kind="overlay",
                      description=f"{view.id}: vessels (green), centre lines (yellow), field of view (blue)")
         ctx.save_mask(ves, description=f"{view.id}: retinal vessel mask")

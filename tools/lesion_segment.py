@@ -76,18 +76,17 @@ from scipy import ndimage as ndi
 from scipy.spatial import ConvexHull, QhullError
 from scipy.spatial.distance import pdist, squareform
 from skimage.color import rgb2gray, rgb2lab
-from skimage.draw import line, rectangle_perimeter
+from skimage.draw import rectangle_perimeter
 from skimage.filters import gaussian, threshold_otsu
 from skimage.measure import find_contours, regionprops
-from skimage.segmentation import find_boundaries
 from skimage.transform import resize
 
-from agent.analysis.display import bbox_to_px, is_rgb, to_uint8
+from agent.analysis.display import bbox_to_px, draw_segment, is_rgb, outline, rgb_canvas
 from agent.analysis.masks import border as _border
 from agent.analysis.masks import clean as _clean
 from agent.analysis.masks import disk as _disk
 from agent.analysis.masks import vignette as _vignette
-from agent.core.state import ImageView
+from agent.core.state import SPACING_UNKNOWN_NOTE, ImageView
 from agent.core.tool import FindingDraft, Measurement, Tool, ToolContext, ToolError, ToolInput
 
 WORK_SIDE = 300  # the working copy's short side, about (integer shrink factor)
@@ -512,7 +511,7 @@ class LesionSegment(Tool):
         img = arr if rgb else arr.astype(np.float64)
         mask, info = segment_lesion(img, rgb, inp.polarity, box, seed, dark_default=view.modality == "US")
 
-        spacing = tuple(float(s) for s in view.spacing_mm[-2:]) if view.spacing_known else (1.0, 1.0)
+        spacing = view.plane_spacing()
         n = int(mask.sum())
         area = n * spacing[0] * spacing[1]
         props = regionprops(mask.astype(np.uint8))[0]
@@ -526,7 +525,7 @@ class LesionSegment(Tool):
         if info["contrast"] < 3.0:
             notes.append(f"low contrast to the surroundings ({info['contrast']:.1f} sd): the outline is uncertain")
         if not view.spacing_known:
-            notes.append("pixel spacing unknown: sizes are in pixels")
+            notes.append(SPACING_UNKNOWN_NOTE)
         seeded = "+".join(x for x, v in (("bbox", box), ("point", seed)) if v is not None) or "none"
         space = "Lab colour" if rgb else f"gray ({info['polarity']} lesion)"
         if info["stage"] == "box":
@@ -537,16 +536,12 @@ class LesionSegment(Tool):
                       + ("component at the seed point" if seed is not None else "central component")
                       + ("; refined in its bbox by the box method" if info["stage"] != "threshold" else ""))
 
-        base = arr if rgb else np.repeat(to_uint8(arr)[..., None], 3, axis=-1)
-        over = np.array(base, dtype=np.uint8, copy=True)
+        over = rgb_canvas(arr, rgb)
         if box is not None:
             rr, cc = rectangle_perimeter((box[0], box[1]), end=(box[2] - 1, box[3] - 1), shape=(h, w), clip=True)
             over[rr, cc] = (255, 255, 0)
-        over[find_boundaries(mask, mode="inner")] = (0, 255, 0)
-        (a_r, a_c), (b_r, b_c) = ends
-        rr, cc = line(int(round(a_r)), int(round(a_c)), int(round(b_r)), int(round(b_c)))
-        ok = (rr >= 0) & (rr < h) & (cc >= 0) & (cc < w)
-        over[rr[ok], cc[ok]] = (255, 0, 0)
+        outline(over, mask, (0, 255, 0))
+        draw_segment(over, ends, (255, 0, 0))
         if seed is not None:
             sr, sc = seed
             over[max(0, sr - 3) : sr + 4, sc] = (0, 255, 255)
@@ -556,7 +551,7 @@ class LesionSegment(Tool):
                      + (", box (yellow)" if box else "") + (", seed (cyan)" if seed else ""))
         ctx.save_mask(mask, description=f"{view.id}: lesion mask ({seeded} seed)")
 
-        unit = "mm" if view.spacing_known else "px"
+        unit = view.length_unit
         return LesionOutput(
             area=round(area, 3), area_unit=unit + "2", longest_diameter=round(feret, 3), longest_diameter_endpoints=ends,
             equivalent_diameter=round(math.sqrt(4 * area / math.pi), 3), perimeter=round(perim, 3), length_unit=unit,

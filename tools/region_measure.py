@@ -32,16 +32,14 @@ from scipy import ndimage as ndi
 from scipy.spatial import ConvexHull, QhullError
 from scipy.spatial.distance import pdist, squareform
 from skimage.color import rgb2gray
-from skimage.draw import line
 from skimage.filters import gaussian, threshold_otsu
 from skimage.measure import find_contours, regionprops
-from skimage.segmentation import find_boundaries
 
-from agent.analysis.display import bbox_to_px, is_rgb, to_uint8
+from agent.analysis.display import bbox_to_px, draw_segment, is_rgb, outline, rgb_canvas
 from agent.analysis.masks import border as _border
 from agent.analysis.masks import clean as _clean
 from agent.analysis.masks import vignette as _vignette
-from agent.core.state import ImageView
+from agent.core.state import SPACING_UNKNOWN_NOTE, ImageView
 from agent.core.tool import FindingDraft, Measurement, Tool, ToolContext, ToolError, ToolInput
 
 WORK_PX = 1024
@@ -197,7 +195,7 @@ class RegionMeasure(Tool):
         mask = np.zeros((h, w), dtype=bool)
         mask[r0:r1, c0:c1] = sub
 
-        spacing = tuple(float(s) for s in view.spacing_mm) if view.spacing_known else (1.0, 1.0)
+        spacing = view.plane_spacing()
         n = int(mask.sum())
         area = n * spacing[0] * spacing[1]
         props = regionprops(mask.astype(np.uint8))[0]
@@ -205,19 +203,15 @@ class RegionMeasure(Tool):
         values = gray[mask]
         br0, bc0, br1, bc1 = (int(v) for v in props.bbox)
         if not view.spacing_known:
-            note = (note + "; " if note else "") + "pixel spacing unknown: sizes are in pixels"
+            note = (note + "; " if note else "") + SPACING_UNKNOWN_NOTE
 
-        base = arr if rgb else np.repeat(to_uint8(gray)[..., None], 3, axis=-1)
-        over = np.array(base, dtype=np.uint8, copy=True)
-        over[find_boundaries(mask, mode="inner")] = (0, 255, 0)
-        (a_r, a_c), (b_r, b_c) = ends
-        rr, cc = line(int(round(a_r)), int(round(a_c)), int(round(b_r)), int(round(b_c)))
-        ok = (rr >= 0) & (rr < h) & (cc >= 0) & (cc < w)
-        over[rr[ok], cc[ok]] = (255, 0, 0)
+        over = rgb_canvas(arr if rgb else gray, rgb)
+        outline(over, mask, (0, 255, 0))
+        draw_segment(over, ends, (255, 0, 0))
         ctx.save_png(over, kind="overlay", description=f"{view.id}: region contour (green), longest diameter (red)")
         ctx.save_mask(mask, description=f"{view.id}: dominant region mask")
 
-        unit = "mm" if view.spacing_known else "px"
+        unit = view.length_unit
         return RegionOutput(
             area=round(area, 3), area_unit=unit + "2", equivalent_diameter=round(math.sqrt(4 * area / math.pi), 3),
             longest_diameter=round(feret, 3), length_unit=unit, longest_diameter_endpoints=ends,

@@ -45,11 +45,10 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, Field, model_validator
 from skimage.measure import regionprops
-from skimage.segmentation import find_boundaries
 
-from agent.analysis.display import bbox_to_px, picture
+from agent.analysis.display import bbox_to_px, box_edges, outline, picture
 from agent.analysis.learned import LearnedInput, LearnedTool, ModelUsed, boxes_from_evidence, device, model_used
-from agent.core.state import ImageView
+from agent.core.state import SPACING_UNKNOWN_NOTE, ImageView
 from agent.core.tool import FindingDraft, Measurement, ToolContext, ToolError
 from agent.store.models import ModelCard
 from tools.litemedsam import CT_WINDOWS, to_rgb8
@@ -293,7 +292,7 @@ class SamSegment(LearnedTool):
             masks, ious = decode(sam, emb, input_size, (h, w), mode, boxes)
             prompts = [f"box {list(b)}" for b in boxes]
 
-        spacing = tuple(float(v) for v in view.spacing_mm[-2:]) if view.spacing_known else (1.0, 1.0)
+        spacing = view.plane_spacing()
         label_img = np.zeros((h, w), dtype=np.uint8)
         objects: list[SamObject] = []
         empty: list[str] = []
@@ -318,22 +317,21 @@ class SamSegment(LearnedTool):
         if empty:
             notes.append(f"{len(empty)} prompt(s) gave an empty mask")
         if not view.spacing_known:
-            notes.append("pixel spacing unknown: sizes are in pixels")
+            notes.append(SPACING_UNKNOWN_NOTE)
 
         over = rgb8.astype(np.float32)
         for o in objects:
             m = label_img == o.index
             colour = COLOURS[(o.index - 1) % len(COLOURS)]
             over[m] = 0.6 * over[m] + 0.4 * colour
-            over[find_boundaries(m, mode="inner")] = colour
-        for r0, c0, r1, c1 in boxes:
-            for edge in (np.s_[r0, c0:c1], np.s_[r1 - 1, c0:c1], np.s_[r0:r1, c0], np.s_[r0:r1, c1 - 1]):
-                over[edge] = (255, 255, 0)
+            outline(over, m, colour)
+        for box in boxes:
+            box_edges(over, box)
         where = view.id + (f" slice {k}" if k is not None else "")
         ctx.save_png(over.clip(0, 255).astype(np.uint8), kind="overlay",
                      description=f"{where}: {card.name} masks (one colour per object), prompt boxes yellow")
         ctx.save_mask(label_img, description=f"{where}: {card.name} label mask (object i = value i)")
-        unit = "mm" if view.spacing_known else "px"
+        unit = view.length_unit
         return SamOutput(objects=objects, empty_prompts=empty, area_unit=unit + "2", length_unit=unit, slice_index=k,
                          preprocess=mode, gray_mapping=how, embedding_cached=cached, device=str(sam.device),
                          model_card=model_used(card), confidence=round(float(np.mean([o.predicted_iou for o in objects])), 4),

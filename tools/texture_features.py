@@ -390,7 +390,7 @@ class TextureFeatures(Tool):
                          "is the area and surface-based shape features (in all_features) describe the slab")
         picked = self._summary_features(feats, two_d)
         zz, rr, cc = np.nonzero(region)
-        unit = "mm" if view.spacing_known else "px"
+        unit = view.length_unit
         size_key = "morph_vol_approx" if two_d else "morph_volume"
         size = feats.get(size_key)
         if size is None:

@@ -44,7 +44,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from agent.analysis.learned import LearnedInput, LearnedTool, ModelUsed, model_used
-from agent.core.state import ImageView
+from agent.core.state import SPACING_UNKNOWN_NOTE, ImageView
 from agent.core.tool import USER_ONLY, FindingDraft, Measurement, ToolContext, ToolError
 from agent.store.models import ModelCard
 
@@ -187,8 +187,8 @@ class YoloDetect(LearnedTool):
         scores = res.boxes.conf.float().cpu().numpy().reshape(-1)
         classes = res.boxes.cls.cpu().numpy().astype(int).reshape(-1)
 
-        sr, sc = (float(v) for v in view.spacing_mm[-2:]) if view.spacing_known else (1.0, 1.0)
-        unit = "mm" if view.spacing_known else "px"
+        sr, sc = view.plane_spacing()
+        unit = view.length_unit
         dets = []
         for (x0, y0, x1, y1), p, k in sorted(zip(xyxy, scores, classes, strict=True), key=lambda t: -float(t[1])):
             r0, r1 = float(np.clip(y0, 0, h)), float(np.clip(y1, 0, h))
@@ -205,7 +205,7 @@ class YoloDetect(LearnedTool):
                      description=f"{view.id}: {card.name} detections (conf ≥ {conf:g}), boxes coloured by label")
         notes = [f"boxes from the user's model {card.name}; confidences not calibrated for this image source"]
         if not view.spacing_known:
-            notes.append("pixel spacing unknown: sizes are in pixels")
+            notes.append(SPACING_UNKNOWN_NOTE)
         own = [str(names[k]) for k in sorted(names)]
         if [x.lower() for x in own] != [x.lower() for x in card.labels]:
             notes.append(f"the card's labels are used; the weights name the classes {', '.join(own[:6])}"

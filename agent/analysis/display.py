@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from skimage.draw import line
+from skimage.segmentation import find_boundaries
 
 from agent.core.state import ImageView
 
@@ -70,3 +72,31 @@ def bbox_to_px(bbox: list[float], height: int, width: int) -> tuple[int, int, in
     if ir1 <= ir0 or ic1 <= ic0:
         raise ValueError(f"bbox {bbox} does not overlap the {height}×{width} image (or is empty)")
     return ir0, ic0, ir1, ic1
+
+
+def rgb_canvas(img: np.ndarray, rgb: bool) -> np.ndarray:
+    """A writable uint8 (H, W, 3) copy to draw an overlay on: a colour picture as is, a gray one to 8 bits between its
+    1st and 99th percentiles (`to_uint8`)."""
+    base = img if rgb else np.repeat(to_uint8(img)[..., None], 3, axis=-1)
+    return np.array(base, dtype=np.uint8, copy=True)
+
+
+def outline(canvas: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int]) -> None:
+    """Draw the inner boundary of `mask` on `canvas` in `colour`."""
+    canvas[find_boundaries(mask, mode="inner")] = colour
+
+
+def draw_segment(canvas: np.ndarray, ends: tuple[tuple[float, float], tuple[float, float]], colour: tuple[int, int, int]) -> None:
+    """Draw the straight line between two (row, col) points (a measured diameter), clipped to the canvas."""
+    h, w = canvas.shape[:2]
+    (a_r, a_c), (b_r, b_c) = ends
+    rr, cc = line(int(round(a_r)), int(round(a_c)), int(round(b_r)), int(round(b_c)))
+    ok = (rr >= 0) & (rr < h) & (cc >= 0) & (cc < w)
+    canvas[rr[ok], cc[ok]] = colour
+
+
+def box_edges(canvas: np.ndarray, box: tuple[int, int, int, int], colour: tuple[int, int, int] = (255, 255, 0)) -> None:
+    """Draw the edges of a [row0, col0, row1, col1) pixel box (end exclusive)."""
+    r0, c0, r1, c1 = box
+    for edge in (np.s_[r0, c0:c1], np.s_[r1 - 1, c0:c1], np.s_[r0:r1, c0], np.s_[r0:r1, c1 - 1]):
+        canvas[edge] = colour

@@ -27,6 +27,9 @@ class ArtifactRef(BaseModel):
     description: str = ""
 
 
+SPACING_UNKNOWN_NOTE = "pixel spacing unknown: sizes are in pixels"
+
+
 class ImageView(BaseModel):
     """One image the tools can act on: the loaded study or a derived view (crop, window)."""
 
@@ -48,6 +51,18 @@ class ImageView(BaseModel):
     @property
     def spacing_known(self) -> bool:
         return self.spacing_mm != "unknown"
+
+    def plane_spacing(self) -> tuple[float, float]:
+        """The in-plane (row, column) pixel spacing in mm, or (1.0, 1.0) when it is unknown (sizes are then in px)."""
+        if not self.spacing_known:
+            return 1.0, 1.0
+        row, col = (float(s) for s in self.spacing_mm[-2:])
+        return row, col
+
+    @property
+    def length_unit(self) -> str:
+        """"mm" when the pixel spacing is known, else "px" (areas: this + "2")."""
+        return "mm" if self.spacing_known else "px"
 
     @property
     def modality_inferred(self) -> bool:
