@@ -39,12 +39,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from helpers import dice, realcases_root  # noqa: E402
 
+from agent.analysis import medsam as litemedsam  # noqa: E402
 from agent.core.state import CaseInput, CaseState  # noqa: E402
 from agent.core.tool import ToolContext, ToolError  # noqa: E402
 from agent.engine.registry import discover  # noqa: E402
 from agent.imaging.views import load_views  # noqa: E402
 from agent.store.artifacts import ArtifactStore  # noqa: E402
-from tools import litemedsam  # noqa: E402
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:

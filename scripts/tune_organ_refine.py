@@ -48,8 +48,8 @@ def main() -> None:
     import torch
     import yaml
 
+    from agent.analysis import medsam as litemedsam
     from agent.analysis.organ_net import gray8, load_net, predict, refine
-    from tools import litemedsam
 
     torch.set_num_threads(1)
     card = yaml.safe_load((args.card / "card.yaml").read_text())

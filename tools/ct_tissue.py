@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import numpy as np
 from pydantic import BaseModel
-from scipy import ndimage as ndi
 
+from agent.analysis.ct import HU_RANGES, body_mask, tissue_masks
 from agent.analysis.display import looks_like_hu, to_uint8
 from agent.core.state import ImageView
 from agent.core.tool import FindingDraft, Measurement, Tool, ToolContext, ToolError, ToolInput
 
-HU_RANGES = {"lung": "-900..-500", "fat": "-190..-30", "soft_tissue": "-29..150", "bone": ">300"}  # for labels
 _COLOURS = {"lung": (60, 140, 255), "fat": (255, 220, 0), "soft_tissue": (230, 60, 60), "bone": (255, 255, 255)}
 _ALPHA = 0.45
 
@@ -51,33 +50,6 @@ class CTTissueOutput(BaseModel):
     body_touches_edge: bool  # the field of view cuts through the body
     overlay_slice: int | None = None  # for volumes: the slice shown in the overlay
     note: str = ""
-
-
-def _tissue_masks(hu: np.ndarray) -> dict[str, np.ndarray]:
-    return {
-        "lung": (hu >= -900) & (hu < -500),
-        "fat": (hu >= -190) & (hu <= -30),
-        "soft_tissue": (hu > -30) & (hu <= 150),
-        "bone": hu > 300,
-    }
-
-
-def body_mask(hu: np.ndarray) -> np.ndarray:
-    """Largest connected object above -500 HU, with enclosed holes (lungs, airways) filled."""
-    mask = hu > -500
-    radius = 1 if min(hu.shape[-2:]) < 256 else 2
-    st = ndi.iterate_structure(ndi.generate_binary_structure(2, 1), radius)
-    st = st if hu.ndim == 2 else st[None]  # in-plane only for volumes
-    opened = ndi.binary_opening(mask, structure=st)
-    labels, n = ndi.label(opened)
-    if n == 0:
-        return np.zeros_like(mask)
-    sizes = np.bincount(labels.ravel())[1:]
-    body = labels == (1 + int(np.argmax(sizes)))
-    body = ndi.binary_dilation(body, structure=st) & mask  # give back the rim the opening took
-    if body.ndim == 2:
-        return ndi.binary_fill_holes(body)
-    return np.stack([ndi.binary_fill_holes(s) for s in body])
 
 
 class CTTissueComposition(Tool):
@@ -113,7 +85,7 @@ class CTTissueComposition(Tool):
             unit = "mL" if three_d else "mm2"
         else:
             unit_size, unit = 1.0, "voxels" if three_d else "px2"
-        masks = {k: m & body for k, m in _tissue_masks(hu).items()}
+        masks = {k: m & body for k, m in tissue_masks(hu).items()}
         tissues = {}
         for k, m in masks.items():
             n = int(m.sum())

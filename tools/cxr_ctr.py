@@ -35,9 +35,9 @@ import numpy as np
 from pydantic import BaseModel, Field
 from scipy import ndimage as ndi
 
+from agent.analysis.lungs import LungFields, Overlay, gray_image, segment_lungs, spacing_check
 from agent.core.state import ImageView
 from agent.core.tool import FindingDraft, Measurement, Tool, ToolContext, ToolError, ToolInput
-from tools.cxr_lungs import LungFields, Overlay, gray_image, segment_lungs, spacing_check
 
 CTR_THRESHOLD = 0.5
 START, BASE_CAP = 0.6, 0.85  # heart border search: fractions of each lung's craniocaudal extent

@@ -44,12 +44,11 @@ from skimage.feature import peak_local_max
 from skimage.filters import gaussian, threshold_otsu
 from skimage.transform import resize
 
-from agent.analysis.display import is_rgb, looks_like_hu, to_uint8
+from agent.analysis.ct import body_mask as ct_body_mask
+from agent.analysis.display import is_rgb, looks_like_hu, shrink_for_display, to_uint8
+from agent.analysis.lungs import segment_lungs
 from agent.core.state import ImageView
 from agent.core.tool import FindingDraft, Measurement, Tool, ToolContext, ToolError, ToolInput
-from tools.ct_tissue import body_mask as ct_body_mask
-from tools.cxr_lungs import segment_lungs
-from tools.measure_roi import shrink_for_display
 
 _MAX_WORK_VOXELS = 4_000_000
 _MAX_PEAKS, _MAX_KEEP = 5000, 300  # scale-space maxima considered; blobs kept after pruning

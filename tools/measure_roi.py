@@ -22,12 +22,11 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from PIL import Image
 from pydantic import BaseModel, Field
 from skimage.color import rgb2gray
 from skimage.draw import line
 
-from agent.analysis.display import bbox_to_px, is_rgb, looks_like_hu, outline, to_uint8
+from agent.analysis.display import bbox_to_px, is_rgb, looks_like_hu, outline, shrink_for_display, to_uint8
 from agent.core.state import SPACING_UNKNOWN_NOTE, ImageView
 from agent.core.tool import FindingDraft, Measurement, Tool, ToolContext, ToolError, ToolInput
 
@@ -76,14 +75,6 @@ class ROIOutput(BaseModel):
     distance_unit: str | None  # "mm" or "px"
     spacing_known: bool
     note: str = ""
-
-
-def shrink_for_display(rgb: np.ndarray, side: int = 2048) -> tuple[np.ndarray, str]:
-    """An overlay shrunk by an integer factor (box filter) to at most `side` px a side, and a note saying so."""
-    s = -(-max(rgb.shape[:2]) // side)
-    if s <= 1:
-        return rgb, ""
-    return np.asarray(Image.fromarray(rgb).reduce(s)), f" (shown at 1/{s} scale)"
 
 
 def _round(v: float) -> float:

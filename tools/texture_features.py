@@ -88,10 +88,9 @@ from pydantic import BaseModel, Field
 from skimage.color import rgb2gray
 from skimage.segmentation import find_boundaries
 
-from agent.analysis.display import bbox_to_px, is_rgb, looks_like_hu, to_uint8
+from agent.analysis.display import bbox_to_px, is_rgb, looks_like_hu, shrink_for_display, to_uint8
 from agent.core.state import ArtifactRef, ImageView
 from agent.core.tool import FindingDraft, Measurement, Tool, ToolContext, ToolError, ToolInput
-from tools.measure_roi import shrink_for_display
 
 MIN_ROI_VOXELS = 16
 MAX_ROI_VOXELS = 300_000  # ~1-2 s for a box of this size, up to ~8 s for a ragged one (bench/bench_texture_features.py)

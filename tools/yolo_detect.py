@@ -6,7 +6,7 @@ the labels in class-id order (their count must equal the checkpoint's classes), 
 `input: {size: 640, conf: 0.25}` (the inference size, `imgsz`: one side or [rows, cols], and the default
 confidence threshold). The modalities the card lists decide where the tool is offered.
 
-Method: the view to 8-bit 3-channel like LiteMedSAM's input (tools/litemedsam.py `to_rgb8`: CT in HU through the
+Method: the view to 8-bit 3-channel like LiteMedSAM's input (agent/analysis/medsam.py `to_rgb8`: CT in HU through the
 soft-tissue window, other gray images stretched between their 0.5th and 99.5th percentiles, colour as is), handed to
 Ultralytics as BGR (its numpy convention, as `cv2.imread` gives training images); Ultralytics letterboxes to the
 card's size, runs the network and non-maximum suppression, and maps the boxes back to the view's pixels. Each
@@ -157,7 +157,7 @@ class YoloDetect(LearnedTool):
         return model.to(_device())
 
     def run(self, ctx: ToolContext, inp: YoloInput) -> YoloOutput:
-        from tools.litemedsam import to_rgb8
+        from agent.analysis.medsam import to_rgb8
 
         view = self.usable_view(ctx, inp.view)
         card = self.pick(view, inp.model)

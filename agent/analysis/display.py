@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from PIL import Image
 from skimage.draw import line
 from skimage.segmentation import find_boundaries
 
@@ -100,3 +101,11 @@ def box_edges(canvas: np.ndarray, box: tuple[int, int, int, int], colour: tuple[
     r0, c0, r1, c1 = box
     for edge in (np.s_[r0, c0:c1], np.s_[r1 - 1, c0:c1], np.s_[r0:r1, c0], np.s_[r0:r1, c1 - 1]):
         canvas[edge] = colour
+
+
+def shrink_for_display(rgb: np.ndarray, side: int = 2048) -> tuple[np.ndarray, str]:
+    """An overlay shrunk by an integer factor (box filter) to at most `side` px a side, and a note saying so."""
+    s = -(-max(rgb.shape[:2]) // side)
+    if s <= 1:
+        return rgb, ""
+    return np.asarray(Image.fromarray(rgb).reduce(s)), f" (shown at 1/{s} scale)"
