@@ -59,6 +59,21 @@ def split(trace_dir: str, run_id: str, wall: float, t_start: float) -> dict:
             "tool_names": [p["evidence"]["tool"] for e, p in zip(events, payload, strict=True) if e.kind == "tool"]}
 
 
+def intake_compute(path: str) -> tuple[float, float]:
+    """(decode s, study classifier s) of one image, measured alone: the compute intake cannot skip, counted in the
+    floor of the second overhead figure."""
+    from agent.analysis.display import looks_like_hu
+    from agent.analysis.study import intake_study
+    from agent.imaging.loaders import load_file
+
+    t0 = time.perf_counter()
+    ld = load_file(path)
+    t1 = time.perf_counter()
+    pic = ld.arr if ld.rgb or ld.arr.ndim == 2 else ld.arr[ld.arr.shape[0] // 2]
+    intake_study(pic, ld.rgb, (not ld.rgb) and looks_like_hu(ld.arr))
+    return t1 - t0, time.perf_counter() - t1
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--per-source", type=int, default=3)
@@ -94,6 +109,7 @@ def main() -> None:
                 continue
             s = split(td, res.run_id, time.time() - t0, t0)
             s["case"] = name
+            s["decode"], s["classify"] = intake_compute(path)
             rows.append(s)
             outcome = res.report["recommendation"]["outcome"] if res.report else "no report"
             print(f"{name[:44]:44s} {s['wall']:6.1f} {s['intake']:6.2f} {s['llm']:6.1f} {s['llm_calls']:5d} "
@@ -105,6 +121,12 @@ def main() -> None:
         print(f"\n{len(rows)} warm cases: median wall {med['wall']:.1f} s (intake {med['intake']:.2f}, LLM "
               f"{med['llm']:.1f}, tools {med['tools']:.2f}, rest {med['rest']:.2f}); median wall/floor "
               f"{med['ratio']:.2f}; orchestration share (intake + rest) {overhead:.1%}")
+        total = sum(r["wall"] for r in rows)
+        decode, classify = sum(r["decode"] for r in rows), sum(r["classify"] for r in rows)
+        glue = sum(r["rest"] + max(0.0, r["intake"] - r["decode"] - r["classify"]) for r in rows)
+        print(f"intake's own compute (decode {decode:.1f} s + study classifier {classify:.1f} s over all cases, "
+              f"{(decode + classify) / total:.1%} of wall) counted in the floor: orchestration share {glue / total:.1%} "
+              f"(the rest alone {sum(r['rest'] for r in rows) / total:.1%})")
         print(f"worst: {worst['case']} {worst['wall']:.1f} s (LLM {worst['llm']:.1f} s in {worst['llm_calls']} "
               f"call(s), tools {worst['tools']:.2f} s)")
 
