@@ -41,21 +41,30 @@ step "assembling the default planner model (1.1 GB, sha256-checked)" \
 # the knowledge-search index over the report corpus (MiniLM; ~2.5 min once, cached under ~/.cache/dxagent)
 step "building the knowledge-search index (once; cached)" \
   env HF_HUB_OFFLINE=1 .venv/bin/python -c 'from tools.knowledge_search import knowledge_index; knowledge_index()'
-# Debian's chromium for the HTML audit view's browser test (tests/test_audit_html.py drives it through Playwright,
-# whose own browser download is never used); without root or passwordless sudo that test is skipped.
-apt_chromium() {  # $1: "" (root) or "sudo -n"; apt-get update only when the first install fails
-  local apt="$1 env DEBIAN_FRONTEND=noninteractive apt-get -y -qq"
-  $apt install chromium >/dev/null 2>&1 || { $apt update >/dev/null 2>&1 && $apt install chromium >/dev/null 2>&1; }
+# Debian packages some tests drive for real, each installed only when its command is missing; without apt-get, root or
+# passwordless sudo the tests that need it are skipped (each says why):
+#   chromium: the HTML audit view's browser test (tests/test_audit_html.py, through Playwright, whose own browser
+#             download is never used);
+#   orthanc + orthanc-dicomweb: the PACS that tests/test_dicomweb.py starts on a loopback port;
+#   dicom3tools: dciodvfy, which validates the DICOM objects dxagent writes.
+apt_get() {  # apt_get PKG...: apt-get update only when the first install fails
+  local sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo -n"
+  local apt="$sudo env DEBIAN_FRONTEND=noninteractive apt-get -y -qq"
+  $apt install "$@" >/dev/null 2>&1 || { $apt update >/dev/null 2>&1 && $apt install "$@" >/dev/null 2>&1; }
 }
-if ! command -v chromium >/dev/null 2>&1; then
-  skip="the HTML-view browser test (tests/test_audit_html.py) will be skipped"
+need_deb() {  # need_deb COMMAND WHAT-IS-SKIPPED PKG...
+  local cmd=$1 skip=$2
+  shift 2
+  { command -v "$cmd" || [ -x "/usr/sbin/$cmd" ]; } >/dev/null 2>&1 && return 0
   if ! command -v apt-get >/dev/null 2>&1; then
-    echo "chromium is not installed and there is no apt-get: $skip" >&2
-  elif [ "$(id -u)" -eq 0 ]; then
-    apt_chromium "" || echo "apt-get could not install chromium: $skip" >&2
-  elif sudo -n true 2>/dev/null; then
-    apt_chromium "sudo -n" || echo "apt-get could not install chromium: $skip" >&2
+    echo "$cmd is not installed and there is no apt-get: $skip will be skipped" >&2
+  elif [ "$(id -u)" -ne 0 ] && ! sudo -n true 2>/dev/null; then
+    echo "$cmd is not installed (apt-get install $* needs root or passwordless sudo): $skip will be skipped" >&2
   else
-    echo "chromium is not installed (apt-get install chromium needs root or passwordless sudo): $skip" >&2
+    step "installing $* (Debian)" apt_get "$@" || echo "apt-get could not install $*: $skip will be skipped" >&2
   fi
-fi
+}
+need_deb chromium "the HTML-view browser test (tests/test_audit_html.py)" chromium
+need_deb Orthanc "the PACS tests (tests/test_dicomweb.py)" orthanc orthanc-dicomweb
+need_deb dciodvfy "the DICOM object validation" dicom3tools

@@ -46,6 +46,7 @@ from typing import Any
 from agent.app.executors import CaseSpec, now, prepare_stores, run_local
 from agent.core.errors import ManifestError  # noqa: F401 - re-exported: the manifest readers raise it
 from agent.core.files import write_atomic
+from agent.imaging.dicomweb import is_reference
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom", ".nii", ".nii.gz", ".mha",
                   ".mhd", ".nrrd")
@@ -198,6 +199,9 @@ def _check(root: Path, specs: list[CaseSpec]) -> list[CaseSpec]:
             continue
         resolved = []
         for p in s.paths:
+            if is_reference(p):  # a DICOMweb study: retrieved by the worker (a failure is that case's record)
+                resolved.append(p)
+                continue
             try:
                 full = (root / p).resolve() if not Path(p).is_absolute() else Path(p).resolve()
                 full.exists()

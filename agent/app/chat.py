@@ -27,7 +27,7 @@ from agent.core.untrusted import clean_inputs
 from agent.engine.graph import TurnCancelled, new_run_id, stored_inputs
 from agent.engine.planner import evidence_line, prompt_versions
 from agent.engine.report import to_markdown
-from agent.engine.session import DxError, Engine, inputs_sha256
+from agent.engine.session import DxError, Engine, inputs_sha256, resolve_inputs
 
 HELP = """commands:
   /tools            the tools that apply to this case
@@ -72,6 +72,7 @@ class Chat:
     def open(self, paths: list[str], modality: str | None = None, body_part: str | None = None,
              clinical_context: str = "") -> None:
         """Start a thread: load the images (intake), record the run."""
+        paths = resolve_inputs(paths)
         digest = inputs_sha256(paths)
         _, clinical_context, removed = clean_inputs("", clinical_context)
         self.thread_id = self.eng.rt.run_id = new_run_id(digest)

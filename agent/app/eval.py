@@ -125,7 +125,7 @@ def _run_baseline(item: EvalItem, opts: dict[str, Any], row: dict[str, Any], wit
     from agent.engine.answer import ask
     from agent.engine.graph import new_run_id
     from agent.engine.planner import case_line, prompt_versions
-    from agent.engine.session import inputs_sha256
+    from agent.engine.session import inputs_sha256, resolve_inputs
     from agent.imaging.loaders import ImageLoadError
     from agent.imaging.views import load_views
     from agent.store.artifacts import ArtifactStore
@@ -136,7 +136,7 @@ def _run_baseline(item: EvalItem, opts: dict[str, Any], row: dict[str, Any], wit
     if with_case:
         try:
             root = Path(opts["out"]) / "traces"
-            views = load_views(item.paths, ArtifactStore(root / "artifacts"))
+            views = load_views(resolve_inputs(item.paths), ArtifactStore(root / "artifacts"))
         except ImageLoadError as exc:
             row.update(answer=_abstain("input_unreadable", str(exc)), error=str(exc))
             return
@@ -166,7 +166,7 @@ def _run_vlm(item: EvalItem, opts: dict[str, Any], row: dict[str, Any]) -> None:
     from agent.core.tool import ToolContext, ToolError
     from agent.engine.graph import new_run_id
     from agent.engine.planner import prompt_versions
-    from agent.engine.session import inputs_sha256
+    from agent.engine.session import inputs_sha256, resolve_inputs
     from agent.imaging.loaders import ImageLoadError
     from agent.imaging.views import load_views
     from agent.store.artifacts import ArtifactStore
@@ -176,7 +176,7 @@ def _run_vlm(item: EvalItem, opts: dict[str, Any], row: dict[str, Any]) -> None:
     root = Path(opts["out"]) / "traces"
     store = ArtifactStore(root / "artifacts")
     try:
-        views = load_views(item.paths, store)
+        views = load_views(resolve_inputs(item.paths), store)
     except ImageLoadError as exc:
         row.update(answer=_abstain("input_unreadable", str(exc)), error=str(exc))
         return

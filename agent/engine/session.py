@@ -32,6 +32,14 @@ def default_trace_dir() -> Path:
     return Path(os.environ.get("DXAGENT_TRACE_DIR", "traces"))
 
 
+def resolve_inputs(paths: list[str]) -> list[str]:
+    """Files and folders as given; each DICOMweb reference (dicomweb://HOST/PATH?study=UID[&series=UID]) retrieved
+    into the cache, one folder per series (agent/imaging/dicomweb.py); a failure is a one-line DxError."""
+    from agent.imaging.dicomweb import is_reference, resolve
+
+    return resolve([str(p) for p in paths]) if any(is_reference(str(p)) for p in paths) else list(paths)
+
+
 def inputs_sha256(paths: list[str]) -> str:
     """sha256 over the input files' own sha256s (a folder: its regular files, sorted); only regular files under the
     size limit are opened (a pipe or a device is refused with one line before anything reads it)."""
@@ -190,7 +198,7 @@ def run_case(paths: list[str] | None = None, question: str | None = None, *, llm
     if resume:
         rt.run_id = run_id
         if paths:  # only needed when the run stopped before its intake had loaded the images
-            rt.input_paths[run_id] = [str(p) for p in paths]
+            rt.input_paths[run_id] = [str(p) for p in resolve_inputs(paths)]
         config = {"configurable": {"thread_id": run_id}, "recursion_limit": 1000}
         snap = graph.get_state(config)
         if not snap.values:
@@ -210,6 +218,7 @@ def run_case(paths: list[str] | None = None, question: str | None = None, *, llm
     else:
         if not paths:
             raise DxError("no image given")
+        paths = resolve_inputs(paths)
         digest = inputs_sha256(paths)
         run_id = run_id or new_run_id(digest)
         rt.run_id = run_id

@@ -25,7 +25,8 @@ NoRoute = Annotated[bool, typer.Option("--no-route", help="let the planner choos
 
 
 # option definitions declared once (a command with its own help or default declares its own)
-Images = Annotated[list[Path], typer.Argument(help="image file(s) or a DICOM series folder")]
+Images = Annotated[list[str], typer.Argument(help="image file(s), a DICOM series folder, or a DICOMweb study "
+                                                 "(dicomweb://HOST/PATH?study=UID[&series=UID])")]
 Llm = Annotated[str, typer.Option(help=LLM_HELP)]
 BaseUrl = Annotated[str, typer.Option(help="OpenAI-compatible base URL (or DXAGENT_OPENAI_BASE_URL)")]
 ModelName = Annotated[str, typer.Option(help="model name at the endpoint (or DXAGENT_OPENAI_MODEL)")]

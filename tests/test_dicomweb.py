@@ -1,0 +1,165 @@
+"""DICOMweb input (agent/imaging/dicomweb.py) against a real Orthanc with its DICOMweb plugin.
+
+The fixture starts Orthanc (Debian packages `orthanc`, `orthanc-dicomweb`; scripts/install.sh installs them) on a free
+loopback port with a temporary storage folder, uploads pydicom's bundled CT and MR files through Orthanc's REST API,
+and stops it afterwards. Skipped with a message where Orthanc or its plugin is not installed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+
+from agent.imaging import dicomweb
+from agent.imaging.dicomweb import DicomWebError
+
+PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+ORTHANC = shutil.which("Orthanc") or (shutil.which("Orthanc", path="/usr/sbin") if Path("/usr/sbin").is_dir() else None)
+pytestmark = pytest.mark.skipif(ORTHANC is None or not PLUGIN.is_file(),
+                                reason="Orthanc with its DICOMweb plugin is not installed (apt-get install orthanc "
+                                       "orthanc-dicomweb; scripts/install.sh does it where it can)")
+ROOT = Path(__file__).resolve().parents[1]
+USER, PASSWORD = "dx", "secret-pw"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(tmp: Path, auth: bool) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    cfg = {"Name": "dxagent-test", "StorageDirectory": str(tmp / "db"), "IndexDirectory": str(tmp / "db"),
+           "HttpPort": port, "DicomServerEnabled": False, "RemoteAccessAllowed": False,
+           "AuthenticationEnabled": auth, "RegisteredUsers": {USER: PASSWORD} if auth else {},
+           "Plugins": [str(PLUGIN)], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}
+    (tmp / "orthanc.json").write_text(json.dumps(cfg))
+    proc = subprocess.Popen([ORTHANC, str(tmp / "orthanc.json")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            if httpx.get(f"{url}/system", auth=(USER, PASSWORD) if auth else None, timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    proc.kill()
+    pytest.fail("Orthanc did not start")
+
+
+def _upload(url: str, path: str, auth: tuple[str, str] | None = None) -> None:
+    r = httpx.post(f"{url}/instances", content=Path(path).read_bytes(), auth=auth, timeout=10)
+    r.raise_for_status()
+
+
+@pytest.fixture(scope="module")
+def pacs(tmp_path_factory):
+    """(base URL, {name: (study UID, series UID)}) of an Orthanc holding the bundled CT and MR slices."""
+    tmp = tmp_path_factory.mktemp("orthanc")
+    proc, url = _start(tmp, auth=False)
+    studies = {}
+    for name in ("CT_small.dcm", "MR_small.dcm"):
+        path = get_testdata_file(name)
+        _upload(url, path)
+        ds = dcmread(path, stop_before_pixels=True)
+        studies[name] = (str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID))
+    yield url, studies
+    proc.terminate()
+    proc.wait(10)
+
+
+def ref(url: str, study: str, series: str | None = None) -> str:
+    return url.replace("http://", "dicomweb://") + f"/dicom-web?study={study}" + (f"&series={series}" if series else "")
+
+
+def test_parse_references():
+    r = dicomweb.parse("dicomweb://pacs.local:8042/dicom-web?study=1.2.3&series=1.2.3.4")
+    assert (r.base_url, r.study, r.series) == ("http://pacs.local:8042/dicom-web", "1.2.3", "1.2.3.4")
+    assert dicomweb.parse("dicomwebs://h/wado/?study=9.8").base_url == "https://h/wado"
+    for bad, why in (("dicomweb://h/dicom-web", "study=UID"), ("dicomweb://u:p@h/x?study=1.2", "credentials"),
+                     ("dicomweb://h/x?study=1.2;DROP", "not a DICOM UID"), ("dicomweb://h/x?study=1.2&bogus=1", "bogus")):
+        with pytest.raises(DicomWebError, match=why):
+            dicomweb.parse(bad)
+    assert dicomweb.resolve(["a.png"]) == ["a.png"]
+
+
+def test_retrieve_is_cached_by_instance_and_loads_like_the_file(pacs, tmp_path):
+    from agent.imaging.views import load_views
+    from agent.store.artifacts import ArtifactStore
+
+    url, studies = pacs
+    study, series = studies["CT_small.dcm"]
+    folders = dicomweb.resolve([ref(url, study)], cache=tmp_path / "cache")
+    assert len(folders) == 1 and study not in folders[0] and series not in folders[0]  # no UID in a file name
+    files = list(Path(folders[0]).iterdir())
+    assert len(files) == 1
+    mtime = files[0].stat().st_mtime_ns
+    assert dicomweb.resolve([ref(url, study, series)], cache=tmp_path / "cache") == folders
+    assert files[0].stat().st_mtime_ns == mtime  # the second run retrieved nothing
+    store = ArtifactStore(tmp_path / "art")
+    remote = load_views(folders, store)[0]
+    local = load_views([get_testdata_file("CT_small.dcm")], store)[0]
+    assert remote.modality == "CT" and remote.pixels.sha256 == local.pixels.sha256
+    assert remote.spacing_mm == local.spacing_mm
+
+
+def test_dxagent_run_on_a_pacs_study(pacs, tmp_path):
+    url, studies = pacs
+    study, _ = studies["CT_small.dcm"]
+    env = {**os.environ, "DXAGENT_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-m", "agent.app.cli", "run", ref(url, study), "-q",
+                        "What is the tissue composition of this CT slice?", "--llm", "tiny", "--trace-dir",
+                        str(tmp_path / "tr"), "--json"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-800:]
+    report = json.loads(r.stdout)
+    assert report["study"]["modality"] == "CT"
+    from agent.store.trace import TraceStore
+
+    trace = json.dumps(TraceStore(None, tmp_path / "tr").dump(report["run_id"]), default=str)
+    for text in (json.dumps(report), trace):  # the study's UIDs (identifiers) reach neither the report nor the trace
+        assert study not in text and studies["CT_small.dcm"][1] not in text
+
+
+def test_bad_references_are_one_line_errors(pacs, tmp_path):
+    url, studies = pacs
+    cache = tmp_path / "c"
+    with pytest.raises(DicomWebError, match="no such study|no series"):
+        dicomweb.resolve([ref(url, "1.2.3.4.5.6.7")], cache=cache)
+    with pytest.raises(DicomWebError, match="cannot reach the PACS"):
+        dicomweb.resolve([ref(f"http://127.0.0.1:{_free_port()}", "1.2.3")], cache=cache)
+    env = {**os.environ, "DXAGENT_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-m", "agent.app.cli", "run", ref(url, "1.2.3.4.5.6.7"), "--llm", "tiny",
+                        "--trace-dir", str(tmp_path / "tr")], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and "error:" in r.stderr and "Traceback" not in r.stderr
+    assert len([ln for ln in r.stderr.splitlines() if ln.strip()]) == 1
+
+
+def test_refused_request_says_how_to_authenticate(tmp_path, monkeypatch):
+    proc, url = _start(tmp_path, auth=True)
+    try:
+        path = get_testdata_file("MR_small.dcm")
+        _upload(url, path, auth=(USER, PASSWORD))
+        study = str(dcmread(path, stop_before_pixels=True).StudyInstanceUID)
+        monkeypatch.delenv("DXAGENT_DICOMWEB_TOKEN", raising=False)
+        monkeypatch.delenv("DXAGENT_DICOMWEB_USER", raising=False)
+        with pytest.raises(DicomWebError, match=r"refused the request \(401\).*DXAGENT_DICOMWEB_USER"):
+            dicomweb.resolve([ref(url, study)], cache=tmp_path / "c")
+        monkeypatch.setenv("DXAGENT_DICOMWEB_USER", USER)
+        monkeypatch.setenv("DXAGENT_DICOMWEB_PASSWORD", PASSWORD)
+        assert len(dicomweb.resolve([ref(url, study)], cache=tmp_path / "c")) == 1
+    finally:
+        proc.terminate()
+        proc.wait(10)
