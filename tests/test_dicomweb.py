@@ -163,3 +163,40 @@ def test_refused_request_says_how_to_authenticate(tmp_path, monkeypatch):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_batch_rows_from_the_pacs_each_fail_alone(pacs, tmp_path, monkeypatch):
+    """A manifest with a good PACS study, one the PACS does not have, and a file: the missing study is that row's
+    one-line failure, the others report."""
+    from agent.app.batch import run_batch
+
+    url, studies = pacs
+    monkeypatch.setenv("DXAGENT_CACHE", str(tmp_path / "cache"))
+    shutil.copy(get_testdata_file("MR_small.dcm"), tmp_path / "mr.dcm")
+    m = tmp_path / "m.jsonl"
+    m.write_text("\n".join(json.dumps(r) for r in [
+        {"case_id": "pacs_ct", "image": ref(url, studies["CT_small.dcm"][0])},
+        {"case_id": "pacs_missing", "image": ref(url, "1.2.3.4.5.6.7.8")},
+        {"case_id": "file_mr", "image": "mr.dcm"},
+    ]) + "\n")
+    s = run_batch(m, tmp_path / "out", workers=1, llm="tiny", question="Describe the findings", max_steps=2)
+    assert s.counts == {"done": 2, "failed": 1}
+    failed = json.loads((tmp_path / "out" / "cases" / "pacs_missing" / "result.json").read_text())
+    assert "no such study" in failed["error"] or "no series" in failed["error"]
+    assert "\n" not in failed["error"]
+    assert json.loads((tmp_path / "out" / "cases" / "pacs_ct" / "report.json").read_text())["study"]["modality"] == "CT"
+
+
+def test_a_damaged_cached_instance_is_one_line(pacs, tmp_path):
+    """An instance damaged in the cache after retrieval (a disk fault): the loader says which file, in one line."""
+    from agent.imaging.loaders import ImageLoadError
+    from agent.imaging.views import load_views
+    from agent.store.artifacts import ArtifactStore
+
+    url, studies = pacs
+    folder = Path(dicomweb.resolve([ref(url, *studies["MR_small.dcm"])], cache=tmp_path / "c")[0])
+    f = next(folder.iterdir())
+    f.write_bytes(f.read_bytes()[:600])
+    with pytest.raises(ImageLoadError) as err:
+        load_views([str(folder)], ArtifactStore(tmp_path / "a"))
+    assert "\n" not in str(err.value)

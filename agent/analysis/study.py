@@ -5,7 +5,7 @@ scripts/train_study_classifier.py; network and input normalisation in agent/anal
 learned-tool base (sha256 checked). It runs at intake on every loaded view (agent/imaging/loaders.py calls `intake_study`),
 so the view's study block (recorded in the trace's intake event), the report's Study block and the planner's case
 line carry its probabilities; inspect_image states them as attributes (modality, plane, body region) that the answer
-step cites. It is not a planner tool of its own (this module's name starts with "_"): it has already run.
+step cites. It is not a planner tool of its own (it lives in agent/analysis, not tools/): it has already run.
 
 DICOM tags win: a file's Modality is never replaced, and the plane and region probabilities are then those of the
 views that modality allows (a CT or MR: axial / coronal / sagittal; a radiograph: frontal / lateral), renormalised.
