@@ -121,9 +121,12 @@ def test_dxagent_run_on_a_pacs_study(pacs, tmp_path):
     env = {**os.environ, "DXAGENT_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
     r = subprocess.run([sys.executable, "-m", "agent.app.cli", "run", ref(url, study), "-q",
                         "What is the tissue composition of this CT slice?", "--llm", "tiny", "--trace-dir",
-                        str(tmp_path / "tr"), "--json"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                        str(tmp_path / "tr"), "--json", "--out", str(tmp_path / "out")], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-800:]
     report = json.loads(r.stdout)
+    fhir = json.loads((tmp_path / "out" / "report.fhir.json").read_text())  # the FHIR report references the study
+    assert fhir["entry"][0]["resource"]["imagingStudy"][0]["identifier"]["value"] == f"urn:oid:{study}"
     assert report["study"]["modality"] == "CT"
     from agent.store.trace import TraceStore
 

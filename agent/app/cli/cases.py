@@ -64,6 +64,21 @@ def _run_one(paths: list[str], question: str | None, **kw) -> tuple[str, dict]:
     return res.run_id, res.report or {}
 
 
+def _write_fhir(report: dict, path: Path, inputs: list[str]) -> None:
+    """The report as a FHIR Bundle; the ImagingStudy is referenced when the input was one PACS study."""
+    from datetime import UTC, datetime
+
+    from agent.app.fhir import write_bundle
+    from agent.imaging.dicomweb import is_reference, parse
+
+    refs = [parse(p) for p in inputs if is_reference(p)]
+    study = refs[0].study if len(refs) == 1 and len(inputs) == 1 else None
+    try:
+        write_bundle(report, path, datetime.now(UTC).isoformat(timespec="seconds"), study)
+    except ValueError as exc:
+        fail(str(exc))
+
+
 def run(
     image: Images = None,
     question: Annotated[str, typer.Option("--question", "-q")] = None,
@@ -81,7 +96,8 @@ def run(
     db_url: DbUrl = None,
     resume: Annotated[str, typer.Option(help="resume an interrupted run by its id")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
-    out_dir: Annotated[Path, typer.Option("--out", help="also write report.json and report.md here")] = None,
+    out_dir: Annotated[Path, typer.Option("--out", help="also write report.json, report.md and report.fhir.json (a FHIR "
+                                          "Bundle: DiagnosticReport + Observations) here")] = None,
     no_route: NoRoute = False,
 ) -> None:
     """Run the agent on one case and print its evidence-cited report and trace id."""
@@ -97,6 +113,7 @@ def run(
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "report.json").write_text(json.dumps(report, indent=2))
         (out_dir / "report.md").write_text(to_markdown(report))
+        _write_fhir(report, out_dir / "report.fhir.json", image or [])
     if as_json:  # stdout stays pure JSON; the trace id goes to stderr
         print(json.dumps(report, indent=2))
         err.print(f"trace id: {run_id}", highlight=False)
