@@ -355,3 +355,26 @@ def test_golden_trace_replays_and_verifies(path):
     assert verify_dump(dump, path.parent / "artifacts") == []
     rep = replay(dump)
     assert rep.verified, f"{rep.divergence}\n{rep.divergence and rep.divergence.diff()}"
+
+
+def test_two_processes_adding_the_same_artifact_keep_one_row(tmp_path, monkeypatch):
+    """Batch workers share one trace database: another worker inserting the same artifact between this one's check
+    and its insert (the interleaving is forced here) leaves one row and no error."""
+    import agent.store.trace as trace_mod
+    from agent.core.state import ArtifactRef
+
+    a, b = TraceStore(None, tmp_path), TraceStore(None, tmp_path)
+    ref = ArtifactRef(sha256="ab" * 32, kind="overlay", media_type="image/png", path="ab/x.png")
+    real_get, raced = trace_mod.Session.get, []
+
+    def get_then_race(self, *args, **kw):
+        if not raced:  # the other worker's insert lands right after this check
+            raced.append(1)
+            found = real_get(self, *args, **kw)
+            b.add_artifact(ref, 10)
+            return found
+        return real_get(self, *args, **kw)
+
+    monkeypatch.setattr(trace_mod.Session, "get", get_then_race)
+    a.add_artifact(ref, 10)
+    assert raced and list(a.artifacts([ref.sha256])) == [ref.sha256]

@@ -20,6 +20,7 @@ from typing import Any
 
 from sqlalchemy import event as sa_event
 from sqlalchemy import inspect, text
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Field, Session, SQLModel, create_engine, select
 
 from agent.core.files import sha256_text
@@ -239,11 +240,18 @@ class TraceStore:
             return list(s.exec(q.order_by(Event.seq)))
 
     def add_artifact(self, ref: ArtifactRef, nbytes: int) -> None:
+        """One row per artifact (content-addressed). Batch workers share the database: when another process inserts
+        the same sha256 between the check and the insert, its row is the same one, so the duplicate is dropped."""
         with self._lock, Session(self.engine) as s:
             if s.get(Artifact, ref.sha256) is None:
                 s.add(Artifact(sha256=ref.sha256, kind=ref.kind, media_type=ref.media_type, path=ref.path,
                                bytes=nbytes))
-                s.commit()
+                try:
+                    s.commit()
+                except IntegrityError:
+                    s.rollback()
+                    if s.get(Artifact, ref.sha256) is None:  # not the duplicate-key race: a real failure
+                        raise
 
     def artifacts(self, shas: list[str]) -> dict[str, Artifact]:
         with Session(self.engine) as s:
