@@ -35,9 +35,9 @@ def default_trace_dir() -> Path:
 def resolve_inputs(paths: list[str]) -> list[str]:
     """Files and folders as given; each DICOMweb reference (dicomweb://HOST/PATH?study=UID[&series=UID]) retrieved
     into the cache, one folder per series (agent/imaging/dicomweb.py); a failure is a one-line DxError."""
-    from agent.imaging.dicomweb import is_reference, resolve
+    from agent.imaging.dicomweb import resolve
 
-    return resolve([str(p) for p in paths]) if any(is_reference(str(p)) for p in paths) else list(paths)
+    return resolve([str(p) for p in paths])
 
 
 def inputs_sha256(paths: list[str]) -> str:

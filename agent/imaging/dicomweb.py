@@ -128,7 +128,7 @@ def fetch(ref: Reference, cache: Path | None = None) -> list[Path]:
     """One local folder per series of the study (or the one series named), every instance retrieved once."""
     import pydicom
 
-    root = (cache or cache_root() / "dicomweb")
+    root = cache or cache_root() / "dicomweb"
     c = client(ref.base_url)
     try:
         series = [ref.series] if ref.series else _uids(c.search_for_series(ref.study, get_remaining=True), _SERIES)
