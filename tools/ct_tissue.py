@@ -107,11 +107,13 @@ class CTTissueComposition(Tool):
         where = f" slice {k_slice}" if three_d else ""
         ctx.save_png(rgb.round().astype(np.uint8), kind="overlay",
                      description=f"{view.id}{where}: lung blue, fat yellow, soft tissue red, bone white")
-        ctx.save_mask(body, description=f"{view.id}: body mask (HU > -500, holes filled)")
+        ctx.save_mask(body, description=f"{view.id}: body mask (HU > -500, holes filled)", legend={1: "body"},
+                      view=view.id)
         labels = np.zeros(hu.shape, dtype=np.uint8)
         for i, m in enumerate(masks.values(), 1):
             labels[m] = i
-        ctx.save_mask(labels, description=f"{view.id}: tissue labels 1 lung, 2 fat, 3 soft tissue, 4 bone")
+        ctx.save_mask(labels, description=f"{view.id}: tissue labels 1 lung, 2 fat, 3 soft tissue, 4 bone",
+                      legend={i: k.replace("_", " ") for i, k in enumerate(masks, 1)}, view=view.id)
         return CTTissueOutput(
             body_amount=round(n_body * unit_size, 3), unit=unit, body_pixels=n_body, tissues=tissues,
             soft_tissue_mean_hu=tissues["soft_tissue"].mean_hu, spacing_known=view.spacing_known,

@@ -108,7 +108,8 @@ class CXRLungFields(Tool):
         ctx.save_png(over.rgb, kind="overlay",
                      description=f"{view.id}: lung fields, patient's right red, left green{over.scale_note}")
         ctx.save_mask(lungs.right.astype(np.uint8) + 2 * lungs.left.astype(np.uint8),
-                      description=f"{view.id}: lung fields, 1 right (image left), 2 left (image right)")
+                      description=f"{view.id}: lung fields, 1 right (image left), 2 left (image right)",
+                      legend={1: "right lung", 2: "left lung"}, view=view.id)
         unit = view.length_unit
         note = SPACING_UNKNOWN_NOTE
         if view.spacing_known:

@@ -254,7 +254,7 @@ class FundusVessels(Tool):
         outline(over, fov, (0, 128, 255))
         ctx.save_png(over, kind="overlay",
                      description=f"{view.id}: vessels (green), centre lines (yellow), field of view (blue)")
-        ctx.save_mask(ves, description=f"{view.id}: retinal vessel mask")
+        ctx.save_mask(ves, description=f"{view.id}: retinal vessel mask", legend={1: "retinal vessel"}, view=view.id)
 
         return VesselOutput(
             vessel_density=round(density, 3), fov_area=round(fov_n * px_area, 3), vessel_area=round(ves_n * px_area, 3),

@@ -549,7 +549,7 @@ class LesionSegment(Tool):
         ctx.save_png(over, kind="overlay",
                      description=f"{view.id}: lesion contour (green), longest diameter (red)"
                      + (", box (yellow)" if box else "") + (", seed (cyan)" if seed else ""))
-        ctx.save_mask(mask, description=f"{view.id}: lesion mask ({seeded} seed)")
+        ctx.save_mask(mask, description=f"{view.id}: lesion mask ({seeded} seed)", legend={1: "lesion"}, view=view.id)
 
         unit = view.length_unit
         return LesionOutput(

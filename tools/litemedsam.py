@@ -149,7 +149,8 @@ class LiteMedSAM(Tool):
         box_edges(over, (r0, c0, r1, c1))
         where = f"{view.id}" + (f" slice {k}" if k is not None else "")
         ctx.save_png(over, kind="overlay", description=f"{where}: LiteMedSAM mask (green) from the box (yellow)")
-        ctx.save_mask(mask, description=f"{where}: LiteMedSAM mask")
+        ctx.save_mask(mask, description=f"{where}: LiteMedSAM mask", legend={1: "segmented region"}, view=view.id,
+                      slice_index=k)
 
         unit = view.length_unit
         return LiteMedSAMOutput(

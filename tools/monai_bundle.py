@@ -405,7 +405,8 @@ class MonaiBundle(LearnedTool):
         legend = ", ".join(f"{s.label} {s.index}" for s in stats[:8])
         ctx.save_png(rgb.round().astype(np.uint8), kind="overlay", description=f"{view.id}{where}: {card.name} labels "
                      f"({legend})")
-        ctx.save_mask(labels.clip(0, 255), description=f"{view.id}: {card.name} label map ({legend}; 0 background)")
+        ctx.save_mask(labels.clip(0, 255), description=f"{view.id}: {card.name} label map ({legend}; 0 background)",
+                      legend={s.index: s.label for s in stats if s.index <= 255}, view=view.id)
 
         notes = []
         if not view.spacing_known:

@@ -242,7 +242,9 @@ class OrganSegment(LearnedTool):
                                       area=round(c["area_px"] * px_area, 2), unit=unit) for c in comps]))
         organs.sort(key=lambda o: -o.area)
         mask_ref = ctx.save_mask(labels_map.astype(np.uint8), f"organ labels of {view.id} ({card.name}; "
-                                 f"index = position in the card's labels, 0 background)")
+                                 f"index = position in the card's labels, 0 background)",
+                                 legend={i: words(lab) for i, lab in enumerate(card.labels, 1)}, view=view.id,
+                                 slice_index=k)
         base = pic if rgb else to_uint8(pic)
         rgb_img = base if rgb else np.repeat(base[..., None], 3, -1)
         over = rgb_img.copy()

@@ -209,7 +209,7 @@ class RegionMeasure(Tool):
         outline(over, mask, (0, 255, 0))
         draw_segment(over, ends, (255, 0, 0))
         ctx.save_png(over, kind="overlay", description=f"{view.id}: region contour (green), longest diameter (red)")
-        ctx.save_mask(mask, description=f"{view.id}: dominant region mask")
+        ctx.save_mask(mask, description=f"{view.id}: dominant region mask", legend={1: "dominant region"}, view=view.id)
 
         unit = view.length_unit
         return RegionOutput(

@@ -330,7 +330,9 @@ class SamSegment(LearnedTool):
         where = view.id + (f" slice {k}" if k is not None else "")
         ctx.save_png(over.clip(0, 255).astype(np.uint8), kind="overlay",
                      description=f"{where}: {card.name} masks (one colour per object), prompt boxes yellow")
-        ctx.save_mask(label_img, description=f"{where}: {card.name} label mask (object i = value i)")
+        ctx.save_mask(label_img, description=f"{where}: {card.name} label mask (object i = value i)",
+                      legend={o.index: o.source_label or f"object {o.index}" for o in objects}, view=view.id,
+                      slice_index=k)
         unit = view.length_unit
         return SamOutput(objects=objects, empty_prompts=empty, area_unit=unit + "2", length_unit=unit, slice_index=k,
                          preprocess=mode, gray_mapping=how, embedding_cached=cached, device=str(sam.device),

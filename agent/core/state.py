@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_serializer
 
 from agent.core.question import Question
 
@@ -25,6 +25,21 @@ class ArtifactRef(BaseModel):
     media_type: str  # "application/x-npy", "image/png", ...
     path: str  # relative to the artifact root
     description: str = ""
+    # masks only: what each label value means ({1: "liver", 2: "spleen"}; names as agent/core/vocab.py writes them),
+    # the view whose pixel grid the mask is on, and for a 2D mask of a volume the slice it lies in. DICOM SEG
+    # (agent/app/dicom_out.py) needs all three; empty/None for pixels and overlays.
+    legend: dict[int, str] = Field(default_factory=dict)
+    view: str | None = None
+    slice_index: int | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_mask_fields(self, handler: Any) -> dict[str, Any]:
+        """Pixels and overlays serialise as before the mask fields existed (recorded traces replay unchanged)."""
+        data = handler(self)
+        for key in ("legend", "view", "slice_index"):
+            if data.get(key) in (None, {}):
+                data.pop(key, None)
+        return data
 
 
 SPACING_UNKNOWN_NOTE = "pixel spacing unknown: sizes are in pixels"

@@ -87,8 +87,17 @@ class ToolContext:
         self.artifacts.append(ref)
         return ref
 
-    def save_mask(self, mask: np.ndarray, description: str) -> ArtifactRef:
-        ref = self.store.put_array(mask.astype(np.uint8), kind="mask", description=description)
+    def save_mask(self, mask: np.ndarray, description: str, legend: dict[int, str] | None = None,
+                  view: str | None = None, slice_index: int | None = None) -> ArtifactRef:
+        """Store a label mask (uint8, 0 background). `legend` names each label value ({1: "liver"}); `view` is the
+        view whose grid the mask is on; `slice_index` the slice of a 3D view that a 2D mask lies in. Without a
+        legend, each value present is called "segment N" and a DICOM SEG of it says that nothing named it."""
+        mask = mask.astype(np.uint8)
+        ref = self.store.put_array(mask, kind="mask", description=description)
+        if legend is None:
+            legend = {int(v): f"segment {int(v)}" for v in np.unique(mask) if v}
+        ref = ref.model_copy(update={"legend": {int(k): str(v) for k, v in legend.items()}, "view": view,
+                                     "slice_index": slice_index})
         self.artifacts.append(ref)
         return ref
 
