@@ -10,58 +10,28 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
+from makers.orthanc import MISSING, free_port, start, upload
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 
 from agent.imaging import dicomweb
 from agent.imaging.dicomweb import DicomWebError
 
-PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
-ORTHANC = shutil.which("Orthanc") or (shutil.which("Orthanc", path="/usr/sbin") if Path("/usr/sbin").is_dir() else None)
-pytestmark = pytest.mark.skipif(ORTHANC is None or not PLUGIN.is_file(),
-                                reason="Orthanc with its DICOMweb plugin is not installed (apt-get install orthanc "
-                                       "orthanc-dicomweb; scripts/install.sh does it where it can)")
+pytestmark = pytest.mark.skipif(MISSING is not None, reason=MISSING or "")
 ROOT = Path(__file__).resolve().parents[1]
 USER, PASSWORD = "dx", "secret-pw"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start(tmp: Path, auth: bool) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    cfg = {"Name": "dxagent-test", "StorageDirectory": str(tmp / "db"), "IndexDirectory": str(tmp / "db"),
-           "HttpPort": port, "DicomServerEnabled": False, "RemoteAccessAllowed": False,
-           "AuthenticationEnabled": auth, "RegisteredUsers": {USER: PASSWORD} if auth else {},
-           "Plugins": [str(PLUGIN)], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}
-    (tmp / "orthanc.json").write_text(json.dumps(cfg))
-    proc = subprocess.Popen([ORTHANC, str(tmp / "orthanc.json")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            if httpx.get(f"{url}/system", auth=(USER, PASSWORD) if auth else None, timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    proc.kill()
-    pytest.fail("Orthanc did not start")
-
-
-def _upload(url: str, path: str, auth: tuple[str, str] | None = None) -> None:
-    r = httpx.post(f"{url}/instances", content=Path(path).read_bytes(), auth=auth, timeout=10)
-    r.raise_for_status()
+    try:
+        return start(tmp, {USER: PASSWORD} if auth else None)
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +42,7 @@ def pacs(tmp_path_factory):
     studies = {}
     for name in ("CT_small.dcm", "MR_small.dcm"):
         path = get_testdata_file(name)
-        _upload(url, path)
+        upload(url, path)
         ds = dcmread(path, stop_before_pixels=True)
         studies[name] = (str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID))
     yield url, studies
@@ -141,7 +111,7 @@ def test_bad_references_are_one_line_errors(pacs, tmp_path):
     with pytest.raises(DicomWebError, match="no such study|no series"):
         dicomweb.resolve([ref(url, "1.2.3.4.5.6.7")], cache=cache)
     with pytest.raises(DicomWebError, match="cannot reach the PACS"):
-        dicomweb.resolve([ref(f"http://127.0.0.1:{_free_port()}", "1.2.3")], cache=cache)
+        dicomweb.resolve([ref(f"http://127.0.0.1:{free_port()}", "1.2.3")], cache=cache)
     env = {**os.environ, "DXAGENT_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
     r = subprocess.run([sys.executable, "-m", "agent.app.cli", "run", ref(url, "1.2.3.4.5.6.7"), "--llm", "tiny",
                         "--trace-dir", str(tmp_path / "tr")], cwd=ROOT, env=env, capture_output=True, text=True,
@@ -154,12 +124,16 @@ def test_refused_request_says_how_to_authenticate(tmp_path, monkeypatch):
     proc, url = _start(tmp_path, auth=True)
     try:
         path = get_testdata_file("MR_small.dcm")
-        _upload(url, path, auth=(USER, PASSWORD))
+        upload(url, path, auth=(USER, PASSWORD))
         study = str(dcmread(path, stop_before_pixels=True).StudyInstanceUID)
         monkeypatch.delenv("DXAGENT_DICOMWEB_TOKEN", raising=False)
         monkeypatch.delenv("DXAGENT_DICOMWEB_USER", raising=False)
         with pytest.raises(DicomWebError, match=r"refused the request \(401\).*DXAGENT_DICOMWEB_USER"):
             dicomweb.resolve([ref(url, study)], cache=tmp_path / "c")
+        target = dicomweb.push_target("source", [ref(url, study)])
+        with pytest.raises(DicomWebError, match=r"storing to .*refused the request \(401\)") as refused:
+            dicomweb.store(target, [dcmread(path)])  # a push without credentials: the same one line
+        assert "\n" not in str(refused.value)
         monkeypatch.setenv("DXAGENT_DICOMWEB_USER", USER)
         monkeypatch.setenv("DXAGENT_DICOMWEB_PASSWORD", PASSWORD)
         assert len(dicomweb.resolve([ref(url, study)], cache=tmp_path / "c")) == 1
@@ -203,3 +177,43 @@ def test_a_damaged_cached_instance_is_one_line(pacs, tmp_path):
     with pytest.raises(ImageLoadError) as err:
         load_views([str(folder)], ArtifactStore(tmp_path / "a"))
     assert "\n" not in str(err.value)
+
+
+def test_a_qido_query_is_a_batch_manifest(pacs):
+    """`dxagent batch "dicomweb://HOST/PATH?modality=CT&date=..."`: one case per study the query finds, case ids without
+    UIDs; a bad filter or an empty result is a one-line manifest error."""
+    from agent.app.batch import ManifestError, read_manifest
+
+    url, studies = pacs
+    root = url.replace("http://", "dicomweb://") + "/dicom-web"
+    _, specs = read_manifest(f"{root}?modality=CT")
+    assert [s.paths for s in specs] == [[ref(url, studies["CT_small.dcm"][0])]]
+    assert specs[0].case_id.startswith("study-") and studies["CT_small.dcm"][0] not in specs[0].case_id
+    _, both = read_manifest(f"{root}?date=20040101-20041231")
+    assert [s.paths[0] for s in both] == [ref(url, studies[n][0]) for n in ("CT_small.dcm", "MR_small.dcm")]  # by date
+    assert len(read_manifest(f"{root}?date=20040801-&limit=5")[1]) == 1
+    for bad, why in ((f"{root}?modality=CT&bogus=1", "unknown query parameter"), (f"{root}?date=2004", "not a DICOM date"),
+                     (f"{root}?modality=US", "finds no study")):
+        with pytest.raises(ManifestError, match=why) as err:
+            read_manifest(bad)
+        assert "\n" not in str(err.value)
+
+
+def test_batch_over_a_query_writes_back_to_the_pacs(pacs, tmp_path, monkeypatch):
+    """`dxagent batch QUERY --dicom --push source`: each study found is a case, and its SR (and SEGs) go back into that
+    study on the PACS, recorded in the case's record and the trace."""
+    import httpx
+
+    from agent.app.batch import run_batch
+
+    url, studies = pacs
+    monkeypatch.setenv("DXAGENT_CACHE", str(tmp_path / "cache"))
+    study = studies["MR_small.dcm"][0]
+    s = run_batch(url.replace("http://", "dicomweb://") + "/dicom-web?modality=MR", tmp_path / "out", workers=1,
+                  llm="tiny", question="How large is the dominant bright region?", max_steps=2, dicom=True, push="source")
+    assert s.counts == {"done": 1}
+    (rec,) = [json.loads(p.read_text()) for p in (tmp_path / "out" / "cases").glob("*/result.json")]
+    assert rec["dicom"][0] == "SR" and rec["pushed_to"].endswith("/dicom-web")
+    assert (tmp_path / "out" / "cases" / rec["case_id"] / "dicom" / "report.sr.dcm").is_file()
+    modalities = {x["00080060"]["Value"][0] for x in httpx.get(f"{url}/dicom-web/studies/{study}/series", timeout=10).json()}
+    assert {"MR", "SR"} <= modalities

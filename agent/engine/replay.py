@@ -287,7 +287,9 @@ def replay(dump: dict[str, Any], tools: dict[str, Tool] | None = None) -> Replay
     if settings.get("chat"):
         raise ValueError(f"{run['id']} is a chat thread: replay covers single runs (`dxagent run`, batch) for now; "
                          "`dxagent trace verify` checks its record")
-    events = dump["events"]
+    # exports (DICOM objects written after the run, agent/app/dicom_out.py) are not the graph's: the chain and the
+    # seal cover them (`dxagent trace verify`), replay does not re-create them
+    events = [e for e in dump["events"] if e["kind"] != "export"]
     log = ReplayLog(events)
     chat = ReplayChat(log=log, llm_type=_llm_type(run, settings))
     planner = Planner(chat, run.get("llm") or "custom", run.get("planner_mode") or "json",

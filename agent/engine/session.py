@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +68,8 @@ class Result:
     run_id: str
     report: dict[str, Any] | None
     state: CaseState
+    inputs: list[str] = field(default_factory=list)  # the resolved input paths (a PACS study: its cached folders)
+    store: ArtifactStore | None = None  # where the run's masks and pictures are
 
 
 _TOOLS: dict[str, Tool] | None = None
@@ -204,7 +206,8 @@ def run_case(paths: list[str] | None = None, question: str | None = None, *, llm
         if not snap.values:
             raise DxError(f"run {run_id} has no checkpoint to resume from")
         if not snap.next:
-            return Result(run_id, snap.values.get("report"), CaseState.model_validate(snap.values))
+            return Result(run_id, snap.values.get("report"), CaseState.model_validate(snap.values),
+                          rt.input_paths.get(run_id, []), rt.store)
         prior = CaseState.model_validate(snap.values)
         paused = 0.0
         if prior.budget.started_at is not None and prior.steps:
@@ -239,4 +242,4 @@ def run_case(paths: list[str] | None = None, question: str | None = None, *, llm
                                   "token_budget": planner.token_budget})
         payload = state
     state = eng.invoke(payload, config)
-    return Result(run_id, state.report, state)
+    return Result(run_id, state.report, state, rt.input_paths.get(run_id, []), rt.store)

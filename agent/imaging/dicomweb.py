@@ -58,7 +58,8 @@ def is_reference(text: str) -> bool:
     return str(text).split("://", 1)[0].lower() in SCHEMES and "://" in str(text)
 
 
-def parse(text: str) -> Reference:
+def parse(text: str, need_study: bool = True) -> Reference:
+    """A study (or series) reference; with need_study=False a server root (`dicomweb://HOST/PATH`, for --push)."""
     parts = urlsplit(str(text))
     if parts.scheme.lower() not in SCHEMES:
         raise DicomWebError(f"{text}: not a DICOMweb reference (dicomweb://HOST/PATH?study=UID[&series=UID])")
@@ -70,11 +71,13 @@ def parse(text: str) -> Reference:
     query = parse_qs(parts.query)
     unknown = sorted(set(query) - {"study", "series"})
     study, series = query.get("study", [""])[0], (query.get("series") or [None])[0]
-    if unknown or not study:
+    if not need_study and query:
+        raise DicomWebError(f"{text}: a server to store to is dicomweb://HOST[:PORT]/PATH, with no query")
+    if need_study and (unknown or not study):
         raise DicomWebError(f"{text}: give ?study=UID (and optionally &series=UID)"
                             + (f"; unknown parameter(s) {', '.join(unknown)}" if unknown else ""))
     for uid in (study, series):
-        if uid is not None and not all(c.isdigit() or c == "." for c in uid):
+        if uid and not all(c.isdigit() or c == "." for c in uid):
             raise DicomWebError(f"{uid[:70]!r} is not a DICOM UID (digits and dots)")
     base = f"{SCHEMES[parts.scheme.lower()]}://{parts.netloc}{parts.path.rstrip('/')}"
     return Reference(base, study, series)
@@ -102,10 +105,10 @@ def client(base_url: str):  # -> dicomweb_client.DICOMwebClient
     return c
 
 
-def _one_line(ref: Reference, exc: BaseException) -> DicomWebError:
+def _one_line(ref: Reference, exc: BaseException, where: str | None = None) -> DicomWebError:
     import requests
 
-    where = ref.public()
+    where = where or ref.public()
     if isinstance(exc, requests.HTTPError) and exc.response is not None:
         code = exc.response.status_code
         if code in (401, 403):
@@ -156,9 +159,79 @@ def fetch(ref: Reference, cache: Path | None = None) -> list[Path]:
         raise _one_line(ref, exc) from None
 
 
+# a batch manifest may be a QIDO-RS study query: dicomweb://HOST/PATH?modality=CT&date=20260101-20261231[&limit=N]
+QUERY_KEYS = {"modality": "ModalitiesInStudy", "date": "StudyDate", "description": "StudyDescription"}
+MAX_STUDIES = 10000
+
+
+def is_query(text: str) -> bool:
+    """A DICOMweb URL with search filters and no study: a manifest of the studies it finds."""
+    return is_reference(text) and "study" not in parse_qs(urlsplit(str(text)).query)
+
+
+def query(text: str) -> list[str]:
+    """The study references (dicomweb://...?study=UID) a QIDO-RS query finds, oldest first. Filters: modality (a
+    modality in the study), date (YYYYMMDD or a range YYYYMMDD-YYYYMMDD, either end open), description (a study
+    description, * wildcards), limit (at most that many studies, default and cap 10000)."""
+    parts = urlsplit(str(text))
+    q = {k: v[0] for k, v in parse_qs(parts.query).items()}
+    unknown = sorted(set(q) - set(QUERY_KEYS) - {"limit"})
+    if unknown:
+        raise DicomWebError(f"{text}: unknown query parameter(s) {', '.join(unknown)} (use "
+                            f"{', '.join(sorted(QUERY_KEYS))}, limit)")
+    if "date" in q and not all(d.isdigit() and len(d) == 8 for d in q["date"].split("-") if d):
+        raise DicomWebError(f"{q['date'][:40]!r} is not a DICOM date or range (YYYYMMDD, YYYYMMDD-YYYYMMDD)")
+    if "limit" in q and not q["limit"].isdigit():
+        raise DicomWebError(f"limit={q['limit'][:20]!r} is not a number")
+    limit = min(int(q.pop("limit", MAX_STUDIES)), MAX_STUDIES)
+    root = parse(urlsplit(str(text))._replace(query="").geturl(), need_study=False)
+    filters = {QUERY_KEYS[k]: v for k, v in q.items()}
+    c = client(root.base_url)
+    try:
+        found = c.search_for_studies(search_filters=filters, limit=limit, get_remaining=limit > 100)
+    except Exception as exc:
+        raise _one_line(root, exc, f"querying {root.public().split('?')[0]}") from None
+    dates = {str(d[_STUDY]["Value"][0]): str((d.get("00080020", {}).get("Value") or [""])[0]) for d in found
+             if d.get(_STUDY, {}).get("Value")}
+    studies = sorted(dates, key=lambda u: (dates[u], u))[:limit]
+    return [f"{root.public().split('?')[0]}?study={u}" for u in studies]
+
+
+def study_key(reference: str) -> str:
+    """A case id for a study reference that carries no UID (UIDs never become file or folder names)."""
+    return "study-" + _key(parse(reference).study)[:16]
+
+
 def resolve(paths: list[str], cache: Path | None = None) -> list[str]:
     """File paths unchanged; each DICOMweb reference replaced by its series folders (retrieved into the cache)."""
     out: list[str] = []
     for p in paths:
         out += [str(f) for f in fetch(parse(p), cache)] if is_reference(str(p)) else [str(p)]
     return out
+
+
+def push_target(push: str, inputs: list[str]) -> Reference:
+    """Where --push stores: "source" (the PACS the input study came from) or a server root dicomweb://HOST/PATH."""
+    if push == "source":
+        refs = [parse(p) for p in inputs if is_reference(p)]
+        if not refs:
+            raise DicomWebError("--push source needs an input from a PACS (dicomweb://...); give --push "
+                                "dicomweb://HOST/PATH")
+        return parse(refs[0].public().split("?")[0], need_study=False)
+    return parse(push, need_study=False)
+
+
+def store(target: Reference, datasets: list) -> int:
+    """STOW-RS the datasets to the server (one request); returns how many it stored. A refused request, a server that
+    cannot be reached, or an instance the server reports as failed is one line (DicomWebError)."""
+    c = client(target.base_url)
+    where = f"storing to {target.public().split('?')[0]}"
+    try:
+        answer = c.store_instances(datasets)
+    except Exception as exc:
+        raise _one_line(target, exc, where) from None
+    failed = list(getattr(answer, "FailedSOPSequence", []) or [])
+    if failed:
+        reason = failed[0].get("FailureReason", "?")
+        raise DicomWebError(f"{where}: the PACS refused {len(failed)} of {len(datasets)} object(s) (reason {reason})")
+    return len(datasets)

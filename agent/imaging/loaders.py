@@ -335,7 +335,9 @@ def _body_part_of(ds: Any) -> str | None:
     return body_part_code(ds.get("BodyPartExamined", ""))
 
 
-def _load_dicom_series(folder: Path, name: str) -> Loaded:
+def _read_series(folder: Path, name: str, defer: str | None = "64 KB") -> tuple[list, int, list[float] | None, dict]:
+    """The image slices of a one-series folder in patient order: ([(file, dataset)], files skipped, positions along
+    the slice normal or None, {"slice_order": how}). The order of a loaded volume's slices and of `dicom_sources`."""
     import pydicom
 
     slices, skipped = [], 0
@@ -343,7 +345,7 @@ def _load_dicom_series(folder: Path, name: str) -> Loaded:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                ds = pydicom.dcmread(f, defer_size="64 KB")
+                ds = pydicom.dcmread(f, defer_size=defer)
         except Exception:
             skipped += 1
             continue
@@ -359,10 +361,6 @@ def _load_dicom_series(folder: Path, name: str) -> Loaded:
         raise ImageLoadError(f"{name}: slices in the folder differ in Rows×Columns")
     if any(int(ds.get("NumberOfFrames", 1) or 1) > 1 for _, ds in slices):
         raise ImageLoadError(f"{name}: folder holds multi-frame files; pass a multi-frame file on its own")
-    rows, cols = int(slices[0][1].Rows), int(slices[0][1].Columns)
-    if rows * cols * len(slices) > MAX_PIXELS:
-        raise ImageLoadError(f"{name}: series of {len(slices)}×{rows}×{cols} is over the voxel limit")
-
     meta: dict[str, Any] = {}
     positions = None
     try:
@@ -378,6 +376,33 @@ def _load_dicom_series(folder: Path, name: str) -> Loaded:
         else:
             order, meta["slice_order"] = np.arange(len(slices)), "file name"
     slices = [slices[i] for i in order]
+    return slices, skipped, positions, meta
+
+
+def dicom_sources(path: str | Path) -> list[Any] | None:
+    """The DICOM datasets (pixels included) behind a loaded input, in the order of the view's slices: one for a file,
+    the slices of a series folder in patient order; None when the input is not DICOM (PNG, NIfTI, ...). DICOM SEG and
+    SR (agent/app/dicom_out.py) reference these and copy their patient and study modules."""
+    import pydicom
+
+    p = Path(path)
+    if p.is_dir():
+        slices, _, _, _ = _read_series(p, p.name, defer=None)
+        return [ds for _, ds in slices]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(p)
+    except Exception:
+        return None
+    return [ds] if "Rows" in ds else None
+
+
+def _load_dicom_series(folder: Path, name: str) -> Loaded:
+    slices, skipped, positions, meta = _read_series(folder, name)
+    rows, cols = int(slices[0][1].Rows), int(slices[0][1].Columns)
+    if rows * cols * len(slices) > MAX_PIXELS:
+        raise ImageLoadError(f"{name}: series of {len(slices)}×{rows}×{cols} is over the voxel limit")
 
     arrays = []
     with warnings.catch_warnings():

@@ -232,6 +232,22 @@ class TraceStore:
             s.refresh(ev)
             return ev
 
+    def note_export(self, run_id: str, payload: dict[str, Any]) -> None:
+        """Record the DICOM objects written for a finished run (an `export` event: their SOP instance UIDs, files
+        and where they were stored) and seal the run again."""
+        self.record(run_id, "export", "export", "dicom", payload)
+        self.reseal(run_id)
+
+    def find_uid(self, uid: str) -> list[tuple[str, dict[str, Any]]]:
+        """(run id, object) for each recorded DICOM object whose SOP instance or series UID is `uid`."""
+        found = []
+        with Session(self.engine) as s:
+            for ev in s.exec(select(Event).where(Event.kind == "export")):
+                for obj in json.loads(ev.payload).get("objects", []):
+                    if uid in (obj.get("sop_instance_uid"), obj.get("series_instance_uid")):
+                        found.append((ev.run_id, obj))
+        return found
+
     def events(self, run_id: str, kind: str | None = None) -> list[Event]:
         with Session(self.engine) as s:
             q = select(Event).where(Event.run_id == run_id)

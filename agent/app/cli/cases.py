@@ -54,14 +54,40 @@ def _live(node: str, update: dict) -> None:
         err.print(f"  [dim]{s.node:<8}[/] {s.summary}", highlight=False, soft_wrap=True)
 
 
-def _run_one(paths: list[str], question: str | None, **kw) -> tuple[str, dict]:
+def _run_one(paths: list[str], question: str | None, **kw):  # -> agent.engine.session.Result
     from agent.engine.session import run_case
 
     try:
-        res = run_case(paths, question, on_step=_live, **kw)
+        return run_case(paths, question, on_step=_live, **kw)
     except UserError as exc:  # DxError, LLMUnavailable, ImageLoadError, ...
         fail(str(exc))
-    return res.run_id, res.report or {}
+
+
+def _push_target(push: str | None, inputs: list[str]):  # -> agent.imaging.dicomweb.Reference | None
+    from agent.imaging.dicomweb import DicomWebError, push_target
+
+    try:
+        return push_target(push, inputs) if push else None
+    except DicomWebError as exc:
+        fail(str(exc))
+
+
+def _write_dicom(res, out_dir: Path | None, target, trace_dir: Path | None, db_url: str | None) -> None:
+    """The run as DICOM SR + SEG (agent/app/dicom_out.py) under out_dir and/or stored to a PACS, recorded in the trace."""
+    from agent.app.cli.trace import trace_store
+    from agent.app.dicom_out import ExportError, export_run
+
+    try:
+        written = export_run(res, out_dir, target, trace_store(trace_dir, db_url))
+    except ExportError as exc:
+        fail(str(exc))
+    for why in written.skipped:
+        err.print(f"[yellow]DICOM: {why}[/]", highlight=False)
+    if written.objects:
+        err.print(f"DICOM: {', '.join(o['kind'] for o in written.objects)}" + (f" in {out_dir}" if out_dir else "")
+                  + (f", stored to {written.pushed_to}" if written.pushed_to else ""), highlight=False)
+    if written.push_error:
+        fail(written.push_error)
 
 
 def _write_fhir(report: dict, path: Path, inputs: list[str]) -> None:
@@ -96,8 +122,11 @@ def run(
     db_url: DbUrl = None,
     resume: Annotated[str, typer.Option(help="resume an interrupted run by its id")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
-    out_dir: Annotated[Path, typer.Option("--out", help="also write report.json, report.md and report.fhir.json (a FHIR "
-                                          "Bundle: DiagnosticReport + Observations) here")] = None,
+    out_dir: Annotated[Path, typer.Option("--out", help="also write report.json, report.md, report.fhir.json (a FHIR "
+                                          "Bundle: DiagnosticReport + Observations) and, for a DICOM input, "
+                                          "report.sr.dcm (TID 1500) and one seg-*.dcm (DICOM SEG) per mask here")] = None,
+    push: Annotated[str, typer.Option("--push", help="store the DICOM SR and SEG with STOW-RS: 'source' (the PACS "
+                                      "the study came from) or dicomweb://HOST[:PORT]/PATH")] = None,
     no_route: NoRoute = False,
 ) -> None:
     """Run the agent on one case and print its evidence-cited report and trace id."""
@@ -105,15 +134,19 @@ def run(
 
     if not image and not resume:
         fail("give an IMAGE (file or DICOM folder) or --resume RUN_ID")
-    run_id, report = _run_one([str(p) for p in image or []], question, llm=llm, base_url=base_url, model=model,
-                              api_key=api_key, llm_timeout_s=llm_timeout, modality=modality, body_part=body_part,
-                              clinical_context=context, max_steps=max_steps, max_wall_s=max_seconds,
-                              trace_dir=trace_dir, db_url=db_url, resume=resume, route=not no_route)
+    target = _push_target(push, [str(p) for p in image or []])  # a bad --push fails before the run, not after
+    res = _run_one([str(p) for p in image or []], question, llm=llm, base_url=base_url, model=model,
+                   api_key=api_key, llm_timeout_s=llm_timeout, modality=modality, body_part=body_part,
+                   clinical_context=context, max_steps=max_steps, max_wall_s=max_seconds,
+                   trace_dir=trace_dir, db_url=db_url, resume=resume, route=not no_route)
+    run_id, report = res.run_id, res.report or {}
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "report.json").write_text(json.dumps(report, indent=2))
         (out_dir / "report.md").write_text(to_markdown(report))
         _write_fhir(report, out_dir / "report.fhir.json", image or [])
+    if (out_dir or target) and res.report:
+        _write_dicom(res, out_dir, target, trace_dir, db_url)
     if as_json:  # stdout stays pure JSON; the trace id goes to stderr
         print(json.dumps(report, indent=2))
         err.print(f"trace id: {run_id}", highlight=False)
@@ -194,7 +227,8 @@ def _progress(label: str, noun: str, out_dir: Path) -> tuple[Any, Any, Any]:
 
 
 def batch(
-    manifest: Annotated[Path, typer.Argument(help="a folder of images, a .csv or a .jsonl manifest")],
+    manifest: Annotated[str, typer.Argument(help="a folder of images, a .csv or a .jsonl manifest, or a QIDO-RS study "
+                                            "query: dicomweb://HOST/PATH?modality=CT&date=20260101-20261231")],
     out_dir: Annotated[Path, typer.Option("--out", help="output folder (reports, results.jsonl, summary.csv, traces)")],
     root: Annotated[Path, typer.Option(help="folder the manifest's relative paths are relative to, and that no path "
                                        "may leave (default: the manifest's folder)")] = None,
@@ -211,9 +245,16 @@ def batch(
     max_seconds: Annotated[float, typer.Option(help="wall-clock budget per case")] = 300.0,
     db_url: OutDbUrl = None,
     limit: Annotated[int, typer.Option(help="only the first N cases of the manifest")] = None,
+    dicom: Annotated[bool, typer.Option("--dicom", help="also write each DICOM case's SR and SEG under "
+                                        "cases/<id>/dicom/")] = False,
+    push: Annotated[str, typer.Option("--push", help="store each case's SR and SEG with STOW-RS: 'source' (the PACS "
+                                      "its study came from) or dicomweb://HOST[:PORT]/PATH")] = None,
 ) -> None:
     """Run every case of a manifest: resumable (re-run to skip finished cases), in parallel, one report per case."""
     from agent.app.batch import ManifestError, run_batch, timing_line
+
+    if push and push != "source":
+        _push_target(push, [])  # a malformed server fails now, not once per case
 
     progress, on_start, tick = _progress("batch", "case", out_dir)
 
@@ -229,7 +270,7 @@ def batch(
             summary = run_batch(manifest, out_dir, root=root, workers=workers, executor=executor, question=question, llm=llm,
                                 base_url=base_url, model=model, api_key=api_key, db_url=db_url, max_steps=max_steps,
                                 max_wall_s=max_seconds, modality=modality, limit=limit, on_case=on_case,
-                                on_start=on_start)
+                                on_start=on_start, dicom=dicom, push=push)
     except ManifestError as exc:
         fail(str(exc))
     table = Table(title=f"batch {summary.out}")
@@ -334,10 +375,13 @@ def demo(
         table.add_column(col, overflow="fold")
     for name, path, question in demo_cases():
         err.print(f"[bold]{name}[/]: {question}")
-        run_id, report = _run_one([path], question, llm=llm, trace_dir=trace_dir)
+        res = _run_one([path], question, llm=llm, trace_dir=trace_dir)
+        run_id, report = res.run_id, res.report or {}
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / f"{name}.json").write_text(json.dumps(report, indent=2))
         (out_dir / f"{name}.md").write_text(to_markdown(report))
+        if res.report:
+            _write_dicom(res, out_dir / f"{name}_dicom", None, trace_dir, None)
         table.add_row(name, report["recommendation"]["outcome"], str(len(report["findings"])),
                       report["impression"][:200], run_id)
     out.print(table)

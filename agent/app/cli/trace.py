@@ -69,10 +69,29 @@ def trace_show(run_id: Annotated[str, typer.Argument(help=TRACE_HELP)], trace_di
         body = ev["payload"]
         brief = {"llm": lambda b: (b.get("decision") or {}).get("tool") or b.get("rejected") or b.get("error") or "",
                  "tool": lambda b: f"{b['evidence']['id']} {b['evidence']['status']} {b['evidence'].get('error') or ''}",
+                 "export": lambda b: f"{len(b.get('objects') or [])} DICOM object(s)"
+                                     + (f", stored to {b['pushed_to']}" if b.get("pushed_to") else ""),
                  }.get(ev["kind"], lambda b: ", ".join(sorted(b))[:100])(body)
         out.print(f"{ev['seq']:>3} {ev['kind']:<5} {ev['node']:<8} {ev['name']:<10} {brief}", highlight=False)
+        for obj in body.get("objects", []) if ev["kind"] == "export" else []:
+            out.print(f"      {obj['kind']:<4} {obj.get('evidence', '')}: SOP instance {obj['sop_instance_uid']} · series "
+                      f"{obj['series_instance_uid']}" + (f" · {obj['file']}" if obj.get("file") else ""),
+                      highlight=False)
     problems = verify_dump(dump, art_root)
     out.print("record: " + ("intact" if not problems else "[red]NOT INTACT[/] — " + "; ".join(problems)))
+
+
+@trace_app.command("uid")
+def trace_uid(uid: Annotated[str, typer.Argument(help="a SOP instance or series UID of a DICOM SR/SEG dxagent wrote")],
+              trace_dir: TraceDir = None, db_url: DbUrl = None) -> None:
+    """Which run wrote a DICOM object (found in a viewer or a PACS), and from which evidence."""
+    found = trace_store(trace_dir, db_url).find_uid(uid.strip())
+    if not found:
+        fail(f"no recorded run wrote a DICOM object with UID {uid.strip()[:70]}")
+    for run_id, obj in found:
+        out.print(f"run {run_id} · {obj['kind']} from {obj.get('evidence') or 'the report'}"
+                  + (f" ({obj['tool']})" if obj.get("tool") else "") + f" · `dxagent trace show {run_id}`",
+                  highlight=False)
 
 
 @trace_app.command("verify")
