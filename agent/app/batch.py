@@ -46,7 +46,7 @@ from typing import Any
 from agent.app.executors import CaseSpec, now, prepare_stores, run_local
 from agent.core.errors import ManifestError  # noqa: F401 - re-exported: the manifest readers raise it
 from agent.core.files import write_atomic
-from agent.imaging.dicomweb import is_reference
+from agent.imaging.dicomweb import DicomWebError, is_query, is_reference, query, study_key
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom", ".nii", ".nii.gz", ".mha",
                   ".mhd", ".nrrd")
@@ -120,10 +120,19 @@ def _row_spec(row: dict[str, Any], where: str) -> CaseSpec:
 def read_manifest(path: str | Path, root: str | Path | None = None) -> tuple[Path, list[CaseSpec]]:
     """(root, cases). Relative paths resolve against `root` (default: the manifest's folder) and no path may leave
     it. Raises ManifestError only when the manifest as a whole is unusable."""
-    path = Path(path).expanduser()
     given_root = Path(root).expanduser().resolve() if root is not None else None
     if given_root is not None and not given_root.is_dir():
         raise ManifestError(f"{root}: the root folder does not exist")
+    if is_query(str(path)):  # a QIDO-RS query: one case per study it finds
+        try:
+            refs = query(str(path))
+        except DicomWebError as exc:
+            raise ManifestError(str(exc)) from None
+        if not refs:
+            raise ManifestError(f"{path}: the query finds no study")
+        return given_root or Path.cwd(), _check(given_root or Path.cwd(), [
+            CaseSpec(study_key(r), [r], where=f"study {i}") for i, r in enumerate(refs, 1)])
+    path = Path(path).expanduser()
     if path.is_dir():
         root = path.resolve()
         specs = folder_cases(root)
@@ -321,7 +330,8 @@ def run_batch(manifest: str | Path, out: str | Path, *, root: str | Path | None 
               api_key: str | None = None, db_url: str | None = None, max_steps: int = 6, max_wall_s: float = 300.0,
               modality: str | None = None, limit: int | None = None, script: list[Any] | None = None,
               on_case: Callable[[dict[str, Any]], None] | None = None,
-              on_start: Callable[[int, int], None] | None = None) -> BatchSummary:
+              on_start: Callable[[int, int], None] | None = None, dicom: bool = False,
+              push: str | None = None) -> BatchSummary:
     from agent.llm.backends import public_url  # batch.json keeps the endpoint without its credentials
 
     root, specs = read_manifest(manifest, root)
@@ -333,8 +343,9 @@ def run_batch(manifest: str | Path, out: str | Path, *, root: str | Path | None 
     latest = sync_results(out)
     opts = {"out": str(out), "question": question, "llm": llm, "base_url": base_url, "model": model,
             "api_key": api_key, "db_url": db_url, "max_steps": max_steps, "max_wall_s": max_wall_s,
-            "modality": modality, "script": script}
-    write_atomic(out / "batch.json", json.dumps({"manifest": str(Path(manifest).resolve()), "root": str(root),
+            "modality": modality, "script": script, "dicom": dicom, "push": push}
+    where = str(manifest) if is_query(str(manifest)) else str(Path(manifest).resolve())  # a query: as given
+    write_atomic(out / "batch.json", json.dumps({"manifest": where, "root": str(root),
                                                   "cases": len(specs), "options": {
                                                       **{k: v for k, v in opts.items() if k not in ("api_key", "script")},
                                                       "base_url": public_url(base_url) if base_url else None},

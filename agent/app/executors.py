@@ -81,6 +81,8 @@ def run_one(spec: dict[str, Any], opts: dict[str, Any]) -> dict[str, Any]:
                    predicted=predicted_labels(report), report=f"cases/{s.case_id}/report.json",
                    answer_kind=(report.get("answer") or {}).get("kind"), answer=(report.get("answer") or {}).get("text"),
                    abstain_reason=(report.get("answer") or {}).get("reason"))
+        if (opts.get("dicom") or opts.get("push")) and res.report:
+            _export(res, s, opts, case_dir, out, rec)
     except (DxError, LLMUnavailable) as exc:
         rec["error"] = str(exc)
     except Exception as exc:  # a case never stops the batch
@@ -91,6 +93,26 @@ def run_one(spec: dict[str, Any], opts: dict[str, Any]) -> dict[str, Any]:
     write_atomic(case_dir / "result.json", json.dumps(rec))
     return rec
 
+
+
+def _export(res: Any, s: CaseSpec, opts: dict[str, Any], case_dir: Path, out: Path, rec: dict[str, Any]) -> None:
+    """--dicom / --push for one batch case (agent/app/dicom_out.py); a push or build that fails fails the case, with
+    its report and DICOM files kept."""
+    from agent.app.dicom_out import ExportError, export_run
+    from agent.imaging.dicomweb import DicomWebError, push_target
+    from agent.store.trace import TraceStore
+
+    try:
+        target = push_target(opts["push"], s.paths) if opts.get("push") else None
+        written = export_run(res, case_dir / "dicom" if opts.get("dicom") else None, target,
+                             TraceStore(opts.get("db_url"), out / "traces"))
+    except (DicomWebError, ExportError) as exc:
+        rec.update(status="failed", error=str(exc))
+        return
+    rec.update(dicom=[o["kind"] for o in written.objects], dicom_skipped=written.skipped,
+               pushed_to=written.pushed_to)
+    if written.push_error:
+        rec.update(status="failed", error=written.push_error)
 
 
 def init_worker(threads: int, llm: str) -> None:
