@@ -237,3 +237,12 @@ def test_round_trip_through_orthanc(tmp_path):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_push_arguments_are_checked_before_the_run(tmp_path):
+    """A --push that cannot work fails in one line before any analysis: 'source' for a file, a server with a query."""
+    ct = get_testdata_file("CT_small.dcm")
+    for push, why in (("source", "needs an input from a PACS"), ("dicomweb://h/x?study=1.2", "with no query")):
+        r = cli("run", ct, "--push", push, "--llm", "tiny", "--trace-dir", str(tmp_path / "tr"))
+        assert r.returncode == 2 and why in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "tr").exists() or not TraceStore(None, tmp_path / "tr").runs()  # no run was started
