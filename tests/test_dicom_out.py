@@ -140,6 +140,10 @@ def test_sr_and_seg_validate_and_carry_the_report(file_run):
     show = cli("trace", "show", report["run_id"], "--trace-dir", str(tmp / "tr"))
     assert show.returncode == 0 and "record: intact" in show.stdout
     assert exp["objects"][0]["sop_instance_uid"] in show.stdout
+    page = cli("trace", "html", report["run_id"], "--trace-dir", str(tmp / "tr"), "--out", str(tmp / "audit.html"))
+    html = (tmp / "audit.html").read_text()
+    assert page.returncode == 0 and f"export · {len(files)} DICOM object(s)" in html and "push: " in html
+    assert all(o["sop_instance_uid"] in html for o in exp["objects"])  # the audit page lists what was written
     seg = next(o for o in exp["objects"] if o["kind"] == "SEG")
     found = cli("trace", "uid", seg["sop_instance_uid"], "--trace-dir", str(tmp / "tr"))
     assert found.returncode == 0 and report["run_id"] in found.stdout and seg["evidence"] in found.stdout
