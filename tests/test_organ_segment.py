@@ -188,3 +188,22 @@ def test_a_refiner_that_cannot_load_is_stated_and_the_unet_outline_kept(store, t
     if not out.organs:
         pytest.skip("the demo slice shows no organ the refiner would touch")
     assert out.refined == [] and any("outlines not refined" in n and "sha256" in n for n in out.notes), out.notes
+
+
+def test_flip_averaging_is_mirror_equivariant_and_checked():
+    """organ_net.predict(tta=("hflip",)) averages the softmax of the picture and of its mirror, so the labels of a
+    mirrored picture are the mirrored labels exactly (left/right organs are one class); without it they need not be.
+    An unknown augmentation is refused, not ignored."""
+    from agent.analysis.organ_net import load_net, predict
+
+    card = ModelStore().get("organ_seg_slake")
+    net = load_net(card.input, card.weights_path)
+    rng = np.random.default_rng(0)
+    img = rng.random((97, 130)).astype(np.float32)
+    img[20:70, 10:60] += 2.0  # something asymmetric
+    lab, probs = predict(net, img, False, 64, tta=("hflip",))
+    lab_m, probs_m = predict(net, img[:, ::-1].copy(), False, 64, tta=("hflip",))
+    assert (lab_m == lab[:, ::-1]).all() and np.allclose(probs_m, probs[:, :, ::-1], atol=1e-5)
+    assert np.allclose(probs.sum(0), 1.0, atol=1e-4)
+    with pytest.raises(ValueError, match="unknown test-time augmentation"):
+        predict(net, img, False, 64, tta=("vflip",))
