@@ -79,7 +79,7 @@ def main() -> None:
             n_unannotated += 1
             continue
         truth = lut[raw]
-        base, _ = predict(net, img, False, size, with_probs=False)
+        base, _ = predict(net, img, False, size, with_probs=False, tta=tuple(card["input"].get("tta") or ()))
         rgb8 = gray8(img)
 
         def seg(box, rgb8=rgb8):

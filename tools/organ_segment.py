@@ -6,7 +6,8 @@ classical cxr_lung_fields and cardiothoracic_ratio tools.
 
 Runs the cards with `adapter: organ_unet` (the project's own `organ_seg_slake` in tools/models/, a MONAI 2D U-Net
 trained on the SLAKE 1.0 organ masks by scripts/train_organ_segmenter.py; inference helpers in agent/analysis/organ_net.py).
-The network sees the picture at the card's working size (e.g. 192 px; a CT in Hounsfield units is first put through
+The network sees the picture at the card's working size (e.g. 192 px; with the card's `input.tta: [hflip]` also its
+horizontal mirror, the two softmax maps averaged; a CT in Hounsfield units is first put through
 a soft-tissue window, -160..240 HU, as SLAKE's exports are); its label map is upsampled back, so every measurement is
 in the original pixel grid: area in mm² when the spacing is known, else px².
 
@@ -213,7 +214,10 @@ class OrganSegment(LearnedTool):
         notes.append(f"segmented at {size}x{size} px and upsampled to the view's {pic.shape[0]}x{pic.shape[1]} grid; "
                      "areas are in that grid" + (f" (through a {WORK_PX} px working grid)" if max(pic.shape) > WORK_PX
                                                  else ""))
-        labels_map, probs = predict(net, pic, rgb, size)
+        tta = tuple(card.input.get("tta") or ())  # e.g. ["hflip"]: softmax averaged with the mirrored picture's
+        labels_map, probs = predict(net, pic, rgb, size, tta=tta)
+        if "hflip" in tta:
+            notes.append("test-time flip: the softmax is the mean of the picture's and its horizontal mirror's")
         refined: list[str] = []
         if inp.refine:
             labels_map, refined = refine_outlines(pic, labels_map, card.labels, notes)

@@ -3,7 +3,8 @@
 Method: a MONAI 2D U-Net (architecture given as data, the card's `input.net`) takes one slice or picture resized to
 `size` x `size` (bilinear, antialiased) after percentile scaling (0.5..99.5 -> 0..1, clipped), so 0..255 JPEGs and HU
 or raw MR values land on the same range. Logits are upsampled bilinearly to the original shape, then softmax and
-argmax; index 0 is background. Left/right organs are trained as one merged class (so horizontal flips are
+argmax (the card's `input.tta: [hflip]` averages the softmax with that of the mirrored picture first); index 0 is
+background. Left/right organs are trained as one merged class (so horizontal flips are
 label-safe); `sides` splits a predicted organ into connected components and places each one left, right or on the
 midline of the picture relative to the body's centroid column. Image sides are not patient sides: under the
 radiological convention image left = patient right, which is the caller's business.
@@ -74,21 +75,37 @@ def preprocess(img: np.ndarray, rgb: bool, size: int) -> np.ndarray:
 WORK_PX = 1024  # logits are upsampled to at most this a side; labels then to the picture's own grid (nearest)
 
 
+TTA = ("hflip",)  # test-time augmentations predict() knows
+
+
 @torch.no_grad()
 def predict(net: torch.nn.Module, img: np.ndarray, rgb: bool, size: int,
-            with_probs: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+            with_probs: bool = True, tta: tuple[str, ...] | list[str] = ()) -> tuple[np.ndarray, np.ndarray | None]:
     """(labels int64 (H, W) at the input picture's original shape, probs float32 (K, h, w) or None), where (h, w) is
     (H, W) for pictures up to WORK_PX a side and that shape scaled down to WORK_PX otherwise: upsampling every class's
-    logits to a 4096 px picture took 15 s and gigabytes for nothing the network resolves."""
+    logits to a 4096 px picture took 15 s and gigabytes for nothing the network resolves.
+
+    `tta` ("hflip", the card's `input.tta`): the softmax of the picture and of its horizontal mirror (mirrored back)
+    are averaged before the argmax - label-safe since left/right organs are one class; twice the network time."""
+    unknown = set(tta) - set(TTA)
+    if unknown:
+        raise ValueError(f"unknown test-time augmentation {sorted(unknown)}; expected some of {TTA}")
     h, w = np.asarray(img).shape[:2]
     scale = min(1.0, WORK_PX / max(h, w))
     wh, ww = max(1, round(h * scale)), max(1, round(w * scale))
     x = torch.from_numpy(preprocess(img, rgb, size))[None]
-    logits = F.interpolate(net.eval()(x), size=(wh, ww), mode="bilinear", align_corners=False)[0]
-    labels = logits.argmax(0)
+    net = net.eval()
+    if "hflip" in tta:
+        p = 0.5 * (torch.softmax(net(x), 1) + torch.softmax(net(x.flip(-1)), 1).flip(-1))
+        p = F.interpolate(p, size=(wh, ww), mode="bilinear", align_corners=False)[0]
+        labels = p.argmax(0)
+        probs = p.numpy().astype(np.float32) if with_probs else None
+    else:
+        logits = F.interpolate(net(x), size=(wh, ww), mode="bilinear", align_corners=False)[0]
+        labels = logits.argmax(0)
+        probs = torch.softmax(logits, 0).numpy().astype(np.float32) if with_probs else None
     if (wh, ww) != (h, w):
         labels = F.interpolate(labels[None, None].float(), size=(h, w), mode="nearest")[0, 0].long()
-    probs = torch.softmax(logits, 0).numpy().astype(np.float32) if with_probs else None
     return labels.numpy().astype(np.int64), probs
 
 
