@@ -86,6 +86,16 @@ def _code(value: str, scheme: str, meaning: str):
     return CodedConcept(value, scheme, meaning[:64])
 
 
+def _local_scheme():
+    from pydicom.dataset import Dataset
+
+    item = Dataset()
+    item.CodingSchemeDesignator = LOCAL
+    item.CodingSchemeName = "dxagent local concepts (names no standard code fits)"
+    item.CodingSchemeResponsibleOrganization = "dxagent"
+    return item
+
+
 def _local(name: str):
     text = " ".join(str(name).replace("_", " ").split()) or "unnamed"
     return _code(text.upper().replace(" ", "_")[:16], LOCAL, text)
@@ -311,6 +321,8 @@ def write_objects(report: dict[str, Any], state: CaseState, store: Any, inputs: 
     build_segs(state, store, sources, run_id, software, out)
     build_sr(report, state, sources, run_id, software, out)
     out.datasets[0].SpecificCharacterSet = "ISO_IR 192"  # the SR's texts (answer, disclaimer) are UTF-8
+    for ds in out.datasets:  # declare the private scheme of the names no standard code fits (PS3.3 C.12.1.1.3.1)
+        ds.CodingSchemeIdentificationSequence = [_local_scheme()]
     if out_dir is None:
         return out
     out_dir = Path(out_dir)
