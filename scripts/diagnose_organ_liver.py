@@ -27,7 +27,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
-from train_organ_segmenter import PRESENT_FRAC, held_out, load_split, merged_name, read_case  # noqa: E402
+from train_organ_segmenter import PRESENT_FRAC, card_net_and_lut, held_out, load_split, read_case  # noqa: E402
 
 
 def variant_labels(net, img, size, post: str, liver_i: int) -> np.ndarray:
@@ -63,21 +63,12 @@ def main() -> None:
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args()
     import torch
-    import yaml
 
-    from agent.analysis.organ_net import load_net
 
     torch.set_num_threads(1)
-    card = yaml.safe_load((args.card / "card.yaml").read_text())
-    net = load_net(card["input"], args.card / card["weights"])
+    card, net, lut = card_net_and_lut(args.card, args.data)
     labels, size = card["labels"], int(card["input"]["size"])
     li = labels.index("liver") + 1
-    names = {int(a): b.strip() for a, b in (ln.split(":", 1) for ln in (args.data / "mask.txt").read_text()
-                                            .splitlines() if ln.strip())}
-    lut = np.zeros(256, dtype=np.int64)
-    for v, n in names.items():
-        if (m := merged_name(n)[0]) in labels:
-            lut[v] = labels.index(m) + 1
     if args.split == "validate":
         rows = [r for r in load_split(args.data, "validate.jsonl") if r["modality"] != "X-Ray"]
     else:

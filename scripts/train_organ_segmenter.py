@@ -100,6 +100,21 @@ def load_split(data: Path, split: str) -> list[dict]:
     return [seen[k] for k in sorted(seen)]
 
 
+def card_net_and_lut(card_dir: Path, data: Path) -> tuple[dict, torch.nn.Module, np.ndarray]:
+    """(the card, its network loaded, a lookup table from SLAKE mask gray values to the card's label indices)."""
+    from agent.analysis.organ_net import load_net
+
+    card = yaml.safe_load((card_dir / "card.yaml").read_text())
+    net = load_net(card["input"], card_dir / card["weights"])
+    names = {int(a): b.strip() for a, b in (ln.split(":", 1) for ln in (data / "mask.txt").read_text()
+                                            .splitlines() if ln.strip())}
+    lut = np.zeros(256, dtype=np.int64)
+    for v, n in names.items():
+        if (m := merged_name(n)[0]) in card["labels"]:
+            lut[v] = card["labels"].index(m) + 1
+    return card, net, lut
+
+
 def held_out(image: str) -> bool:
     return int(hashlib.sha1(image.encode()).hexdigest(), 16) % 100 < HELD_OUT
 

@@ -29,7 +29,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
-from train_organ_segmenter import PRESENT_FRAC, held_out, load_split, merged_name, read_case  # noqa: E402
+from train_organ_segmenter import PRESENT_FRAC, card_net_and_lut, held_out, load_split, read_case  # noqa: E402
 
 CANDIDATES = ("liver", "lung", "heart", "kidney", "spleen", "bladder", "stomach", "small_bowel", "colon")
 
@@ -46,21 +46,13 @@ def main() -> None:
                                                                  "(refine_tuning_<split>)")
     args = ap.parse_args()
     import torch
-    import yaml
 
     from agent.analysis import medsam as litemedsam
-    from agent.analysis.organ_net import gray8, load_net, predict, refine
+    from agent.analysis.organ_net import gray8, predict, refine
 
     torch.set_num_threads(1)
-    card = yaml.safe_load((args.card / "card.yaml").read_text())
-    net = load_net(card["input"], args.card / card["weights"])
+    card, net, lut = card_net_and_lut(args.card, args.data)
     labels, size = card["labels"], int(card["input"]["size"])
-    names = {int(a): b.strip() for a, b in (ln.split(":", 1) for ln in (args.data / "mask.txt").read_text()
-                                            .splitlines() if ln.strip())}
-    lut = np.zeros(256, dtype=np.int64)
-    for v, n in names.items():
-        if (m := merged_name(n)[0]) in labels:
-            lut[v] = labels.index(m) + 1
     if args.split == "heldout":
         rows = [r for r in load_split(args.data, "train.jsonl") if r["modality"] != "X-Ray" and held_out(r["image"])]
     else:
