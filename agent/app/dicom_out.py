@@ -106,8 +106,19 @@ def label_codes(name: str) -> tuple[Any, Any, bool]:
     key = " ".join(str(name).lower().replace("_", " ").split())
     if key in SCT_TYPES:
         code, meaning, cat = SCT_TYPES[key]
-        return _code(*CATEGORIES[cat][:1], "SCT", CATEGORIES[cat][1]), _code(code, "SCT", meaning), True
+        return _code(CATEGORIES[cat][0], "SCT", CATEGORIES[cat][1]), _code(code, "SCT", meaning), True
     return _code(CATEGORIES["other"][0], "SCT", CATEGORIES["other"][1]), _local(name), False
+
+
+def _view_of(ev: Evidence, ref: ArtifactRef | None = None) -> str:
+    """The view a result lies on: the mask's own record, else the view the tool call named."""
+    return (ref.view if ref is not None else None) or str(ev.args.get("view", "V1"))
+
+
+def _slice_of(ev: Evidence, n: int, ref: ArtifactRef | None = None) -> int | None:
+    """The slice (of n) a 2D result on a volume lies in: the mask's record, else the tool output's slice_index."""
+    k = ref.slice_index if ref is not None and ref.slice_index is not None else (ev.output or {}).get("slice_index")
+    return k if isinstance(k, int) and 0 <= k < n else None
 
 
 def _root_view(state: CaseState, view_id: str) -> ImageView:
@@ -141,18 +152,16 @@ def _on_source_grid(state: CaseState, mask: np.ndarray, view_id: str) -> tuple[n
 def _frames(state: CaseState, ref: ArtifactRef, ev: Evidence, mask: np.ndarray, sources: list[Any]
             ) -> tuple[np.ndarray, list[Any], str | None]:
     """(label frames (n, rows, cols), the source datasets they lie on) for a mask, or a reason it has none."""
-    view_id = ref.view or str(ev.args.get("view", "V1"))
-    mask, why = _on_source_grid(state, mask, view_id)
+    mask, why = _on_source_grid(state, mask, _view_of(ev, ref))
     if why:
         return mask, [], why
     rows, cols = int(sources[0].Rows), int(sources[0].Columns)
     if mask.ndim == 3 and mask.shape == (len(sources), rows, cols):
         return mask, sources, None
     if mask.shape == (rows, cols):
-        k = ref.slice_index if ref.slice_index is not None else (ev.output or {}).get("slice_index")
         if len(sources) == 1:
             return mask[None], sources, None
-        if isinstance(k, int) and 0 <= k < len(sources):
+        if (k := _slice_of(ev, len(sources), ref)) is not None:
             return mask[None], [sources[k]], None
         return mask, [], "a 2D mask of a volume without the slice it lies in"
     return mask, [], f"mask shape {list(mask.shape)} does not match the source's {len(sources)}x{rows}x{cols}"
@@ -179,7 +188,7 @@ def build_segs(state: CaseState, store: Any, sources: dict[str, list[Any]], run_
         for ref in ev.artifacts:
             if ref.kind != "mask":
                 continue
-            root = _root_view(state, ref.view or str(ev.args.get("view", "V1")))
+            root = _root_view(state, _view_of(ev, ref))
             src = sources.get(root.id)
             if not src:
                 out.skipped.append(f"{ev.id} mask: view {root.id} is not a DICOM image (nothing to reference)")
@@ -240,10 +249,8 @@ def build_sr(report: dict[str, Any], state: CaseState, sources: dict[str, list[A
     def group(key: str, label: str, finding_type: Any, eids: list[str], measurements: list[dict[str, Any]],
               present: bool | None) -> Any:
         ev = evidence_of.get(eids[0]) if eids else None
-        root = _root_view(state, str(ev.args.get("view", "V1"))) if ev else None
-        refs = sources.get(root.id, []) if root else all_sources
-        k = (ev.output or {}).get("slice_index") if ev else None
-        if isinstance(k, int) and 0 <= k < len(refs):
+        refs = sources.get(_root_view(state, _view_of(ev)).id, []) if ev else all_sources
+        if ev and (k := _slice_of(ev, len(refs))) is not None:
             refs = [refs[k]]
         qualitative = [] if present is None else [hd.sr.QualitativeEvaluation(
             name=_code("PRESENT", LOCAL, "Finding present"), value=codes.SCT.Yes if present else codes.SCT.No)]
@@ -356,7 +363,7 @@ def export_run(res: Any, out_dir: str | Path | None, target: Any, trace: Any) ->
     if target is not None:
         try:
             store(target, written.datasets)
-            written.pushed_to = target.public().split("?")[0]
+            written.pushed_to = target.public()
         except DicomWebError as exc:
             written.push_error = str(exc)
     if written.objects:

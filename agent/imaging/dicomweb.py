@@ -48,9 +48,12 @@ class Reference:
     series: str | None = None
 
     def public(self) -> str:
-        """The reference as the user wrote it, for messages (it carries no credentials)."""
+        """The reference as the user wrote it, for messages (it carries no credentials); a server root (no study,
+        for --push and queries) as dicomweb://HOST/PATH."""
         scheme = "dicomwebs" if self.base_url.startswith("https:") else "dicomweb"
         rest = self.base_url.split("://", 1)[1]
+        if not self.study:
+            return f"{scheme}://{rest}"
         return f"{scheme}://{rest}?study={self.study}" + (f"&series={self.series}" if self.series else "")
 
 
@@ -190,11 +193,11 @@ def query(text: str) -> list[str]:
     try:
         found = c.search_for_studies(search_filters=filters, limit=limit, get_remaining=limit > 100)
     except Exception as exc:
-        raise _one_line(root, exc, f"querying {root.public().split('?')[0]}") from None
+        raise _one_line(root, exc, f"querying {root.public()}") from None
     dates = {str(d[_STUDY]["Value"][0]): str((d.get("00080020", {}).get("Value") or [""])[0]) for d in found
              if d.get(_STUDY, {}).get("Value")}
     studies = sorted(dates, key=lambda u: (dates[u], u))[:limit]
-    return [f"{root.public().split('?')[0]}?study={u}" for u in studies]
+    return [Reference(root.base_url, u).public() for u in studies]
 
 
 def study_key(reference: str) -> str:
@@ -217,7 +220,7 @@ def push_target(push: str, inputs: list[str]) -> Reference:
         if not refs:
             raise DicomWebError("--push source needs an input from a PACS (dicomweb://...); give --push "
                                 "dicomweb://HOST/PATH")
-        return parse(refs[0].public().split("?")[0], need_study=False)
+        return Reference(refs[0].base_url, "")
     return parse(push, need_study=False)
 
 
@@ -225,7 +228,7 @@ def store(target: Reference, datasets: list) -> int:
     """STOW-RS the datasets to the server (one request); returns how many it stored. A refused request, a server that
     cannot be reached, or an instance the server reports as failed is one line (DicomWebError)."""
     c = client(target.base_url)
-    where = f"storing to {target.public().split('?')[0]}"
+    where = f"storing to {target.public()}"
     try:
         answer = c.store_instances(datasets)
     except Exception as exc:
