@@ -478,7 +478,10 @@ def main() -> None:
         "labels": labels,
         "input": {"size": size, "channels": 1, "rgb": False, "net": net_cfg, "tta": list(tta), "normalisation": norm,
                   "convention": "labels merged left/right; side from geometry (agent/analysis/organ_net.py: sides; image "
-                                "left = patient right)", "background_index": 0},
+                                "left = patient right)", "background_index": 0,
+                  # trained without flips: the network expects image left = patient right (organ_segment mirrors
+                  # a picture that DICOM says is displayed the other way)
+                  **({} if args.flip_aug else {"orientation": "radiological"})},
         "weights": "weights.pt",
         "sha256": sha256(wpath),
         "license": "CC-BY-4.0 (weights trained on SLAKE 1.0, CC BY 4.0; cite Liu et al. ISBI 2021)",

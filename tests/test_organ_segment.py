@@ -217,3 +217,59 @@ def test_flip_averaging_is_mirror_equivariant_and_checked():
     assert np.allclose(probs.sum(0), 1.0, atol=1e-4)
     with pytest.raises(ValueError, match="unknown test-time augmentation"):
         predict(net, img, False, 64, tta=("vflip",))
+
+
+def test_presence_floors_set_small_classes_to_background():
+    """agent/analysis/organ_net.apply_floors (the card's input.presence_floor): a class under its floor becomes
+    background and is named; one above it, and a class without a floor, stay; a floor for an unknown class is refused."""
+    from agent.analysis.organ_net import apply_floors
+
+    labels = np.zeros((100, 100), np.int64)
+    labels[:5, :5] = 1  # 0.25 % of the picture
+    labels[50:80, 50:80] = 2  # 9 %
+    labels[90:92, 90:92] = 3  # 0.04 %, no floor of its own
+    out, dropped = apply_floors(labels, ["lung", "liver", "kidney"], {"lung": 0.003, "liver": 0.003})
+    assert dropped == ["lung"] and not (out == 1).any() and (out == 2).sum() == 900 and (out == 3).sum() == 4
+    assert (labels == 1).sum() == 25  # the caller's map is not changed in place
+    with pytest.raises(ValueError, match="not one of the card's labels"):
+        apply_floors(labels, ["lung"], {"spleen": 0.01})
+
+
+def test_a_net_trained_on_the_radiological_convention_sees_a_mirrored_picture(store, tmp_path, monkeypatch):
+    """A card with input.orientation: radiological (trained without flips, so it knows the liver's side) given a DICOM
+    slice whose ImageOrientationPatient says image right = patient right: the network gets the mirror image, its labels
+    are mirrored back, and the liver it finds on the mirror's left lies on the picture's right = the patient's right."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    from agent.analysis import organ_net
+    from tools.organ_segment import OrganSegment
+
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.ImageOrientationPatient = [-1, 0, 0, 0, 1, 0]  # rows run towards the patient's right
+    path = tmp_path / "patient_right_on_the_right.dcm"
+    ds.save_as(path)
+    card = ModelStore().get("organ_seg_slake")
+    liver = card.labels.index("liver") + 1
+    radiological = card.model_copy(update={"input": {**card.input, "orientation": "radiological", "tta": []}})
+    seen = []
+
+    def liver_on_the_left_of_what_it_sees(net, img, rgb, size, with_probs=True, tta=()):
+        seen.append(np.array(img))
+        lab = np.zeros(np.shape(img)[:2], np.int64)
+        lab[40:90, 5:45] = liver
+        probs = np.zeros((len(card.labels) + 1, *lab.shape), np.float32)
+        probs[0], probs[liver] = lab != liver, lab == liver
+        return lab, probs
+
+    monkeypatch.setattr(organ_net, "predict", liver_on_the_left_of_what_it_sees)
+    outs = []
+    for c in (card, radiological):  # the shipped card's orientation, then a radiological one
+        monkeypatch.setattr(OrganSegment, "pick", lambda self, view, name, c=c: c)
+        outs.append(run_tool(make_ctx(store, path, modality="CT"), "organ_segment", refine=False))
+    mirrored = card.input.get("orientation") == "radiological"
+    assert np.array_equal(seen[1], seen[0] if mirrored else seen[0][:, ::-1])
+    organ = next(o for o in outs[1].organs if o.label == "liver")
+    assert organ.components[0].image_side == "right" and organ.components[0].side == "right", organ
+    assert (_mask_of(store, outs[1], "liver")[40:90, -45:-5]).all()
+    assert any("mirrored for the network" in n for n in outs[1].notes), outs[1].notes

@@ -193,7 +193,7 @@ class OrganSegment(LearnedTool):
 
     def run(self, ctx: ToolContext, inp: OrganInput) -> OrganOutput:
         from agent.analysis.display import is_rgb, looks_like_hu, picture, to_uint8
-        from agent.analysis.organ_net import WORK_PX, body_mask, predict, sides
+        from agent.analysis.organ_net import WORK_PX, apply_floors, body_mask, predict, sides
 
         view = self.usable_view(ctx, inp.view)
         card = self.pick(view, inp.model)
@@ -215,14 +215,27 @@ class OrganSegment(LearnedTool):
                      "areas are in that grid" + (f" (through a {WORK_PX} px working grid)" if max(pic.shape) > WORK_PX
                                                  else ""))
         tta = tuple(card.input.get("tta") or ())  # e.g. ["hflip"]: softmax averaged with the mirrored picture's
-        labels_map, probs = predict(net, pic, rgb, size, tta=tta)
+        right_is, convention = side_rule(view)
+        # a network trained without flips knows the liver's side: a picture displayed patient-right-on-the-right is
+        # mirrored into the radiological convention it was trained on, and its labels mirrored back
+        mirror = card.input.get("orientation") == "radiological" and right_is == "right"
+        labels_map, probs = predict(net, pic[:, ::-1] if mirror else pic, rgb, size, tta=tta)
+        if mirror:
+            labels_map = np.ascontiguousarray(labels_map[:, ::-1])
+            probs = None if probs is None else np.ascontiguousarray(probs[:, :, ::-1])
+            notes.append("picture mirrored for the network (trained on the radiological convention, image left = "
+                         "patient right; here image right = patient right), labels mirrored back")
         if "hflip" in tta:
             notes.append("test-time flip: the softmax is the mean of the picture's and its horizontal mirror's")
+        floors = card.input.get("presence_floor") or {}
+        labels_map, dropped = apply_floors(labels_map, card.labels, floors)
+        if dropped:
+            notes.append("counted absent, under the card's presence floor: " + ", ".join(
+                f"{words(d)} (< {100 * floors[d]:.2g} % of the picture)" for d in dropped))
         refined: list[str] = []
         if inp.refine:
             labels_map, refined = refine_outlines(pic, labels_map, card.labels, notes)
         body = body_mask(pic, rgb)
-        right_is, convention = side_rule(view)
         sp = view.spacing_mm if view.spacing_known else None
         px_area, unit = (float(sp[-2]) * float(sp[-1]), "mm2") if sp else (1.0, "px2")
         organs, absent = [], []

@@ -109,6 +109,23 @@ def predict(net: torch.nn.Module, img: np.ndarray, rgb: bool, size: int,
     return labels.numpy().astype(np.int64), probs
 
 
+def apply_floors(labels: np.ndarray, names: list[str], floors: dict[str, float]) -> tuple[np.ndarray, list[str]]:
+    """`labels` with every class whose area is under its presence floor (the card's `input.presence_floor`: class ->
+    fraction of the picture) set to background, and the names of the classes so removed. Floors are chosen on the
+    held-out slice of SLAKE train (scripts/tune_organ_refine.py) to drop small false positives."""
+    out, dropped = labels, []
+    for name, frac in floors.items():
+        if name not in names:
+            raise ValueError(f"presence floor for {name!r}, which is not one of the card's labels")
+        m = labels == names.index(name) + 1
+        n = int(m.sum())
+        if 0 < n < float(frac) * labels.size:
+            out = out.copy() if out is labels else out
+            out[m] = 0
+            dropped.append(name)
+    return out, dropped
+
+
 def gray8(img: np.ndarray) -> np.ndarray:
     """The picture as (H, W, 3) uint8 for the box-prompted refiner: gray, percentile 0.5..99.5 -> 0..255."""
     g = _gray(img)
