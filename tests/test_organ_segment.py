@@ -64,13 +64,13 @@ def _mask_of(store, out, label: str) -> np.ndarray:
 
 
 @needs_slake
-@pytest.mark.parametrize("modality, organ, floor", [("CT", "liver", 0.45), ("CT", "lung", 0.8), ("CT", "kidney", 0.85)])
+@pytest.mark.parametrize("modality, organ, floor", [("CT", "liver", 0.7), ("CT", "lung", 0.8), ("CT", "kidney", 0.85)])
 def test_dice_on_held_out_validate_slices(store, modality, organ, floor):
     """Floors under the tool's per-organ validate Dice (card `validation.tool.refined`, images with the organ in the
-    truth: liver 0.75, lung 0.94, kidney 0.93), over the first 3 validate slices with the organ (measured 2026-12-02,
-    organ_seg_slake 1.2: liver 0.00 / 0.98 / 0.62 - the first is a small liver tip the model misses -, lung 0.88 /
-    0.89 / 0.97, kidney 0.89 / 0.97 / 0.95): a broken preprocessing, label order, refinement or checkpoint fails them;
-    the model's known weakness on small liver tips does not."""
+    truth: liver 0.87, lung 0.94, kidney 0.94), over the first 3 validate slices with the organ (measured 2026-12-03,
+    organ_seg_slake 1.3: liver 0.82 / 0.98 / 0.79 - 1.2 missed the first, a small liver tip: 0.00 / 0.98 / 0.62 -,
+    lung 0.89 / 0.89 / 0.97, kidney 0.89 / 0.96 / 0.95): a broken preprocessing, label order, composition,
+    refinement or checkpoint fails them."""
     scores = []
     for img in _pick(modality, organ, 3):
         path, truth = _validate_case(img)
@@ -82,17 +82,27 @@ def test_dice_on_held_out_validate_slices(store, modality, organ, floor):
 
 @needs_slake
 def test_sides_swap_on_a_flipped_picture(store, tmp_path):
+    """Each kidney's side comes from where it lies: mirrored, the component at the mirrored place gets the other side.
+    (The liver is not used: since 1.3 it comes from a network trained without flips, which expects the liver on the
+    picture's left as the radiological convention displays it, and misses it on an untagged mirrored picture - the
+    documented cost; a DICOM orientation tag makes the tool mirror the picture back, see the test below.)"""
     img = _pick("CT", "kidney", 1)[0]
     path, _ = _validate_case(img)
+    gray = np.asarray(Image.open(path).convert("L"))
     flipped = tmp_path / "flipped.png"
-    Image.fromarray(np.asarray(Image.open(path).convert("L"))[:, ::-1].copy()).save(flipped)
-    sides = {}
+    Image.fromarray(gray[:, ::-1].copy()).save(flipped)
+    kidneys = {}
     for name, p in (("orig", path), ("flip", flipped)):
         out = run_tool(make_ctx(store, p, modality="CT"), "organ_segment")
-        liver = next(o for o in out.organs if o.label == "liver")
-        sides[name] = liver.components[0].side
+        kidneys[name] = next(o for o in out.organs if o.label == "kidney").components
         assert "radiological convention" in out.side_convention
-    assert sides == {"orig": "right", "flip": "left"}  # the liver is on the patient's right
+    assert {c.side for c in kidneys["orig"]} == {"left", "right"}
+    width = gray.shape[1]
+    for c in kidneys["orig"]:
+        mirrored = np.array([c.centroid[0], width - 1 - c.centroid[1]])
+        near = min(kidneys["flip"], key=lambda f: float(np.hypot(*(np.array(f.centroid) - mirrored))))
+        assert float(np.hypot(*(np.array(near.centroid) - mirrored))) < 0.05 * width
+        assert {c.side, near.side} == {"left", "right"}, (c, near)
 
 
 def test_dicom_orientation_overrides_the_convention():
@@ -264,12 +274,37 @@ def test_a_net_trained_on_the_radiological_convention_sees_a_mirrored_picture(st
 
     monkeypatch.setattr(organ_net, "predict", liver_on_the_left_of_what_it_sees)
     outs = []
-    for c in (card, radiological):  # the shipped card's orientation, then a radiological one
+    plain = card.model_copy(update={"input": {k: v for k, v in card.input.items() if k != "orientation"}})
+    for c in (plain, radiological):  # a card trained with flips (no orientation), then a radiological one
         monkeypatch.setattr(OrganSegment, "pick", lambda self, view, name, c=c: c)
         outs.append(run_tool(make_ctx(store, path, modality="CT"), "organ_segment", refine=False))
-    mirrored = card.input.get("orientation") == "radiological"
-    assert np.array_equal(seen[1], seen[0] if mirrored else seen[0][:, ::-1])
+    assert np.array_equal(seen[1], seen[0][:, ::-1])
+    assert not any("mirrored for the network" in n for n in outs[0].notes)
     organ = next(o for o in outs[1].organs if o.label == "liver")
     assert organ.components[0].image_side == "right" and organ.components[0].side == "right", organ
     assert (_mask_of(store, outs[1], "liver")[40:90, -45:-5]).all()
     assert any("mirrored for the network" in n for n in outs[1].notes), outs[1].notes
+
+
+def test_class_override_takes_the_expert_s_classes_and_keeps_the_rest_proportional():
+    """agent/analysis/organ_net.ClassOverride (organ_seg_slake 1.3): the override channels are the expert's
+    probabilities, the others the base's rescaled so every pixel's probabilities still sum to 1; built from a card's
+    `net` description."""
+    import torch
+
+    from agent.analysis.organ_net import build_net
+
+    torch.manual_seed(0)
+    unet = {"arch": "UNet", "spatial_dims": 2, "in_channels": 1, "out_channels": 4, "channels": [4, 8],
+            "strides": [2], "num_res_units": 0}
+    net = build_net({"net": {"arch": "ClassOverride", "base": unet, "expert": unet, "classes": [1, 3],
+                             "base_tta": ["hflip"]}}).eval()
+    x = torch.rand(1, 1, 16, 16)
+    with torch.no_grad():
+        out = torch.exp(net(x))
+        p = 0.5 * (torch.softmax(net.base(x), 1) + torch.softmax(net.base(x.flip(-1)), 1).flip(-1))
+        q = torch.softmax(net.expert(x), 1)
+    assert torch.allclose(out.sum(1), torch.ones(1, 16, 16), atol=1e-5)
+    assert torch.allclose(out[:, [1, 3]], q[:, [1, 3]], atol=1e-6)
+    ratio = out[:, [0, 2]] / p[:, [0, 2]]  # the base's other classes keep their proportions
+    assert torch.allclose(ratio[:, 0], ratio[:, 1], atol=1e-4)

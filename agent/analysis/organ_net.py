@@ -27,10 +27,43 @@ MIN_COMPONENT = 0.02  # components under 2 % of the organ's area are ignored by 
 MIDLINE_BALANCE = 0.6  # a component whose extent on the smaller side is >= 60 % of the larger side is "midline"
 
 
+class ClassOverride(torch.nn.Module):
+    """A base network whose probabilities for some classes come from an expert network over the same labels.
+
+    p = base softmax (with `base_tta: [hflip]`, the mean of the picture's and its mirror's), q = expert softmax, S =
+    the override channels: out[c in S] = q[c], out[k not in S] = p[k] * (1 - q_S) / (1 - p_S), which sums to 1.
+    Returns log-probabilities, so predict()'s softmax gives them back. Used for organ_seg_slake 1.3: liver and
+    spleen (unpaired, one-sided organs) from a network trained without flips, everything else from the flip-trained
+    one (scripts/compose_organ_segmenter.py)."""
+
+    def __init__(self, base: torch.nn.Module, expert: torch.nn.Module, classes: list[int],
+                 base_tta: tuple[str, ...] = ()):
+        super().__init__()
+        self.base, self.expert, self.base_tta = base, expert, tuple(base_tta)
+        self.classes = list(classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = torch.softmax(self.base(x), 1)
+        if "hflip" in self.base_tta:
+            p = 0.5 * (p + torch.softmax(self.base(x.flip(-1)), 1).flip(-1))
+        q = torch.softmax(self.expert(x), 1)
+        s = torch.zeros(p.shape[1], dtype=torch.bool)
+        s[self.classes] = True
+        q_s, p_s = q[:, s].sum(1, keepdim=True), p[:, s].sum(1, keepdim=True)
+        out = p * (1 - q_s) / (1 - p_s).clamp_min(1e-6)
+        out[:, s] = q[:, s]
+        return torch.log(out.clamp_min(1e-8))
+
+
 def build_net(cfg: dict[str, Any]) -> torch.nn.Module:
-    """The network described by `cfg` (the card's `input` dict, or its `net` entry): `arch` (default UNet) + kwargs."""
+    """The network described by `cfg` (the card's `input` dict, or its `net` entry): `arch` (default UNet) + kwargs;
+    `arch: ClassOverride` takes `base` and `expert` (two such descriptions), `classes` (channel indices) and
+    `base_tta`."""
     kw = dict(cfg.get("net", cfg))
     arch = kw.pop("arch", "UNet")
+    if arch == "ClassOverride":
+        return ClassOverride(build_net(kw["base"]), build_net(kw["expert"]), [int(c) for c in kw["classes"]],
+                             tuple(kw.get("base_tta") or ()))
     if arch not in ARCHS:
         raise ValueError(f"unsupported architecture {arch!r}; expected one of {ARCHS}")
     for k in ("channels", "strides"):
