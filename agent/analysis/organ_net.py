@@ -5,7 +5,8 @@ Method: a MONAI 2D U-Net (architecture given as data, the card's `input.net`) ta
 or raw MR values land on the same range. Logits are upsampled bilinearly to the original shape, then softmax and
 argmax (the card's `input.tta: [hflip]` averages the softmax with that of the mirrored picture first); index 0 is
 background. Left/right organs are trained as one merged class (so horizontal flips are
-label-safe); `sides` splits a predicted organ into connected components and places each one left, right or on the
+label-safe), except in a network trained without flips for the one-sided organs (`ClassOverride`, organ_seg_slake 1.3:
+liver and spleen); `sides` splits a predicted organ into connected components and places each one left, right or on the
 midline of the picture relative to the body's centroid column. Image sides are not patient sides: under the
 radiological convention image left = patient right, which is the caller's business.
 Shared by scripts/train_organ_segmenter.py and the runtime tool; no training code here. Research use only.
