@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -28,12 +29,15 @@ def script_file(tmp_path: Path, name: str, replies: list[str]) -> Path:
     return p
 
 
-def spawn(tmp_path: Path, *args: str, env: dict | None = None) -> pexpect.spawn:
+def spawn(tmp_path: Path, *args: str, env: dict | None = None, sigint_ignored: bool = False) -> pexpect.spawn:
+    """`sigint_ignored`: the child starts with SIGINT ignored, as a shell's background job (or a parent process that
+    ignores it) hands it on."""
     child = pexpect.spawn(sys.executable, ["-m", "agent.app.cli", "chat", *args, "--trace-dir", str(tmp_path / "tr"),
                                            "--no-route"],  # the scripted planner's own loop
                           env={**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb", **(env or {})},
                           encoding="utf-8", timeout=90,
-                          dimensions=(50, 200))
+                          dimensions=(50, 200),
+                          preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None)
     child.logfile_read = open(tmp_path / "transcript.txt", "a")  # noqa: SIM115 - closed with the process
     return child
 
@@ -151,7 +155,9 @@ def test_ctrl_c_during_a_tool_call_cancels_the_turn_and_keeps_the_evidence(tmp_p
     gate.write_text("closed")
     env = {"PYTHONPATH": f"{_plugin(tmp_path)}:{TESTS}", "DXAGENT_TEST_GATE": str(gate)}
     s = script_file(tmp_path, "s", [call("inspect_image"), call("gate"), call("texture_features")])
-    child = spawn(tmp_path, CT, "--llm", "scripted", "--script", str(s), env=env)
+    # started with SIGINT ignored (as after a test that ran Ray, or from a shell's background job): the chat must
+    # take Ctrl-C back
+    child = spawn(tmp_path, CT, "--llm", "scripted", "--script", str(s), env=env, sigint_ignored=True)
     tid = thread_id(child)
     child.expect_exact(PROMPT)
     child.sendline("Is there a gate?")  # Gate's subject: the loop goes on until Ctrl-C

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -277,6 +278,11 @@ class Chat:
 def loop(chat: Chat, first_question: str | None = None) -> None:
     """The terminal conversation: read a line, run a turn or a command, until /quit or EOF."""
     o = chat.out
+    if threading.current_thread() is threading.main_thread():
+        # Ctrl-C must cancel a turn even when this process inherited SIGINT as ignored (Python then installs no
+        # handler): a shell's background job, or a parent that ignores it - the test suite's, after a test had
+        # started a local Ray instance, made ^C do nothing until the tool's time limit
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     o.print(f"dxagent chat — thread {chat.thread_id} — RESEARCH USE ONLY, not a medical device. /help for commands.",
             highlight=False, soft_wrap=True)
     pending = first_question
