@@ -185,7 +185,9 @@ class OrganSegment(LearnedTool):
     topics = ("organ", "which organs", "where", "side", "size", "largest", "how many")
     subjects = ("attribute:organ", "attribute:largest_organ", "attribute:smallest_organ", "area")
     limitations = ("2D: one slice at a time; trained on 284 SLAKE CT/MR slices; lesion classes have low Dice "
-                   "and are not diagnoses; sides follow the radiological convention unless a DICOM tag says otherwise")
+                   "and are not diagnoses; sides follow the radiological convention unless a DICOM tag says "
+                   "otherwise, and so does the liver/spleen network: an untagged picture shown the other way round "
+                   "loses its liver")
     validation = "see the card organ_seg_slake (Dice per organ on SLAKE validate, held out)"
     timeout_s = 60.0
     Input = OrganInput
