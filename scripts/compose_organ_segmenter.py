@@ -20,14 +20,17 @@ networks' training records and held-out figures. The validate figures come from 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
+import sys
 from pathlib import Path
 
 import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
+
+from train_organ_segmenter import sha256  # noqa: E402
 
 
 def main() -> None:
@@ -54,7 +57,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     wpath = args.out / "weights.pt"
     torch.save(state, wpath)
-    sha = hashlib.sha256(wpath.read_bytes()).hexdigest()
+    sha = sha256(wpath)
     inp = {k: v for k, v in base["input"].items() if k not in ("net", "tta", "orientation", "presence_floor")}
     inp["net"] = {"arch": "ClassOverride", "base": base["input"]["net"], "expert": expert["input"]["net"],
                   "classes": [base["labels"].index(c) + 1 for c in classes], "class_names": classes,

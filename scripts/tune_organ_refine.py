@@ -141,9 +141,11 @@ def main() -> None:
             print(f"floor for {c}: {chosen[c]} (strict Dice " + ", ".join(f"{f:g}: {v:.3f}" for f, v in means.items())
                   + ")")
     table["per_class_floor"] = chosen
-    big = {c: float(np.mean([d for _, d in by_floor[chosen.get(c, PRESENT_FRAC)][c] if d is not None]))
-           for c in ("liver", "lung", "heart", "kidney") if c in labels and chosen.get(c, PRESENT_FRAC) in by_floor
-           and any(d is not None for _, d in by_floor[chosen.get(c, PRESENT_FRAC)][c])}
+    big = {}
+    for c in ("liver", "lung", "heart", "kidney"):
+        scored = [d for _, d in by_floor.get(chosen.get(c, PRESENT_FRAC), {}).get(c, []) if d is not None]
+        if scored:
+            big[c] = float(np.mean(scored))
     table["strict_dice_large_with_chosen_floors"] = round(float(np.mean(list(big.values()))), 4) if big else None
     print(f"strict Dice of the large organs with the chosen floors (U-Net, no refinement): "
           f"{table['strict_dice_large_with_chosen_floors']} ({', '.join(f'{c} {v:.3f}' for c, v in big.items())})")
