@@ -46,9 +46,9 @@ ANEURYSM = "Is there evidence of an aortic aneurysm?"
     ("How many kidneys are there in this image?", "count", "kidney", {"organ": "kidney"}),
     ("Does the picture contain liver?", "yes_no", "liver", {"organ": "liver"}),
     ("Describe the main findings and quantify them.", "open", "the findings", {"describe": True}),
-    ("What diseases are included in the picture?", "open", "diseases", {"describe": False}),
+    ("What diseases are included in the picture?", "open", "abnormality", {"describe": False}),
     ("Segment the nodules and measure them.", "open", "nodule", {"describe": True}),
-    ("What color does the left lung show in the picture?", "attribute", "appearance", {"attribute": "appearance"}),
+    ("What color does the left lung show in the picture?", "open", "appearance", {"attribute": "appearance"}),
     ("What type of medical image is this?", "attribute", "modality", {"attribute": "modality"}),  # a task: what the tools find
     ("What is the mean intensity inside the box?", "measurement", "mean intensity", {"quantities": ["mean_intensity"]}),
     ("What is the pixel spacing and intensity range of this image?", "attribute", "spacing and intensity range",
@@ -97,7 +97,7 @@ def test_a_vague_quantity_of_an_unknown_subject_is_not_answered_by_an_area(store
     st = _state("How much damage will be caused to the body taking such an image?",
                 [_evidence(ctx, "region_measure"), _evidence(ctx, "ct_tissue_composition", "E2")], ctx)
     q = parse_question(st.question)
-    assert q.kind == "measurement" and q.quantities == [] and statements(q, st, tools()) == []
+    assert q.kind == "open" and q.quantities == [] and statements(q, st, tools()) == []  # knowledge, not a size
     assert compose_answer(st, tools()).reason == "no_applicable_tool"
 
 

@@ -213,6 +213,13 @@ class CardiothoracicRatio(Tool):
                 Measurement(name="thoracic_width", value=output.thoracic_width, unit=output.length_unit),
             ],
             note=f"CTR {output.ctr:.2f} vs threshold {output.threshold} ({output.projection} projection); " + output.note,
+        ), FindingDraft(  # the heart as a structure: where it lies, from its borders (no yes/no claim)
+            label="heart", present=None, location="heart borders",
+            bbox=[float(min(output.heart_right_border[0], output.heart_left_border[0], output.rows_used[0])),
+                  float(output.heart_right_border[1]),
+                  float(max(output.heart_right_border[0], output.heart_left_border[0], output.rows_used[1])),
+                  float(output.heart_left_border[1])],
+            note="box from the right heart border to the left heart border over the rows searched for them",
         )]
 
     def summary(self, output: BaseModel) -> str:

@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, Field
 
+from agent.analysis.anatomy import side_rule
 from agent.analysis.learned import LearnedInput, LearnedTool, ModelUsed, model_used
 from agent.core.state import ArtifactRef, ImageView
 from agent.core.tool import FindingDraft, Measurement, ToolContext, ToolError
@@ -111,28 +112,6 @@ class OrganOutput(BaseModel):
 
 def words(label: str) -> str:
     return label.replace("_", " ")
-
-
-def side_rule(view: ImageView) -> tuple[str | None, str]:
-    """(patient side of the picture's right half, or None when sides are undefined; the convention in words)."""
-    iop = view.metadata.get("ImageOrientationPatient")
-    if isinstance(iop, list | tuple) and len(iop) == 6:
-        row_x = float(iop[0])
-        if abs(row_x) < 0.5:
-            return None, "DICOM ImageOrientationPatient: rows run along A/P or H/F, so left/right is undefined"
-        return ("left" if row_x > 0 else "right"), (f"DICOM ImageOrientationPatient (row direction x {row_x:+.2f}): "
-                                                   f"image right = patient {'left' if row_x > 0 else 'right'}")
-    po = view.metadata.get("PatientOrientation")
-    first = (po[0] if isinstance(po, list | tuple) and po else str(po or "").split("\\")[0]).strip().upper()
-    if first[:1] in ("L", "R"):
-        return ("left" if first[0] == "L" else "right"), f"DICOM PatientOrientation {first}: image right = patient " \
-            f"{'left' if first[0] == 'L' else 'right'}"
-    if first[:1] in ("A", "P", "H", "F"):
-        return None, f"DICOM PatientOrientation {first}: left/right is undefined on this projection"
-    plane = ((view.metadata.get("study") or {}).get("probabilities") or {}).get("plane") or {}
-    if plane and max(plane, key=plane.get) in ("sagittal", "lateral") and max(plane.values()) >= 0.6:
-        return None, "the study classifier calls the picture sagittal/lateral: left/right is undefined"
-    return "left", "radiological convention assumed (no orientation tag): image left = patient right"
 
 
 def patient_side(image_side: str, right_is: str | None) -> str:

@@ -23,6 +23,15 @@ ALIASES = {
     "candidate nodule blob": "blob candidate", "candidate nodule": "blob candidate",
     "abnormal": "abnormality", "abnormally": "abnormality", "unhealthy": "abnormality", "diseased": "abnormality",
     "brian": "brain", "lungs": "lung", "kidneys": "kidney", "eyes": "eye", "ears": "ear",
+    # free-form clinical wording (issue 30): plurals and spellings of the same structure or finding
+    "ventricles": "ventricle", "lateral ventricles": "lateral ventricle", "ribs": "rib", "vertebrae": "vertebra",
+    "fractures": "fracture", "cysts": "cyst", "calcifications": "calcification", "infarcts": "infarct",
+    "hemorrhages": "hemorrhage", "bleed": "hemorrhage", "bleeding": "hemorrhage", "haemorrhage": "hemorrhage",
+    "pneumothoraces": "pneumothorax", "effusions": "effusion", "opacities": "opacity", "polyps": "polyp",
+    "small intestine": "small bowel", "large intestine": "colon", "large bowel": "colon", "gall bladder": "gallbladder",
+    "x rays": "x ray", "xray": "x ray", "x-ray": "x ray",
+    "nodular opacity": "nodule", "mass lesion": "mass", "mass lesions": "mass", "tumours": "tumor",
+    "malignancy": "cancer", "neoplasm": "tumor", "arteries": "artery", "veins": "vein",
 }
 
 # findings a question may ask about (multi-word first: the longest match wins)
@@ -36,6 +45,17 @@ FINDINGS = (
     "kidney cyst", "liver cyst", "mediastinal widening", "widened mediastinum", "diabetic retinopathy",
     "adenocarcinoma", "squamous cell carcinoma", "benign", "malignant", "blob candidate", "abnormality",
     "disease", "diseases", "abnormalities",
+    # findings of free-form clinical questions (issue 30): known words, so that a phrase ending in them is read as that
+    # finding; no tool states most of them, so such a question abstains with no_applicable_tool
+    "pneumoperitoneum", "free air", "free fluid", "ascites", "hydrocephalus", "midline shift", "infarction",
+    "ischemia", "abscess", "obstruction", "small bowel obstruction", "bowel obstruction", "perforation",
+    "appendicitis", "diverticulitis", "cholecystitis", "pancreatitis", "gallstone", "gallstones", "kidney stone",
+    "hydronephrosis", "dissection", "thrombus", "embolism", "pulmonary embolism", "contusion",
+    "hematoma", "subdural hematoma", "epidural hematoma", "subarachnoid hemorrhage", "air fluid level",
+    "pneumomediastinum", "lymphadenopathy", "metastases", "stenosis", "scoliosis", "osteophyte", "lytic lesion",
+    "blastic lesion", "air bronchogram",
+    "interstitial markings", "consolidations", "enhancement", "ring enhancement", "fat stranding", "thickening",
+    "wall thickening", "hyperinflation", "mass effect", "herniation",
 )
 # words that name "any finding" (an open abnormality question): classifiers and detectors address them
 GENERIC_FINDINGS = {"abnormality", "abnormalities", "disease", "diseases", "lesion", "finding", "findings"}
@@ -47,8 +67,41 @@ ORGANS = (
     "prostate", "uterus", "thyroid", "eye", "ear", "parotid", "temporal lobe", "brainstem", "cerebellum",
     "mediastinum", "diaphragm", "retina", "retinal vessel", "vessel", "vessels", "skin", "breast", "fat",
     "soft tissue", "lung field", "optic disc",
+    # structures clinicians ask about by name (issue 30): known as structures, addressed only by tools that list them
+    "ventricle", "lateral ventricle", "fourth ventricle", "third ventricle", "bowel", "large bowel", "appendix",
+    "adrenal gland", "hilum", "cortex", "orbit", "sinus", "vertebra", "pelvis bone", "clavicle", "sternum",
+    "scapula", "humerus", "pancreatic head", "portal vein", "vena cava", "ivc", "cerebrum", "midbrain", "pons",
+    "basal ganglia", "thalamus", "corpus callosum", "falx", "skull", "mandible", "carotid artery", "artery", "vein",
+    "bronchus", "airway", "larynx", "pharynx", "muscle", "psoas", "gyrus", "sulcus", "white matter", "gray matter",
+    "grey matter", "frontal lobe", "parietal lobe", "occipital lobe", "cardiac silhouette", "aortic arch",
+    "gastric wall", "bowel wall", "biliary tree", "bile duct", "common bile duct", "ureter", "urinary bladder",
+    "ovary", "testis", "caudate nucleus", "cerebral cortex", "lobe",
 )
 SIDES = ("left", "right")
+# adjectives that name an organ ("hepatic lesion" is a lesion in the liver)
+ORGAN_ADJECTIVES = {"hepatic": "liver", "renal": "kidney", "pulmonary": "lung", "cardiac": "heart", "cerebral": "brain",
+                    "splenic": "spleen", "pancreatic": "pancreas", "gastric": "stomach", "colonic": "colon",
+                    "intracranial": "brain", "cerebellar": "cerebellum", "vertebral": "spine", "spinal": "spine",
+                    "pleural": "lung", "thoracic": "chest", "abdominal": "abdomen", "pelvic": "pelvis",
+                    "esophageal": "esophagus", "tracheal": "trachea", "aortic": "aorta", "bronchial": "lung",
+                    "intestinal": "small bowel", "bowel": "small bowel", "biliary": "gallbladder", "adrenal": "adrenal gland",
+                    "mediastinal": "mediastinum", "hilar": "hilum", "periventricular": "ventricle", "orbital": "orbit",
+                    "vascular": "vessel", "cortical": "cortex", "subdural": "brain", "epidural": "brain",
+                    "subarachnoid": "brain", "peritoneal": "abdomen", "retroperitoneal": "abdomen", "osseous": "bone"}
+# body regions: a place a question asks about, never its subject when a finding is asked
+REGIONS = {"abdomen": "abdomen", "chest": "chest", "thorax": "chest", "pelvis": "pelvis", "head": "head", "neck": "neck",
+           "skull": "head", "hemithorax": "chest", "upper quadrant": "abdomen", "lower quadrant": "abdomen",
+           "peritoneum": "abdomen", "retroperitoneum": "abdomen", "mediastinum": "chest", "diaphragm": "chest"}
+# devices a question may ask about (phrase -> canonical name); no tool states them yet
+DEVICES = {"chest tube": "chest tube", "chest drain": "chest tube", "thoracostomy tube": "chest tube",
+           "nasogastric tube": "nasogastric tube", "ng tube": "nasogastric tube", "feeding tube": "feeding tube",
+           "endotracheal tube": "endotracheal tube", "et tube": "endotracheal tube", "ett": "endotracheal tube",
+           "pacemaker": "pacemaker", "central line": "central line", "central venous catheter": "central line",
+           "picc line": "central line", "picc": "central line", "catheter": "catheter", "stent": "stent",
+           "shunt": "shunt", "tube": "tube", "line": "line", "wires": "wires", "sternotomy wires": "sternotomy wires",
+           "surgical clips": "surgical clips", "clips": "surgical clips", "prosthesis": "prosthesis", "implant": "implant",
+           "port": "port", "drain": "drain", "foreign body": "foreign body", "tracheostomy tube": "tracheostomy tube",
+           "icd": "defibrillator", "defibrillator": "defibrillator", "staples": "staples", "hardware": "hardware"}
 
 # quantity words in a question -> measurement names tools write (tools/*.py Measurement.name)
 QUANTITIES = {

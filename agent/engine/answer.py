@@ -161,8 +161,10 @@ def statements(q: Question, state: CaseState, tools: dict[str, Tool]) -> list[St
                 absent = tool.absent_labels(tool.Output.model_validate(e.output), view)
             except KeyError:
                 absent = []
-            for lab in absent:  # only the very label asked about ("liver cancer" absent says nothing of the liver)
-                if label_key(lab) in (q.finding, q.organ):
+            # only the very label asked about: "liver cancer" absent says nothing of the liver, and an organ the
+            # segmenter did not find says nothing of a disease of it ("small-bowel obstruction")
+            for lab in absent:
+                if label_key(lab) == (q.finding or q.organ):
                     f = FindingDraft(label=lab, present=False, note=f"{e.tool} looked for it and found none")
                     out.append(Statement(e.id, e.tool, tool.kind, finding=f))
         for f in findings_of(e, state, tools):
@@ -243,7 +245,30 @@ def _flip(yes: bool, q: Question) -> str:
     return "no" if yes == q.negated else "yes"
 
 
-def from_evidence(q: Question, stmts: list[Statement]) -> Answer | None:
+@dataclass
+class Places:
+    """What a location answer needs beyond the statements: each evidence id's view, and the organs outlined per view."""
+
+    views: dict[str, Any] = field(default_factory=dict)
+    organs: dict[str, list[tuple[str, list[float]]]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, state: CaseState, tools: dict[str, Tool]) -> Places:
+        from agent.analysis.anatomy import organ_boxes
+
+        out = cls()
+        for e in state.evidence:
+            try:
+                v = state.view(e.args.get("view", "V1"))
+            except KeyError:
+                continue
+            out.views[e.id] = v
+            if e.status == "ok":
+                out.organs.setdefault(v.id, []).extend(organ_boxes(findings_of(e, state, tools)))
+        return out
+
+
+def from_evidence(q: Question, stmts: list[Statement], places: Places | None = None) -> Answer | None:
     """The answer where the evidence states it directly; None where it needs reading (the LLM step)."""
     if q.attribute:
         return from_attribute(q, stmts)
@@ -252,6 +277,8 @@ def from_evidence(q: Question, stmts: list[Statement]) -> Answer | None:
         lines = [s.line().split("] ", 1)[1] + f" [{s.eid}]" for s, _ in fs][:6]
         return Answer(kind="phrase", value="; ".join(lines), evidence_ids=_ids(stmts), method="evidence",
                       basis=f"findings of {len(_ids(stmts))} tool call(s)")
+    if q.kind == "yes_no" and q.rule:  # "Is the cardiac silhouette less than half the chest width?" -> CTR < 0.5
+        return from_rule(q, fs)
     if q.kind == "yes_no":
         claims = [(s, f) for s, f in fs if f.present is not None]
         if claims:
@@ -314,9 +341,10 @@ def from_evidence(q: Question, stmts: list[Statement]) -> Answer | None:
                 if len(hit) == 1:
                     return Answer(kind="choice", value=hit[0], evidence_ids=[s.eid], method="evidence",
                                   basis=f"{f.label} at {f.location or 'its label'} per {s.eid}")
-            elif (f.present or f.bbox is not None) and f.location:
-                return Answer(kind="location", value=f.location, evidence_ids=[s.eid], method="evidence",
-                              basis=f"{f.label} located by {s.eid}")
+            elif (f.present or f.bbox is not None or f.present is None) and (where := place_of(f, s, places or Places())):
+                text, how = where
+                return Answer(kind="location", value=text, evidence_ids=[s.eid], method="evidence",
+                              basis=f"{f.label} per {s.eid}: {how}")
         return None
     if q.kind == "open" and q.finding in GENERIC_FINDINGS:
         pos = [(s, f) for s, f in fs if f.present or (f.probability is not None and f.probability >= 0.5)]
@@ -325,6 +353,69 @@ def from_evidence(q: Question, stmts: list[Statement]) -> Answer | None:
                           evidence_ids=_ids([s for s, _ in pos]), method="evidence",
                           basis="labels stated present (or p >= 0.5) by " + ", ".join(_ids([s for s, _ in pos])))
     return None
+
+
+_RULE = re.compile(r"^(\w+) ([<>]) ([0-9.]+)$")
+
+
+def from_rule(q: Question, fs: list[tuple[Statement, FindingDraft]]) -> Answer | None:
+    """A yes/no decided by a stated rule on a measurement ("cardiothoracic_ratio < 0.5"), quoted in the basis."""
+    m = _RULE.match(q.rule or "")
+    if not m:
+        return None
+    name, op, limit = m.group(1), m.group(2), float(m.group(3))
+    for s, f in fs:
+        meas = next((x for x in f.measurements if x.name == name), None)
+        if meas is None:
+            continue
+        holds = meas.value < limit if op == "<" else meas.value > limit
+        return Answer(kind="yes_no", value="yes" if holds else "no", evidence_ids=[s.eid], method="evidence",
+                      basis=f"rule: yes if {name.replace('_', ' ')} {op} {limit:g}; measured {meas.value:.3g} per {s.eid}"
+                            + (f" ({f.note.split(';')[0]})" if f.note else ""))
+    return None
+
+
+def place_of(f: FindingDraft, s: Statement, places: Places) -> tuple[str, str] | None:
+    """A finding's location in anatomical words (agent/analysis/anatomy.py), never pixel coordinates; None when the
+    finding has no position on a known view. A tool's own anatomical location ("right hemithorax") is kept."""
+    from agent.analysis.anatomy import describe, point_of
+
+    view = places.views.get(s.eid)
+    if f.location and not _PIXELS.search(f.location) and f.location not in ("heart borders", "body"):
+        if f.bbox is None or view is None:
+            return f.location, "as the tool located it"
+    point = point_of(f.bbox, f.location)
+    if point is None or view is None:
+        return None
+    organs = [(n, b) for n, b in places.organs.get(view.id, []) if words(n) != words(f.label)]
+    return describe(point, view, bbox=f.bbox, organs=organs)
+
+
+_PIXELS = re.compile(r"\b(row|col|column|px|pixel)\b\s*\d|\(\s*\d+\s*,\s*\d+\s*\)")
+
+
+def conform(q: Question, a: Answer) -> Answer:
+    """The answer in the form the question asks (issue 30): a yes/no question gets yes or no, a choice one of its
+    options, a count a whole number, a location no pixel coordinates; anything else becomes an abstention."""
+    if a.kind == "abstain":
+        return a
+    bad = None
+    if q.kind == "yes_no" and (a.kind != "yes_no" or a.value not in ("yes", "no")):
+        bad = f"a yes/no question got {a.kind} {a.value!r}"
+    elif q.kind == "choice" and a.kind == "choice" and q.choices and a.value not in q.choices:
+        bad = f"{a.value!r} is not one of the options {q.choices}"
+    elif q.kind == "choice" and a.kind not in ("choice",) and q.choices and str(a.value) not in q.choices:
+        named = [c for c in q.choices if words(c) == words(str(a.value))]
+        if len(named) == 1:
+            return a.model_copy(update={"kind": "choice", "value": named[0]})
+        bad = f"{a.value!r} is not one of the options {q.choices}"
+    elif q.kind == "count" and not (a.kind == "count" and isinstance(a.value, int)):
+        bad = f"a count question got {a.kind} {a.value!r}"
+    elif q.kind == "location" and _PIXELS.search(str(a.value)):
+        bad = f"a location in pixel coordinates ({a.value}) is not an anatomical answer"
+    if bad:
+        return abstain("evidence_does_not_address", f"{bad}: not given", ids=a.evidence_ids)
+    return a
 
 
 # -- the LLM's constrained choice -------------------------------------------------------------------------------
@@ -453,11 +544,15 @@ def compose_answer(state: CaseState, tools: dict[str, Tool], chat: Any = None, m
         why = {"planner_failed": "the planner failed before any evidence addressed",
                "budget_spent": "the tool budget was spent before any evidence addressed",
                "evidence_does_not_address": "no evidence gathered addresses"}[reason]
-        return finish(abstain(reason, f"{why} {q.subject or 'the question'}",
-                              f"a call of {', '.join(addressing)}"))
-    a = from_evidence(q, stmts)
+        ran = {e.tool: e.id for e in state.evidence if e.status == "ok"}
+        todo = [n for n in addressing if n not in ran]
+        need = f"a call of {', '.join(todo)}" if todo else \
+            (f"{', '.join(f'{n} ran ({ran[n]})' for n in addressing if n in ran)} but stated nothing about "
+             f"{q.subject or 'the question'} here; a tool that states it")
+        return finish(abstain(reason, f"{why} {q.subject or 'the question'}", need))
+    a = from_evidence(q, stmts, Places.of(state, tools) if q.kind == "location" else None)
     if a is not None:
-        return finish(a)
+        return finish(conform(q, a), q)
     if chat is None:
         return finish(abstain("evidence_does_not_address", "the evidence needs reading and no LLM is available",
                               ids=_ids(stmts)))
@@ -469,14 +564,23 @@ def compose_answer(state: CaseState, tools: dict[str, Tool], chat: Any = None, m
         return finish(abstain("evidence_does_not_address", "the model could not tell from the evidence lines",
                               ids=_ids(stmts)))
     kind, typed = typed_value(q, value)
-    return finish(Answer(kind=kind, value=typed, probability=prob, evidence_ids=_ids(stmts), method="llm",
-                         basis=f"chosen by the model from {len(stmts)} evidence line(s) about {q.subject}"))
+    return finish(conform(q, Answer(kind=kind, value=typed, probability=prob, evidence_ids=_ids(stmts), method="llm",
+                                    basis=f"chosen by the model from {len(stmts)} evidence line(s) about {q.subject}")), q)
 
 
-def finish(a: Answer) -> Answer:
-    """The answer with its plain-text rendering; an answer without evidence becomes an abstention."""
+READING_UNSURE = 0.8  # an answer's probability is scaled by this when the question's reading is uncertain
+
+
+def finish(a: Answer, q: Question | None = None) -> Answer:
+    """The answer with its plain-text rendering; an answer without evidence becomes an abstention; an answer to a
+    question whose reading is uncertain says so, and its probability is lowered."""
     if a.kind != "abstain" and not a.evidence_ids:
         a = abstain("evidence_does_not_address", "an answer without citable evidence is not given: " + a.basis)
+    if a.kind != "abstain" and q is not None and not q.sure:
+        upd: dict[str, Any] = {"basis": f"{a.basis}; the question's reading is uncertain ({q.unsure_why})"}
+        if a.probability is not None:
+            upd["probability"] = round(a.probability * READING_UNSURE, 4)
+        a = a.model_copy(update=upd)
     return a.model_copy(update={"text": answer_text(a)})
 
 

@@ -11,6 +11,7 @@ state after every node, so an interrupted run resumes from its last completed st
 from __future__ import annotations
 
 import hashlib
+import os
 import sqlite3
 import time
 from dataclasses import dataclass, field
@@ -144,6 +145,12 @@ def understand(rt: Runtime, state: CaseState, applicable: list[str], views: list
     from agent.engine.answer import can_address
 
     q = parse_question(state.question)
+    how = os.environ.get("DXAGENT_READING", "rules")  # rules (default) | hybrid | model: agent/engine/reading.py
+    if how in ("hybrid", "model") and (how == "model" or not q.sure) and getattr(rt, "planner", None) is not None:
+        from agent.engine.reading import ModelReader
+
+        chat = rt.answer_llm if getattr(rt, "answer_llm", None) is not None else rt.planner.chat
+        q = ModelReader(chat, rt.planner.model_id).read(state.question)
     addressing = [n for n in applicable if n in rt.tools and can_address(q, rt.tools[n], views[0])]
     return {"question_info": q, "addressing_tools": addressing, "answer": None}
 

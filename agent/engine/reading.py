@@ -1,0 +1,139 @@
+"""The model's reading of a question: the planner's LLM fills a grammar-constrained schema (kind, subject, its type,
+location, options, negation), and the result is mapped into the same `Question` the rules produce (agent/core/
+question.py), so everything downstream reads one structure. `reading` says which reading the state holds.
+
+The deterministic rules are the default and the fast path (under a millisecond a question); `read_hybrid` keeps the
+rules' reading where they are sure and asks the model where they are not. Measured against the hand-labelled
+questions by bench/bench_question_reading.py (--model, --hybrid): the figures are in the README. Unknown words stay
+unknown: the model's subject goes through the same vocabulary as the rules' (an unrecognised finding is a subject no
+tool addresses).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from langchain_core.messages import HumanMessage, SystemMessage
+
+from agent.core.question import ANSWER_KIND, Question, classify_np, location_organ, parse_question
+from agent.core.vocab import ATTRIBUTE_VALUES, normalise_text
+
+KINDS = ["yes_no", "choice", "count", "measurement", "location", "attribute", "open"]
+TYPES = ["finding", "structure", "device", "attribute", "quantity", "findings"]
+ATTRS = {"modality": "modality", "plane": "plane", "body region": "body_region", "mr weighting": "mr_weighting",
+         "organ": "organ", "abnormal organ": "abnormal_organ", "largest organ": "largest_organ", "contrast": "contrast",
+         "appearance": "appearance", "gender": "gender", "other": "other"}
+
+SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "kind": {"enum": KINDS},
+        "subject": {"type": "string", "maxLength": 40},
+        "subject_type": {"enum": TYPES},
+        "location": {"type": "string", "maxLength": 40},
+        "options": {"type": "array", "items": {"type": "string", "maxLength": 24}, "maxItems": 4},
+        "negated": {"type": "boolean"},
+    },
+    "required": ["kind", "subject", "subject_type", "location", "options", "negated"],
+    "additionalProperties": False,
+}
+
+SYSTEM = """You read a clinician's question about one medical image and fill a JSON form. Fields:
+kind: yes_no (answered yes/no) | choice (names alternatives with "or") | count | measurement | location (where/which
+side/lobe) | attribute (modality, plane, body region, MR weighting, which organ) | open.
+subject: what is asked about, lower case, singular, no location words: a finding ("free air", "pneumothorax",
+"small bowel obstruction"), a structure ("heart", "lateral ventricle"), a device ("chest tube"), or for attribute
+questions one of: modality, plane, body region, mr weighting, organ, abnormal organ, largest organ, contrast,
+appearance, gender, other. Normality questions ("is the liver normal?") have subject "abnormality" and negated true.
+subject_type: finding | structure | device | attribute | quantity | findings.
+location: the place the question restricts to ("under the diaphragm", "left lung", "abdomen") or "".
+options: the alternatives of a choice question, else []. negated: true when yes means the subject is absent.
+A body region, modality or view word used as a place is the location, never the subject."""
+
+EXAMPLES = [
+    ("Is there free air in the abdomen?", {"kind": "yes_no", "subject": "free air", "subject_type": "finding",
+                                           "location": "abdomen", "options": [], "negated": False}),
+    ("Are the lungs clear?", {"kind": "yes_no", "subject": "abnormality", "subject_type": "finding",
+                              "location": "lung", "options": [], "negated": True}),
+    ("Was this taken with CT or MRI?", {"kind": "choice", "subject": "modality", "subject_type": "attribute",
+                                        "location": "", "options": ["ct", "mri"], "negated": False}),
+    ("What lobe is the nodule in?", {"kind": "location", "subject": "nodule", "subject_type": "finding",
+                                     "location": "", "options": [], "negated": False}),
+]
+
+
+class ModelReader:
+    """Reads questions with a chat model (the embedded GGUF model, or an endpoint that takes a JSON schema)."""
+
+    def __init__(self, chat: Any, model_id: str, max_tokens: int = 90):
+        self.chat, self.model_id, self.max_tokens = chat, model_id, max_tokens
+
+    @classmethod
+    def local(cls) -> ModelReader:
+        from agent.llm.backends import make_llm
+
+        chat, model_id, _ = make_llm("local")
+        return cls(chat, model_id)
+
+    def messages(self, text: str) -> list:
+        shots = "\n".join(f"Q: {q}\nA: {json.dumps(a)}" for q, a in EXAMPLES)
+        return [SystemMessage(SYSTEM + "\n\nExamples:\n" + shots), HumanMessage(f"Q: {text.strip()[:400]}\nA:")]
+
+    def raw(self, text: str) -> dict[str, Any]:
+        """The model's filled form (raises on a reply that is not one)."""
+        from agent.engine.planner import structured_invoke
+
+        reply, _ = structured_invoke(self.chat, self.model_id, self.messages(text), SCHEMA, self.max_tokens)
+        obj = json.loads(str(reply.content).strip().strip("`").removeprefix("json").strip())
+        if not isinstance(obj, dict) or obj.get("kind") not in KINDS:
+            raise ValueError(f"not a reading: {str(reply.content)[:80]!r}")
+        return obj
+
+    def read(self, text: str) -> Question:
+        """The model's reading as a Question; the rules' reading, marked unsure, when the model fails."""
+        try:
+            form = self.raw(text)
+        except Exception as exc:  # a reply that is not JSON, a timeout: the rules' reading stands, flagged
+            q = parse_question(text)
+            return q.model_copy(update={"sure": False, "unsure_why": f"{q.unsure_why}; the model's reading failed: "
+                                                                    f"{type(exc).__name__}"[:200].lstrip("; ")})
+        return to_question(text, form)
+
+    def read_hybrid(self, text: str) -> Question:
+        q = parse_question(text)
+        return q if q.sure else self.read(text)
+
+
+def to_question(text: str, form: dict[str, Any]) -> Question:
+    """A filled form as a Question, its subject through the shared vocabulary."""
+    kind = form["kind"]
+    subject = normalise_text(str(form.get("subject") or ""))
+    stype = form.get("subject_type") or ""
+    location = str(form.get("location") or "").strip() or None
+    options = [normalise_text(str(o)) for o in form.get("options") or [] if str(o).strip()]
+    if kind == "choice" and len(options) < 2:
+        kind = "open"
+    fields: dict[str, Any] = {"negated": bool(form.get("negated")), "location": location, "subject_type": stype}
+    attr = ATTRS.get(subject) if stype == "attribute" or subject in ATTRS else None
+    if attr:
+        fields["attribute"] = attr
+        fields["attributes"] = [attr]
+        fields["subject_type"] = "attribute"
+        if kind == "yes_no":  # "Is this a CT?": the value the question names
+            for key, canon in ATTRIBUTE_VALUES.get(attr, {}).items():
+                if f" {key} " in f" {normalise_text(text)} ":
+                    fields["attribute_value"] = canon
+                    break
+    elif subject:
+        ph = classify_np(subject)
+        organ, side = location_organ(location)
+        if ph.kind == "structure":
+            fields.update(organ=ph.name, side=ph.side or side)
+        else:
+            fields.update(finding=ph.name or None, organ=ph.organ or organ, side=ph.side or side)
+    allowed = ["yes", "no"] if kind == "yes_no" else options if kind == "choice" else []
+    q = Question(text=text, kind=kind, answer_kind=ANSWER_KIND[kind], choices=options if kind == "choice" else [],
+                 allowed=allowed, reading="model", **fields)
+    q.subject = q.subject_obj().text
+    return q

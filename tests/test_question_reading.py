@@ -1,0 +1,162 @@
+"""Issue 30: the question read as a clinician wrote it, "addressed" means the subject, answers in the form asked.
+
+Each failure shape of the issue is a regression test here, in other words than the issue's; the parser's per-field
+accuracy on the hand-labelled held-out questions (tests/data/question_readings.jsonl) has a floor."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import make_ctx, realcases_root, run_tool
+from pydicom.data import get_testdata_file
+
+from agent.analysis.anatomy import describe
+from agent.core.question import parse_question
+from agent.core.state import Answer, CaseInput, CaseState, Evidence
+from agent.engine.answer import compose_answer, conform
+from agent.engine.graph import route
+from agent.engine.session import tools
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from bench_question_reading import load, score  # noqa: E402
+
+CT = get_testdata_file("CT_small.dcm")
+
+
+@pytest.mark.parametrize("text, want", [
+    # a region named as a place is not the subject
+    ("Is free air present within the abdomen?", {"finding": "free air", "attribute": None, "kind": "yes_no"}),
+    ("Any free air below the right hemidiaphragm?", {"finding": "free air", "attribute": None}),
+    ("Is there a chest drain in place on the right?", {"finding": "chest tube", "attribute": None,
+                                                         "subject_type": "device"}),
+    # a brain structure is not a radiograph view; "pathology" is not the microscopy modality
+    ("Do the lateral ventricles look dilated?", {"attribute": None, "organ": "lateral ventricle"}),
+    ("Are the lateral ventricles seen on this slice?", {"attribute": None, "organ": "lateral ventricle",
+                                                        "subject_type": "structure"}),
+    ("Any evidence of vascular pathology in the brain?", {"attribute": None, "finding": "vascular pathology"}),
+    # a normal study: about an abnormality, yes = absent
+    ("Is this chest radiograph normal?", {"finding": "abnormality", "negated": True, "attribute": None}),
+    ("Would this x ray be read as normal?", {"attribute": None}),
+    # a disease of an organ is not the organ
+    ("Is a small-bowel obstruction present?", {"finding": "small bowel obstruction", "subject_type": "finding"}),
+    ("Is there obstruction of the small bowel?", {"finding": "obstruction", "organ": "small bowel"}),
+    # a comparison a tool decides by a stated rule
+    ("Is the heart shadow wider than half of the thorax?", {"kind": "yes_no", "rule": "cardiothoracic_ratio > 0.5"}),
+    ("Is the cardiac silhouette under half the chest width?", {"kind": "yes_no", "rule": "cardiothoracic_ratio < 0.5"}),
+    # options as the question words them
+    ("Was this acquired in the axial or the sagittal plane?", {"kind": "choice", "choices": ["axial", "sagittal"],
+                                                               "attribute": "plane"}),
+    ("Was MRI or CT used for this study?", {"kind": "choice", "choices": ["mri", "ct"], "attribute": "modality"}),
+    ("Is this a sagittal or an axial image?", {"kind": "choice", "choices": ["sagittal", "axial"]}),
+    # where? is a location question about the thing located
+    ("Where in the image is the lesion located?", {"kind": "location", "finding": "lesion"}),
+    ("In which lobe does the mass lie?", {"kind": "location", "finding": "mass"}),
+    ("Where is the heart?", {"kind": "location", "organ": "heart", "subject_type": "structure"}),
+])
+def test_free_form_readings(text, want):
+    q = parse_question(text)
+    for k, v in want.items():
+        assert getattr(q, k) == v, (k, q)
+
+
+@pytest.mark.parametrize("text", ["Is free air present within the abdomen?", "Is there a chest drain in place?",
+                                  "Any evidence of vascular pathology in the brain?",
+                                  "Do the lateral ventricles look dilated?"])
+def test_a_place_or_modality_word_is_never_answered_from_the_study_attributes(store, text):
+    """The body region, modality or plane a tool states does not answer a question about a finding there."""
+    ctx = make_ctx(store, CT)
+    out = run_tool(ctx, "inspect_image")
+    st = _state(text, [Evidence(id="E1", tool="inspect_image", tool_version="1", args={"view": "V1"}, status="ok",
+                                output=out.model_dump(mode="json"))], ctx)
+    a = compose_answer(st, tools())
+    assert a.kind == "abstain" and a.reason == "no_applicable_tool", a
+
+
+def test_an_organ_not_segmented_is_not_a_disease_absent(store):
+    """The organ segmenter finds no small bowel on the demo CT: that says nothing about a small-bowel obstruction,
+    while "is there small bowel?" is answered no from the same evidence."""
+    ctx = make_ctx(store, CT)
+    out = run_tool(ctx, "organ_segment")
+    ev = [Evidence(id="E1", tool="organ_segment", tool_version="1", args={"view": "V1"}, status="ok",
+                   output=out.model_dump(mode="json"))]
+    a = compose_answer(_state("Is a small-bowel obstruction present?", ev, ctx), tools())
+    assert a.kind == "abstain", a
+    absent = [o.lower() for o in out.absent]
+    if "small_bowel" in absent or "small bowel" in absent:
+        b = compose_answer(_state("Does this slice show small bowel?", ev, ctx), tools())
+        assert (b.kind, b.value) == ("yes_no", "no"), b
+
+
+def test_a_yes_no_question_never_gets_a_number():
+    q = parse_question("Is the cardiac silhouette less than half the width of the chest?")
+    a = conform(q, Answer(kind="measurement", value=1247.001, unit="px", evidence_ids=["E1"], basis="x"))
+    assert a.kind == "abstain" and a.value is None
+    c = parse_question("Was a CT or an MRI used?")
+    assert conform(c, Answer(kind="phrase", value="mri used to take", evidence_ids=["E1"])).kind == "abstain"
+    assert conform(c, Answer(kind="phrase", value="MRI", evidence_ids=["E1"])).value == "mri"
+
+
+def test_a_location_answer_never_holds_pixel_coordinates(store):
+    ctx = make_ctx(store, CT)
+    view = ctx.state.views[0]
+    text, how = describe((100.0, 30.0), view)
+    assert "row" not in text and not any(ch.isdigit() for ch in text)
+    assert "patient" in how or "radiological" in how or "DICOM" in how  # the side convention is stated
+    assert "right" in text or "left" in text or "midline" in text
+    q = parse_question("Where is the lesion?")
+    a = conform(q, Answer(kind="location", value="centroid row 599, col 520", evidence_ids=["E1"]))
+    assert a.kind == "abstain"
+
+
+def _cxr():
+    root = realcases_root()
+    if root is None:
+        pytest.skip("no ../shared/data/realcases")
+    return str(root / "xrv_tests/images/00000001_000.png")
+
+
+def test_ctr_rule_answers_the_half_width_question_and_the_heart_is_located(store):
+    """A yes/no from the cardiothoracic ratio only through the stated rule; "where is the heart?" from the same
+    call's heart borders, in anatomical words - the chat follow-up that once stopped naming the call it needed."""
+    ctx = make_ctx(store, _cxr())
+    out = run_tool(ctx, "cardiothoracic_ratio")
+    ev = [Evidence(id="E1", tool="cardiothoracic_ratio", tool_version="1", args={"view": "V1"}, status="ok",
+                   output=out.model_dump(mode="json"))]
+    q = "Is the cardiac silhouette less than half the width of the chest?"
+    a = compose_answer(_state(q, ev, ctx), tools())
+    assert a.kind == "yes_no" and a.value == ("yes" if out.ctr < 0.5 else "no"), a
+    assert "rule" in a.basis and "0.5" in a.basis
+    st = _state("Where is the heart?", ev, ctx)
+    d = route(st, tools())
+    assert d is not None and d.action == "answer", d  # the call that states it has run: answer, do not stop short
+    b = compose_answer(st, tools())
+    assert b.kind == "location" and b.evidence_ids == ["E1"], b
+    assert "row" not in str(b.value) and ("midline" in b.value or "left" in b.value or "right" in b.value), b
+
+
+def _state(question: str, evidence: list[Evidence], ctx) -> CaseState:
+    from agent.engine.graph import understand
+
+    class _RT:
+        tools = tools()
+
+    applicable = sorted(n for n, t in tools().items() if t.applicable(ctx.state.views[0]) is None)
+    st = CaseState(inputs=CaseInput(paths=[CT]), views=ctx.state.views, question=question, evidence=evidence,
+                   applicable_tools=applicable, tool_steps=len(evidence))
+    u = understand(_RT, st, applicable, ctx.state.views)
+    return st.model_copy(update={"question_info": u["question_info"], "addressing_tools": u["addressing_tools"]})
+
+
+# measured on the held-out split when the rules were frozen (bench/bench_question_reading.py): the floors sit just
+# below, so a change that loses readings fails here
+FLOORS = {"kind": 0.91, "subject": 0.62, "options": 0.95, "negated": 0.95}
+
+
+def test_parser_accuracy_on_the_held_out_labels_has_a_floor():
+    res = score(load("heldout"), parse_question)
+    assert res["n"] >= 190
+    for field, floor in FLOORS.items():
+        assert res["accuracy"][field] >= floor, (field, res["accuracy"], res["misses"][field][:10])
+    assert res["misread_place"] == [], res["misread_place"]
