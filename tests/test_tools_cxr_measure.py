@@ -145,7 +145,8 @@ def test_ctr_on_phantoms_within_5_percent(store, tmp_path):
         assert out.ctr == pytest.approx(truth["cardiac"] / truth["thoracic"], rel=0.05)
         assert out.cardiomegaly_suggested is enlarged and out.length_unit == "px"
         assert out.projection == "unknown" and "assumes PA" in out.note
-        (f,) = TOOLS["cardiothoracic_ratio"].findings(out, ctx.state.views[0])
+        f, heart = TOOLS["cardiothoracic_ratio"].findings(out, ctx.state.views[0])
+        assert heart.label == "heart" and heart.present is None and heart.bbox[1] < heart.bbox[3]
         assert f.label == "cardiomegaly" and f.present is enlarged and "0.5" in f.note
         assert [m.name for m in f.measurements] == ["cardiothoracic_ratio", "cardiac_width", "thoracic_width"]
         png_ref = next(a for a in ctx.artifacts if a.kind == "overlay")

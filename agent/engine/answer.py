@@ -382,8 +382,7 @@ def place_of(f: FindingDraft, s: Statement, places: Places) -> tuple[str, str] |
 
     view = places.views.get(s.eid)
     if f.location and not _PIXELS.search(f.location) and f.location not in ("heart borders", "body"):
-        if f.bbox is None or view is None:
-            return f.location, "as the tool located it"
+        return f.location, "as the tool located it"  # already anatomical (organ_segment's patient side)
     point = point_of(f.bbox, f.location)
     if point is None or view is None:
         return None
