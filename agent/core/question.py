@@ -85,6 +85,7 @@ _DESCRIBE = re.compile(r"\b(describe|description|findings?|what do you see|what 
 _GENERIC_TAIL = {"image", "images", "scan", "picture", "one", "film", "study", "photo", "view", "radiograph", "section",
                  "slice", "exam", "examination", "patient", "here", "above", "below", "shown", "this", "that", "it"}
 _DET = {"a", "an", "the", "this", "these", "those", "that", "any", "some", "its", "their", "his", "her", "patient s",
+        "our", "your",
         "patients", "all"}
 # words that may stand before a finding without changing what it is ("a large right pleural effusion")
 _MODIFIERS = {"small", "large", "big", "tiny", "huge", "massive", "multiple", "single", "new", "old", "acute", "chronic",
@@ -159,7 +160,7 @@ _HAVE_VERBS = {"have", "has", "show", "shows", "contain", "contains", "demonstra
                "identify", "visualize", "detect", "observe", "appreciate", "spot", "tell", "evaluate"}
 _STUDY_VERBS = re.compile(r"^(taken|obtained|acquired|done|performed|made|imaged|captured|shot|scanned|oriented|"
                           r"positioned|displayed|shown|presented|viewed|seen|cut|sliced|reconstructed)\b\s*"
-                          r"(with|using|by|in|on|via|through|as|from)?\s*(a|an|the)?\s*")
+                          r"(?:(with|using|by|in|on|via|through|as|from)\b)?\s*(?:(a|an|the)\b)?\s*")
 _CONTRAST = re.compile(r"\b(contrast|enhanced|enhancement|gadolinium|iodinated|with iv|intravenous contrast)\b")
 
 
@@ -248,7 +249,8 @@ def split_location(phrase: str) -> tuple[str, str | None]:
                 continue
             if rest.split()[0] in ("contrast", "this", "it"):
                 break
-            return head, f"{prep} {rest}"
+            return head, f"{prep} {_strip_det(rest)}" if rest.split()[0] in ("their", "his", "her", "its") else \
+                f"{prep} {rest}"
     return phrase, None
 
 
@@ -424,6 +426,9 @@ _STUDY_LEAD = re.compile(r"^(?:is|was|are|were)\s+(?:this|the|these|it)?\s*(?:im
 def _yes_no_reading(q: str) -> dict:
     """Subject, location, negation, comparison and attribute of a yes/no question (q: lower-case words)."""
     body = q
+    mhas = re.match(r"^(has|have)\s+(?:the\s+)?(.+?)\s+(\w+ed)$", body)
+    if mhas and mhas.group(3) in _PRED_FINDING:
+        return {"np": mhas.group(2), "pred": mhas.group(3), "form": "copula"}
     m = _EXIST.match(body)
     if m and m.group(0).strip():
         rest = body[m.end():]
@@ -444,6 +449,8 @@ def _yes_no_reading(q: str) -> dict:
         rest = re.sub(r"^(an?|the)\s+", "", rest)
         rest = _STUDY_VERBS.sub("", rest)
         rest = re.sub(r"^(an?|the)\s+", "", rest)
+        if rest.startswith("without "):  # "Was this taken without motion artifact?": yes = the artifact is absent
+            return {"np": rest[8:], "form": "exist", "negated": True}
         return {"np": rest, "form": "study"}
     if re.match(r"^(was|were|is|are|has|have)\s+(an?\s+|the\s+)?(iv\s+|intravenous\s+|oral\s+)?contrast\b", body) or \
             re.match(r"^(was|were|is)\s+(an?\s+|the\s+)?(ct|mri|mr|x ray|ultrasound|pet|radiograph)\s+(used|performed|"
@@ -458,7 +465,7 @@ def _yes_no_reading(q: str) -> dict:
             pred = "present"
         return {"np": mv.group(2), "pred": pred, "form": "copula"}
     mh = re.match(r"^(does|do|did)\s+(.+?)\s+(have|has|contain|contains|show|shows|demonstrate|involve|involves|extend|"
-                  r"extends|cross|crosses|enhance|enhances|compress|invade|invades|affect|affects|displace)\s+(.*)$", body)
+                  r"extends|cross|crosses|enhance|enhances|compress|invade|invades|affect|affects|displace)\b\s*(.*)$", body)
     if mh:
         verb = mh.group(3)
         if verb.startswith(("enhance", "extend", "cross", "compress", "invade", "involve", "affect", "displace")):
@@ -488,6 +495,9 @@ def _split_np_pred(text: str) -> tuple[str, str]:
     "the cardiac silhouette less than half the width of the chest" -> (..., "less than half ...")."""
     if cm := _COMPARE.search(text):
         return text[: cm.start()].strip(), cm.group(0)
+    text = re.sub(r"\b(well|clearly|easily|adequately|fully|partially|properly|entirely|completely|readily)\s+"
+                  r"(?=(visualized|visualised|seen|visible|identified|depicted|shown|demonstrated|included|imaged)\b)", "",
+                  text)
     toks = text.split()
     for i in range(1, len(toks)):  # the first word after the noun phrase that starts a predicate
         rest = " ".join(toks[i:])
@@ -502,6 +512,13 @@ def _split_np_pred(text: str) -> tuple[str, str]:
     if loc:
         return head, loc
     return text, ""
+
+
+def _singular(phrase: str) -> str:
+    toks = phrase.split()
+    if toks and len(toks[-1]) > 3 and toks[-1].endswith("s") and not toks[-1].endswith("ss"):
+        toks[-1] = toks[-1][:-1]
+    return " ".join(toks)
 
 
 def _clean_pred(pred: str) -> str:
@@ -525,6 +542,9 @@ def _pred_kind(pred: str) -> str:
         return "abnormal"
     if p in _ENLARGED or re.match(r"^(enlarged|dilated|distended|increased in size)\b", p):
         return "enlarged"
+    if re.match(r"^(located|situated|found|positioned)\s+(in|on|within)\s+(this|the)\s+(\w+\s+)?(image|scan|film|picture|"
+                r"study|section|slice|radiograph)$", p):
+        return "present"
     if p in _PRESENT or re.match(r"^(visible|seen|present|shown|identified|noted|visualized|visualised|depicted|"
                                  r"included|evident|demonstrated|there)\b", p):
         return "present"
@@ -547,14 +567,19 @@ def parse_question(text: str) -> Question:
     unsure: list[str] = []
     comma_q = " ".join(re.sub(r"[^a-z0-9,]+", " ", text.lower()).replace(",", " , ").split())
     existential_or = bool(re.match(r"^(is|are)\s+there\b|^any\b|^(do|does)\s+(you see|the patient)\b", q))
-    if first in _IMPERATIVE and not (first == "name" and "the" not in toks[1:2]):
-        kind: QuestionKind = "open"
+    if first == "describe" and re.search(r"\b(size|dimensions?|diameter|extent)\b", q):
+        kind: QuestionKind = "measurement"
+    elif first in _IMPERATIVE and not (first == "name" and "the" not in toks[1:2]):
+        kind = "open"
     elif " or " in f" {q} " and (first in _YES_NO_START or first in ("which", "what", "in") or
                                  (first == "where" and "," in comma_q)) and not existential_or \
             and (choices := _choices(comma_q)):
         kind = "choice"
     elif re.search(r"\bhow many\b|\bnumber of\b|\bcount\b", q):
         kind = "count"
+    elif re.match(r"^(?!what|which|where|how|who|why|when)(there\s+(is|are)\s+)?(.+?)\s+(is|are)\s+(seen|located|found|"
+                  r"present|noted|situated)?\s*(in\s+|on\s+)?(where|which|what)\b", q):
+        kind = "location"
     elif (wk := _wh_kind(q)) is not None:
         kind, wh_attr = wk
         if wh_attr:
@@ -636,7 +661,8 @@ def _study_predicate(np_text: str, q: str, fields: dict, unsure: list[str]) -> b
         fields.update(finding="abnormality", subject_type="finding")
         return True
     if _CONTRAST.search(t) and not attribute_value_in(t, "modality"):
-        fields.update(attribute="contrast", subject_type="attribute")
+        _, loc = split_location(t)
+        fields.update(attribute="contrast", subject_type="attribute", location=loc)
         return True
     if re.search(r"\b(male|female|man|woman|boy|girl)\b", t):
         fields.update(attribute="gender", subject_type="attribute")
@@ -724,12 +750,12 @@ def _read_yes_no(text: str, q: str, subj: Subject, fields: dict, unsure: list[st
         p = _clean_pred(pred)
         table = _PRED_FINDING if kind == "finding" else _PRED_NEGATED
         f = table[p]
-        adj = _ADJECTIVE_OF.get(ph.name)
+        adj = _ADJECTIVE_OF.get(ph.name) or (_singular(ph.name) if ph.name and not ph.known else None)
         name = f"{adj} {f}" if kind == "negated" and adj else f
         fields.update(finding=name, subject_type="finding", organ=ph.organ if ph.kind != "finding" else ph.organ,
                       side=ph.side, negated=kind == "negated",
-                      location=None if kind == "negated" else (f"{ph.side} {ph.name}" if ph.side and ph.side not in
-                                                               ph.name else ph.name))
+                      location=None if kind == "negated" or ph.kind != "structure" else
+                      (f"{ph.side} {ph.name}" if ph.side and ph.side not in ph.name else ph.name))
         return
     if kind == "enlarged":
         name = _strip_det(normalise_text(np_text))
@@ -757,7 +783,7 @@ def _read_yes_no(text: str, q: str, subj: Subject, fields: dict, unsure: list[st
             fields["side"] = fields.get("side") or side
         elif ph.kind in ("structure", "device", "finding"):
             # "Is the trachea midline?", "Is the mass calcified?": a property no vocabulary word names
-            fields["finding"] = label_key(f"{ph.name} {pred}")
+            fields["finding"] = label_key(f"{ph.name} {_clean_pred(pred)}")
             fields["organ"] = ph.organ
             fields["subject_type"] = "finding"
             unsure.append(f"predicate {pred!r}")
@@ -785,6 +811,13 @@ def _read_choice(text: str, q: str, subj: Subject, choices: list[str], fields: d
     if attr:
         fields.update(attribute=attr, subject_type="attribute")
         return
+    if q.startswith("where "):  # "Where is the spleen in this image, right or lower right?"
+        _read_wh(q.split(" or ")[0].rsplit(" ", 1)[0] if "," not in text else
+                 _words(text.split(",")[0]), subj, fields, [], location=True)
+        return
+    if _CONTRAST.search(q):  # "Was oral or IV contrast used?"
+        fields.update(attribute="contrast", subject_type="attribute")
+        return
     if all(c in SIDES for c in choices) or all(c in ("upper", "lower", "middle") for c in choices):
         body = re.sub(r"\b(on|in)?\s*(the)?\s*(patient s|patients|image s)?\s*(left|right|upper|lower|middle)\b.*$", "", q)
         if body.split()[:1] and body.split()[0] in ("which", "what"):
@@ -804,6 +837,10 @@ def _read_choice(text: str, q: str, subj: Subject, choices: list[str], fields: d
     body = re.sub(r"^(is|are|was|were|does|do)\s+", "", q.split(" or ")[0])
     at = f" {body} ".rfind(f" {choices[0]} ")
     np_text = body[: at].strip() if at > 0 else _split_np_pred(body)[0]
+    if not _strip_det(np_text) or _strip_det(np_text) in ("this", "it", "there"):
+        after = q.split(" or ", 1)[1].split() if " or " in q else []
+        tail = " ".join(after[len(choices[-1].split()):])  # "Is this a cystic or solid mass?" -> "mass"
+        np_text = tail if _strip_det(tail) else _split_np_pred(body)[0]
     ph = classify_np(np_text)
     _set_phrase(fields, ph)
     if subj.organ and not fields.get("organ") and subj.organ not in choices:
@@ -819,6 +856,9 @@ def _read_wh(q: str, subj: Subject, fields: dict, unsure: list[str], location: b
     body = q
     body = re.sub(r"^(?:what is|what s|how would you describe|describe) the (?:location|position) of (?:the )?",
                   "where is ", body)
+    if insitu := re.match(r"^(?!what|which|where|how|who|why|when)(?:there\s+(?:is|are)\s+)?(.+?)\s+(?:is|are)\s+(?:seen|"
+                          r"located|found|present|noted|situated)?\s*(?:in\s+|on\s+)?(?:where|which|what)\b", body):
+        body = f"where is {insitu.group(1)}"
     body = re.sub(r"^(?:which|what) (lung|kidney|lobe|lobes|hemisphere|side|breast|ovary|part|region|artery|vessel|organ|"
                   r"segment)\b(.*?)\b(has|have|contains?|shows?) (an? |the )?", r"which \1 is ", body)
     m = re.match(r"^(?:in\s+|on\s+|at\s+)?(?:where|which|what)\s+(?P<what>[a-z ]*?)\s*\b(?P<verb>is|are|was|were|does|do|"
@@ -927,12 +967,13 @@ def _wh_kind(q: str) -> tuple[QuestionKind, str | None] | None:
                                                                                    r"radiograph) taken", q):
         return "attribute", "plane"
     if re.match(r"^(what|which)\s+(part|region|area|level|section)\s+of\s+(the\s+)?\w+(\s+\w+)?\s+(is|are)\s+"
-                r"(being\s+)?(seen|shown|imaged|visualized|depicted|pictured|displayed)\b", q):
+                r"(being\s+|most\s+likely\s+|likely\s+|best\s+|clearly\s+)?(seen|shown|imaged|visualized|depicted|pictured|"
+                r"displayed)\b", q):
         return "attribute", "body_region"
     if re.match(r"^what\s+(is|are)\s+(located|seen|found|present|noted)\s+(in|at|on|within)\b", q):
         return "open", None
     if re.match(r"^(which|what)\s+(lung|kidney|lobe|lobes|hemisphere|side|breast|ovary|adrenal|part|region|artery|vessel|"
-                r"organ|segment)\b.*\b(has|have|is|are|contains?|shows?)\b", q) and not re.search(
+                r"segment)\b.*\b(has|have|is|are|contains?|shows?)\b", q) and not re.search(
                     r"\b(normal|function|largest|smallest|biggest|visible|shown|seen|imaged)\b", q) and \
             re.search(_ABN_NOUN + r"|\b(lesion|lesions|mass|tumou?r|defect|affected|embolus|clot)\b", q):
         return "location", None
@@ -965,16 +1006,16 @@ def _read_open(text: str, q: str, subj: Subject, fields: dict, unsure: list[str]
         o, sd = location_organ(where)
         fields.update(finding="abnormality", subject_type="finding", location=where, organ=o, side=sd)
         return
+    mc = re.match(r"^what\s+(category|type|kind|grade|stage)\s+(is|are)\s+(the\s+)?(.+)$", q)
+    if mc:
+        _set_phrase(fields, classify_np(mc.group(4)))
+        return
     mt = re.match(r"^(what|which)\s+(types?|kinds?|sort|category|class|grade|stage)\s+(of\s+)?(.+?)\s+(is|are|was|does|do|"
                   r"can)\b.*$|^(what|which)\s+(types?|kinds?|sort|category|class|grade|stage)\s+(of\s+)?(.+?)$", q)
     if mt:  # "What type of thrombosis is shown?"
         np_text = mt.group(4) or mt.group(9)
         ph = classify_np(np_text)
         _set_phrase(fields, ph)
-        return
-    mc = re.match(r"^what\s+(category|type|kind|grade|stage)\s+(is|are)\s+(the\s+)?(.+)$", q)
-    if mc:
-        _set_phrase(fields, classify_np(mc.group(4)))
         return
     md = re.match(r"^(how would you describe|describe|what is the appearance of|what does)\s+(the\s+)?(.+?)(\s+look like)?$", q)
     if md and not _DESCRIBE.search(md.group(3)) and first != "describe" or (md and first == "what"):

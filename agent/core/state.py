@@ -137,7 +137,7 @@ class Critique(BaseModel):
 
 
 AbstainReason = Literal["no_applicable_tool", "evidence_does_not_address", "tools_conflict", "input_unreadable",
-                        "budget_spent", "planner_failed"]
+                        "budget_spent", "planner_failed", "low_confidence"]
 
 
 class Answer(BaseModel):
@@ -156,6 +156,9 @@ class Answer(BaseModel):
     reason: AbstainReason | None = None  # abstentions only
     needed: str = ""  # abstentions: what would be needed to answer
     method: str = ""  # "evidence" (read from the evidence), "llm" (a constrained choice), "rules" (no evidence)
+    # how the value was reached, the key of its calibration (agent/engine/calibration.py): "organ_segment:absent",
+    # "inspect_image:modality:classifier", "llm:yes_no", ...
+    route: str = ""
     text: str = ""  # the plain-text rendering (Markdown, chat)
 
     @property

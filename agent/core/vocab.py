@@ -32,6 +32,7 @@ ALIASES = {
     "x rays": "x ray", "xray": "x ray", "x-ray": "x ray",
     "nodular opacity": "nodule", "mass lesion": "mass", "mass lesions": "mass", "tumours": "tumor",
     "malignancy": "cancer", "neoplasm": "tumor", "arteries": "artery", "veins": "vein",
+    "mca": "middle cerebral artery", "left and right": "bilateral", "both left and right": "bilateral",
 }
 
 # findings a question may ask about (multi-word first: the longest match wins)
@@ -75,7 +76,8 @@ ORGANS = (
     "bronchus", "airway", "larynx", "pharynx", "muscle", "psoas", "gyrus", "sulcus", "white matter", "gray matter",
     "grey matter", "frontal lobe", "parietal lobe", "occipital lobe", "cardiac silhouette", "aortic arch",
     "gastric wall", "bowel wall", "biliary tree", "bile duct", "common bile duct", "ureter", "urinary bladder",
-    "ovary", "testis", "caudate nucleus", "cerebral cortex", "lobe",
+    "ovary", "testis", "caudate nucleus", "cerebral cortex", "lobe", "middle cerebral artery", "basilar artery",
+    "vertebral artery", "costophrenic angle", "lung parenchyma", "parenchyma",
 )
 SIDES = ("left", "right")
 # adjectives that name an organ ("hepatic lesion" is a lesion in the liver)

@@ -551,7 +551,7 @@ def compose_answer(state: CaseState, tools: dict[str, Tool], chat: Any = None, m
         return finish(abstain(reason, f"{why} {q.subject or 'the question'}", need))
     a = from_evidence(q, stmts, Places.of(state, tools) if q.kind == "location" else None)
     if a is not None:
-        return finish(conform(q, a), q)
+        return finish(calibrate(q, conform(q, a), stmts), q)
     if chat is None:
         return finish(abstain("evidence_does_not_address", "the evidence needs reading and no LLM is available",
                               ids=_ids(stmts)))
@@ -563,8 +563,51 @@ def compose_answer(state: CaseState, tools: dict[str, Tool], chat: Any = None, m
         return finish(abstain("evidence_does_not_address", "the model could not tell from the evidence lines",
                               ids=_ids(stmts)))
     kind, typed = typed_value(q, value)
-    return finish(conform(q, Answer(kind=kind, value=typed, probability=prob, evidence_ids=_ids(stmts), method="llm",
-                                    basis=f"chosen by the model from {len(stmts)} evidence line(s) about {q.subject}")), q)
+    return finish(calibrate(q, conform(q, Answer(kind=kind, value=typed, probability=prob, evidence_ids=_ids(stmts),
+                                                 method="llm", basis=f"chosen by the model from {len(stmts)} evidence "
+                                                                     f"line(s) about {q.subject}")), stmts), q)
+
+
+def route_of(q: Question, a: Answer, stmts: list[Statement]) -> str:
+    """How the answer was reached: the tool and the kind of claim (the calibration key)."""
+    if a.method == "llm":
+        return f"llm:{q.kind}"
+    cited = [s for s in stmts if s.eid in a.evidence_ids] or stmts
+    s = cited[0] if cited else None
+    tool = s.tool if s else "?"
+    if q.rule:
+        return f"{tool}:rule"
+    if s is not None and s.finding is None:
+        return f"{tool}:{s.attribute.get('name')}:{s.attribute.get('source', '?')}"
+    if q.kind == "yes_no" and s is not None and s.finding is not None:
+        f = s.finding
+        claim = "probability" if f.present is None else ("present" if f.present else "absent")
+        return f"{tool}:{claim}"
+    return f"{tool}:{q.kind}"
+
+
+def calibrate(q: Question, a: Answer, stmts: list[Statement]) -> Answer:
+    """A closed answer's probability as the accuracy of its route on held-out questions (agent/engine/calibration.py);
+    withheld as `low_confidence` under the fitted threshold."""
+    from agent.engine import calibration
+
+    if a.kind == "abstain":
+        return a
+    route = route_of(q, a, stmts)
+    a = a.model_copy(update={"route": route})
+    if a.kind not in calibration.CLOSED:
+        return a
+    p, n, key = calibration.lookup(route, a.probability)
+    if p is None:
+        return a
+    raw = "no probability" if a.probability is None else f"p={a.probability:.2f}"
+    a = a.model_copy(update={"probability": p, "basis": f"{a.basis}; calibrated: {raw} -> {p:.2f} (route {key}, "
+                                                        f"{n} held-out answers)"})
+    if p < calibration.min_probability():
+        return abstain("low_confidence", f"{a.value} per {', '.join(a.evidence_ids)}, but answers reached this way "
+                                         f"({key}) were right {p:.0%} of the time on held-out questions",
+                       "a tool whose answers on this kind of question are more often right", ids=a.evidence_ids)
+    return a
 
 
 READING_UNSURE = 0.8  # an answer's probability is scaled by this when the question's reading is uncertain

@@ -1,0 +1,87 @@
+"""What an answer's probability means: how often answers reached the same way were right on held-out questions.
+
+Every closed answer (yes/no, choice, count) has a *route* - the tool and the kind of claim it was read from
+("organ_segment:absent", "inspect_image:modality:classifier", "cardiothoracic_ratio:rule", "llm:yes_no") - and, where
+a tool or the model gave one, a raw probability. `scripts/fit_answer_calibration.py` counts, per route and raw
+probability band (none, < 0.9, >= 0.9), how many answers were right in `dxagent eval` runs on a split the reported
+figures never use (SLAKE train), and writes `answer_calibration.json` beside this file. Here that table turns an
+answer's raw probability into the route's smoothed accuracy ((right + 1) / (n + 2)), so a segmenter's "absent" or
+a DICOM tag's modality - which carry no probability of their own - get one, and a classifier's 0.98 becomes what
+such answers were worth. An answer whose calibrated probability is under `MIN_PROBABILITY` is withheld as a
+`low_confidence` abstention: a wrong answer at high probability is the worst thing the product can do. Routes
+seen fewer than `MIN_N` times keep their raw probability (and are not withheld); the basis says which applied.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+TABLE = Path(__file__).with_name("answer_calibration.json")
+MIN_N = 12  # answers of a route (and band) before its accuracy is trusted
+CLOSED = ("yes_no", "choice", "count")
+
+
+def band(p: float | None) -> str:
+    return "none" if p is None else ("hi" if p >= 0.9 else "lo")
+
+
+@lru_cache(maxsize=1)
+def table() -> dict[str, Any]:
+    """The fitted table; empty (raw probabilities, nothing withheld) when absent or DXAGENT_CALIBRATION=off (the
+    fitting runs themselves)."""
+    if os.environ.get("DXAGENT_CALIBRATION", "").lower() == "off":
+        return {}
+    try:
+        return json.loads(TABLE.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def min_probability() -> float:
+    return float(table().get("min_probability", 0.0))
+
+
+def lookup(route: str, raw: float | None) -> tuple[float | None, int, str]:
+    """(calibrated probability or None, the answers it rests on, which key) for a route and raw probability."""
+    routes = table().get("routes", {})
+    for key in (f"{route}|{band(raw)}", route):
+        cell = routes.get(key)
+        if cell and cell.get("n", 0) >= MIN_N:
+            return round((cell["right"] + 1) / (cell["n"] + 2), 4), int(cell["n"]), key
+    return None, 0, ""
+
+
+def fit(rows: list[dict[str, Any]], target_error: float = 0.10) -> dict[str, Any]:
+    """The table from eval rows ({"route", "raw_probability", "correct"}); `min_probability` is the lowest threshold
+    at which the answers kept on these rows are wrong at most `target_error` of the time (0 when none is needed)."""
+    routes: dict[str, dict[str, int]] = {}
+    for r in rows:
+        for key in (f"{r['route']}|{band(r.get('raw_probability'))}", r["route"]):
+            cell = routes.setdefault(key, {"n": 0, "right": 0})
+            cell["n"] += 1
+            cell["right"] += int(bool(r["correct"]))
+    out = {"routes": routes, "n": len(rows), "target_error": target_error}
+    cal = []
+    for r in rows:
+        for key in (f"{r['route']}|{band(r.get('raw_probability'))}", r["route"]):
+            cell = routes[key]
+            if cell["n"] >= MIN_N:
+                cal.append(((cell["right"] + 1) / (cell["n"] + 2), bool(r["correct"])))
+                break
+        else:
+            cal.append((r.get("raw_probability") if r.get("raw_probability") is not None else 1.0, bool(r["correct"])))
+    threshold = 1.01  # none kept, unless some threshold meets the target
+    for t in [0.0, *sorted({p for p, _ in cal})]:
+        kept = [c for p, c in cal if p >= t]
+        if kept and sum(not c for c in kept) / len(kept) <= target_error:
+            threshold = t
+            break
+    kept = [c for p, c in cal if p >= threshold]
+    out["min_probability"] = round(threshold, 4)
+    out["fit_figures"] = {"answered": len(kept), "of": len(cal),
+                          "error_answered": round(sum(not c for c in kept) / len(kept), 4) if kept else None}
+    return out
