@@ -151,7 +151,7 @@ def _state(question: str, evidence: list[Evidence], ctx) -> CaseState:
 
 # measured on the held-out split when the rules were frozen (bench/bench_question_reading.py): the floors sit just
 # below, so a change that loses readings fails here
-FLOORS = {"kind": 0.91, "subject": 0.62, "options": 0.95, "negated": 0.95}
+FLOORS = {"kind": 0.92, "subject": 0.63, "options": 0.95, "negated": 0.95}
 
 
 def test_parser_accuracy_on_the_held_out_labels_has_a_floor():
