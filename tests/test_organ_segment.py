@@ -139,6 +139,9 @@ def test_organ_questions_are_answered_from_its_evidence_without_the_planner(tmp_
         res = run_case([str(p)], question, llm="scripted", script=[], trace_dir=tmp_path,
                        modality="MR" if p != path else "CT")
         a = res.report["answer"]
+        if kind == "yes_no" and value == "no" and a["kind"] == "abstain":  # the segmenter's "absent" route is
+            assert a["reason"] == "low_confidence" and "organ_segment:absent" in a["basis"], a  # withheld (calibration)
+            continue
         assert (a["kind"], a["value"]) == (kind, value), (question, a)
         assert [e.tool for e in res.state.evidence] == ["organ_segment"] and a["evidence_ids"]
         assert res.report["recommendation"]["outcome"] == "report"

@@ -86,7 +86,8 @@ def test_an_organ_not_segmented_is_not_a_disease_absent(store):
     absent = [o.lower() for o in out.absent]
     if "small_bowel" in absent or "small bowel" in absent:
         b = compose_answer(_state("Does this slice show small bowel?", ev, ctx), tools())
-        assert (b.kind, b.value) == ("yes_no", "no"), b
+        # "no" from the segmenter's absence, or withheld because such answers were too often wrong (calibration)
+        assert (b.kind, b.value) == ("yes_no", "no") or (b.reason == "low_confidence" and "absent" in b.basis), b
 
 
 def test_a_yes_no_question_never_gets_a_number():
