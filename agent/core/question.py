@@ -379,12 +379,14 @@ def _choices(q: str) -> list[str]:
         first = head if 0 < len(head.split()) <= n and not re.search(r"\b(which|what|is|are|in|this)\b", head) \
             and parts[0].split()[0] not in ("which", "what") else ""
         opts = [first] + [_cut_option(x) for x in parts[1:]]
-        opts = [" ".join(o.split()[-n:]) for o in opts if o and len(o.split()) <= n + 1
+        opts = [(o if o.split()[0] in SIDES else " ".join(o.split()[-n:])) for o in opts if o and len(o.split()) <= n + 1
                 and not _SIZE_RANK.fullmatch(o) and not _ABNORMAL.fullmatch(o)]
         opts = [o for o in opts if o and o not in ("a", "an", "the")]
         return opts + [right] if opts else []
     lw = [t for t in _lead_strip(left).split() if t not in ("a", "an", "the")]
     a = " ".join(lw[-n:]) if lw else ""
+    if len(lw) > n and lw[-n - 1] in SIDES and a not in SIDES:  # "left kidney or spleen"
+        a = f"{lw[-n - 1]} {a}"
     return [a, right] if a and a != right else []
 
 
@@ -634,6 +636,9 @@ def parse_question(text: str) -> Question:
     out = Question(text=text, kind=kind, answer_kind=ANSWER_KIND[kind], choices=choices, allowed=allowed,
                    sure=not unsure, unsure_why="; ".join(unsure), **fields)
     out.subject = out.subject_obj().text or ("the findings" if out.describe else "")
+    if out.finding and out.location and out.finding not in ("abnormality", "lesion", "mass") and not out.describe \
+            and out.location not in out.finding:  # "free air (under the diaphragm)", not "diaphragm free air"
+        out.subject = f"{out.finding} ({out.location})"
     return out
 
 

@@ -193,6 +193,8 @@ def abstain(reason: str, basis: str, needed_text: str = "", ids: list[str] | Non
 def _same_attr(attr: str, a: str, b: str) -> bool:
     if attr == "modality":
         return a == b or (a in _RADIOGRAPH and b in _RADIOGRAPH)
+    if attr == "plane" and {a.lower(), b.lower()} == {"frontal", "coronal"}:
+        return True  # a frontal (PA/AP) radiograph is a projection onto the coronal plane
     return a.lower() == b.lower()
 
 
@@ -223,7 +225,11 @@ def from_attribute(q: Question, stmts: list[Statement]) -> Answer:
                       basis=f"asked {_attr_words(q.attribute, q.attribute_value)}; {how}", method="evidence")
     if q.kind == "choice" and q.attribute in ("largest_organ", "smallest_organ"):  # "Which is bigger, A or B?"
         areas = {label_key(k): v for k, v in (a.get("areas") or {}).items()}
-        seen = {c: areas[label_key(c)] for c in q.choices if label_key(c) in areas}
+        def area_key(c: str) -> str:  # "left kidney" is compared by the kidney's area when sides are not split
+            k = label_key(c)
+            return k if k in areas or k.split()[0] not in ("left", "right") else k.split(" ", 1)[-1]
+
+        seen = {c: areas[area_key(c)] for c in q.choices if area_key(c) in areas}
         if not seen:
             return abstain("evidence_does_not_address", f"none of {q.choices} was found by {s.eid}", ids=[s.eid])
         pick = (max if q.attribute == "largest_organ" else min)(seen, key=seen.get)

@@ -42,6 +42,13 @@ def table() -> dict[str, Any]:
 
 
 def min_probability() -> float:
+    """The withholding threshold: the fitted one, or DXAGENT_MIN_PROBABILITY (0 answers everything, calibrated)."""
+    env = os.environ.get("DXAGENT_MIN_PROBABILITY", "").strip()
+    if env:
+        try:
+            return float(env)
+        except ValueError:
+            pass
     return float(table().get("min_probability", 0.0))
 
 
