@@ -303,9 +303,13 @@ def classify_np(np_text: str) -> Phrase:
         return Phrase(kind="", name="", location=loc, organ=loc_organ, side=side, known=False)
     if head in DEVICES or (dev := _ends_with(head, DEVICES)) and _mods_only(head, dev):
         return Phrase(kind="device", name=DEVICES.get(head) or DEVICES[dev], location=loc, organ=loc_organ, side=side)
+    if re.fullmatch(r"(\w+)\s+(tissue|parenchyma)", head) and (o := ORGAN_ADJECTIVES.get(head.split()[0])):
+        return Phrase(kind="structure", name=o, organ=o, side=side, location=loc)  # "hepatic parenchyma": the liver
     if fnd := _ends_with(head, FINDINGS):
         if _mods_only(head, fnd):
             organ = _organ_modifier(head[: len(head) - len(fnd)]) or loc_organ
+            if organ and f"{organ} {fnd}" in FINDINGS:  # "cerebral edema" is the known finding "brain edema"
+                return Phrase(kind="finding", name=f"{organ} {fnd}", organ=organ, side=side, location=loc)
             name = "edema" if fnd == "oedema" else fnd
             where = loc or (_organ_words(head[: len(head) - len(fnd)]) or None)
             return Phrase(kind="finding", name=name, organ=organ, side=side, location=where)
@@ -347,7 +351,7 @@ _OPTION_STOP = {"used", "to", "in", "on", "for", "taken", "seen", "shown", "pres
                 "image", "scan", "film", "picture", "view", "plane", "side", "here", "above", "study", "obtained",
                 "acquired", "performed", "done", "appear", "appearing", "imaging", "technique", "modality", "with",
                 "lesion", "mass", "located", "the", "is", "are", "was", "were", "larger", "smaller", "bigger",
-                "biggest", "largest", "smallest"}
+                "biggest", "largest", "smallest", "look", "looks", "appear", "appears", "seem", "seems"}
 
 
 def _cut_option(text: str, keep: int | None = None) -> str:
@@ -379,7 +383,8 @@ def _choices(q: str) -> list[str]:
         first = head if 0 < len(head.split()) <= n and not re.search(r"\b(which|what|is|are|in|this)\b", head) \
             and parts[0].split()[0] not in ("which", "what") else ""
         opts = [first] + [_cut_option(x) for x in parts[1:]]
-        opts = [(o if o.split()[0] in SIDES else " ".join(o.split()[-n:])) for o in opts if o and len(o.split()) <= n + 1
+        opts = [(o if o.split()[0] in SIDES or len(o.split()) <= 2 else " ".join(o.split()[-n:])) for o in opts
+                if o and len(o.split()) <= n + 1
                 and not _SIZE_RANK.fullmatch(o) and not _ABNORMAL.fullmatch(o)]
         opts = [o for o in opts if o and o not in ("a", "an", "the")]
         return opts + [right] if opts else []
@@ -444,6 +449,16 @@ def _yes_no_reading(q: str) -> dict:
         return {"np": rest, "form": "exist"}
     # "is this (image) (a|an) X" / "was this taken with X" / "was X used": predicated of the study
     first_two = " ".join(body.split()[:2])
+    body = re.sub(r"^(?:would|could|can|do|did)\s+(?:you|we|one)\s+(?:call|describe|consider|classify|label|read)\s+"
+                  r"(this|it|the\s+\w+)\s+(?:as\s+)?", r"is \1 ", body)  # "Would you call this a CT scan?"
+    used = re.match(r"^(?:was|were|is|are|has|have)\s+(?:an?\s+|the\s+)?(.+?)\s+(?:been\s+)?(?:used|performed|employed|"
+                    r"done|applied|utilized|utilised)\b", body)
+    if used and attribute_value_in(used.group(1), "modality") and len(used.group(1).split()) <= 3:
+        return {"np": used.group(1), "form": "study"}  # "Was magnetic resonance used for this image?"
+    region = re.match(r"^(?:was|were|is|are)\s+(?:the\s+)?(\w+(?:\s+\w+)?)\s+(?:the\s+region\s+|the\s+area\s+)?"
+                      r"(?:imaged|scanned|shown|studied|examined|covered)\b", body)
+    if region and attribute_value_in(region.group(1), "body_region"):
+        return {"np": region.group(1), "form": "study"}  # "Was the head imaged in this study?"
     if re.match(r"^(is|was|are|were)\s+(this|these|it)\b", body) or \
             re.match(r"^(is|was|are|were)\s+the\s+(image|images|scan|film|study|picture|radiograph|section|slice|exam|"
                      r"photo|view|modality)\b", body):

@@ -150,6 +150,7 @@ ATTRIBUTE_VALUES = {
     "plane": {"transverse": "axial", "axial": "axial", "coronal": "coronal", "sagittal": "sagittal",
               "frontal": "frontal", "pa": "frontal", "ap": "frontal", "lateral": "lateral"},
     "body_region": {"head": "head", "brain": "head", "neck": "neck", "chest": "chest", "thorax": "chest",
+                    "thoracic": "chest", "abdominal": "abdomen", "pelvic": "pelvis", "cranial": "head", "cervical": "neck",
                     "abdomen": "abdomen", "pelvic cavity": "pelvis", "pelvis": "pelvis", "limb": "limb"},
     "mr_weighting": {"t1": "T1", "t2": "T2", "flair": "FLAIR", "dwi": "DWI"},
 }
