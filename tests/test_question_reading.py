@@ -41,7 +41,7 @@ CT = get_testdata_file("CT_small.dcm")
     ("Would this x ray be read as normal?", {"attribute": None}),
     # a disease of an organ is not the organ
     ("Is a small-bowel obstruction present?", {"finding": "small bowel obstruction", "subject_type": "finding"}),
-    ("Is there obstruction of the small bowel?", {"finding": "obstruction", "organ": "small bowel"}),
+    ("Is there obstruction of the small bowel?", {"finding": "small bowel obstruction", "organ": "small bowel"}),
     # a comparison a tool decides by a stated rule
     ("Is the heart shadow wider than half of the thorax?", {"kind": "yes_no", "rule": "cardiothoracic_ratio > 0.5"}),
     ("Is the cardiac silhouette under half the chest width?", {"kind": "yes_no", "rule": "cardiothoracic_ratio < 0.5"}),

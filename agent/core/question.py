@@ -351,7 +351,7 @@ _OPTION_STOP = {"used", "to", "in", "on", "for", "taken", "seen", "shown", "pres
                 "image", "scan", "film", "picture", "view", "plane", "side", "here", "above", "study", "obtained",
                 "acquired", "performed", "done", "appear", "appearing", "imaging", "technique", "modality", "with",
                 "lesion", "mass", "located", "the", "is", "are", "was", "were", "larger", "smaller", "bigger",
-                "biggest", "largest", "smallest", "look", "looks", "appear", "appears", "seem", "seems"}
+                "biggest", "largest", "smallest", "look", "looks", "appears", "seem", "seems"}
 
 
 def _cut_option(text: str, keep: int | None = None) -> str:
@@ -652,7 +652,8 @@ def parse_question(text: str) -> Question:
                    sure=not unsure, unsure_why="; ".join(unsure), **fields)
     out.subject = out.subject_obj().text or ("the findings" if out.describe else "")
     if out.finding and out.location and out.finding not in ("abnormality", "lesion", "mass") and not out.describe \
-            and out.location not in out.finding:  # "free air (under the diaphragm)", not "diaphragm free air"
+            and out.location not in out.finding and not (out.organ and out.organ in out.finding):
+        # "free air (under the diaphragm)", not "diaphragm free air"
         out.subject = f"{out.finding} ({out.location})"
     return out
 
