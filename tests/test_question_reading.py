@@ -46,7 +46,8 @@ CT = get_testdata_file("CT_small.dcm")
     ("Is the heart shadow wider than half of the thorax?", {"kind": "yes_no", "rule": "cardiothoracic_ratio > 0.5"}),
     ("Is the cardiac silhouette under half the chest width?", {"kind": "yes_no", "rule": "cardiothoracic_ratio < 0.5"}),
     # options as the question words them
-    ("Was this acquired in the axial or the sagittal plane?", {"kind": "choice", "choices": ["axial", "sagittal"],
+    ("Was this acquired in the axial or the sagittal plane?", {"kind": "choice", "choices": ["axial plane",
+                                                                                        "sagittal plane"],
                                                                "attribute": "plane"}),
     ("Was MRI or CT used for this study?", {"kind": "choice", "choices": ["mri", "ct"], "attribute": "modality"}),
     ("Is this a sagittal or an axial image?", {"kind": "choice", "choices": ["sagittal", "axial"]}),

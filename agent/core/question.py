@@ -348,7 +348,7 @@ def _organ_words(text: str) -> str:
 
 # -- choices -----------------------------------------------------------------------------------------------------
 _OPTION_STOP = {"used", "to", "in", "on", "for", "taken", "seen", "shown", "present", "visible", "of", "than", "this",
-                "image", "scan", "film", "picture", "view", "plane", "side", "here", "above", "study", "obtained",
+                "image", "scan", "film", "picture", "view", "side", "here", "above", "study", "obtained",
                 "acquired", "performed", "done", "appear", "appearing", "imaging", "technique", "modality", "with",
                 "lesion", "mass", "located", "the", "is", "are", "was", "were", "larger", "smaller", "bigger",
                 "biggest", "largest", "smallest", "look", "looks", "appears", "seem", "seems"}
@@ -392,6 +392,10 @@ def _choices(q: str) -> list[str]:
     a = " ".join(lw[-n:]) if lw else ""
     if len(lw) > n and lw[-n - 1] in SIDES and a not in SIDES:  # "left kidney or spleen"
         a = f"{lw[-n - 1]} {a}"
+    rt = right.split()
+    if len(rt) == 2 and rt[-1] in ("plane", "section", "lobe", "lung", "kidney", "side", "breast", "hemisphere") and \
+            lw and lw[-1] not in (rt[0], rt[-1]):
+        a = f"{lw[-1]} {rt[-1]}"  # "the axial or sagittal plane", "in the left or right lung": the noun is shared
     return [a, right] if a and a != right else []
 
 
