@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 LABELS = ROOT / "tests" / "data" / "question_readings.jsonl"
 
 ATTR_NAMES = {"body_region": "body region", "mr_weighting": "mr weighting", "largest_organ": "largest organ",
-              "smallest_organ": "largest organ", "abnormal_organ": "abnormal organ"}
+              "smallest_organ": "smallest organ", "abnormal_organ": "abnormal organ"}
 _STOP = {"a", "an", "the", "of", "in", "on", "at", "under", "within", "to", "from", "s", "this", "image", "patient"}
 
 

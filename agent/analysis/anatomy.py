@@ -3,8 +3,8 @@
 Used by the answer step for "where?" questions (agent/engine/answer.py): the pixel centroid stays in the evidence, the
 answer says "right lower zone" or "left side, within the liver". The image-to-patient side comes from DICOM
 (ImageOrientationPatient, PatientOrientation); without them the radiological display is assumed (image left = patient
-right, as for axial CT/MR and frontal radiographs viewed from the front), and the basis says so. Zones are thirds of
-the height of the region the finding is placed against (the lung fields when a tool outlined them, else the picture).
+right, as for axial CT/MR and frontal radiographs viewed from the front), and the basis says so. Zones (frontal and
+coronal pictures) are thirds of the picture's height.
 """
 
 from __future__ import annotations
@@ -55,12 +55,10 @@ def _hw(view: ImageView) -> tuple[int, int]:
 
 
 def describe(point: tuple[float, float], view: ImageView, bbox: list[float] | None = None,
-             organs: list[tuple[str, list[float]]] | None = None,
-             field: tuple[float, float] | None = None) -> tuple[str, str]:
+             organs: list[tuple[str, list[float]]] | None = None) -> tuple[str, str]:
     """(the location in anatomical words, how it was worked out) for a point on `view`.
 
-    organs: (name, bbox) of organs outlined on the same view; the smallest box holding the point names the organ.
-    field: (top row, bottom row) of the region whose thirds are the zones (the lung fields), else the picture."""
+    organs: (name, bbox) of organs outlined on the same view; the smallest box holding the point names the organ."""
     h, w = _hw(view)
     row, col = point
     right_is, convention = side_rule(view)
@@ -85,11 +83,9 @@ def describe(point: tuple[float, float], view: ImageView, bbox: list[float] | No
     plane = _plane(view)
     zone = None
     if plane in ("frontal", "coronal") or (modality in ("DX", "CR") and plane != "lateral"):
-        top, bottom = field if field else (0.0, float(h))
-        span = max(1.0, bottom - top)
-        frac = (row - top) / span
+        frac = row / max(1.0, float(h))
         zone = "upper" if frac < 1 / 3 else ("middle" if frac < 2 / 3 else "lower")
-        basis.append("zone: thirds of " + ("the lung fields' height" if field else "the picture's height"))
+        basis.append("zone: thirds of the picture's height")
     organ = None
     if organs:
         inside = [(n, b) for n, b in organs if b[0] <= row <= b[2] and b[1] <= col <= b[3]]

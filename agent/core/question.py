@@ -65,9 +65,8 @@ ANSWER_KIND: dict[str, AnswerKind] = {"yes_no": "yes_no", "choice": "choice", "c
                                       "measurement": "measurement", "location": "location", "attribute": "phrase",
                                       "open": "phrase"}
 
-_AUX = {"is", "are", "does", "do", "did", "can", "could", "was", "were", "has", "have", "had", "will", "would",
+_YES_NO_START = {"is", "are", "does", "do", "did", "can", "could", "was", "were", "has", "have", "had", "will", "would",
         "should", "shall", "may", "might", "isn", "aren", "doesn", "any"}
-_YES_NO_START = _AUX
 _MEASURE = re.compile(r"\b(composition|how (large|big|long|wide|thick|much)|what (is|are) the (size|diameter|area|volume|"
                       r"ratio|width|length|density|cardiothoracic ratio|ctr)|measure|size of|diameter of|ratio)\b")
 _LOCATION = re.compile(r"\b(where|which side|what side|which lobe|what lobe|which quadrant|what quadrant|in which part|"
@@ -153,11 +152,6 @@ _STUDY_NP = {"this", "it", "image", "this image", "the image", "scan", "this sca
              "x ray", "this radiograph", "radiograph", "the radiograph", "this ct", "this mri", "this section",
              "section", "the section", "this slice", "this exam", "the exam", "photo", "this photo", "patient",
              "this patient", "the patient", "these images", "the images", "view", "this view", "the view"}
-_VERB_PRED = {"appear", "appears", "look", "looks", "seem", "seems", "appear to be", "look to be", "seem to be"}
-_HAVE_VERBS = {"have", "has", "show", "shows", "contain", "contains", "demonstrate", "demonstrates", "reveal",
-               "reveals", "depict", "depicts", "display", "displays", "include", "includes", "suggest", "suggests",
-               "exhibit", "exhibits", "present with", "indicate", "indicates", "see", "notice", "note", "find",
-               "identify", "visualize", "detect", "observe", "appreciate", "spot", "tell", "evaluate"}
 _STUDY_VERBS = re.compile(r"^(taken|obtained|acquired|done|performed|made|imaged|captured|shot|scanned|oriented|"
                           r"positioned|displayed|shown|presented|viewed|seen|cut|sliced|reconstructed)\b\s*"
                           r"(?:(with|using|by|in|on|via|through|as|from)\b)?\s*(?:(a|an|the)\b)?\s*")
@@ -872,10 +866,6 @@ def _read_choice(text: str, q: str, subj: Subject, choices: list[str], fields: d
         fields["organ"] = subj.organ
 
 
-_WH = re.compile(r"^(?:in\s+|on\s+|at\s+)?(?:where|which|what)\s+(?:\w+\s+)??(?:of\s+the\s+\w+\s+)?"
-                 r"(?:is|are|was|were|does|do|did|can)\s+(?:there\s+)?(?:we\s+see\s+|you\s+see\s+)?")
-
-
 def _read_wh(q: str, subj: Subject, fields: dict, unsure: list[str], location: bool = False) -> None:
     """Where / which side / what lobe ... is the X (in)?"""
     body = q
@@ -907,9 +897,6 @@ def _read_wh(q: str, subj: Subject, fields: dict, unsure: list[str], location: b
     rest = re.sub(r"\s+(located|situated|found|seen|positioned|present)\b.*$", "", rest)
     np_text, pred = _split_np_pred(rest) if rest else ("", "")
     kind = _pred_kind(pred) if pred else ""
-    if kind == "abnormal" or re.fullmatch(r"(the )?(abnormality|abnormalities|lesion|pathology)", np_text.strip()) and \
-            False:
-        pass
     if kind == "abnormal" or (not np_text.strip() and _ABNORMAL.search(q)):
         fields.update(finding="abnormality", subject_type="finding")
         organ = of.group(1) if of else None

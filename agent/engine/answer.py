@@ -347,7 +347,7 @@ def from_evidence(q: Question, stmts: list[Statement], places: Places | None = N
                 if len(hit) == 1:
                     return Answer(kind="choice", value=hit[0], evidence_ids=[s.eid], method="evidence",
                                   basis=f"{f.label} at {f.location or 'its label'} per {s.eid}")
-            elif (f.present or f.bbox is not None or f.present is None) and (where := place_of(f, s, places or Places())):
+            elif (f.present is not False or f.bbox is not None) and (where := place_of(f, s, places or Places())):
                 text, how = where
                 return Answer(kind="location", value=text, evidence_ids=[s.eid], method="evidence",
                               basis=f"{f.label} per {s.eid}: {how}")
@@ -407,9 +407,7 @@ def conform(q: Question, a: Answer) -> Answer:
     bad = None
     if q.kind == "yes_no" and (a.kind != "yes_no" or a.value not in ("yes", "no")):
         bad = f"a yes/no question got {a.kind} {a.value!r}"
-    elif q.kind == "choice" and a.kind == "choice" and q.choices and a.value not in q.choices:
-        bad = f"{a.value!r} is not one of the options {q.choices}"
-    elif q.kind == "choice" and a.kind not in ("choice",) and q.choices and str(a.value) not in q.choices:
+    elif q.kind == "choice" and q.choices and a.value not in q.choices:
         named = [c for c in q.choices if words(c) == words(str(a.value))]
         if len(named) == 1:
             return a.model_copy(update={"kind": "choice", "value": named[0]})

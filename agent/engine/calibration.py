@@ -29,6 +29,11 @@ def band(p: float | None) -> str:
     return "none" if p is None else ("hi" if p >= 0.9 else "lo")
 
 
+def keys(route: str, raw: float | None) -> tuple[str, str]:
+    """The table's keys for an answer, most specific first: route and raw-probability band, then the route."""
+    return f"{route}|{band(raw)}", route
+
+
 @lru_cache(maxsize=1)
 def table() -> dict[str, Any]:
     """The fitted table; empty (raw probabilities, nothing withheld) when absent or DXAGENT_CALIBRATION=off (the
@@ -55,7 +60,7 @@ def min_probability() -> float:
 def lookup(route: str, raw: float | None) -> tuple[float | None, int, str]:
     """(calibrated probability or None, the answers it rests on, which key) for a route and raw probability."""
     routes = table().get("routes", {})
-    for key in (f"{route}|{band(raw)}", route):
+    for key in keys(route, raw):
         cell = routes.get(key)
         if cell and cell.get("n", 0) >= MIN_N:
             return round((cell["right"] + 1) / (cell["n"] + 2), 4), int(cell["n"]), key
@@ -67,14 +72,14 @@ def fit(rows: list[dict[str, Any]], target_error: float = 0.10) -> dict[str, Any
     at which the answers kept on these rows are wrong at most `target_error` of the time (0 when none is needed)."""
     routes: dict[str, dict[str, int]] = {}
     for r in rows:
-        for key in (f"{r['route']}|{band(r.get('raw_probability'))}", r["route"]):
+        for key in keys(r["route"], r.get("raw_probability")):
             cell = routes.setdefault(key, {"n": 0, "right": 0})
             cell["n"] += 1
             cell["right"] += int(bool(r["correct"]))
     out = {"routes": routes, "n": len(rows), "target_error": target_error}
     cal = []
     for r in rows:
-        for key in (f"{r['route']}|{band(r.get('raw_probability'))}", r["route"]):
+        for key in keys(r["route"], r.get("raw_probability")):
             cell = routes[key]
             if cell["n"] >= MIN_N:
                 cal.append(((cell["right"] + 1) / (cell["n"] + 2), bool(r["correct"])))
