@@ -101,6 +101,9 @@ class OrganOutput(BaseModel):
     slice_index: int | None = None
     organs: list[Organ]  # present ones, largest first
     absent: list[str]  # labels looked for and not found
+    # per absent label, 1 - the class's mean softmax over its most organ-like minimum-size area (the top `floor`
+    # pixels): how sure the network is that nothing of it is there (absent when the run had no probabilities)
+    absence_probability: dict[str, float] = Field(default_factory=dict)
     side_convention: str
     working_size: int
     refined: list[str] = Field(default_factory=list)  # organs whose outline LiteMedSAM re-drew
@@ -179,7 +182,7 @@ class OrganSegment(LearnedTool):
 
     def run(self, ctx: ToolContext, inp: OrganInput) -> OrganOutput:
         from agent.analysis.display import is_rgb, looks_like_hu, picture, to_uint8
-        from agent.analysis.organ_net import WORK_PX, apply_floors, body_mask, predict, sides
+        from agent.analysis.organ_net import WORK_PX, apply_floors, body_mask, peak_probability, predict, sides
 
         view = self.usable_view(ctx, inp.view)
         card = self.pick(view, inp.model)
@@ -229,7 +232,7 @@ class OrganSegment(LearnedTool):
         body = body_mask(pic, rgb)
         sp = view.spacing_mm if view.spacing_known else None
         px_area, unit = (float(sp[-2]) * float(sp[-1]), "mm2") if sp else (1.0, "px2")
-        organs, absent = [], []
+        organs, absent, absence = [], [], {}
         floor = MIN_FRACTION * labels_map.size
         grid = None if probs is None or probs.shape[1:] == labels_map.shape else np.ix_(  # probs at working size
             (np.arange(labels_map.shape[0]) * probs.shape[1] // labels_map.shape[0]),
@@ -239,6 +242,8 @@ class OrganSegment(LearnedTool):
             n = int(m.sum())
             if n < floor:
                 absent.append(lab)
+                if probs is not None:
+                    absence[lab] = round(1.0 - peak_probability(probs[i], floor / labels_map.size), 4)
                 continue
             comps = sides(m, body)
             organs.append(Organ(
@@ -259,7 +264,8 @@ class OrganSegment(LearnedTool):
         hit = labels_map > 0
         over[hit] = (0.55 * rgb_img[hit] + 0.45 * _COLOURS[(labels_map[hit] - 1) % len(_COLOURS)]).astype(np.uint8)
         overlay = ctx.save_png(over, "overlay", f"organ overlay of {view.id} ({card.name})")
-        return OrganOutput(view=view.id, slice_index=k, organs=organs, absent=absent, side_convention=convention,
+        return OrganOutput(view=view.id, slice_index=k, organs=organs, absent=absent, absence_probability=absence,
+                           side_convention=convention,
                            working_size=size, refined=refined, notes=notes, mask=mask_ref, overlay=overlay,
                            model_card=model_used(card))
 
@@ -283,6 +289,10 @@ class OrganSegment(LearnedTool):
     def absent_labels(self, output: BaseModel, view: ImageView) -> list[str]:
         assert isinstance(output, OrganOutput)
         return [words(lab) for lab in output.absent]
+
+    def absence_probabilities(self, output: BaseModel, view: ImageView) -> dict[str, float]:
+        assert isinstance(output, OrganOutput)
+        return {words(lab): p for lab, p in output.absence_probability.items()}
 
     def attributes(self, output: BaseModel, view: ImageView) -> dict[str, dict[str, Any]]:
         assert isinstance(output, OrganOutput)

@@ -193,7 +193,9 @@ class VlmAsk(Tool):
         assert isinstance(output, VlmOutput)
         if not output.finding or output.yes_no is None:
             return []
-        return [FindingDraft(label=output.finding, present=output.yes_no, probability=output.probability,
+        p = output.probability  # P(yes); the finding's probability is that of its claim (present or absent)
+        return [FindingDraft(label=output.finding, present=output.yes_no,
+                             probability=None if p is None else (p if output.yes_no else round(1.0 - p, 4)),
                              bbox=[float(v) for v in output.region] if output.region else None,
                              note=f"{output.model} (vision-language model) answered: {output.answer[:120]}")]
 

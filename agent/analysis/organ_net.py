@@ -143,6 +143,14 @@ def predict(net: torch.nn.Module, img: np.ndarray, rgb: bool, size: int,
     return labels.numpy().astype(np.int64), probs
 
 
+def peak_probability(prob: np.ndarray, fraction: float) -> float:
+    """A class's mean probability over its `fraction` of the picture where it is most likely (at least one pixel): how
+    close the network came to finding an organ of the minimum size it reports - the presence signal behind "absent"."""
+    flat = np.asarray(prob, dtype=np.float32).ravel()
+    k = max(1, min(flat.size, int(round(fraction * flat.size))))
+    return float(np.partition(flat, flat.size - k)[flat.size - k:].mean())
+
+
 def apply_floors(labels: np.ndarray, names: list[str], floors: dict[str, float]) -> tuple[np.ndarray, list[str]]:
     """`labels` with every class whose area is under its presence floor (the card's `input.presence_floor`: class ->
     fraction of the picture) set to background, and the names of the classes so removed. Floors are chosen on the

@@ -60,6 +60,7 @@ class FindingDraft(BaseModel):
     location: str = ""
     bbox: list[float] | None = None  # [row0, col0, row1, col1] in the view's pixels
     measurements: list[Measurement] = Field(default_factory=list)
+    # present True/False: how likely that claim holds (absent: that it is not there); None claim: P(present)
     probability: float | None = None
     note: str = ""
 
@@ -176,6 +177,11 @@ class Tool(ABC):
         """Labels this output looked for and did not find (a segmenter's organs with no pixels), so that "Is there
         a kidney?" can be answered no from it. Default: none (a tool that found nothing usually cannot say so)."""
         return []
+
+    def absence_probabilities(self, output: BaseModel, view: ImageView) -> dict[str, float]:
+        """For labels of `absent_labels`, how sure the tool is that each is absent (0..1); a label missing here has
+        no probability of its own (its answer's probability then comes from calibration alone). Default: none."""
+        return {}
 
     def attributes(self, output: BaseModel, view: ImageView) -> dict[str, dict[str, Any]]:
         """Study attributes this output states: {"modality": {"value": "CT", "probability": 0.9 | None,

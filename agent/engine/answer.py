@@ -158,14 +158,16 @@ def statements(q: Question, state: CaseState, tools: dict[str, Tool]) -> list[St
         if q.kind in ("yes_no", "count") and (q.finding or q.organ):  # looked for and not found: a "no" / 0
             try:
                 view = state.view(e.args.get("view", "V1"))
-                absent = tool.absent_labels(tool.Output.model_validate(e.output), view)
+                parsed = tool.Output.model_validate(e.output)
+                absent, sure = tool.absent_labels(parsed, view), tool.absence_probabilities(parsed, view)
             except KeyError:
-                absent = []
+                absent, sure = [], {}
             # only the very label asked about: "liver cancer" absent says nothing of the liver, and an organ the
             # segmenter did not find says nothing of a disease of it ("small-bowel obstruction")
             for lab in absent:
                 if label_key(lab) == (q.finding or q.organ):
-                    f = FindingDraft(label=lab, present=False, note=f"{e.tool} looked for it and found none")
+                    f = FindingDraft(label=lab, present=False, probability=sure.get(lab),
+                                     note=f"{e.tool} looked for it and found none")
                     out.append(Statement(e.id, e.tool, tool.kind, finding=f))
         for f in findings_of(e, state, tools):
             if finding_matches(q, f, tool.kind):
@@ -294,7 +296,7 @@ def from_evidence(q: Question, stmts: list[Statement], places: Places | None = N
                 return abstain("tools_conflict", f"{q.subject}: present per {', '.join(yes)}, absent per {', '.join(no)}",
                                ids=_ids(stmts))
             s, f = claims[0]
-            p = f.probability if f.present and f.probability is not None else None
+            p = f.probability  # a presence's probability, or a segmenter's sureness of an absence
             return Answer(kind="yes_no", value=_flip(bool(yes), q), probability=p, evidence_ids=_ids([c for c, _ in claims]),
                           basis=f"{f.label} {'present' if yes else 'absent'} per {', '.join(yes or no)}"
                                 + (f" ({f.note})" if f.note else ""), method="evidence")
