@@ -23,9 +23,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 LABELS = ROOT / "tests" / "data" / "question_readings.jsonl"
+TEST = ROOT / "tests" / "data" / "question_readings_test.jsonl"  # labelled after the rules were written: report this
 
 ATTR_NAMES = {"body_region": "body region", "mr_weighting": "mr weighting", "largest_organ": "largest organ",
               "smallest_organ": "smallest organ", "abnormal_organ": "abnormal organ"}
+_SPELLING = {"dilatation": "dilation", "oedema": "edema", "haemorrhage": "hemorrhage", "grey": "gray",
+             "tumour": "tumor", "distention": "distension"}
 _STOP = {"a", "an", "the", "of", "in", "on", "at", "under", "within", "to", "from", "s", "this", "image", "patient"}
 
 
@@ -35,6 +38,7 @@ def norm(text: str | None) -> str:
     if not text:
         return ""
     toks = [t for t in normalise_text(text).split() if t not in _STOP]
+    toks = [_SPELLING.get(t, t) for t in toks]
     return " ".join(t[:-1] if len(t) > 3 and t.endswith("s") and not t.endswith("ss") else t for t in toks)
 
 
@@ -52,6 +56,29 @@ def core_subject(q) -> str:
 def _same(pred: str, gold: str, alts: list[str]) -> bool:
     p = norm(pred)
     return any(p == norm(g) for g in [gold, *alts] if g is not None) or (not p and not gold)
+
+
+def subject_ok(q, row: dict) -> bool:
+    """The core subject matches the label; a finding read apart from the organ it is of also matches a label that
+    names both ("dilation" in the bowel = "bowel dilation", "deviation" of the trachea = "tracheal deviation"): the
+    labels' convention keeps location words out of the subject, but not every label kept to it."""
+    from agent.core.vocab import ORGAN_ADJECTIVES
+
+    core, alts = core_subject(q), row.get("subject_alt") or []
+    if _same(core, row["subject"], alts):
+        return True
+    organ = q.organ or (location_organ_of(q.location) if q.location else None)
+    if not (q.finding and organ and core == q.finding):
+        return False
+    adjs = [a for a, o in ORGAN_ADJECTIVES.items() if o == organ]
+    return any(_same(c, row["subject"], alts) for c in [f"{organ} {core}", *(f"{a} {core}" for a in adjs),
+                                                         f"{core} of {organ}"])
+
+
+def location_organ_of(location: str) -> str | None:
+    from agent.core.question import location_organ
+
+    return location_organ(location)[0]
 
 
 def _loc_ok(q, row: dict) -> bool:
@@ -85,14 +112,14 @@ def misread_place(q, row: dict) -> bool:
 def score(rows: list[dict], read) -> dict:
     """Per-field accuracy of `read(question) -> Question` over `rows`; the misses by field."""
     hits, miss, times = Counter(), {f: [] for f in ("kind", "subject", "location", "options", "negated")}, []
-    places = []
+    places, sure_n, sure_hit = [], 0, 0
     for row in rows:
         t0 = time.perf_counter()
         q = read(row["question"])
         times.append(time.perf_counter() - t0)
         checks = {
             "kind": q.kind == row["kind"],
-            "subject": _same(core_subject(q), row["subject"], row.get("subject_alt") or []),
+            "subject": subject_ok(q, row),
             "location": _loc_ok(q, row),
             "options": row["kind"] != "choice" or {norm(o) for o in q.choices} == {norm(o) for o in row["options"]},
             "negated": bool(q.negated) == bool(row["negated"]),
@@ -101,12 +128,16 @@ def score(rows: list[dict], read) -> dict:
             hits[f] += ok
             if not ok:
                 miss[f].append((row["question"], _pred_of(q, f), _gold_of(row, f)))
+        sure_n += bool(q.sure)
+        sure_hit += bool(q.sure) and checks["subject"]
         if misread_place(q, row):
             places.append((row["question"], core_subject(q), row["subject"]))
     n = len(rows)
     return {"n": n, "accuracy": {f: hits[f] / n if n else None for f in miss}, "misses": miss,
             "misread_place": places, "seconds_mean": sum(times) / n if n else 0.0,
-            "seconds_max": max(times) if times else 0.0, "n_choice": sum(r["kind"] == "choice" for r in rows)}
+            "seconds_max": max(times) if times else 0.0, "n_choice": sum(r["kind"] == "choice" for r in rows),
+            "sure": sure_n / n if n else None, "subject_when_sure": sure_hit / sure_n if sure_n else None,
+            "subject_when_unsure": (hits["subject"] - sure_hit) / (n - sure_n) if n > sure_n else None}
 
 
 def _pred_of(q, f: str):
@@ -120,14 +151,22 @@ def _gold_of(row: dict, f: str):
             "negated": row["negated"]}[f]
 
 
-def load(split: str = "heldout") -> list[dict]:
+def _f(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def load(split: str = "test") -> list[dict]:
+    """Rows of a split: dev / heldout (question_readings.jsonl; the rules were fixed looking at both), test
+    (question_readings_test.jsonl, labelled afterwards), all (dev + heldout)."""
+    if split == "test":
+        return [json.loads(line) for line in TEST.read_text().splitlines() if line.strip()]
     rows = [json.loads(line) for line in LABELS.read_text().splitlines() if line.strip()]
     return [r for r in rows if split == "all" or r["split"] == split]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--split", default="heldout", choices=("heldout", "dev", "all"))
+    ap.add_argument("--split", default="test", choices=("test", "heldout", "dev", "all"))
     ap.add_argument("--model", action="store_true", help="also the embedded model's reading (slow: seconds a question)")
     ap.add_argument("--hybrid", action="store_true", help="also rules, with the model where the rules are unsure")
     ap.add_argument("--limit", type=int, default=None)
@@ -149,21 +188,22 @@ def main() -> None:
     print(f"question readings, split {args.split}: {len(rows)} questions "
           f"({', '.join(f'{s} {len(v)}' for s, v in by_source.items())})")
     print(f"{'reader':8} {'source':15} {'n':>4} {'kind':>6} {'subject':>8} {'location':>9} {'options':>8} "
-          f"{'negated':>8} {'place-as-subject':>17} {'ms/q':>8}")
+          f"{'negated':>8} {'place-as-subject':>17} {'ms/q':>8} {'sure':>6} {'subj|sure':>10} {'subj|unsure':>12}")
     for name, read in readers.items():
         for src, subset in [("all", rows), *by_source.items()]:
             res = score(subset, read)
             a = res["accuracy"]
             print(f"{name:8} {src:15} {res['n']:4d} {a['kind']:6.3f} {a['subject']:8.3f} {a['location']:9.3f} "
                   f"{a['options']:8.3f} {a['negated']:8.3f} {len(res['misread_place']):17d} "
-                  f"{1000 * res['seconds_mean']:8.1f}")
+                  f"{1000 * res['seconds_mean']:8.1f} {res['sure']:6.3f} {_f(res['subject_when_sure']):>10} "
+                  f"{_f(res['subject_when_unsure']):>12}")
             if args.errors and src == "all":
                 for f, ms in res["misses"].items():
                     for m in ms:
                         print(f"  [{name} {f}] {m[0]!r}: got {m[1]!r}, want {m[2]!r}")
                 for m in res["misread_place"]:
                     print(f"  [{name} place-as-subject] {m[0]!r}: got {m[1]!r}, want {m[2]!r}")
-    print("targets (held-out): kind >= 0.97, subject >= 0.90, place-as-subject 0")
+    print("targets (test split): kind >= 0.97, subject >= 0.90, place-as-subject 0")
 
 
 if __name__ == "__main__":

@@ -151,14 +151,20 @@ def _state(question: str, evidence: list[Evidence], ctx) -> CaseState:
     return st.model_copy(update={"question_info": u["question_info"], "addressing_tools": u["addressing_tools"]})
 
 
-# measured on the held-out split when the rules were frozen (bench/bench_question_reading.py): the floors sit just
-# below, so a change that loses readings fails here
-FLOORS = {"kind": 0.92, "subject": 0.63, "options": 0.95, "negated": 0.95}
+# floors just under the figures measured when the rules were last changed (bench/bench_question_reading.py), so a
+# change that loses readings fails here. "heldout" was looked at while fixing the rules (it is a second dev split
+# now); "test" (question_readings_test.jsonl) was labelled afterwards and never used to fix them: its figures are the
+# ones to report, and a failure there means a change lost something on unseen wording.
+FLOORS = {
+    "heldout": {"kind": 0.95, "subject": 0.70, "options": 0.97, "negated": 0.97},
+    "test": {"kind": 0.87, "subject": 0.60, "options": 0.96, "negated": 0.96},
+}
 
 
-def test_parser_accuracy_on_the_held_out_labels_has_a_floor():
-    res = score(load("heldout"), parse_question)
+@pytest.mark.parametrize("split", sorted(FLOORS))
+def test_parser_accuracy_on_labelled_questions_has_a_floor(split):
+    res = score(load(split), parse_question)
     assert res["n"] >= 190
-    for field, floor in FLOORS.items():
+    for field, floor in FLOORS[split].items():
         assert res["accuracy"][field] >= floor, (field, res["accuracy"], res["misses"][field][:10])
-    assert res["misread_place"] == [], res["misread_place"]
+    assert len(res["misread_place"]) <= (0 if split == "heldout" else 1), res["misread_place"]

@@ -116,7 +116,14 @@ _PRED_FINDING = {"fractured": "fracture", "broken": "fracture", "herniated": "he
                  "inflamed": "inflammation", "infected": "infection", "perforated": "perforation", "ruptured": "rupture",
                  "occluded": "occlusion", "narrowed": "stenosis", "stenotic": "stenosis", "hemorrhagic": "hemorrhage",
                  "atrophic": "atrophy", "atrophied": "atrophy", "consolidated": "consolidation", "opacified": "opacification",
-                 "dilated": "dilation", "cystic": "cyst", "necrotic": "necrosis", "thrombosed": "thrombosis"}
+                 "dilated": "dilation", "cystic": "cyst", "necrotic": "necrosis", "thrombosed": "thrombosis",
+                 "infarcted": "infarct", "hyperinflated": "hyperinflation", "overinflated": "hyperinflation",
+                 "crossed the midline": "midline shift", "cross the midline": "midline shift",
+                 "crossing the midline": "midline shift", "shifted across the midline": "midline shift",
+                 "hyperdense": "hyperdensity", "hypodense": "hypodensity", "hyperintense": "hyperintensity",
+                 "hypointense": "hypointensity", "hyperattenuating": "hyperattenuation",
+                 "hyper attenuated": "hyperattenuation", "hyperattenuated": "hyperattenuation",
+                 "heterogenous": "heterogeneity", "heterogeneous": "heterogeneity"}
 # predicates of normality in other words: yes means the finding is absent ("Is the trachea midline?")
 _PRED_NEGATED = {"midline": "deviation", "symmetric": "asymmetry", "symmetrical": "asymmetry", "sharp": "blunting",
                  "patent": "occlusion", "well differentiated": "loss of differentiation", "preserved": "loss",
@@ -239,7 +246,9 @@ def split_location(phrase: str) -> tuple[str, str | None]:
                 continue
             if prep == "of" and not (_ends_with(head, FINDINGS) or toks[i - 1] in _PATHOLOGY_NOUNS):
                 break
-            if not (_place(rest) or _LOCNOUN.search(rest)):
+            if not (_place(rest) or _LOCNOUN.search(rest) or (prep in ("in", "within", "inside", "near", "around",
+                                                                         "adjacent to") and
+                                                                _ends_with(_strip_det(rest), FINDINGS))):
                 continue
             if rest.split()[0] in ("contrast", "this", "it"):
                 break
@@ -312,11 +321,27 @@ def classify_np(np_text: str) -> Phrase:
             o_side = org.split()[0] if org.split()[0] in SIDES else side
             o = org.split(" ", 1)[1] if org.split()[0] in SIDES and org not in ("left", "right") else org
             return Phrase(kind="structure", name=o, organ=o, side=o_side, location=loc)
+    # "lung has diffuse opacification", "image use gi contrast": a clause inside the phrase - its object is the subject,
+    # the thing before the verb where it is (unless that is the study itself)
+    if (cl := _CLAUSE.search(head)) and cl.start() > 0 and cl.group(2).strip():
+        obj = classify_np(cl.group(2))
+        before = _strip_det(head[: cl.start()].strip())
+        if before and not re.search(r"\b(image|images|scan|film|study|picture|x ray|xray|radiograph|ct|mri|plane|view|"
+                                    r"this|it|section|slice|you|we|patient)\b", before):
+            b_organ = _organ_modifier(before)
+            obj = obj.model_copy(update={"location": obj.location or before, "organ": obj.organ or b_organ,
+                                         "side": obj.side or side})
+        return obj
     # a head the vocabulary does not know: the whole phrase is the subject; an organ inside it is its location
     organ = _organ_modifier(head) or loc_organ
     where = loc or (_organ_words(head) or None)
     name = label_key(head)
     return Phrase(kind="finding", name=name, organ=organ, side=side, location=where, known=False)
+
+
+_CLAUSE = re.compile(r"\b(has|have|had|show|shows|showing|contain|contains|containing|use|uses|using|represent|"
+                     r"represents|detect|detects|demonstrate|demonstrates|reveal|reveals|indicate|indicates|suggest|"
+                     r"suggests|with)\s+(?:(?:an?|the|any|some)\s+)?(.+)$")
 
 
 def _mods_only(head: str, tail: str, allow: tuple[str, ...] | None = None) -> bool:
@@ -416,7 +441,9 @@ _EXIST = re.compile(
     r"(?:have|has|show|demonstrate|suffer\s+from|present\s+with|exhibit)\s+(?:any\s+)?(?:evidence\s+of\s+|signs?\s+of\s+)?|"
     r"^(?:does|do|did)\s+(?:the\s+|this\s+)?(?:image|images|scan|film|study|picture|radiograph|x\s+ray|ct|mri|section|"
     r"slice|exam|it|photo|view)\s+(?:show|shows|have|contain|demonstrate|reveal|depict|display|include|suggest|"
-    r"indicate|exhibit|capture|present)\s+(?:any\s+)?(?:evidence\s+of\s+|signs?\s+of\s+)?|"
+    r"indicate|exhibit|capture|present|represent|use)\s+(?:any\s+)?(?:evidence\s+of\s+|signs?\s+of\s+)?|"
+    r"^(?:does|do|did|could|can|would|might)\s+(?:this|these|it)\s+(?:be\s+)?(?:represent|show|suggest|indicate|"
+    r"demonstrate|reveal|use|depict)\s+(?:an?\s+|any\s+)?|"
     r"^(?:is|are)\s+(?:there\s+)?(?:an?\s+)?(?:finding|findings)\s+of\s+|"
     r"^(?:has|have|had)\s+(?:there\s+been\s+)?(?:the\s+patient\s+)?(?:had\s+|developed\s+)?|"
     r"^(?:is|are)\s+(?:an?\s+)?(?:evidence|sign)\s+of\s+|"
@@ -570,6 +597,8 @@ def _pred_kind(pred: str) -> str:
 def _words(text: str) -> str:
     q = words(text)
     q = re.sub(r"\b(is|are) (is|are)\b", r"\1", q)
+    q = re.sub(r"^(?:can|could|would|will)\s+you\s+(?:please\s+)?(name|identify|list|locate|segment|measure|outline|"
+               r"count)\b", r"\1", q)  # "Can you name the organ ...?" asks for the name, not a yes/no
     return re.sub(r"\b(existing|existed)\b ", "", q)
 
 
@@ -584,7 +613,7 @@ def parse_question(text: str) -> Question:
     existential_or = bool(re.match(r"^(is|are)\s+there\b|^any\b|^(do|does)\s+(you see|the patient)\b", q))
     if first == "describe" and re.search(r"\b(size|dimensions?|diameter|extent)\b", q):
         kind: QuestionKind = "measurement"
-    elif first in _IMPERATIVE and not (first == "name" and "the" not in toks[1:2]):
+    elif first in _IMPERATIVE and not (first == "name" and ("the" not in toks[1:2] or _ORGAN_ID.search(q))):
         kind = "open"
     elif " or " in f" {q} " and (first in _YES_NO_START or first in ("which", "what", "in") or
                                  (first == "where" and "," in comma_q)) and not existential_or \
@@ -601,7 +630,8 @@ def parse_question(text: str) -> Question:
             subj = Subject(attribute=wh_attr, attributes=(wh_attr,), organ=subj.organ)
     elif first in _YES_NO_START:
         kind = "yes_no"
-    elif _MEASURE.search(q) or (subj.quantities and first in ("what", "how") and not subj.attribute):
+    elif _MEASURE.search(q) or (subj.quantities and first in ("what", "how") and not subj.attribute and
+                                not re.match(r"^(what|which)\s+(area|region|part|zone|portion)\b", q)):
         kind = "measurement"  # "What is the mean intensity inside the box?"
     elif subj.attribute in ("plane", "modality", "mr_weighting") and not subj.finding and \
             first in ("what", "which", "in", "on"):
@@ -770,7 +800,7 @@ def _read_yes_no(text: str, q: str, subj: Subject, fields: dict, unsure: list[st
         table = _PRED_FINDING if kind == "finding" else _PRED_NEGATED
         f = table[p]
         adj = _ADJECTIVE_OF.get(ph.name) or (_singular(ph.name) if ph.name and not ph.known else None)
-        name = f"{adj} {f}" if kind == "negated" and adj else f
+        name = f"{adj} {f}" if adj and (kind == "negated" or f"{adj} {f}" in FINDINGS) else f
         fields.update(finding=name, subject_type="finding", organ=ph.organ if ph.kind != "finding" else ph.organ,
                       side=ph.side, negated=kind == "negated",
                       location=None if kind == "negated" or ph.kind != "structure" else
@@ -869,7 +899,8 @@ def _read_choice(text: str, q: str, subj: Subject, choices: list[str], fields: d
 def _read_wh(q: str, subj: Subject, fields: dict, unsure: list[str], location: bool = False) -> None:
     """Where / which side / what lobe ... is the X (in)?"""
     body = q
-    body = re.sub(r"^(?:what is|what s|how would you describe|describe) the (?:location|position) of (?:the )?",
+    body = re.sub(r"^(?:what is|what s|what are|how would you describe|describe) the (?:location|position|locations|"
+                  r"positions) of (?:the )?",
                   "where is ", body)
     if insitu := re.match(r"^(?!what|which|where|how|who|why|when)(?:there\s+(?:is|are)\s+)?(.+?)\s+(?:is|are)\s+(?:seen|"
                           r"located|found|present|noted|situated)?\s*(?:in\s+|on\s+)?(?:where|which|what)\b", body):
@@ -881,8 +912,9 @@ def _read_wh(q: str, subj: Subject, fields: dict, unsure: list[str], location: b
     if m:
         rest = m.group("rest")
         what = m.group("what")
-        if m.group("verb") in ("does", "do", "did") and re.search(r"\b(lie|sit|reside|appear|occur|lies|sits)\b", rest):
-            rest = re.sub(r"\b(lie|sit|reside|appear|occur|lies|sits)\b.*$", "", rest)
+        verbs = r"\b(lie|sit|reside|appear|occur|lies|sits|extend|extends|go|goes|travel|point|end|terminate|project|lead)\b"
+        if m.group("verb") in ("does", "do", "did") and re.search(verbs, rest):
+            rest = re.sub(verbs + ".*$", "", rest).strip()
         of = re.match(r"^(?:side|part|region|area|zone|lobe|segment|quadrant|portion)\s+of\s+(?:the\s+)?(.+)$", what)
     else:
         rest, of = re.sub(r"^\w+\s+", "", body), None
@@ -980,20 +1012,31 @@ def _wh_kind(q: str) -> tuple[QuestionKind, str | None] | None:
         return "attribute", "plane"
     if re.match(r"^(what|which)\s+(part|region|area|level|section)\s+of\s+(the\s+)?\w+(\s+\w+)?\s+(is|are)\s+"
                 r"(being\s+|most\s+likely\s+|likely\s+|best\s+|clearly\s+)?(seen|shown|imaged|visualized|depicted|pictured|"
-                r"displayed)\b", q):
+                r"displayed|visible|present|included|captured)\b", q):
         return "attribute", "body_region"
+    if re.match(r"^where\s+(does|do|is|did)\s+(the|this)\s+(picture|image|scan|film|photo)\s+(show|depict|represent|"
+                r"image|display|capture)\b", q):
+        return "attribute", "body_region"  # "Where does the picture show?": the part of the body
+    if re.match(r"^(what|which)\s+(area|region|part|zone|side|portion)\s+(is|are)\s+(abnormal|affected|diseased|"
+                r"involved|injured|damaged)\b", q):
+        return "location", None
+    if re.match(r"^(what|which)\s+(is|are)\s+(the\s+)?(organ|organs|structure|structures)\s+(located\s+)?(in|on|at)\s+"
+                r"(the\s+)?(lower|upper|top|bottom|left|right|middle|center|centre)\b", q):
+        return "attribute", "organ"  # "What is the organ located in the lower right corner?"
     if re.match(r"^what\s+(is|are)\s+(located|seen|found|present|noted)\s+(in|at|on|within)\b", q):
         return "open", None
     if re.match(r"^(which|what)\s+(lung|kidney|lobe|lobes|hemisphere|side|breast|ovary|adrenal|part|region|artery|vessel|"
                 r"segment)\b.*\b(has|have|is|are|contains?|shows?)\b", q) and not re.search(
                     r"\b(normal|function|largest|smallest|biggest|visible|shown|seen|imaged)\b", q) and \
-            re.search(_ABN_NOUN + r"|\b(lesion|lesions|mass|tumou?r|defect|affected|embolus|clot)\b", q):
-        return "location", None
-    if re.match(r"^which\s+is\s+(the\s+)?\w+(\s+\w+)?(\s+in\s+(this|the)\s+(image|picture))?$", q):
+            (re.search(_ABN_NOUN + r"|\b(lesion|lesions|mass|tumou?r|defect|affected|embolus|clot)\b", q) or
+             _longest(q, FINDINGS)):
+        return "location", None  # "Which lung has a nodule / diffuse opacification?"
+    if re.match(r"^which\s+(one\s+)?is\s+(the\s+)?\w+(\s+\w+)?(\s+in\s+(this|the)\s+(image|picture))?$", q):
         return "location", None  # SLAKE's "Which is the kidney?" asks where it is
     if re.match(r"^(what|which)\s+(colou?r|shape)\b", q) or re.search(r"\b(what colou?r|which colou?r|what shape)\b", q):
         return "open", "appearance"
-    if re.match(r"^(what is|what s) the (location|position) of\b|^(how would you describe|describe) the location of\b", q):
+    if re.match(r"^(what is|what s|what are) the (location|position|locations|positions) of\b|"
+                r"^(how would you describe|describe) the location of\b", q):
         return "location", None
     if re.match(r"^(how would you describe|describe)\b", q) and re.search(r"\bsize\b", q):
         return "measurement", None
@@ -1047,7 +1090,11 @@ def _read_open(text: str, q: str, subj: Subject, fields: dict, unsure: list[str]
             fields["location"] = loc.group(3)
         return
     fb = _fallback_subject(normalise_text(text))
-    fields.update(finding=label_key(fb) or None, organ=subj.organ, side=subj.side, subject_type="finding")
+    ph = classify_np(fb) if fb else None
+    if ph is not None and ph.name and (ph.known or ph.kind in ("device", "structure")):
+        _set_phrase(fields, ph)
+    else:
+        fields.update(finding=label_key(fb) or None, organ=subj.organ, side=subj.side, subject_type="finding")
     unsure.append("an open question the rules do not cover")
 
 
