@@ -2,14 +2,15 @@
 (95 % bootstrap intervals), time per question, and the checks of issue 13.
 
     .venv/bin/python bench/bench_eval.py [--sample N] [--seed 0] [--limit K] [--systems agent,prior] [--workers 1]
-                                         [--llm local] [--out DIR]
+                                         [--llm local] [--out DIR] [--raw-words]
 
 Runs `agent.app.eval.run_eval` (the code `dxagent eval` runs) on `../shared/data/slake_dev/validate.jsonl` (or
-$DXAGENT_SLAKE) with the prior and majority fitted on `train.jsonl`; `--sample` evaluates a seeded random sample
-(the full split is 1,053 questions). Prints the figures and the targets: the agent's closed accuracy over all items
-minus the prior's, with its paired interval (target: the interval excludes zero, above); no false "answered" (every
-agent answer cites evidence); >= 20 questions/min for the agent. Asserts nothing. Resumable: the same --out again
-continues.
+$DXAGENT_SLAKE) with the prior and majority fitted on `train.jsonl`, and the agent's answers rendered in train's
+answer words ("axial" -> "Transverse Plane"; agent/app/answer_style.py; `--raw-words`: its own words). `--sample`
+evaluates a seeded random sample (the full split is 1,053 questions). Prints the figures and the targets: the
+agent's closed accuracy over all items minus the prior's, with its paired interval (target: the interval excludes
+zero, above); no false "answered" (every agent answer cites evidence); >= 20 questions/min for the agent. Asserts
+nothing. Resumable: the same --out again continues.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ def main() -> None:
     ap.add_argument("--llm", default="local")
     ap.add_argument("--systems", default=None, help="comma-separated (default: all five)")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--raw-words", action="store_true", help="score the agent's own words, not rendered in SLAKE "
+                                                              "train's answer vocabulary (agent/app/answer_style.py)")
     args = ap.parse_args()
     data = Path(os.environ.get("DXAGENT_SLAKE") or ROOT.parent / "shared" / "data" / "slake_dev")
     if not (data / "validate.jsonl").exists():
@@ -45,7 +48,8 @@ def main() -> None:
     systems = [s.strip() for s in args.systems.split(",")] if args.systems else None
     res = run_eval(data / "validate.jsonl", out, systems=systems, prior_from=data / "train.jsonl", llm=args.llm,
                    workers=args.workers,
-                   sample=args.sample, seed=args.seed, limit=args.limit)
+                   sample=args.sample, seed=args.seed, limit=args.limit,
+                   answer_style_from=None if args.raw_words else data / "train.jsonl")
     s = res.summary
     print(f"SLAKE validate, {res.items} questions{f' (sample {args.sample}, seed {args.seed})' if args.sample else ''}, "
           f"llm {args.llm}, {args.workers} worker(s); wall {res.wall_s:.0f} s for {res.ran} new result(s)")

@@ -297,8 +297,8 @@ class OrganSegment(LearnedTool):
     def attributes(self, output: BaseModel, view: ImageView) -> dict[str, dict[str, Any]]:
         assert isinstance(output, OrganOutput)
         organs = [o for o in output.organs if not o.lesion]
-        if not organs:
-            return {"organ": {"value": "none found", "probability": None, "source": "segmenter"}}
+        if not organs:  # finding none of its classes says nothing of which organ is shown (a brain has no class here)
+            return {}
         return {"organ": {"value": ", ".join(words(o.label) for o in organs), "probability": None,
                           "source": "segmenter"},
                 "largest_organ": {"value": words(organs[0].label), "probability": None, "source": "segmenter",

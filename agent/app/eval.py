@@ -233,6 +233,18 @@ def eval_one(spec: dict[str, Any], opts: dict[str, Any]) -> dict[str, Any]:
     return {"case_id": item.case_id, "status": "done", "rows": rows}
 
 
+def restyle(row: dict[str, Any], style: Any) -> dict[str, Any]:
+    """The row with its answer's value in the benchmark's words (question-only baselines already answer in them);
+    the system's own value stays as `value_raw`, the rule used as `style_rule`."""
+    ans = row.get("answer") or {}
+    if row.get("system") in QUESTION_ONLY or ans.get("kind") in (None, "abstain") or not row.get("question"):
+        return row
+    value, key = style.render(row["question"], ans.get("value"))
+    if key is None or value == ans.get("value"):
+        return row
+    return {**row, "answer": {**ans, "value": value, "value_raw": ans.get("value"), "style_rule": key}}
+
+
 # -- the run -------------------------------------------------------------------------------------------------------
 def _question_only(item: EvalItem, system: str, model: PriorBaseline | MajorityBaseline) -> dict[str, Any]:
     row = _base_row(item, system)
@@ -259,7 +271,8 @@ def run_eval(manifest: str | Path, out: str | Path, *, systems: list[str] | None
              api_key: str | None = None, db_url: str | None = None, workers: int = 1, limit: int | None = None,
              sample: int | None = None, seed: int = 0, max_steps: int = 6, max_wall_s: float = 300.0,
              script: list[Any] | None = None, on_start: Callable[[int, int], None] | None = None,
-             on_item: Callable[[dict[str, Any]], None] | None = None) -> EvalRun:
+             on_item: Callable[[dict[str, Any]], None] | None = None,
+             answer_style_from: str | Path | None = None) -> EvalRun:
     from agent.app.eval_metrics import summarize, summary_markdown, write_eval_html
 
     default = [s for s in (SYSTEMS if prior_from else LLM_SYSTEMS) if s != "vlm-only"]  # vlm-only needs an endpoint
@@ -291,11 +304,20 @@ def run_eval(manifest: str | Path, out: str | Path, *, systems: list[str] | None
         same = Path(prior_from).resolve() == Path(manifest).resolve()
         notes.append(f"prior and majority fitted on {Path(prior_from).resolve()} ({len(ref)} items)"
                      + (" — THE EVALUATED MANIFEST ITSELF: in-sample, not a fair baseline" if same else ""))
+    style = None
+    if answer_style_from:
+        from agent.app.answer_style import style_from_manifest
+
+        style = style_from_manifest(answer_style_from)
+        notes.append(f"answers rendered in the words of {Path(answer_style_from).resolve()} ({len(style.table)} "
+                     "wording rules, agent/app/answer_style.py); each row keeps the system's own value as value_raw")
     opts = {"out": str(out), "systems": systems, "llm": llm, "base_url": base_url, "model": model, "api_key": api_key,
             "db_url": db_url, "max_steps": max_steps, "max_wall_s": max_wall_s, "script": script}
     write_atomic(out / "eval.json", json.dumps({"manifest": str(Path(manifest).resolve()), "systems": systems,
                                                  "options": {k: v for k, v in opts.items() if k not in ("api_key", "script")},
                                                  "prior_from": str(prior_from) if prior_from else None,
+                                                 "answer_style_from": str(answer_style_from) if answer_style_from
+                                                 else None,
                                                  "started": now()}, indent=2))
     valid = [it for it in items if not it.error]
     invalid = [it for it in items if it.error]
@@ -342,6 +364,8 @@ def run_eval(manifest: str | Path, out: str | Path, *, systems: list[str] | None
         run_local(todo_llm, opts, workers, finish, fn=eval_one)
     wall = time.perf_counter() - t0
     rows = _read_rows(out, items, systems)
+    if style is not None:
+        rows = [restyle(r, style) for r in rows]
     write_atomic(out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     summary = summarize(rows, systems, reference_system="agent" if "agent" in systems else systems[0])
     summary["notes"] = notes + list(summary.get("notes") or [])

@@ -306,6 +306,9 @@ def eval_cmd(
                                          "needs the vision endpoint `vlm`)")] = None,
     prior_from: Annotated[Path, typer.Option(help="reference split the prior and majority baselines are fitted on "
                                              "(e.g. the train split; never the evaluated items)")] = None,
+    answer_style_from: Annotated[Path, typer.Option(help="render answers in the words of this benchmark split's "
+                                                    "references (its train split: \"axial\" -> \"Transverse Plane\"); "
+                                                    "each row keeps the system's own value")] = None,
     root: Annotated[Path, typer.Option(help="folder the manifest's relative paths are relative to")] = None,
     workers: Annotated[int, typer.Option("--workers", "-j", help="worker processes (each loads the model once)")] = 1,
     llm: Llm = "local",
@@ -335,7 +338,8 @@ def eval_cmd(
         with progress:
             res = run_eval(manifest, out_dir, systems=names, prior_from=prior_from, root=root, llm=llm, base_url=base_url,
                            model=model, api_key=api_key, db_url=db_url, workers=workers, limit=limit, sample=sample,
-                           seed=seed, max_steps=max_steps, max_wall_s=max_seconds, on_start=on_start, on_item=on_item)
+                           seed=seed, max_steps=max_steps, max_wall_s=max_seconds, on_start=on_start, on_item=on_item,
+                           answer_style_from=answer_style_from)
     except ManifestError as exc:
         fail(str(exc))
     table = Table(title=f"eval {res.out} ({res.items} items; abstentions count as wrong in 'all')")
