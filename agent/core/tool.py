@@ -178,6 +178,16 @@ class Tool(ABC):
         a kidney?" can be answered no from it. Default: none (a tool that found nothing usually cannot say so)."""
         return []
 
+    # a tool that answers the question asked itself (a VQA expert, a vision-language model): it addresses every
+    # question but "describe the findings", and `answer_to` gives its ranked answers to the answer step, which weighs
+    # them against the measured evidence (agent/engine/answer.py: fuse)
+    answers_questions: ClassVar[bool] = False
+
+    def answer_to(self, output: BaseModel, view: ImageView, question: str) -> list[tuple[str, float]] | None:
+        """Ranked (answer, probability) this output gives to `question`, best first; None when it does not answer it
+        (another question, or it stepped aside). Default: None."""
+        return None
+
     def absence_probabilities(self, output: BaseModel, view: ImageView) -> dict[str, float]:
         """For labels of `absent_labels`, how sure the tool is that each is absent (0..1); a label missing here has
         no probability of its own (its answer's probability then comes from calibration alone). Default: none."""

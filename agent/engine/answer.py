@@ -42,6 +42,8 @@ def _finding_subjects(subs: frozenset[str]) -> set[str]:
 
 def can_address(q: Question, tool: Tool, view: Any) -> bool:
     """Whether this tool's evidence could state the question's subject on this view (before running it)."""
+    if tool.answers_questions:  # a VQA expert answers the question asked, whatever its subject
+        return not q.describe
     subs = tool.addresses(view)
     if q.attribute:
         return f"attribute:{q.attribute}" in subs
@@ -538,10 +540,19 @@ def grace_seconds(state: CaseState) -> float:
 
 def compose_answer(state: CaseState, tools: dict[str, Tool], chat: Any = None, model_id: str = "",
                    record: Any = None, case_line: str = "") -> Answer:
+    """The answer: read from the measured evidence (or chosen by the LLM from it), calibrated, then weighed against
+    the answers of tools that answer the question itself (`fuse`), in the form asked."""
+    q, _ = understood(state, tools)
+    return finish(fuse(q, from_tools(state, tools, chat, model_id, record, case_line), expert_answers(state, tools)), q)
+
+
+def from_tools(state: CaseState, tools: dict[str, Tool], chat: Any = None, model_id: str = "", record: Any = None,
+               case_line: str = "") -> Answer:
+    """The answer from the evidence that states the subject (not yet finished)."""
     q, addressing = understood(state, tools)
+    addressing = [n for n in addressing if n not in tools or not tools[n].answers_questions]
     if not addressing:
-        return finish(abstain("no_applicable_tool", f"no applicable tool can address {q.subject or 'the question'}",
-                              needed(q)))
+        return abstain("no_applicable_tool", f"no applicable tool can address {q.subject or 'the question'}", needed(q))
     stmts = statements(q, state, tools)
     if not stmts:
         spent = state.tool_steps >= state.budget.max_steps
@@ -554,30 +565,135 @@ def compose_answer(state: CaseState, tools: dict[str, Tool], chat: Any = None, m
         need = f"a call of {', '.join(todo)}" if todo else \
             (f"{', '.join(f'{n} ran ({ran[n]})' for n in addressing if n in ran)} but stated nothing about "
              f"{q.subject or 'the question'} here; a tool that states it")
-        return finish(abstain(reason, f"{why} {q.subject or 'the question'}", need))
+        return abstain(reason, f"{why} {q.subject or 'the question'}", need)
     a = from_evidence(q, stmts, Places.of(state, tools) if q.kind == "location" else None)
     if a is not None:
-        return finish(calibrate(q, conform(q, a), stmts), q)
+        return calibrate(q, conform(q, a), stmts)
     if chat is None:
-        return finish(abstain("evidence_does_not_address", "the evidence needs reading and no LLM is available",
-                              ids=_ids(stmts)))
+        return abstain("evidence_does_not_address", "the evidence needs reading and no LLM is available",
+                       ids=_ids(stmts))
     value, prob, err = ask(chat, model_id, "answer", q, record, "answer", case_line=case_line,
                            evidence=[s.line() for s in stmts], seconds=grace_seconds(state))
     if value is None:
-        return finish(abstain("planner_failed", f"the answer step failed: {err[:160]}", ids=_ids(stmts)))
+        return abstain("planner_failed", f"the answer step failed: {err[:160]}", ids=_ids(stmts))
     if value == CANNOT_TELL:
-        return finish(abstain("evidence_does_not_address", "the model could not tell from the evidence lines",
-                              ids=_ids(stmts)))
+        return abstain("evidence_does_not_address", "the model could not tell from the evidence lines",
+                       ids=_ids(stmts))
     kind, typed = typed_value(q, value)
-    return finish(calibrate(q, conform(q, Answer(kind=kind, value=typed, probability=prob, evidence_ids=_ids(stmts),
-                                                 method="llm", basis=f"chosen by the model from {len(stmts)} evidence "
-                                                                     f"line(s) about {q.subject}")), stmts), q)
+    return calibrate(q, conform(q, Answer(kind=kind, value=typed, probability=prob, evidence_ids=_ids(stmts),
+                                          method="llm", basis=f"chosen by the model from {len(stmts)} evidence "
+                                                              f"line(s) about {q.subject}")), stmts)
+
+
+# -- fusion with tools that answer the question itself -------------------------------------------------------------
+MEASURED_P = 1.0  # the weight of a statement read from the data without a probability (a DICOM tag, a rule)
+FUSION_MARGIN = 0.15  # how much more probable one side must be to outweigh the other; closer is a tools_conflict
+
+
+def expert_answers(state: CaseState, tools: dict[str, Tool]) -> list[tuple[Evidence, list[tuple[str, float]]]]:
+    """The ranked answers of every successful call of a tool that answers the case's question itself."""
+    out = []
+    for e in state.evidence:
+        tool = tools.get(e.tool)
+        if e.status != "ok" or tool is None or not tool.answers_questions or e.output is None:
+            continue
+        try:
+            ranked = tool.answer_to(tool.Output.model_validate(e.output), state.view(e.args.get("view", "V1")),
+                                    state.question)
+        except KeyError:
+            continue
+        if ranked:
+            out.append((e, ranked))
+    return out
+
+
+def same_answer(q: Question, a: Any, b: Any) -> bool:
+    """Two values that say the same thing: equal words, or the same study attribute value in other words
+    ("axial" and "Transverse Plane"; a frontal radiograph and the coronal plane)."""
+    wa, wb = words(str(a)), words(str(b))
+    if wa == wb:
+        return True
+    if q.attribute:
+        na, nb = attribute_value_in(wa, q.attribute), attribute_value_in(wb, q.attribute)
+        if na and nb and na[0] == nb[0]:
+            return _same_attr(na[0], str(na[1]), str(nb[1]))
+    return False
+
+
+def _expert_value(q: Question, ranked: list[tuple[str, float]]) -> tuple[str, Any, float] | None:
+    """(answer kind, value, probability) of the best-ranked answer in the form the question asks."""
+    for value, p in ranked:
+        v = words(value)
+        if q.kind == "yes_no":
+            if v in ("yes", "no"):
+                return "yes_no", v, p
+        elif q.kind == "choice":
+            named = [c for c in q.choices if same_answer(q, c, value)]
+            if len(named) == 1:
+                return "choice", named[0], p
+        elif q.kind == "count":
+            if v.isdigit():
+                return "count", int(v), p
+        else:
+            return ("location" if q.kind == "location" else "phrase"), value, p
+    return None
+
+
+def fuse(q: Question, a: Answer, experts: list[tuple[Evidence, list[tuple[str, float]]]]) -> Answer:
+    """The answer from the measured evidence (`a`) weighed against a question-answering tool's (the last call's):
+
+    - agreeing: `a`, citing both;
+    - `a` abstained (nothing measured addresses the subject, or its route is too often wrong): the expert's answer
+      when its probability reaches the calibrated threshold (agent/engine/calibration.py), else `a`;
+    - disagreeing: the side whose probability is higher by FUSION_MARGIN, else a `tools_conflict` abstention naming
+      both. A statement read from the data without a probability (a DICOM tag, a stated rule over a measurement)
+      stands: no expert outweighs it, its disagreement is only noted.
+    """
+    from agent.engine import calibration
+
+    if not experts or q.describe:
+        return a
+    e, ranked = experts[-1]
+    got = _expert_value(q, ranked)
+    if got is None:
+        return a
+    kind, value, p = got
+    others = "; ".join(f"{v} {pr:.2f}" for v, pr in ranked[:3])
+    ea = conform(q, Answer(kind=kind, value=value, probability=round(float(p), 4), evidence_ids=[e.id],
+                           method="expert", route=f"{e.tool}:{q.kind}",
+                           basis=f"{e.tool} answered {value} at p {p:.2f} per {e.id} (its top answers: {others})"))
+    if ea.kind == "abstain":
+        return a
+    if a.kind == "abstain":
+        if p >= calibration.min_probability():
+            return ea.model_copy(update={"basis": f"{ea.basis}; the measured evidence did not answer ({a.reason}: "
+                                                  f"{a.basis[:120]})"})
+        return a.model_copy(update={"basis": f"{a.basis}; {e.tool} said {value} at p {p:.2f}, under the "
+                                             f"{calibration.min_probability():.2f} an answer needs",
+                                    "evidence_ids": list(dict.fromkeys([*a.evidence_ids, e.id]))})
+    if same_answer(q, a.value, value):
+        return a.model_copy(update={"evidence_ids": list(dict.fromkeys([*a.evidence_ids, e.id])),
+                                    "basis": f"{a.basis}; {e.tool} agrees ({value}, p {p:.2f}, {e.id})"})
+    pt = a.probability if a.probability is not None else MEASURED_P
+    if a.probability is None or pt - p >= FUSION_MARGIN:
+        return a.model_copy(update={"basis": f"{a.basis}; {e.tool} said {value} at p {p:.2f} ({e.id}), outweighed"})
+    if p - pt >= FUSION_MARGIN:
+        return ea.model_copy(update={"basis": f"{ea.basis}; outweighs {a.value} at p {pt:.2f} from "
+                                              f"{', '.join(a.evidence_ids)}"})
+    return abstain("tools_conflict", f"{a.value} (p {pt:.2f}, {', '.join(a.evidence_ids)}) against {e.tool}'s {value} "
+                                     f"(p {p:.2f}, {e.id}): closer than {FUSION_MARGIN}",
+                   "a measurement that settles it", ids=list(dict.fromkeys([*a.evidence_ids, e.id])))
+
+
+
 
 
 def route_of(q: Question, a: Answer, stmts: list[Statement]) -> str:
     """How the answer was reached: the tool and the kind of claim (the calibration key)."""
     if a.method == "llm":
         return f"llm:{q.kind}"
+    if a.method == "expert" and a.route:
+        return a.route
     cited = [s for s in stmts if s.eid in a.evidence_ids] or stmts
     s = cited[0] if cited else None
     tool = s.tool if s else "?"
