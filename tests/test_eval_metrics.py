@@ -19,6 +19,7 @@ from agent.app.eval_data import (
     MajorityBaseline,
     ManifestError,
     PriorBaseline,
+    StudyPriorBaseline,
     question_key,
     read_eval_manifest,
     sample_items,
@@ -367,6 +368,27 @@ def test_prior_baseline_levels_and_ties():
     assert answer == "yes" and "all reference" in basis
     with pytest.raises(ValueError):
         PriorBaseline([])
+
+
+def test_prior_plus_study_conditions_on_the_predicted_study():
+    """The same question answered per predicted (modality, region), hand-counted; unseen studies fall back."""
+    def item(q: str, a: str, img: str) -> EvalItem:
+        return EvalItem("r", [img], q, a, "OPEN", "Organ")
+
+    studies = {"ct-abd": ("CT", "abdomen"), "ct-chest": ("CT", "chest"), "mr-head": ("MR", "head"),
+               "ct-head": ("CT", "head")}
+    ref = [item("Which organ is largest?", "Liver", "ct-abd"), item("Which organ is largest?", "Liver", "ct-abd"),
+           item("Which organ is largest?", "Lung", "ct-chest"), item("Which organ is largest?", "Brain", "mr-head"),
+           item("Which organ is largest?", "Lung", "ct-chest"), item("Which organ is largest?", "Lung", "ct-chest")]
+    prior = StudyPriorBaseline(ref, lambda it: studies[it.paths[0]])
+    ask = lambda img: prior.predict(item("Which organ is largest?", "", img))  # noqa: E731
+    assert ask("ct-abd")[0] == "Liver" and "CT of the abdomen" in ask("ct-abd")[1]  # 2 of 2
+    assert ask("mr-head")[0] == "Brain"
+    # CT of the head never seen: the same question on CT (Lung 3, Liver 2)
+    answer, basis = ask("ct-head")
+    assert answer == "Lung" and basis.endswith("on CT: 3 of 5 reference answers")
+    # the plain prior (same question text, all studies: Lung 3 of 6) where the item has no image
+    assert prior.predict(EvalItem("x", [], "Which organ is largest?", "", "OPEN", "Organ"))[0] == "Lung"
 
 
 def test_majority_baseline():

@@ -10,6 +10,9 @@ Systems (`--systems`, comma-separated):
              then call `vlm_ask`), it shows what the VLM gains or loses inside dxagent;
 * `prior`    the most frequent answer for the question's type in the reference split `--prior-from` (SURE-VQA's
              question-only prior: same question text, else same content and answer type, else same answer type);
+* `prior+study` the prior conditioned on the intake study classifier's predicted modality and body region of the
+             item's image (the same question on the same predicted study in the reference split, whose images go
+             through the same classifier; else the plain prior): what a metadata-aware guess gets without any tool;
 * `majority` the most frequent answer per answer type (OPEN/CLOSED) in the reference split.
 The manifest's `modality` column is a stratum for the metrics and is never handed to a system (it would answer
 the modality questions). Every LLM call runs at temperature 0 with a fixed seed; each LLM system's item is its own
@@ -32,13 +35,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.app.eval_data import EvalItem, MajorityBaseline, ManifestError, PriorBaseline, read_eval_manifest, sample_items
+from agent.app.eval_data import (
+    EvalItem,
+    MajorityBaseline,
+    ManifestError,
+    PriorBaseline,
+    StudyPriorBaseline,
+    predicted_study,
+    read_eval_manifest,
+    sample_items,
+)
 from agent.app.executors import now, prepare_stores, run_local
 from agent.core.files import write_atomic
 
-SYSTEMS = ("agent", "no-tools", "blind", "vlm-only", "prior", "majority")
+SYSTEMS = ("agent", "no-tools", "blind", "vlm-only", "prior", "prior+study", "majority")
 LLM_SYSTEMS = ("agent", "no-tools", "blind", "vlm-only")
 QUESTION_ONLY = ("prior", "majority")
+REFERENCE = (*QUESTION_ONLY, "prior+study")  # fitted on --prior-from, run in this process, answer in its words
 
 
 @dataclass
@@ -237,7 +250,7 @@ def restyle(row: dict[str, Any], style: Any) -> dict[str, Any]:
     """The row with its answer's value in the benchmark's words (question-only baselines already answer in them);
     the system's own value stays as `value_raw`, the rule used as `style_rule`."""
     ans = row.get("answer") or {}
-    if row.get("system") in QUESTION_ONLY or ans.get("kind") in (None, "abstain") or not row.get("question"):
+    if row.get("system") in REFERENCE or ans.get("kind") in (None, "abstain") or not row.get("question"):
         return row
     value, key = style.render(row["question"], ans.get("value"))
     if key is None or value == ans.get("value"):
@@ -251,6 +264,27 @@ def _question_only(item: EvalItem, system: str, model: PriorBaseline | MajorityB
     value, basis = model.predict(item)
     row["answer"] = _typed_answer(item.question, value, None, basis, "rules")
     return row
+
+
+def study_cache(out: Path) -> Callable[[EvalItem], tuple[str, str]]:
+    """The study classifier's (modality, region) of an item's image, cached by image path in DIR/study_cache.json so a
+    resumed eval does not classify the reference split again."""
+    path = out / "study_cache.json"
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+
+    def study_of(item: EvalItem) -> tuple[str, str]:
+        key = item.paths[0] if item.paths else ""
+        if key not in cache:
+            cache[key] = list(predicted_study(item.paths))
+            if len(cache) % 50 == 0:
+                write_atomic(path, json.dumps(cache))
+        return tuple(cache[key])  # type: ignore[return-value]
+
+    study_of.save = lambda: write_atomic(path, json.dumps(cache))  # type: ignore[attr-defined]
+    return study_of
 
 
 def _read_rows(out: Path, items: list[EvalItem], systems: list[str]) -> list[dict[str, Any]]:
@@ -275,7 +309,7 @@ def run_eval(manifest: str | Path, out: str | Path, *, systems: list[str] | None
              answer_style_from: str | Path | None = None) -> EvalRun:
     from agent.app.eval_metrics import summarize, summary_markdown, write_eval_html
 
-    default = [s for s in (SYSTEMS if prior_from else LLM_SYSTEMS) if s != "vlm-only"]  # vlm-only needs an endpoint
+    default = [s for s in (SYSTEMS if prior_from else LLM_SYSTEMS) if s not in ("vlm-only", "prior+study")]
     systems = list(systems or default)
     unknown = [s for s in systems if s not in SYSTEMS]
     if unknown:
@@ -285,8 +319,9 @@ def run_eval(manifest: str | Path, out: str | Path, *, systems: list[str] | None
 
         if isinstance(why := _endpoint(), str):
             raise ManifestError(f"--systems vlm-only: {why}")
-    if any(s in QUESTION_ONLY for s in systems) and not prior_from:
-        raise ManifestError("the prior and majority baselines need a reference split: --prior-from MANIFEST")
+    if any(s in REFERENCE for s in systems) and not prior_from:
+        raise ManifestError("the prior, prior+study and majority baselines need a reference split: --prior-from "
+                            "MANIFEST")
     _, items = read_eval_manifest(manifest, root)
     items = sample_items(items, sample, seed) if sample else items
     items = items[:limit] if limit is not None else items
@@ -299,6 +334,8 @@ def run_eval(manifest: str | Path, out: str | Path, *, systems: list[str] | None
         _, ref = read_eval_manifest(prior_from, None)  # questions and answers only: its images are not needed
         try:
             ref_models = {"prior": PriorBaseline(ref), "majority": MajorityBaseline(ref)}
+            if "prior+study" in systems:
+                ref_models["prior+study"] = StudyPriorBaseline(ref, study_cache(out))
         except ValueError as exc:
             raise ManifestError(f"{prior_from}: {exc}") from None
         same = Path(prior_from).resolve() == Path(manifest).resolve()
@@ -335,7 +372,7 @@ def run_eval(manifest: str | Path, out: str | Path, *, systems: list[str] | None
                 continue
             if it.error:
                 row = _base_row(it, s) | {"answer": _abstain("input_unreadable", it.error), "error": it.error}
-            elif s in QUESTION_ONLY:
+            elif s in REFERENCE:
                 row = _question_only(it, s, ref_models[s])
             else:
                 continue
@@ -344,6 +381,8 @@ def run_eval(manifest: str | Path, out: str | Path, *, systems: list[str] | None
             ran += 1
         if it.error and on_item:
             on_item({"case_id": it.case_id, "status": "invalid", "error": it.error, "rows": []})
+    if "prior+study" in ref_models:
+        ref_models["prior+study"].study_of.save()
 
     def finish(rec: dict[str, Any]) -> None:
         nonlocal ran

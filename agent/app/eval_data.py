@@ -28,7 +28,8 @@ from __future__ import annotations
 import json
 import random
 import re
-from collections.abc import Iterable
+import tempfile
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -330,6 +331,54 @@ class PriorBaseline:
         tally, basis = next((t, b) for t, b in levels if t is not None and t.total)
         answer, count = tally.best()
         return answer, f"question-only prior, {basis}: {count} of {tally.total} reference answers"
+
+
+def predicted_study(paths: list[str]) -> tuple[str, str]:
+    """(modality, body region) the intake study classifier predicts for an item's first image ("?" where it cannot
+    say): the metadata a `prior+study` guess may use, since it is what the agent itself knows before any tool."""
+    from agent.analysis.study import study_facts
+    from agent.imaging.views import load_views
+    from agent.store.artifacts import ArtifactStore
+
+    with tempfile.TemporaryDirectory(prefix="dxagent-study-") as tmp:  # the pixels are not kept
+        try:
+            view = load_views(paths[:1], ArtifactStore(tmp))[0]
+        except Exception:  # an unreadable reference image only loses its metadata
+            return "?", "?"
+    facts = study_facts(view)
+    return view.modality or "?", facts.get("body_region") or "?"
+
+
+class StudyPriorBaseline(PriorBaseline):
+    """The question-only prior conditioned on the study classifier's predicted modality and body region (a
+    question-plus-metadata guess, issue 31): levels (question text, modality, region), (question text, modality),
+    then the plain prior's levels. Reference images go through the same classifier (`study_of`), so both sides use
+    predicted metadata, never the manifests' labels."""
+
+    def __init__(self, reference: list[EvalItem], study_of: Callable[[EvalItem], tuple[str, str]]):
+        super().__init__(reference)
+        self.study_of = study_of
+        self.by_study: dict[tuple[str, str, str], _Tally] = {}
+        self.by_modality: dict[tuple[str, str], _Tally] = {}
+        for it in _usable(reference, "StudyPriorBaseline"):
+            if not it.paths:
+                continue
+            mod, region = study_of(it)
+            key = question_key(it.question)
+            self.by_study.setdefault((key, mod, region), _Tally()).add(it.answer)
+            self.by_modality.setdefault((key, mod), _Tally()).add(it.answer)
+
+    def predict(self, item: EvalItem) -> tuple[str, str]:
+        if item.paths:
+            mod, region = self.study_of(item)
+            key = question_key(item.question)
+            for tally, basis in ((self.by_study.get((key, mod, region)), f"the same question on {mod} of the {region}"),
+                                 (self.by_modality.get((key, mod)), f"the same question on {mod}")):
+                if tally is not None and tally.total:
+                    answer, count = tally.best()
+                    return answer, (f"question + predicted study prior, {basis}: {count} of {tally.total} reference "
+                                    "answers")
+        return super().predict(item)
 
 
 class MajorityBaseline:
