@@ -2,6 +2,8 @@
 
 Systems (`--systems`, comma-separated):
 * `agent`    the full loop (intake, think/act/rethink, answer step), a fresh LangGraph thread and state per item;
+* `vqa-expert` the project's VQA expert (tools/vqa_expert.py) alone, one call: its best answer in the form asked, or
+             "outside my training distribution" - what the agent adds over its own expert;
 * `no-tools` the planner's model answers from the question and the case line (intake's modality, shape, spacing)
              alone, with the same constrained answer schema, no tool called;
 * `blind`    the same model sees only the question (no image at all);
@@ -48,8 +50,8 @@ from agent.app.eval_data import (
 from agent.app.executors import now, prepare_stores, run_local
 from agent.core.files import write_atomic
 
-SYSTEMS = ("agent", "no-tools", "blind", "vlm-only", "prior", "prior+study", "majority")
-LLM_SYSTEMS = ("agent", "no-tools", "blind", "vlm-only")
+SYSTEMS = ("agent", "vqa-expert", "no-tools", "blind", "vlm-only", "prior", "prior+study", "majority")
+LLM_SYSTEMS = ("agent", "vqa-expert", "no-tools", "blind", "vlm-only")  # run in the worker processes
 QUESTION_ONLY = ("prior", "majority")
 REFERENCE = (*QUESTION_ONLY, "prior+study")  # fitted on --prior-from, run in this process, answer in its words
 
@@ -172,9 +174,10 @@ def _run_baseline(item: EvalItem, opts: dict[str, Any], row: dict[str, Any], wit
         row["answer"] = _typed_answer(item.question, value, prob, basis, "llm")
 
 
-def _run_vlm(item: EvalItem, opts: dict[str, Any], row: dict[str, Any]) -> None:
-    """The `vlm` endpoint alone on the question and the picture (one vlm_ask call), recorded as its own run."""
-    from agent.core.question import parse_question
+def _one_call(item: EvalItem, opts: dict[str, Any], row: dict[str, Any], tool: Any, inp: Any,
+              system: str) -> tuple[Any, Any] | None:
+    """One tool alone on the item's image, recorded as its own run: (output, the view), or None with the row's
+    abstention written (unreadable image, the tool failed)."""
     from agent.core.state import CaseInput, CaseState
     from agent.core.tool import ToolContext, ToolError
     from agent.engine.graph import new_run_id
@@ -184,7 +187,6 @@ def _run_vlm(item: EvalItem, opts: dict[str, Any], row: dict[str, Any]) -> None:
     from agent.imaging.views import load_views
     from agent.store.artifacts import ArtifactStore
     from agent.store.trace import TraceStore
-    from tools.vlm_ask import VlmAsk, VlmInput
 
     root = Path(opts["out"]) / "traces"
     store = ArtifactStore(root / "artifacts")
@@ -192,33 +194,78 @@ def _run_vlm(item: EvalItem, opts: dict[str, Any], row: dict[str, Any]) -> None:
         views = load_views(resolve_inputs(item.paths), store)
     except ImageLoadError as exc:
         row.update(answer=_abstain("input_unreadable", str(exc)), error=str(exc))
-        return
-    tool, digest = VlmAsk(), inputs_sha256(item.paths)
+        return None
+    digest = inputs_sha256(item.paths)
     trace = TraceStore(opts.get("db_url"), root)
-    run_id = new_run_id(f"vlm-only{item.case_id}")
-    trace.start_run(run_id, digest[:12], item.question, "vlm", "baseline:vlm-only", digest,
-                    {"prompts": prompt_versions(), "tools": {tool.name: tool.version}},
-                    settings={"baseline": "vlm-only"})
-    ctx = ToolContext(state=CaseState(inputs=CaseInput(paths=["input 1"]), views=views), store=store)
+    run_id = new_run_id(f"{system}{item.case_id}")
+    trace.start_run(run_id, digest[:12], item.question, system, f"baseline:{system}", digest,
+                    {"prompts": prompt_versions(), "tools": {tool.name: tool.version}}, settings={"baseline": system})
+    ctx = ToolContext(state=CaseState(inputs=CaseInput(paths=["input 1"]), views=views, question=item.question),
+                      store=store)
+    row.update(run_id=run_id)
     try:
-        out = tool.run(ctx, VlmInput(question=item.question))
+        out = tool.run(ctx, inp)
     except ToolError as exc:
-        trace.record(run_id, "tool", "vlm-only", tool.name, {"error": str(exc)})
+        trace.record(run_id, "tool", system, tool.name, {"error": str(exc)})
         trace.finish_run(run_id, "failed", error=str(exc))
-        row.update(run_id=run_id, llm_calls=1, answer=_abstain("planner_failed", str(exc)), error=str(exc))
-        return
+        row.update(answer=_abstain("planner_failed", str(exc)), error=str(exc))
+        return None
     for ref in ctx.artifacts:
         trace.add_artifact(ref, store.path(ref).stat().st_size)
-    trace.record(run_id, "tool", "vlm-only", tool.name, {"evidence": {
+    trace.record(run_id, "tool", system, tool.name, {"evidence": {
         "tool": tool.name, "status": "ok", "output": out.model_dump(mode="json"),
         "artifacts": [a.model_dump(mode="json") for a in ctx.artifacts]}})
     trace.finish_run(run_id, "done")
+    return out, views[0]
+
+
+def _run_vlm(item: EvalItem, opts: dict[str, Any], row: dict[str, Any]) -> None:
+    """The `vlm` endpoint alone on the question and the picture (one vlm_ask call), recorded as its own run."""
+    from agent.core.question import parse_question
+    from tools.vlm_ask import VlmAsk, VlmInput
+
+    got = _one_call(item, opts, row, VlmAsk(), VlmInput(question=item.question), "vlm-only")
+    if got is None:
+        return
+    out, _ = got
     value, prob = out.answer, None
     if out.yes_no is not None and parse_question(item.question).kind == "yes_no":
         value = "yes" if out.yes_no else "no"
         prob = None if out.probability is None else (out.probability if out.yes_no else 1 - out.probability)
-    row.update(run_id=run_id, llm_calls=1)
+    row.update(llm_calls=1)
     row["answer"] = _typed_answer(item.question, value, prob, f"from the picture by {out.model} alone, no tool", "llm")
+
+
+EXPERT = "vqa_expert"  # the tool the `vqa-expert` system runs alone
+
+
+def _run_expert(item: EvalItem, opts: dict[str, Any], row: dict[str, Any]) -> None:
+    """The VQA expert alone (one call): its best answer in the form the question asks, or its abstention."""
+    from agent.core.question import parse_question
+    from agent.engine.answer import conform, expert_value, finish
+    from agent.engine.session import tools
+
+    tool = tools().get(EXPERT)
+    if tool is None:
+        row.update(answer=_abstain("no_applicable_tool", f"no tool {EXPERT} is installed"))
+        return
+    got = _one_call(item, opts, row, tool, tool.Input(question=item.question), "vqa-expert")
+    if got is None:
+        return
+    out, view = got
+    q = parse_question(item.question)
+    ranked = tool.answer_to(out, view, item.question)
+    best = expert_value(q, ranked) if ranked else None
+    if best is None:
+        why = getattr(out, "reason", "") or "no answer in the form asked"
+        row["answer"] = _abstain("evidence_does_not_address", f"{EXPERT}: {why}")
+        return
+    from agent.core.state import Answer
+
+    kind, value, p = best
+    a = conform(q, Answer(kind=kind, value=value, probability=round(float(p), 4), evidence_ids=["E1"], method="expert",
+                          basis=f"{EXPERT} alone: {value} at p {p:.2f}", route=f"{EXPERT}:{q.kind}"))
+    row["answer"] = finish(a, q).model_dump(mode="json")
 
 
 def eval_one(spec: dict[str, Any], opts: dict[str, Any]) -> dict[str, Any]:
@@ -236,6 +283,8 @@ def eval_one(spec: dict[str, Any], opts: dict[str, Any]) -> dict[str, Any]:
                 _run_agent(item, opts, row)
             elif system == "vlm-only":
                 _run_vlm(item, opts, row)
+            elif system == "vqa-expert":
+                _run_expert(item, opts, row)
             else:
                 _run_baseline(item, opts, row, with_case=system == "no-tools")
         except Exception as exc:  # an item never stops the eval
@@ -309,7 +358,7 @@ def run_eval(manifest: str | Path, out: str | Path, *, systems: list[str] | None
              answer_style_from: str | Path | None = None) -> EvalRun:
     from agent.app.eval_metrics import summarize, summary_markdown, write_eval_html
 
-    default = [s for s in (SYSTEMS if prior_from else LLM_SYSTEMS) if s not in ("vlm-only", "prior+study")]
+    default = [s for s in (SYSTEMS if prior_from else LLM_SYSTEMS) if s not in ("vlm-only", "prior+study", "vqa-expert")]
     systems = list(systems or default)
     unknown = [s for s in systems if s not in SYSTEMS]
     if unknown:

@@ -620,7 +620,7 @@ def same_answer(q: Question, a: Any, b: Any) -> bool:
     return False
 
 
-def _expert_value(q: Question, ranked: list[tuple[str, float]]) -> tuple[str, Any, float] | None:
+def expert_value(q: Question, ranked: list[tuple[str, float]]) -> tuple[str, Any, float] | None:
     """(answer kind, value, probability) of the best-ranked answer in the form the question asks."""
     for value, p in ranked:
         v = words(value)
@@ -654,7 +654,7 @@ def fuse(q: Question, a: Answer, experts: list[tuple[Evidence, list[tuple[str, f
     if not experts or q.describe:
         return a
     e, ranked = experts[-1]
-    got = _expert_value(q, ranked)
+    got = expert_value(q, ranked)
     if got is None:
         return a
     kind, value, p = got

@@ -301,10 +301,11 @@ def eval_cmd(
     manifest: Annotated[Path, typer.Argument(help="VQA-style JSONL/JSON/TXT (SLAKE, VQA-RAD, VQA-Med layouts) or a "
                                              "realcases label manifest (see agent/app/eval_data.py)")],
     out_dir: Annotated[Path, typer.Option("--out", help="output folder (results.jsonl, summary.json/.md, eval.html)")],
-    systems: Annotated[str, typer.Option(help="comma-separated: agent, no-tools, blind, vlm-only, prior, prior+study, "
-                                         "majority (default: all but vlm-only and prior+study with --prior-from, else "
-                                         "the first three; vlm-only needs the vision endpoint `vlm`; prior+study runs "
-                                         "the study classifier over the reference split's images once)")] = None,
+    systems: Annotated[str, typer.Option(help="comma-separated: agent, vqa-expert, no-tools, blind, vlm-only, prior, "
+                                         "prior+study, majority (default with --prior-from: agent, no-tools, blind, "
+                                         "prior, majority; else the first three; vlm-only needs the vision endpoint "
+                                         "`vlm`; prior+study runs the study classifier over the reference split's "
+                                         "images once)")] = None,
     prior_from: Annotated[Path, typer.Option(help="reference split the prior and majority baselines are fitted on "
                                              "(e.g. the train split; never the evaluated items)")] = None,
     answer_style_from: Annotated[Path, typer.Option(help="render answers in the words of this benchmark split's "
