@@ -68,8 +68,9 @@ def lookup(route: str, raw: float | None) -> tuple[float | None, int, str]:
 
 
 def fit(rows: list[dict[str, Any]], target_error: float = 0.10) -> dict[str, Any]:
-    """The table from eval rows ({"route", "raw_probability", "correct"}); `min_probability` is the lowest threshold
-    at which the answers kept on these rows are wrong at most `target_error` of the time (0 when none is needed)."""
+    """The table from eval rows ({"route", "raw_probability", "correct"}); `min_probability` is midway between the
+    highest calibrated level left out and the lowest kept at the lowest threshold where the answers kept on these rows
+    are wrong at most `target_error` of the time (0 when none is needed)."""
     routes: dict[str, dict[str, int]] = {}
     for r in rows:
         for key in keys(r["route"], r.get("raw_probability")):
@@ -87,10 +88,13 @@ def fit(rows: list[dict[str, Any]], target_error: float = 0.10) -> dict[str, Any
         else:
             cal.append((r.get("raw_probability") if r.get("raw_probability") is not None else 1.0, bool(r["correct"])))
     threshold = 1.01  # none kept, unless some threshold meets the target
-    for t in [0.0, *sorted({p for p, _ in cal})]:
+    levels = sorted({p for p, _ in cal})
+    for i, t in enumerate([0.0, *levels]):
         kept = [c for p, c in cal if p >= t]
         if kept and sum(not c for c in kept) / len(kept) <= target_error:
-            threshold = t
+            # any threshold between the highest level left out and this one keeps the same rows: take the middle,
+            # not the edge of the first level kept
+            threshold = t if i <= 1 else (levels[i - 2] + t) / 2
             break
     kept = [c for p, c in cal if p >= threshold]
     out["min_probability"] = round(threshold, 4)
