@@ -1,0 +1,181 @@
+"""Issue 31: the learned VQA expert (tools/vqa_expert.py, card tools/models/vqa_expert_slake).
+
+The card loads from the repository through the model store (sha256 checked); a question far from its training
+questions is refused by the gate; a blank picture does not get the real picture's answers; a handful of SLAKE validate
+questions per content type clear loose floors (skipped where ../shared/data is absent).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import make_ctx, run_tool
+from PIL import Image
+
+from agent.store.artifacts import ArtifactStore
+from agent.store.models import ModelStore
+
+ROOT = Path(__file__).resolve().parent.parent
+SLAKE = ROOT.parent / "shared" / "data" / "slake_dev"
+CARD = ROOT / "tools" / "models" / "vqa_expert_slake" / "card.yaml"
+needs_slake = pytest.mark.skipif(not (SLAKE / "validate.jsonl").is_file(), reason="../shared/data/slake_dev is absent")
+PER_TYPE = 6  # validate questions per content type (the first ones in file order)
+
+
+@pytest.fixture(scope="module")
+def astore(tmp_path_factory) -> ArtifactStore:
+    return ArtifactStore(tmp_path_factory.mktemp("vqa") / "artifacts")
+
+
+@pytest.fixture(scope="module")
+def ct_ctx(astore):
+    """A real CT slice that ships in pydicom's wheel (no ../shared needed)."""
+    from pydicom.data import get_testdata_file
+
+    return make_ctx(astore, get_testdata_file("CT_small.dcm"))
+
+
+def _validate_rows() -> list[dict]:
+    return [json.loads(line) for line in (SLAKE / "validate.jsonl").read_text().splitlines() if line.strip()]
+
+
+def test_card_loads_through_the_model_store_with_its_sha256():
+    from tools.vqa_expert import VqaExpert, normalise_answer
+
+    store = ModelStore()
+    card = next(c for c in store.cards() if c.name == "vqa_expert_slake")
+    assert card.source == CARD.resolve()
+    assert store.verify_card(card).ok  # the weights in the repo hash to the card's sha256
+    tool = VqaExpert()
+    assert [c.name for c in tool.cards(None)] == ["vqa_expert_slake"]
+    expert = tool.load(card)
+    assert [normalise_answer(a) for a in expert.answers] == [normalise_answer(a) for a in card.input["answers"]]
+    assert {"yes", "no"} <= {normalise_answer(a) for a in expert.answers}
+    assert 0 < card.input["gate"]["question_min_cosine"] < 1 and 0 < card.input["gate"]["image_min_cosine"] < 1
+    assert CARD.with_name("weights.pt").stat().st_size <= 30 * 2**20
+    assert [m["name"] for m in card.input["members"]] == expert.order and expert.gate_member == expert.order[0]
+    assert int(card.validation["validate_reads"]) in (1, 2)
+
+
+@pytest.mark.parametrize("question", [
+    "What is the capital of France?",
+    "Does this mole show an irregular pigment network on dermoscopy?",
+])
+def test_a_question_far_from_training_is_refused(ct_ctx, question):
+    out = run_tool(ct_ctx, "vqa_expert", question=question)
+    assert out.outside_training and not out.answers and out.yes_no is None
+    assert out.gate.question_score < out.gate.question_min
+    assert "outside my training distribution" in out.reason and "question" in out.reason
+    from tools.vqa_expert import VqaExpert
+
+    view = ct_ctx.state.view("V1")
+    assert VqaExpert().findings(out, view) == [] and VqaExpert().attributes(out, view) == {}
+
+
+def test_a_slake_question_on_a_ct_slice_is_answered_with_calibrated_probabilities(ct_ctx):
+    out = run_tool(ct_ctx, "vqa_expert", question="What modality is used to take this image?")
+    assert out.gate.question_score >= 0.99  # a SLAKE template
+    if out.outside_training:  # pydicom's 128 px test slice may be unlike SLAKE's pictures: then the image gate says so
+        assert "picture" in out.reason
+        return
+    probs = [a.probability for a in out.answers]
+    assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0001
+
+
+@needs_slake
+def test_a_blank_picture_does_not_get_the_real_pictures_answers(astore, tmp_path):
+    real = SLAKE / "imgs" / "xmlab207" / "source.jpg"  # a validate CT of the abdomen (liver, kidneys)
+    blank = tmp_path / "blank.png"
+    Image.fromarray(np.zeros((512, 512), np.uint8)).save(blank)
+    real_ctx, blank_ctx = make_ctx(astore, real), make_ctx(astore, blank, modality="CT")
+    differ = 0
+    for q in ("Does the picture contain liver?", "Which organ is abnormal?", "What modality is used to take this image?",
+              "Where is the liver?"):
+        a, b = run_tool(real_ctx, "vqa_expert", question=q), run_tool(blank_ctx, "vqa_expert", question=q)
+        assert not a.outside_training, a.reason
+        if b.outside_training:  # the image gate refuses a blank picture: no answer at all
+            assert "picture" in b.reason and not b.answers
+            differ += 1
+        elif [x.answer for x in a.answers[:2]] != [x.answer for x in b.answers[:2]]:
+            differ += 1
+    assert differ == 4
+
+
+@needs_slake
+def test_fast_mode_runs_the_efficientnet_members_only(astore, monkeypatch):
+    ctx = make_ctx(astore, SLAKE / "imgs" / "xmlab207" / "source.jpg")
+    full = run_tool(ctx, "vqa_expert", question="Does the picture contain kidney?")
+    monkeypatch.setenv("DXAGENT_VQA_FAST", "1")
+    fast = run_tool(ctx, "vqa_expert", question="Does the picture contain kidney?")
+    assert full.members == [m["name"] for m in full_card_members()]
+    assert fast.members and all(m.startswith("effnet") for m in fast.members) and len(fast.members) < len(full.members)
+    assert any("DXAGENT_VQA_FAST" in n for n in fast.notes)
+
+
+def full_card_members() -> list[dict]:
+    return next(c for c in ModelStore().cards() if c.name == "vqa_expert_slake").input["members"]
+
+
+@needs_slake
+def test_the_full_ensemble_answers_a_validate_picture(astore):
+    """Every question SLAKE validate asks about one CT of the abdomen (13), through the whole ensemble (LiteMedSAM
+    included). Floor 8 of 13: the card's validate overall rate is about 0.8 (about 10 of 13 expected)."""
+    from agent.app.eval_metrics import closed_correct
+
+    rows = [r for r in _validate_rows() if r["image"] == "imgs/xmlab207/source.jpg"]
+    ctx = make_ctx(astore, SLAKE / rows[0]["image"])
+    right = 0
+    for r in rows:
+        out = run_tool(ctx, "vqa_expert", question=r["question"])
+        assert len(out.members) == len(full_card_members())
+        right += int(not out.outside_training and closed_correct(out.answers[0].answer, r["answer"]))
+    assert len(rows) == 13 and right >= 8, right
+
+
+@pytest.fixture(scope="module")
+def validate_answers(astore):
+    """The first PER_TYPE validate questions of each content type (over 22 pictures), answered through the tool in
+    fast mode (the EfficientNet members: LiteMedSAM's 3.4 s a picture would make this a minute and a half; the full
+    ensemble is tested above)."""
+    if not (SLAKE / "validate.jsonl").is_file():
+        pytest.skip("../shared/data/slake_dev is absent")
+    from agent.app.eval_metrics import closed_correct
+
+    picked: dict[str, list[dict]] = defaultdict(list)
+    for r in _validate_rows():
+        if len(picked[r["content_type"]]) < PER_TYPE:
+            picked[r["content_type"]].append(r)
+    by_image: dict[str, list[dict]] = defaultdict(list)
+    for rows in picked.values():
+        for r in rows:
+            by_image[r["image"]].append(r)
+    scores: dict[str, list[int]] = defaultdict(list)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DXAGENT_VQA_FAST", "1")
+        for image, rows in by_image.items():
+            ctx = make_ctx(astore, SLAKE / image)
+            for r in rows:
+                out = run_tool(ctx, "vqa_expert", question=r["question"])
+                ok = not out.outside_training and closed_correct(out.answers[0].answer, r["answer"])
+                scores[r["content_type"]].append(int(ok))
+    return scores
+
+
+# Floors: k/6 with k = floor(6 x the fast mode's SLAKE-validate rate for the content type) - 2, at least 2 (rates from
+# the one validate read, validation.json `validate.effnet_members_alone_without_gate`: Abnormality 0.67, Color 0.74,
+# KG 0.77, Modality 0.96, Organ 0.87, Plane 1.0, Position 0.68, Quantity 0.84, Shape 0.73, Size 0.78): two wrong
+# answers more than the rate predicts still pass; a broken preprocessing, vocabulary order or checkpoint does not
+FLOORS = {"Abnormality": 2 / 6, "Color": 2 / 6, "KG": 2 / 6, "Modality": 3 / 6, "Organ": 3 / 6, "Plane": 4 / 6,
+          "Position": 2 / 6, "Quantity": 3 / 6, "Shape": 2 / 6, "Size": 2 / 6}
+
+
+@needs_slake
+@pytest.mark.parametrize("content_type", sorted(FLOORS))
+def test_validate_questions_per_content_type(validate_answers, content_type):
+    got = validate_answers[content_type]
+    assert len(got) == PER_TYPE
+    assert np.mean(got) >= FLOORS[content_type] - 1e-9, got
