@@ -174,6 +174,7 @@ def test_graph_chains_detector_boxes_into_sam_and_records_the_card(tmp_path, mod
 
     from agent.engine.report import to_markdown
     from agent.engine.session import run_case
+    from agent.store.models import BUNDLED_DIR
     from agent.store.trace import TraceStore
 
     rng = np.random.default_rng(5)
@@ -193,7 +194,8 @@ def test_graph_chains_detector_boxes_into_sam_and_records_the_card(tmp_path, mod
     assert any(line.startswith("sam_tiny: segment") for line in st.model_lines)
     store = TraceStore(None, tmp_path / "traces")
     [intake] = [json.loads(e.payload) for e in store.events(res.run_id) if e.name == "intake"]
-    assert {m["name"] for m in intake["models"]} - {"organ_seg_slake"} == {"sam_tiny", "medsam_tiny"}  # + bundled
+    bundled = {p.parent.name for p in BUNDLED_DIR.glob("*/card.yaml")}  # the project's own cards, listed too
+    assert {m["name"] for m in intake["models"]} - bundled == {"sam_tiny", "medsam_tiny"}
     first_prompt = json.loads(store.events(res.run_id, "llm")[0].payload)["request"]["messages"][1]["content"]
     assert "Your models (model cards) for this case:" in first_prompt and "sam_tiny: segment" in first_prompt
     [used] = [m for m in res.report["models_used"] if m["name"] != "study_cnn_v1"]  # the intake classifier aside

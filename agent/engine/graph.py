@@ -152,6 +152,9 @@ def understand(rt: Runtime, state: CaseState, applicable: list[str], views: list
         chat = rt.answer_llm if getattr(rt, "answer_llm", None) is not None else rt.planner.chat
         q = ModelReader(chat, rt.planner.model_id).read(state.question)
     addressing = [n for n in applicable if n in rt.tools and can_address(q, rt.tools[n], views[0])]
+    # a tool that answers the question itself (the VQA expert) first: once a measuring tool states the subject the
+    # loop answers, and the answer step can weigh only what ran
+    addressing.sort(key=lambda n: not rt.tools[n].answers_questions)
     return {"question_info": q, "addressing_tools": addressing, "answer": None}
 
 
