@@ -594,6 +594,8 @@ def write_card(out: Path, sha: str, cfgs: dict[str, dict[str, Any]], answers: li
         gate_heldout_images_rejected=gate["held_out"]["images"]["rejected"],
         gate_foreign_questions_rejected=fb["foreign_questions_hand_written"]["rejected"],
         gate_foreign_images_rejected=fb["foreign_images"]["rejected"],
+        gate_other_source_rejected={m: x["rejected"] for m, x in fb["near_images_by_modality"].items()},
+        gate_vqarad_questions_rejected=fb.get("vqarad_questions_all", {}).get("rejected"),
         figures=("validation.json (held out: a seeded 20 % image split of SLAKE train for every choice; SLAKE "
                  "validate read once per shipped candidate, counted in validate_reads; encoder comparison in "
                  "compare.json)"))
@@ -606,9 +608,9 @@ def write_card(out: Path, sha: str, cfgs: dict[str, dict[str, Any]], answers: li
     members = []
     for m in MEMBERS:
         enc = ENCODERS[m["encoder"]]
-        members.append({"name": m["name"], "encoder": enc.kind, "size": enc.size, **encoders[enc.kind],
-                        "frozen": True, "augment_copies": AUG if m["augment"] else 0, "seed": m["seed"],
-                        "epochs": report["held_out"]["members"][m["name"]]["best_epoch"], "head": cfgs[m["name"]]})
+        members.append({"name": m["name"], "encoder": enc.kind, "size": enc.size, "seed": m["seed"],
+                        "epochs": report["held_out"]["members"][m["name"]]["best_epoch"],
+                        "head": f"{cfgs[m['name']]['arch']}, dropout {cfgs[m['name']]['dropout']}"})
     card = {
         "name": out.name, "kind": "classify", "adapter": vx.ADAPTER, "modalities": ["CT", "MR", "DX"], "labels": [],
         "input": {
@@ -616,6 +618,9 @@ def write_card(out: Path, sha: str, cfgs: dict[str, dict[str, Any]], answers: li
             "normalisation": ("study_net.preprocess: RGB/255; HU -160..240; other gray 0.5-99.5 percentile; letterbox "
                               "to the member's size; EfficientNet: (x - 0.5) / 0.5; LiteMedSAM: min-max to 0..1"),
             "members": members,
+            "encoders": {k: {**v, "frozen": True} for k, v in encoders.items()},
+            "heads": ("weights.pt holds each member's head (fp16) and its full configuration (`configs`), the answer "
+                      "vocabulary (`answers`) and the gate's banks; tools/vqa_expert.py read_expert loads them"),
             "ensemble": "mean of the members' softmaxes; its log divided by temperatures.ensemble",
             "temperatures": temperatures,
             "temperatures_how": (f"{ens['temperature']['rule']}, on the held-out part (NLL-optimal for the ensemble: "
@@ -626,15 +631,16 @@ def write_card(out: Path, sha: str, cfgs: dict[str, dict[str, Any]], answers: li
             "gate": {"question_min_cosine": gate["question_min_cosine"], "image_min_cosine": gate["image_min_cosine"],
                      "image_feature": f"{MEMBERS[0]['encoder']} pooled (member {MEMBERS[0]['name']})",
                      "how": gate["how"]},
-            "training": {"command": "HF_HUB_OFFLINE=1 .venv/bin/python scripts/train_vqa_expert.py --read-validate",
+            "training": {"command": ("HF_HUB_OFFLINE=1 .venv/bin/python scripts/train_vqa_expert.py --compare; then the "
+                                     "same with --read-validate (reads validate for the weights in place)"),
                          "data": "SLAKE 1.0 train (../shared/data/slake_dev/train.jsonl), all 4,919 questions",
                          "seed": report["split"]["seed"],
                          "epochs_from": "each member's best held-out epoch (a 20 % image split of train), then "
                                         "retrained on all of train; temperatures from the held-out part"},
             "evidence": ("labels is empty on purpose: the expert states an answer to the question asked, not a fixed "
-                         "set of findings, so it names no subject of its own (agent/core/vocab.py); answers holds its "
-                         "answer vocabulary, each in SLAKE train's most common spelling"),
-            "answers": answers,
+                         "set of findings, so it names no subject of its own (agent/core/vocab.py)"),
+            "answers": (f"{len(answers)} classes, each in SLAKE train's most common spelling: weights.pt `answers` "
+                        "(kept out of this card, which every learned tool's applicability check parses)"),
         },
         "weights": "weights.pt", "sha256": sha,
         "license": ("CC-BY-4.0 (heads trained on SLAKE 1.0, CC BY 4.0; cite Liu et al. ISBI 2021); frozen encoders "
@@ -651,6 +657,7 @@ def main() -> None:
     ap.add_argument("--compare", action="store_true", help="also compare the candidate encoders and heads")
     ap.add_argument("--read-validate", action="store_true", help="score the shipped weights on SLAKE validate (counted)")
     ap.add_argument("--features-only", default="", help="only cache the features of these encoders (comma-separated)")
+    ap.add_argument("--card-only", action="store_true", help="only rewrite card.yaml from validation.json and weights.pt")
     ap.add_argument("--seed", type=int, default=SEED)
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
@@ -667,6 +674,12 @@ def main() -> None:
             image_features(name, paths, "train", 0, args.seed)
         return
     weights = args.out / "weights.pt"
+    if args.card_only:
+        report = json.loads((args.out / "validation.json").read_text())
+        blob = torch.load(weights, map_location="cpu", weights_only=True)
+        write_card(args.out, sha256_file(weights), blob["configs"], list(blob["answers"]),
+                   report["held_out"]["temperatures"], report)
+        return
     if args.read_validate and not args.compare and (args.out / "validation.json").is_file() and weights.is_file():
         report = json.loads((args.out / "validation.json").read_text())
         sha = sha256_file(weights)

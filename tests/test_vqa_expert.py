@@ -1,8 +1,9 @@
 """Issue 31: the learned VQA expert (tools/vqa_expert.py, card tools/models/vqa_expert_slake).
 
 The card loads from the repository through the model store (sha256 checked); a question far from its training
-questions is refused by the gate; a blank picture does not get the real picture's answers; a handful of SLAKE validate
-questions per content type clear loose floors (skipped where ../shared/data is absent).
+questions is refused by the gate; a blank picture does not get the real picture's answers; the whole ensemble answers
+one validate picture's 13 questions, and the fast mode (EfficientNet members only) ten validate questions per content
+type, above loose floors (those skip where ../shared/data is absent). About 40 s in all on two busy cores.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SLAKE = ROOT.parent / "shared" / "data" / "slake_dev"
 CARD = ROOT / "tools" / "models" / "vqa_expert_slake" / "card.yaml"
 needs_slake = pytest.mark.skipif(not (SLAKE / "validate.jsonl").is_file(), reason="../shared/data/slake_dev is absent")
-PER_TYPE = 6  # validate questions per content type (the first ones in file order)
+PER_TYPE = 10  # validate questions per content type (the first ones in file order)
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +54,7 @@ def test_card_loads_through_the_model_store_with_its_sha256():
     tool = VqaExpert()
     assert [c.name for c in tool.cards(None)] == ["vqa_expert_slake"]
     expert = tool.load(card)
-    assert [normalise_answer(a) for a in expert.answers] == [normalise_answer(a) for a in card.input["answers"]]
-    assert {"yes", "no"} <= {normalise_answer(a) for a in expert.answers}
+    assert {"yes", "no"} <= {normalise_answer(a) for a in expert.answers} and len(expert.answers) > 200
     assert 0 < card.input["gate"]["question_min_cosine"] < 1 and 0 < card.input["gate"]["image_min_cosine"] < 1
     assert CARD.with_name("weights.pt").stat().st_size <= 30 * 2**20
     assert [m["name"] for m in card.input["members"]] == expert.order and expert.gate_member == expert.order[0]
@@ -74,6 +74,15 @@ def test_a_question_far_from_training_is_refused(ct_ctx, question):
 
     view = ct_ctx.state.view("V1")
     assert VqaExpert().findings(out, view) == [] and VqaExpert().attributes(out, view) == {}
+
+
+def test_the_question_gate_is_readable_without_a_picture():
+    from tools.vqa_expert import VqaExpert
+
+    tool = VqaExpert()
+    far, thr = tool.question_scope("Is there evidence of an aortic aneurysm?")
+    near, _ = tool.question_scope("Does the picture contain liver?")
+    assert far < thr <= near
 
 
 def test_a_slake_question_on_a_ct_slice_is_answered_with_calibrated_probabilities(ct_ctx):
@@ -123,7 +132,7 @@ def full_card_members() -> list[dict]:
 @needs_slake
 def test_the_full_ensemble_answers_a_validate_picture(astore):
     """Every question SLAKE validate asks about one CT of the abdomen (13), through the whole ensemble (LiteMedSAM
-    included). Floor 8 of 13: the card's validate overall rate is about 0.8 (about 10 of 13 expected)."""
+    included). Floor 8 of 13: the card's validate overall rate is 0.82 (about 10 of 13 expected; 13 measured)."""
     from agent.app.eval_metrics import closed_correct
 
     rows = [r for r in _validate_rows() if r["image"] == "imgs/xmlab207/source.jpg"]
@@ -138,7 +147,7 @@ def test_the_full_ensemble_answers_a_validate_picture(astore):
 
 @pytest.fixture(scope="module")
 def validate_answers(astore):
-    """The first PER_TYPE validate questions of each content type (over 22 pictures), answered through the tool in
+    """The first PER_TYPE validate questions of each content type, answered through the tool in
     fast mode (the EfficientNet members: LiteMedSAM's 3.4 s a picture would make this a minute and a half; the full
     ensemble is tested above)."""
     if not (SLAKE / "validate.jsonl").is_file():
@@ -165,12 +174,13 @@ def validate_answers(astore):
     return scores
 
 
-# Floors: k/6 with k = floor(6 x the fast mode's SLAKE-validate rate for the content type) - 2, at least 2 (rates from
-# the one validate read, validation.json `validate.effnet_members_alone_without_gate`: Abnormality 0.67, Color 0.74,
-# KG 0.77, Modality 0.96, Organ 0.87, Plane 1.0, Position 0.68, Quantity 0.84, Shape 0.73, Size 0.78): two wrong
-# answers more than the rate predicts still pass; a broken preprocessing, vocabulary order or checkpoint does not
-FLOORS = {"Abnormality": 2 / 6, "Color": 2 / 6, "KG": 2 / 6, "Modality": 3 / 6, "Organ": 3 / 6, "Plane": 4 / 6,
-          "Position": 2 / 6, "Quantity": 3 / 6, "Shape": 2 / 6, "Size": 2 / 6}
+# Floors: k/10 with k = floor(10 x the fast mode's SLAKE-validate rate for the content type) - 3 (rates from the one
+# validate read, validation.json `validate.effnet_members_alone_without_gate`: Abnormality 0.67, Color 0.74, KG 0.77,
+# Modality 0.96, Organ 0.87, Plane 1.0, Position 0.68, Quantity 0.84, Shape 0.73, Size 0.78): three wrong answers more
+# than the rate predicts still pass; a broken preprocessing, vocabulary order or checkpoint does not (measured on these
+# items: 8, 8, 5, 10, 9, 10, 7, 9, 7, 10 right of 10)
+FLOORS = {"Abnormality": 0.3, "Color": 0.4, "KG": 0.4, "Modality": 0.6, "Organ": 0.5, "Plane": 0.7, "Position": 0.3,
+          "Quantity": 0.5, "Shape": 0.4, "Size": 0.4}
 
 
 @needs_slake
