@@ -518,6 +518,12 @@ class VqaExpert(LearnedTool):
     # the loop with the expert was not yet measured on SLAKE validate (`dxagent eval --systems vqa-expert` runs it alone)
     answers_questions = os.environ.get("DXAGENT_VQA_EXPERT", "") == "1"
 
+    def available(self) -> str | None:
+        """Off the planner's list unless DXAGENT_VQA_EXPERT=1 (see answers_questions); the eval runs it directly."""
+        if not self.answers_questions:
+            return "vqa_expert joins the loop only with DXAGENT_VQA_EXPERT=1"
+        return super().available()
+
     def answer_to(self, output: BaseModel, view: ImageView, question: str) -> list[tuple[str, float]] | None:
         """Its ranked answers when it answered this very question; None when it stepped aside or was asked another."""
         assert isinstance(output, VqaOutput)
