@@ -73,6 +73,9 @@ class ToolContext:
     store: ArtifactSink
     new_views: list[ImageView] = field(default_factory=list)
     artifacts: list[ArtifactRef] = field(default_factory=list)
+    # what the case's earlier evidence states, by evidence id, as each tool's `findings` reads its output (the engine
+    # fills it: agent/engine/graph.py act); empty when a tool is run on its own
+    findings: dict[str, list[FindingDraft]] = field(default_factory=dict)
 
     def view(self, view_id: str) -> ImageView:
         for v in self.new_views:
@@ -187,6 +190,12 @@ class Tool(ABC):
         """Ranked (answer, probability) this output gives to `question`, best first; None when it does not answer it
         (another question, or it stepped aside). Default: None."""
         return None
+
+    def takes_question(self, question: str) -> bool:
+        """Whether a question-answering tool would answer this question at all (before any picture is read): False
+        when it is sure to step aside (e.g. a question unlike its training questions), so the loop neither counts it
+        as addressing the question nor spends a call on it. Default: True."""
+        return True
 
     def absence_probabilities(self, output: BaseModel, view: ImageView) -> dict[str, float]:
         """For labels of `absent_labels`, how sure the tool is that each is absent (0..1); a label missing here has

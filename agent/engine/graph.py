@@ -27,7 +27,7 @@ from agent.analysis.study import study_notes
 from agent.core.errors import ControlSignal
 from agent.core.question import Question
 from agent.core.state import Answer, ArtifactRef, Budget, CaseState, Critique, Decision, Evidence, ImageView, StepLog, Turn
-from agent.core.tool import Tool, ToolContext, ToolError
+from agent.core.tool import FindingDraft, Tool, ToolContext, ToolError
 from agent.engine import critic
 from agent.engine.planner import Planner, PlannerError
 from agent.store.artifacts import ArtifactStore
@@ -273,13 +273,27 @@ def _run_tool(rt: Runtime, state: CaseState, d: Decision, eid: str) -> tuple[Evi
     except ValidationError as exc:
         return Evidence(**base, status="failed", error=f"bad arguments: {exc.errors()[0]['msg']}"), [], \
             {"applicable": None}
-    ctx = ToolContext(state=state, store=rt.store)
+    ctx = ToolContext(state=state, store=rt.store, findings=stated_findings(state, rt.tools))
     status, error, output, dur = rt.execute(tool, ctx, inp)
     conf = output.get("confidence") if isinstance(output, dict) else None
     ev = Evidence(**base, status=status, output=output, artifacts=list(ctx.artifacts) if status == "ok" else [],
                   new_views=[v.id for v in ctx.new_views] if status == "ok" else [], duration_s=round(dur, 4),
                   error=error, confidence=conf if isinstance(conf, int | float) else None)
     return ev, (ctx.new_views if status == "ok" else []), {"applicable": None, "executed": True}
+
+
+def stated_findings(state: CaseState, tools: dict[str, Tool]) -> dict[str, list[FindingDraft]]:
+    """What each successful earlier call states, by evidence id (ToolContext.findings: a tool may build on it)."""
+    from agent.engine.answer import findings_of
+
+    out = {}
+    for e in state.evidence:
+        try:
+            if e.status == "ok" and (found := findings_of(e, state, tools)):
+                out[e.id] = found
+        except Exception:  # noqa: BLE001 - an output its tool cannot read back states nothing here
+            continue
+    return out
 
 
 def act(rt: Runtime, state: CaseState) -> dict[str, Any]:

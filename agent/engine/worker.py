@@ -162,7 +162,8 @@ def call(tool: Any, ctx: Any, inp: Any) -> dict[str, Any]:
         return out.model_dump(mode="json")
     cls = type(tool)
     request = {"module": cls.__module__, "qualname": cls.__qualname__, "state": ctx.state,
-               "new_views": ctx.new_views, "store": str(ctx.store.root), "input": inp, "env": dict(os.environ),
+               "new_views": ctx.new_views, "findings": ctx.findings, "store": str(ctx.store.root), "input": inp,
+               "env": dict(os.environ),
                "path": list(sys.path)}
     w = _take()
     try:
@@ -208,7 +209,8 @@ def _serve(conn: Any) -> None:
                     obj = getattr(obj, part)
                 tools[key] = obj()
             store = stores.setdefault(req["store"], ArtifactStore(req["store"]))
-            ctx = ToolContext(state=req["state"], store=store, new_views=list(req["new_views"]))
+            ctx = ToolContext(state=req["state"], store=store, new_views=list(req["new_views"]),
+                              findings=req.get("findings") or {})
             n_views = len(ctx.new_views)
             out = tools[key].run(ctx, req["input"])
             reply = {"status": "ok", "output": out.model_dump(mode="json"), "artifacts": ctx.artifacts,
