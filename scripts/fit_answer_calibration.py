@@ -26,10 +26,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("dirs", nargs="+", type=Path)
     ap.add_argument("--target-error", type=float, default=0.10)
+    ap.add_argument("--threshold", type=float, default=None,
+                    help="the answer threshold to write (default: calibration.ANSWER_THRESHOLD, the stated policy; "
+                         "a negative value writes the target-error threshold instead)")
     ap.add_argument("--out", type=Path, default=ROOT / "agent" / "engine" / "answer_calibration.json")
     args = ap.parse_args()
     from agent.app.eval_metrics import closed_correct
-    from agent.engine.calibration import CLOSED, fit
+    from agent.engine.calibration import ANSWER_THRESHOLD, CLOSED, fit
 
     rows, sources = [], []
     for d in args.dirs:
@@ -46,7 +49,8 @@ def main() -> None:
                          "correct": bool(closed_correct(a.get("value"), r.get("gold", "")))})
     if not rows:
         sys.exit("no answered closed agent items with a route in " + ", ".join(map(str, args.dirs)))
-    table = fit(rows, args.target_error)
+    chosen = ANSWER_THRESHOLD if args.threshold is None else (None if args.threshold < 0 else args.threshold)
+    table = fit(rows, args.target_error, chosen)
     table["fitted_on"] = sources
     table["fitted"] = time.strftime("%Y-%m-%d")
     args.out.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")

@@ -67,6 +67,9 @@ def test_an_agreeing_expert_is_cited_beside_the_measurement(store):
     ctx = make_ctx(store, CT)
     a = compose_answer(_state(ctx, "Is this a CT scan?", [("Yes", 0.97), ("No", 0.03)]), TOOLS)
     assert (a.value, a.evidence_ids) == ("yes", ["E1", "E2"]) and "agrees" in a.basis
+    q = parse_question("Is this a CT scan?")
+    weak = Answer(kind="yes_no", value="yes", probability=0.6, evidence_ids=["E1"], basis="measured")
+    assert fuse(q, weak, [(_expert("E2"), [("Yes", 0.9)])]).probability == 0.9  # the better-supported of the two
 
 
 def test_the_expert_answers_what_no_measurement_addresses_only_above_the_threshold(store):
@@ -95,3 +98,34 @@ def test_a_close_disagreement_is_a_tools_conflict_and_the_form_asked_is_kept(sto
     b = compose_answer(_state(ctx, "Is there a kidney stone?", [("Left Lung", 0.9), ("Yes", 0.08)],
                               measured=False), TOOLS)
     assert b.kind == "abstain" and b.value is None
+
+
+def _expert(eid: str) -> Evidence:
+    return Evidence(id=eid, tool="stand_in_expert", tool_version="1", args={"view": "V1"}, status="ok")
+
+
+def test_a_reading_with_no_probability_yields_to_a_calibrated_expert_but_a_value_read_from_the_data_stands():
+    q = parse_question("What is the main organ in this image?")
+    organ = Answer(kind="phrase", value="liver", evidence_ids=["E1"], method="evidence",
+                   route="organ_segment:organ:segmenter", basis="organ liver (segmenter) per E1")
+    got = fuse(q, organ, [(_expert("E2"), [("Brain", 0.8), ("Liver", 0.1)])], min_p=0.5)
+    assert (got.value, got.method, got.evidence_ids) == ("Brain", "expert", ["E2"]) and "no probability" in got.basis
+    # under the answer threshold the expert does not replace it
+    kept = fuse(q, organ, [(_expert("E2"), [("Brain", 0.4), ("Liver", 0.3)])], min_p=0.5)
+    assert (kept.value, kept.evidence_ids) == ("liver", ["E1"]) and "under the 0.50" in kept.basis
+    # the rule before this one (measured_stands) let any reading without a probability stand
+    assert fuse(q, organ, [(_expert("E2"), [("Brain", 0.8)])], min_p=0.5, measured_stands=True).value == "liver"
+    q = parse_question("What modality is this?")
+    for source in ("dicom", "user"):
+        told = Answer(kind="phrase", value="CT", evidence_ids=["E1"], method="evidence",
+                      route=f"inspect_image:modality:{source}", basis=f"modality CT ({source}) per E1")
+        assert fuse(q, told, [(_expert("E2"), [("MRI", 0.99)])], min_p=0.5).value == "CT"
+
+
+def test_several_question_answering_tools_the_most_probable_answers_and_those_agreeing_are_cited():
+    q = parse_question("What is the function of the heart?")
+    none = Answer(kind="abstain", reason="evidence_does_not_address", basis="nothing measured addresses it")
+    got = fuse(q, none, [(_expert("E1"), [("Breathe", 0.55), ("Promote blood flow", 0.4)]),
+                         (_expert("E2"), [("Promote Blood Flow", 0.9)]),
+                         (_expert("E3"), [("promote blood flow", 0.7)])], min_p=0.5)
+    assert (got.value, got.evidence_ids) == ("Promote Blood Flow", ["E2", "E3"]) and "E3 agree" in got.basis

@@ -27,7 +27,7 @@ from typing import Any
 from agent.core.state import CaseState, Critique, Evidence
 from agent.core.tool import FindingDraft, Tool
 from agent.core.vocab import label_key
-from agent.engine.answer import addressed_by, findings_of, understood
+from agent.engine.addressing import addressed_by, findings_of, understood
 
 __all__ = ["critique", "findings_of", "label_key", "question_topics", "tools_for_question"]
 

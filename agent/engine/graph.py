@@ -142,7 +142,7 @@ def _log(rt: Runtime, state: CaseState, node: str, summary: str) -> list[StepLog
 def understand(rt: Runtime, state: CaseState, applicable: list[str], views: list[ImageView]) -> dict[str, Any]:
     """The question as understood and the applicable tools that can address its subject."""
     from agent.core.question import parse_question
-    from agent.engine.answer import can_address
+    from agent.engine.addressing import can_address
 
     q = parse_question(state.question)
     how = os.environ.get("DXAGENT_READING", "rules")  # rules (default) | hybrid | model: agent/engine/reading.py
@@ -284,7 +284,7 @@ def _run_tool(rt: Runtime, state: CaseState, d: Decision, eid: str) -> tuple[Evi
 
 def stated_findings(state: CaseState, tools: dict[str, Tool]) -> dict[str, list[FindingDraft]]:
     """What each successful earlier call states, by evidence id (ToolContext.findings: a tool may build on it)."""
-    from agent.engine.answer import findings_of
+    from agent.engine.addressing import findings_of
 
     out = {}
     for e in state.evidence:

@@ -15,80 +15,31 @@ from __future__ import annotations
 
 import copy
 import functools
-import hashlib
 import json
 import re
-import threading
 import time
-from importlib import resources
 from typing import Any
 
-from jinja2 import Environment, StrictUndefined
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import HumanMessage, SystemMessage
 from pydantic import ValidationError
 
-from agent.core.errors import DxagentError
 from agent.core.state import CaseState, Decision, Evidence
 from agent.core.tool import COORDINATE_ARGS, Tool
-from agent.core.untrusted import as_data
 from agent.engine.critic import tools_for_question
+from agent.engine.llm_calls import (  # noqa: F401 - re-exported: callers import them from the planner too
+    _JSON_OBJECT_ENDPOINTS,
+    PlannerError,
+    bounded_call,
+    prompt_text,
+    prompt_versions,
+    render,
+    structured_invoke,
+    within,
+)
 from agent.llm import pictures as vision
 
 REASON_MAX = 24  # characters: each output token costs ~75 ms with the local planner
-_ENV = Environment(undefined=StrictUndefined, keep_trailing_newline=False, trim_blocks=False)
-
-
-_ENV.filters["data"] = as_data
-
-
-def prompt_text(name: str) -> str:
-    return resources.files("prompts").joinpath(f"{name}.md").read_text()
-
-
-def render(name: str, **values: Any) -> str:
-    return _ENV.from_string(prompt_text(name)).render(**values).strip() + "\n"
-
-
-def prompt_versions() -> dict[str, str]:
-    names = ("system", "think", "rethink", "report", "answer_system", "answer", "answer_baseline")
-    return {n: hashlib.sha256(prompt_text(n).encode()).hexdigest()[:12] for n in names}
-
-
-class PlannerError(DxagentError, RuntimeError):
-    """The planner produced no valid decision within its bounds."""
-
-
-def within(seconds: float, fn: Any, what: str = "the LLM") -> Any:
-    """fn() if it returns within `seconds`, else TimeoutError. The call runs in a daemon thread that is abandoned on
-    timeout (an HTTP request then ends at its own client timeout, in the background; the run does not wait for it),
-    so a silent endpoint cannot hold a run past its wall-clock budget, whatever its timeout x retries would allow."""
-    if seconds <= 0:
-        raise TimeoutError(f"no time left in the run's budget for {what}")
-    box: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            box["value"] = fn()
-        except BaseException as exc:  # handed to the caller
-            box["error"] = exc
-
-    t = threading.Thread(target=run, name="dxagent-bounded-call", daemon=True)
-    t.start()
-    t.join(seconds)
-    if t.is_alive():
-        raise TimeoutError(f"{what} did not reply within the {seconds:.0f} s left in the run's budget")
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
-
-
-def bounded_call(chat: Any, seconds: float, fn: Any, what: str = "the LLM") -> Any:
-    """`within` for HTTP endpoints; the embedded llama.cpp model runs inline (it cannot be abandoned safely - the next
-    call would share its context - and its output is bounded by max_tokens)."""
-    if getattr(chat, "_llm_type", "") == "llama-cpp":
-        return fn()
-    return within(seconds, fn, what)
 
 
 def _clean_schema(schema: dict[str, Any]) -> dict[str, Any]:
@@ -332,34 +283,6 @@ def view_lines(state: CaseState) -> list[str]:
         how = "original image" if v.parent is None else f"derived from {v.parent} by {tool} {extra}"
         out.append(f"{v.id}: {how}, shape {list(v.shape)}")
     return out
-
-
-_JSON_OBJECT_ENDPOINTS: set[str] = set()  # model ids whose server rejected response_format `json_schema`
-
-
-def structured_invoke(chat: BaseChatModel, model_id: str, messages: list, schema: dict[str, Any],
-                      max_tokens: int) -> tuple[Any, dict[str, Any]]:
-    """Ask for one JSON object that follows `schema`: (reply, the parameters sent). The local model gets it as a
-    llama.cpp grammar; an endpoint as `json_schema`, or as `json_object` + `schema` once it refused `json_schema`."""
-    params: dict[str, Any] = {"max_tokens": max_tokens}
-    if chat._llm_type == "llama-cpp":
-        params["response_format"] = {"type": "json_object", "schema": schema}
-    elif chat._llm_type != "scripted":
-        note: dict[str, Any] = {}
-        if model_id not in _JSON_OBJECT_ENDPOINTS:
-            params["response_format"] = {"type": "json_schema", "json_schema": {"name": "decision", "schema": schema}}
-            try:
-                return chat.invoke(messages, **params), params
-            except Exception as exc:
-                if "json_schema" not in str(exc) or getattr(exc, "status_code", None) not in (400, 422, 500):
-                    raise
-                _JSON_OBJECT_ENDPOINTS.add(model_id)
-                note = {"json_schema_rejected": str(exc)[:200]}
-        # llama-cpp-python's server rejects `json_schema` but turns `json_object` + `schema` into a grammar;
-        # it also ignores `max_completion_tokens` (langchain-openai's name for max_tokens): send `max_tokens`.
-        params = {"response_format": {"type": "json_object", "schema": schema}, "extra_body": {"max_tokens": max_tokens}}
-        return chat.invoke(messages, **params), {**params, **note}
-    return chat.invoke(messages, **params), params
 
 
 class _Candidates(dict):

@@ -82,7 +82,7 @@ class ModelReader:
 
     def raw(self, text: str) -> dict[str, Any]:
         """The model's filled form (raises on a reply that is not one)."""
-        from agent.engine.planner import structured_invoke
+        from agent.engine.llm_calls import structured_invoke
 
         reply, _ = structured_invoke(self.chat, self.model_id, self.messages(text), SCHEMA, self.max_tokens)
         obj = json.loads(str(reply.content).strip().strip("`").removeprefix("json").strip())

@@ -152,7 +152,7 @@ def call(tool: Any, ctx: Any, inp: Any) -> dict[str, Any]:
     import, in a daemon thread): its output as a JSON-ready dict. Raises what the tool raised (a ToolError keeps its
     type; another exception arrives as ToolCrashed 'Type: message'), TimeoutError (its message is the evidence's
     error), or WorkerDied."""
-    from agent.engine.planner import within
+    from agent.engine.llm_calls import within
 
     if mode() == "thread" or not importable(tool):
         try:
