@@ -79,6 +79,7 @@ THREADS = 1  # torch intra-op threads while the tool runs (tools/knowledge_searc
 _LOCK = threading.Lock()
 _ENCODERS: dict[str, Any] = {}  # resolved weights path -> frozen encoder
 _GRIDS: OrderedDict[tuple[str, int | None, str, int], np.ndarray] = OrderedDict()  # (pixels, slice, encoder, size)
+_SCOPES: dict[tuple[str, str | None], tuple[float, float]] = {}  # question gate scores already worked out
 _GRID_CACHE = 8  # encoded pictures whose encoding is kept: several questions about one picture encode it once
 
 
@@ -499,6 +500,9 @@ class VqaExpert(LearnedTool):
         """(the question's cosine to the nearest training question, the card's threshold) without a picture: under
         the threshold the expert will answer "outside my training distribution" whatever the image. None when no
         usable card or the question encoder is missing."""
+        key = (_words(question), model)
+        if key in _SCOPES:
+            return _SCOPES[key]
         try:
             cards = [c for c in self.cards(None) if model is None or c.name == model]
             if not cards:
@@ -510,19 +514,27 @@ class VqaExpert(LearnedTool):
                 score = float(nearest_cosine(embed_questions([_words(question)]), expert.question_bank)[0])
         except ToolError:
             return None
-        return round(score, 4), expert.question_min
+        with _LOCK:
+            if len(_SCOPES) >= 256:
+                _SCOPES.clear()
+            _SCOPES[key] = (round(score, 4), expert.question_min)
+        return _SCOPES[key]
 
     # -- what the evidence states ------------------------------------------------------------------------------
-    # it answers the question asked, and the answer step weighs it (agent/engine/answer.py: fuse) - inside the loop
-    # only with DXAGENT_VQA_EXPERT=1 for now: the fusion rule is a stated prior not yet chosen on held-out train, and
-    # the loop with the expert was not yet measured on SLAKE validate (`dxagent eval --systems vqa-expert` runs it alone)
-    answers_questions = os.environ.get("DXAGENT_VQA_EXPERT", "") == "1"
+    # it answers the question asked, and the answer step weighs it against the measured evidence
+    # (agent/engine/answer.py: fuse, the rule chosen on held-out train by scripts/choose_fusion.py)
+    answers_questions = True
 
     def available(self) -> str | None:
-        """Off the planner's list unless DXAGENT_VQA_EXPERT=1 (see answers_questions); the eval runs it directly."""
-        if not self.answers_questions:
-            return "vqa_expert joins the loop only with DXAGENT_VQA_EXPERT=1"
+        """Off with DXAGENT_VQA_EXPERT=0 (the loop then answers from the measured evidence alone)."""
+        if os.environ.get("DXAGENT_VQA_EXPERT", "").strip().lower() in ("0", "false", "no", "off"):
+            return "vqa_expert is turned off (DXAGENT_VQA_EXPERT=0)"
         return super().available()
+
+    def takes_question(self, question: str) -> bool:
+        """False when the question gate would refuse the question whatever the picture (question_scope)."""
+        got = self.question_scope(question)
+        return got is None or got[0] >= got[1]
 
     def answer_to(self, output: BaseModel, view: ImageView, question: str) -> list[tuple[str, float]] | None:
         """Its ranked answers when it answered this very question; None when it stepped aside or was asked another."""
