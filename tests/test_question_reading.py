@@ -132,7 +132,8 @@ def test_ctr_rule_answers_the_half_width_question_and_the_heart_is_located(store
     assert "rule" in a.basis and "0.5" in a.basis
     st = _state("Where is the heart?", ev, ctx)
     d = route(st, tools())
-    assert d is not None and d.action == "answer", d  # the call that states it has run: answer, do not stop short
+    # the call that states it has run: answer (or first ask a tool that answers questions itself), do not stop short
+    assert d is not None and (d.action == "answer" or (d.action == "call" and tools()[d.tool].answers_questions)), d
     b = compose_answer(st, tools())
     assert b.kind == "location" and b.evidence_ids == ["E1"], b
     assert "row" not in str(b.value) and ("midline" in b.value or "left" in b.value or "right" in b.value), b

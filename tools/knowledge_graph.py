@@ -487,7 +487,14 @@ class KnowledgeGraph(Tool):
         """Whether the question asks for a relation the KG holds (function, treatment, membership, ...): the loop
         counts this tool as addressing only those (agent/engine/answer.py can_address)."""
         rel = relation_of(question)
-        return rel is not None and (rel[0] == "membership" or not CLOSED.match(words(question)))
+        if rel is None or (rel[0] != "membership" and CLOSED.match(words(question))):
+            return False
+        if rel[0] == "location":  # "where is the heart?" asks about this image, not the textbook: only a disease's
+            try:                  # location ("where is the cardiomegaly?" -> the heart) is the KG's to state
+                return bool(named_in(question, load_graph().diseases))
+            except (OSError, ValueError, ToolError):
+                return False
+        return True
 
     # -- what the evidence states -----------------------------------------------------------------------------
     def answer_to(self, output: BaseModel, view: ImageView, question: str) -> list[tuple[str, float]] | None:

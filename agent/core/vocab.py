@@ -46,6 +46,8 @@ FINDINGS = (
     "kidney cyst", "liver cyst", "mediastinal widening", "widened mediastinum", "diabetic retinopathy",
     "adenocarcinoma", "squamous cell carcinoma", "benign", "malignant", "blob candidate", "abnormality",
     "disease", "diseases", "abnormalities",
+    # SLAKE's disease names (train's Abnormality answers and detection.json labels; issue 31), those not above
+    "kidney cancer", "pulmonary mass", "pulmonary nodule", "pulmonary infiltration", "pleural effusion",
     # findings of free-form clinical questions (issue 30): known words, so that a phrase ending in them is read as that
     # finding; no tool states most of them, so such a question abstains with no_applicable_tool
     "pneumoperitoneum", "free air", "free fluid", "ascites", "hydrocephalus", "midline shift", "infarction",
