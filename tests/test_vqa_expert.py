@@ -117,6 +117,7 @@ def test_a_blank_picture_does_not_get_the_real_pictures_answers(astore, tmp_path
 @needs_slake
 def test_fast_mode_runs_the_efficientnet_members_only(astore, monkeypatch):
     ctx = make_ctx(astore, SLAKE / "imgs" / "xmlab207" / "source.jpg")
+    monkeypatch.setenv("DXAGENT_VQA_CASCADE", "0")
     full = run_tool(ctx, "vqa_expert", question="Does the picture contain kidney?")
     monkeypatch.setenv("DXAGENT_VQA_FAST", "1")
     fast = run_tool(ctx, "vqa_expert", question="Does the picture contain kidney?")
@@ -130,19 +131,32 @@ def full_card_members() -> list[dict]:
 
 
 @needs_slake
-def test_the_full_ensemble_answers_a_validate_picture(astore):
+def test_the_full_ensemble_answers_a_validate_picture(astore, monkeypatch):
     """Every question SLAKE validate asks about one CT of the abdomen (13), through the whole ensemble (LiteMedSAM
-    included). Floor 8 of 13: the card's validate overall rate is 0.82 (about 10 of 13 expected; 13 measured)."""
+    included), then through the default cascade (the slow members only where the fast ones are unsure), which must
+    give the same top answers wherever the fast members were sure enough to answer alone, and say so. Floor 8 of 13:
+    the card's validate overall rate is 0.82 (about 10 of 13 expected; 13 measured)."""
     from agent.app.eval_metrics import closed_correct
 
     rows = [r for r in _validate_rows() if r["image"] == "imgs/xmlab207/source.jpg"]
     ctx = make_ctx(astore, SLAKE / rows[0]["image"])
-    right = 0
+    right, whole = 0, []
+    monkeypatch.setenv("DXAGENT_VQA_CASCADE", "0")
     for r in rows:
         out = run_tool(ctx, "vqa_expert", question=r["question"])
         assert len(out.members) == len(full_card_members())
         right += int(not out.outside_training and closed_correct(out.answers[0].answer, r["answer"]))
+        whole.append(out.answers[0].answer)
     assert len(rows) == 13 and right >= 8, right
+    monkeypatch.delenv("DXAGENT_VQA_CASCADE")
+    fast_alone = 0
+    for r, top in zip(rows, whole, strict=True):
+        out = run_tool(ctx, "vqa_expert", question=r["question"])
+        if len(out.members) < len(full_card_members()):
+            fast_alone += 1
+            assert any("cascade" in n for n in out.notes) and out.answers[0].probability >= 0.9
+            assert out.answers[0].answer == top, (r["question"], out.answers[0].answer, top)
+    assert fast_alone >= 1
 
 
 @pytest.fixture(scope="module")
