@@ -598,7 +598,8 @@ def _words(text: str) -> str:
     q = words(text)
     q = re.sub(r"\b(is|are) (is|are)\b", r"\1", q)
     q = re.sub(r"^(?:can|could|would|will)\s+you\s+(?:please\s+)?(name|identify|list|locate|segment|measure|outline|"
-               r"count)\b", r"\1", q)  # "Can you name the organ ...?" asks for the name, not a yes/no
+               r"count)\b(?!\s+(?:an?|any)\b)", r"\1", q)  # "Can you name the organ ...?" asks for the name, not a
+    # yes/no; "Can you identify a pituitary tumor?" asks whether there is one (_EXIST reads it)
     return re.sub(r"\b(existing|existed)\b ", "", q)
 
 
