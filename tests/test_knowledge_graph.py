@@ -151,6 +151,7 @@ def test_available_says_why_when_the_folder_is_empty(tmp_path, monkeypatch):
     monkeypatch.setenv("DXAGENT_SLAKE_KG", str(tmp_path))
     reason = KnowledgeGraph().available()
     assert reason and "DXAGENT_SLAKE_KG" in reason and "\n" not in reason
+    assert KnowledgeGraph().applicable(_view()) == reason  # nor is it routed to
     for f in FILES.values():
         (tmp_path / f).write_text("organ#attribute#value\nHeart#function#pump\n")
     assert KnowledgeGraph().available() is None

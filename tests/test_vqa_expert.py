@@ -203,3 +203,12 @@ def test_validate_questions_per_content_type(validate_answers, content_type):
     got = validate_answers[content_type]
     assert len(got) == PER_TYPE
     assert np.mean(got) >= FLOORS[content_type] - 1e-9, got
+
+
+def test_turned_off_it_is_neither_offered_nor_routed(ct_ctx, monkeypatch):
+    from agent.engine.session import tools
+
+    expert = tools()["vqa_expert"]
+    assert expert.applicable(ct_ctx.state.views[0]) is None
+    monkeypatch.setenv("DXAGENT_VQA_EXPERT", "0")
+    assert "DXAGENT_VQA_EXPERT=0" in (expert.applicable(ct_ctx.state.views[0]) or "")

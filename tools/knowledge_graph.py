@@ -322,7 +322,7 @@ class KnowledgeGraph(Tool):
         return None
 
     def applicable(self, view: ImageView) -> str | None:
-        return None  # any modality: the view's pixels are not read
+        return self.available()  # any modality (the view's pixels are not read), where the KG is installed
 
     def run(self, ctx: ToolContext, inp: KgInput) -> KgOutput:
         graph = load_graph()

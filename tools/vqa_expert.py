@@ -551,6 +551,10 @@ class VqaExpert(LearnedTool):
             return "vqa_expert is turned off (DXAGENT_VQA_EXPERT=0)"
         return super().available()
 
+    def applicable(self, view: ImageView) -> str | None:
+        """Off (DXAGENT_VQA_EXPERT=0) means off for routing too, not only for the planner's list."""
+        return self.available() or super().applicable(view)
+
     def takes_question(self, question: str) -> bool:
         """False when the question gate would refuse the question whatever the picture (question_scope)."""
         got = self.question_scope(question)
