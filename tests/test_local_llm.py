@@ -37,7 +37,10 @@ def first_tool(tmp_path, path, question, llm="local"):
     (MR, "How large is the dominant bright region?", "region_measure"),
     (CT, "What is the pixel spacing and intensity range of this image?", "inspect_image"),
 ], ids=["ct-tissue", "mr-size", "metadata"])
-def test_default_planner_routes_bundled_cases(tmp_path, path, question, expected):
+def test_default_planner_routes_bundled_cases(tmp_path, path, question, expected, monkeypatch):
+    # the planner's choice among the measuring tools: the VQA expert, which the loop routes first wherever its
+    # question gate takes the question (tests/test_fusion.py), is left out here
+    monkeypatch.setenv("DXAGENT_VQA_EXPERT", "0")
     tool, res = first_tool(tmp_path, path, question)
     assert tool == expected
     assert res.report["recommendation"]["outcome"] == "report"
