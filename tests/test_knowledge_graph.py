@@ -147,6 +147,17 @@ def test_answer_to_is_none_for_another_question():
     assert tool.takes_question("How to treat pneumonia?") and not tool.takes_question("Is this a CT?")
 
 
+@needs_kg
+def test_where_and_shape_ask_about_this_image_not_the_textbook():
+    """The KG's location and shape triples are cited when read, but never answer "where is the edema?" or "what shape
+    is the kidney?" (the image's answer: "Left Lobe", "Irregular"; the KG's: "Brain", "Faba bean")."""
+    for q in ("Where is the brain edema located?", "What is the shape of the kidney in the picture?"):
+        assert not KnowledgeGraph().takes_question(q)
+        tool, out = _ask(q)
+        assert out.triples, out  # read and cited
+        assert tool.answer_to(out, _view(), q) is None
+
+
 def test_available_says_why_when_the_folder_is_empty(tmp_path, monkeypatch):
     monkeypatch.setenv("DXAGENT_SLAKE_KG", str(tmp_path))
     reason = KnowledgeGraph().available()
