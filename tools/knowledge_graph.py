@@ -13,7 +13,8 @@ not offered (`available()` says why).
   "also called" / alias -> `alias`; component / composed of -> `component`; shape; where / located / position ->
   a disease's `location` or an organ's `position` (these two are read and cited, but never answer the question or
   count as addressing it: "where is the edema?" asks about this image; IMAGE_RELATIONS); "what is" / definition /
-  describe -> `description` (disease) or `definition` (organ). Other attribute names of the CSVs are reachable through the `relation` input.
+  describe -> `description` (disease) or `definition` (organ). Other attribute names of the CSVs are reachable
+  through the `relation` input.
 - Entity: the `entity` input; else an organ, body system or disease named in the question itself ("What is the
   function of the heart?"); else the case's recorded evidence: the findings other tools stated present (ToolContext.findings,
   which the engine fills from each earlier call's output). For an organ relation "the main organ" is the organ of largest
