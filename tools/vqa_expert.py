@@ -190,7 +190,7 @@ def pooled_unit(grid: np.ndarray) -> np.ndarray:
 
 
 def embed_questions(texts: list[str]) -> np.ndarray:
-    """(n, 384) unit MiniLM vectors, from the model tools/knowledge_search.py loads (offline, sha256-checked)."""
+    """(n, 384) unit MiniLM vectors from the shared sentence model (agent/index/sentences.py; offline, sha256-checked)."""
     from agent.index.sentences import embed
 
     return embed(texts)
