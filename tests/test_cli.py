@@ -71,3 +71,66 @@ def test_bad_input_gives_one_line_error(tmp_path, kind):
 def test_unknown_llm_is_one_line_error(tmp_path):
     r = dx("run", CT, "--llm", "nonsense", "--trace-dir", tmp_path)
     assert r.returncode == 2 and "unknown --llm" in r.stderr and "Traceback" not in r.stderr
+
+
+# -- storage faults: one line, exit 2, no broken file (issue 32) ------------------------------------------------------
+
+@pytest.fixture
+def mount(tmp_path):
+    """mount(name, options) -> a small tmpfs folder under tmp_path (unmounted afterwards); root only."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs (full or read-only disk) needs root")
+    made = []
+
+    def _mount(name: str, options: str) -> Path:
+        where = tmp_path / name
+        where.mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True, text=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()[:120]}")
+        made.append(where)
+        return where
+
+    yield _mount
+    for where in reversed(made):
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def _one_line_exit_2(r) -> str:
+    """The failure is one `error:` line, the last on stderr (a run's live steps may precede it), and exit 2."""
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    errors = [x for x in lines if x.startswith("error:")]
+    assert r.returncode == 2 and errors == lines[-1:] and "Traceback" not in r.stderr, (r.returncode, r.stderr[-2000:])
+    return lines[-1]
+
+
+def test_an_out_that_cannot_take_the_reports_fails_before_the_run(tmp_path, mount):
+    a_file = tmp_path / "taken"
+    a_file.write_text("x")
+    line = _one_line_exit_2(dx("run", CT, "--llm", "tiny", "--trace-dir", tmp_path / "t", "--out", a_file))
+    assert "is a file, not a folder" in line
+    assert not (tmp_path / "t" / "dxagent.sqlite").exists()  # refused before any run started
+    ro = mount("ro", "ro,size=64k")
+    line = _one_line_exit_2(dx("run", CT, "--llm", "tiny", "--trace-dir", tmp_path / "t", "--out", ro / "out"))
+    assert "cannot be written" in line and "Read-only" in line
+
+
+def test_a_trace_store_on_a_read_only_or_full_disk_is_one_line(tmp_path, mount):
+    ro = mount("ro", "ro,size=64k")
+    for args in (["trace", "list"], ["trace", "verify", "--all"], ["run", CT, "--llm", "tiny"]):
+        line = _one_line_exit_2(dx(*args, "--trace-dir", ro / "traces"))
+        assert "Read-only file system" in line, line
+    full = mount("full", "size=48k")
+    line = _one_line_exit_2(dx("run", CT, "--llm", "tiny", "--trace-dir", full / "traces"))
+    assert "full" in line.lower() or "space" in line.lower(), line
+
+
+def test_a_full_disk_under_out_leaves_no_half_written_report(tmp_path, mount):
+    full = mount("fullout", "size=64k")
+    (full / "ballast").write_bytes(b"\0" * (60 * 1024))  # room for the check's empty file, not for a report
+    r = dx("run", CT, "-q", "What is the tissue composition of this CT slice?", "--llm", "tiny",
+           "--trace-dir", tmp_path / "t", "--out", full / "out")
+    line = _one_line_exit_2(r)
+    assert "No space left on device" in line, line
+    left = [p.name for p in (full / "out").iterdir()]
+    assert "report.json" not in left and not [n for n in left if n.endswith(".tmp")], left

@@ -159,7 +159,9 @@ def test_an_inserted_event_with_a_rewritten_chain_is_caught_by_the_seal(recorded
     store = TraceStore(None, d)
     evs = store.events(run_id)
     con = sqlite3.connect(d / "dxagent.sqlite")
-    con.execute("UPDATE event SET seq = seq + 1 WHERE run_id = ? AND seq >= 3", (run_id,))
+    # renumber in two steps: one unique (run, seq) at a time, as a forger with write access would
+    con.execute("UPDATE event SET seq = seq + 100000 WHERE run_id = ? AND seq >= 3", (run_id,))
+    con.execute("UPDATE event SET seq = seq - 99999 WHERE run_id = ? AND seq >= 100000", (run_id,))
     body = canonical({"note": "inserted"})
     con.execute("INSERT INTO event (run_id, seq, kind, node, name, payload, payload_sha256, prev_hash, hash, t) "
                 "VALUES (?, 3, 'note', 'x', 'x', ?, ?, '', '', ?)", (run_id, body, sha256_text(body), evs[2].t))
@@ -233,25 +235,96 @@ def test_forged_records_do_not_verify(tmp_path, monkeypatch):
     assert any("no report event" in p for p in verify_dump(dump, None))
 
 
-def test_a_run_whose_process_died_is_marked_interrupted(tmp_path):
-    """A run left "running" by a process of this host that no longer exists becomes "interrupted" (sealed as it is)
-    the next time a store is opened by the engine or the CLI; a live process's run is left alone."""
+def _dead_owner(store: TraceStore, tmp_path: Path, run_id: str) -> None:
+    """Make `run_id` look written by a process of this host that has ended."""
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = store.get_run(run_id).owner.rpartition(":")[0]
+    _sql(tmp_path, "UPDATE run SET owner = ? WHERE id = ?", f"{host}:{child.stdout.strip()}", run_id)
+
+
+def test_a_run_whose_process_died_is_marked_interrupted_but_never_sealed(tmp_path):
+    """A run left "running" by a process of this host that no longer exists becomes "interrupted" when the engine
+    opens the store - unsealed, so verify calls it incomplete, not intact; a live process's run is left alone; reading
+    commands (list, verify) write nothing."""
     import os
 
     store = TraceStore(None, tmp_path)
     store.start_run("dead", "c", "q", "m", "json", "0" * 64, {})
     store.start_run("live", "c", "q", "m", "json", "0" * 64, {})
-    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    host = store.get_run("dead").owner.rpartition(":")[0]
-    _sql(tmp_path, "UPDATE run SET owner = ? WHERE id = 'dead'", f"{host}:{child.stdout.strip()}")
-    assert store.get_run("live").owner == f"{host}:{os.getpid()}"
+    for i in range(3):
+        store.record("dead", "note", "n", "n", {"i": i})
+    _dead_owner(store, tmp_path, "dead")
+    assert store.get_run("live").owner.endswith(f":{os.getpid()}")
+    r = subprocess.run(DXAGENT + ["trace", "list", "--trace-dir", str(tmp_path)], capture_output=True, text=True,
+                       env={**os.environ, "COLUMNS": "200"})
+    assert r.returncode == 0 and "process ended" in r.stdout and store.get_run("dead").status == "running"
     assert store.mark_interrupted() == ["dead"]
     dead = store.get_run("dead")
-    assert dead.status == "interrupted" and "--resume" in dead.error and dead.seal
+    assert dead.status == "interrupted" and "--resume" in dead.error and not dead.seal
     assert store.get_run("live").status == "running"
-    r = subprocess.run(DXAGENT + ["trace", "verify", "live", "--trace-dir", str(tmp_path)], capture_output=True,
+    problems = verify_dump(store.dump("dead"), None)
+    assert problems and problems[0].startswith("incomplete: the run was interrupted"), problems
+    r = subprocess.run(DXAGENT + ["trace", "verify", "--all", "--trace-dir", str(tmp_path)], capture_output=True,
                        text=True)
-    assert r.returncode == 1 and "INCOMPLETE" in r.stdout, r.stdout
+    assert r.returncode == 1 and "intact" not in r.stdout and r.stdout.count("INCOMPLETE") == 2, r.stdout
+
+
+def test_a_truncated_record_never_verifies_intact(recorded, tmp_path, monkeypatch):
+    """The forgery: delete a finished run's events from seq 3 on, clear its status, report and seal back to
+    "running" under a process that has ended. Opening the store (engine or CLI) and verifying must not end in
+    "intact", with or without a key."""
+    d, res = recorded
+    work = tmp_path / "tr"
+    shutil.copytree(d, work)
+    _sql(work, "DELETE FROM event WHERE run_id = ? AND seq >= 3", res.run_id)
+    _sql(work, "UPDATE run SET status = 'running', report = NULL, seal = NULL, seal_alg = NULL, n_events = NULL, "
+               "head_hash = NULL, finished_at = NULL WHERE id = ?", res.run_id)
+    store = TraceStore(None, work)
+    _dead_owner(store, work, res.run_id)
+    for key in (None, "k" * 32):
+        if key:
+            monkeypatch.setenv("DXAGENT_TRACE_KEY", key)
+        store.mark_interrupted()  # what the engine does when it opens a store
+        assert verify_dump(store.dump(res.run_id), None), key
+        r = subprocess.run(DXAGENT + ["trace", "verify", "--all", "--trace-dir", str(work)], capture_output=True,
+                           text=True)
+        line = next(x for x in r.stdout.splitlines() if res.run_id in x)
+        assert r.returncode == 1 and "intact" not in line and "INCOMPLETE" in line, r.stdout
+
+
+def test_a_run_has_one_writer(tmp_path):
+    """Two --resume of one run at once: the lease (owner, compare-and-set) lets exactly one take it; a run that a
+    live process writes is refused in one line; duplicate event numbers cannot be stored."""
+    import sqlalchemy
+
+    from agent.store.trace import Event, RunBusy
+
+    store = TraceStore(None, tmp_path)
+    store.start_run("r", "c", "q", "m", "json", "0" * 64, {})
+    store.record("r", "note", "n", "n", {})
+    _dead_owner(store, tmp_path, "r")
+    store.mark_interrupted()
+    code = ("import sys, time; from agent.store.trace import TraceStore, RunBusy\n"
+            "s = TraceStore(None, sys.argv[1]); time.sleep(max(0.0, float(sys.argv[2]) - time.time()))\n"
+            "try:\n    s.reopen('r'); print('took'); time.sleep(3)\nexcept RunBusy as e:\n    print('busy', e)\n")
+    import time
+
+    at = str(time.time() + 3.0)
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path), at], stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parents[1]) for _ in range(2)]
+    outs = [p.communicate(timeout=60)[0] for p in procs]
+    assert sorted(o.split()[0] for o in outs) == ["busy", "took"], outs
+    _sql(tmp_path, "UPDATE run SET status = 'running', owner = ? WHERE id = 'r'",
+         store.get_run("r").owner.rpartition(":")[0] + ":1")  # pid 1 is alive: a live writer
+    with pytest.raises(RunBusy, match="being written by process 1"):
+        store.reopen("r")
+    with pytest.raises(sqlalchemy.exc.IntegrityError):
+        from sqlmodel import Session
+
+        with Session(store.engine) as s:
+            s.add(Event(run_id="r", seq=0, kind="note", node="n", name="n", payload="{}", payload_sha256="",
+                        prev_hash="", hash="", t=0.0))
+            s.commit()
 
 
 # -- exports ------------------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from agent.engine.graph import TurnCancelled, new_run_id, stored_inputs
 from agent.engine.planner import evidence_line, prompt_versions
 from agent.engine.report import to_markdown
 from agent.engine.session import DxError, Engine, inputs_sha256, resolve_inputs
+from agent.store.trace import RunBusy
 
 HELP = """commands:
   /tools            the tools that apply to this case
@@ -111,7 +112,10 @@ class Chat:
         n = len(conv) + 1
         rt = self.eng.rt
         rt.now = time.time()
-        self.eng.trace.reopen(self.thread_id)
+        try:
+            self.eng.trace.reopen(self.thread_id)  # the thread's one writer for this turn
+        except RunBusy as exc:
+            raise DxError(str(exc)) from None
         question, _, removed = clean_inputs(question, "")
         rt.record("note", "turn", "turn", {"turn": n, "question": question})
         update = {"question": question, "conversation": conv, "notes": list(dict.fromkeys(st.notes + removed)),

@@ -196,7 +196,12 @@ def run_case(paths: list[str] | None = None, question: str | None = None, *, llm
             raise DxError(f"no run {resume!r} in {trace.url}")
         run_id = resume
         if prior_run.status != "done":
-            trace.reopen(run_id)  # running again (and unsealed) until it finishes
+            from agent.store.trace import RunBusy
+
+            try:
+                trace.reopen(run_id)  # its one writer: running again (and unsealed) until it finishes
+            except RunBusy as exc:
+                raise DxError(str(exc)) from None
     if resume:
         rt.run_id = run_id
         if paths:  # only needed when the run stopped before its intake had loaded the images

@@ -18,8 +18,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import UniqueConstraint, inspect, text, update
 from sqlalchemy import event as sa_event
-from sqlalchemy import inspect, text
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Field, Session, SQLModel, create_engine, select
 
@@ -77,6 +77,8 @@ def _alive(pid: int) -> bool:
 
 
 class Event(SQLModel, table=True):
+    # one event per (run, seq): a second writer of a run fails loudly instead of interleaving duplicate numbers
+    __table_args__ = (UniqueConstraint("run_id", "seq", name="ux_event_run_seq"),)
     id: int | None = Field(default=None, primary_key=True)
     run_id: str = Field(index=True, foreign_key="run.id")
     seq: int
@@ -96,6 +98,10 @@ class Artifact(SQLModel, table=True):
     media_type: str
     path: str  # relative to the artifact root
     bytes: int
+
+
+class RunBusy(RuntimeError):
+    """The run has a live writer (or just got one): a run is written by one process at a time."""
 
 
 def event_hash(prev_hash: str, run_id: str, seq: int, kind: str, node: str, name: str, payload_sha256: str,
@@ -142,6 +148,11 @@ class TraceStore:
         with self.engine.begin() as conn:
             for col in missing:
                 conn.execute(text(f"ALTER TABLE run ADD COLUMN {col.name} {col.type.compile(self.engine.dialect)}"))
+        try:  # a store made before the constraint: the same rule as an index
+            with self.engine.begin() as conn:
+                conn.execute(text("CREATE UNIQUE INDEX IF NOT EXISTS ux_event_run_seq ON event (run_id, seq)"))
+        except IntegrityError:  # it already holds duplicate numbers (two writers, before the lease): verify names
+            pass  # the runs they broke; the store stays readable
 
     # -- runs -------------------------------------------------------------------------------
     def start_run(self, run_id: str, case_id: str, question: str, llm: str, planner_mode: str,
@@ -168,27 +179,52 @@ class TraceStore:
             self._seal(s, run)
 
     def reopen(self, run_id: str) -> None:
-        """A finished run gets more events (a chat thread's next turn): running and unsealed until it finishes."""
-        with self._lock, Session(self.engine) as s:
-            run = s.get(Run, run_id)
-            if run is not None:
-                run.status, run.n_events, run.head_hash, run.seal_alg, run.seal = "running", None, None, None, None
-                run.owner = _owner()
-                s.add(run)
-                s.commit()
+        """Take the run as its one writer (a resumed run, a chat thread's next turn): running and unsealed until it
+        finishes. The lease is the row's `owner` (host:pid), taken with a compare-and-set on the owner it had, so of
+        two processes resuming one run at once exactly one gets it; the other - and anyone while a live process of
+        this host, or any process of another host, holds a running run - gets RunBusy (one line)."""
+        run = self.get_run(run_id)
+        if run is None:
+            raise KeyError(f"no run {run_id!r} in {self.url}")
+        me, owner = _owner(), run.owner or ""
+        if run.status == "running" and owner != me:
+            host, _, pid = owner.rpartition(":")
+            if host != socket.gethostname() or not pid.isdigit():
+                raise RunBusy(f"run {run_id} is running on {host or 'another host'} (its owner): resume it there, "
+                              "or after that process has ended")
+            if _alive(int(pid)):
+                raise RunBusy(f"run {run_id} is being written by process {pid} on this host: wait for it to end")
+        with self._lock, self.engine.begin() as conn:
+            same_owner = Run.owner.is_(None) if run.owner is None else Run.owner == run.owner
+            taken = conn.execute(update(Run).where(Run.id == run_id, same_owner, Run.status == run.status)
+                                 .values(status="running", owner=me, n_events=None, head_hash=None, seal_alg=None,
+                                         seal=None)).rowcount
+        if taken != 1:
+            raise RunBusy(f"run {run_id} was taken by another process just now: it has one writer at a time")
+
+    def process_ended(self, run: Run) -> bool:
+        """A "running" run whose writer was a process of this host that no longer exists (killed, crashed)."""
+        host, _, pid = (run.owner or "").rpartition(":")
+        return run.status == "running" and host == socket.gethostname() and pid.isdigit() and not _alive(int(pid))
 
     def mark_interrupted(self) -> list[str]:
-        """Runs left "running" by a process of this host that no longer exists (killed, crashed, machine reset) become
-        "interrupted", sealed as they are; returns their ids. Runs of other hosts or of live processes are left."""
-        host = socket.gethostname()
+        """Runs left "running" by a process of this host that no longer exists become "interrupted" - status and
+        reason only, never a seal: what is left was not recorded by this process, and a seal over it would vouch
+        for a record that may have lost its end (`trace verify` calls such a run incomplete until a --resume
+        finishes and seals it). The engine does this when it opens a store; reading commands write nothing.
+        Returns the ids it changed; runs of other hosts or of live processes are left."""
         with Session(self.engine) as s:
-            stale = [r.id for r in s.exec(select(Run).where(Run.status == "running"))
-                     if (r.owner or "").rpartition(":")[0] == host and r.owner.rpartition(":")[2].isdigit()
-                     and not _alive(int(r.owner.rpartition(":")[2]))]
-        for run_id in stale:
-            self.finish_run(run_id, "interrupted", error="the process running it ended before it finished (killed "
-                                                         "or crashed); resume it with --resume")
-        return stale
+            stale = [(r.id, r.owner) for r in s.exec(select(Run).where(Run.status == "running"))
+                     if self.process_ended(r)]
+        done = []
+        for run_id, owner in stale:
+            with self._lock, self.engine.begin() as conn:
+                if conn.execute(update(Run).where(Run.id == run_id, Run.owner == owner, Run.status == "running")
+                                .values(status="interrupted", finished_at=datetime.now(UTC).isoformat(),
+                                        error="the process running it ended before it finished (killed or "
+                                              "crashed); resume it with --resume")).rowcount == 1:
+                    done.append(run_id)
+        return done
 
     def reseal(self, run_id: str) -> None:
         """Seal again after events were added to a finished run, keeping its status."""
@@ -385,6 +421,10 @@ def verify_dump(dump: dict[str, Any], artifact_root: str | Path | None) -> list[
                 problems.append("run row edited (report, status, question or settings differ from the seal)")
         except KeyError as exc:
             problems.append(str(exc.args[0]))
+    elif run.get("status") == "interrupted":
+        problems.append(f"incomplete: the run was interrupted (its process ended) before it was sealed; its {len(events)} "
+                        "events chain correctly, but an unsealed record cannot show that none were removed from its "
+                        "end - finish it with --resume")
     elif run.get("status") != "running":
         problems.append(f"run is {run.get('status')} but not sealed (written by an older dxagent, or the seal removed)")
     else:  # a record without its seal proves nothing about its end: say so rather than "intact"

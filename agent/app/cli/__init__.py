@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 import typer
+from sqlalchemy.exc import SQLAlchemyError
 
 from agent.app.cli import cases
 from agent.app.cli.library import library_app
@@ -27,4 +28,26 @@ app.add_typer(models_app, name="models")
 
 def main() -> None:  # pragma: no cover
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    app()
+    try:
+        app()
+    except (OSError, SQLAlchemyError) as exc:  # a full disk, a read-only or immutable store, a folder that is a
+        raise SystemExit(io_failure(exc)) from None  # file: one line and exit 2, wherever it struck
+
+
+def io_failure(exc: BaseException) -> int:
+    """Print the one line for a storage failure (the command's own errors are already one line) and return 2."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from agent.app.cli.options import err
+
+    if isinstance(exc, SQLAlchemyError):
+        orig = getattr(exc, "orig", None) or exc
+        text = " ".join(str(orig).split())[:200]
+        msg = f"the trace store cannot be used: {text} (check the trace folder's disk space and permissions)"
+    elif isinstance(exc, OSError) and exc.strerror:
+        where = f": {exc.filename}" if exc.filename else ""
+        msg = f"{exc.strerror}{where}"
+    else:
+        msg = " ".join(str(exc).split())[:200] or type(exc).__name__
+    err.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
+    return 2

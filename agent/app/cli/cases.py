@@ -31,9 +31,11 @@ from agent.app.cli.options import (
     err,
     fail,
     out,
+    writable_folder,
 )
 from agent.app.cli.trace import load_trace
 from agent.core.errors import UserError
+from agent.core.files import write_atomic
 
 
 def demo_cases() -> list[tuple[str, str, str]]:
@@ -135,15 +137,16 @@ def run(
     if not image and not resume:
         fail("give an IMAGE (file or DICOM folder) or --resume RUN_ID")
     target = _push_target(push, [str(p) for p in image or []])  # a bad --push fails before the run, not after
+    if out_dir:
+        writable_folder(out_dir)  # so does an --out that cannot take the reports
     res = _run_one([str(p) for p in image or []], question, llm=llm, base_url=base_url, model=model,
                    api_key=api_key, llm_timeout_s=llm_timeout, modality=modality, body_part=body_part,
                    clinical_context=context, max_steps=max_steps, max_wall_s=max_seconds,
                    trace_dir=trace_dir, db_url=db_url, resume=resume, route=not no_route)
     run_id, report = res.run_id, res.report or {}
     if out_dir:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "report.json").write_text(json.dumps(report, indent=2))
-        (out_dir / "report.md").write_text(to_markdown(report))
+        write_atomic(out_dir / "report.json", json.dumps(report, indent=2))  # a full disk leaves no half file
+        write_atomic(out_dir / "report.md", to_markdown(report))
         _write_fhir(report, out_dir / "report.fhir.json", image or [])
     if (out_dir or target) and res.report:
         _write_dicom(res, out_dir, target, trace_dir, db_url)
@@ -256,6 +259,7 @@ def batch(
     if push and push != "source":
         _push_target(push, [])  # a malformed server fails now, not once per case
 
+    writable_folder(out_dir)
     progress, on_start, tick = _progress("batch", "case", out_dir)
 
     def on_case(rec: dict[str, Any]) -> None:
@@ -328,6 +332,7 @@ def eval_cmd(
     from agent.app.eval import run_eval
     from agent.app.eval_data import ManifestError
 
+    writable_folder(out_dir)
     progress, on_start, tick = _progress("eval", "item", out_dir)
 
     def on_item(rec: dict[str, Any]) -> None:
@@ -379,13 +384,13 @@ def demo(
     table = Table(title="dxagent demo (research use only)")
     for col in ("case", "outcome", "findings", "impression", "trace id"):
         table.add_column(col, overflow="fold")
+    writable_folder(out_dir)
     for name, path, question in demo_cases():
         err.print(f"[bold]{name}[/]: {question}")
         res = _run_one([path], question, llm=llm, trace_dir=trace_dir)
         run_id, report = res.run_id, res.report or {}
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / f"{name}.json").write_text(json.dumps(report, indent=2))
-        (out_dir / f"{name}.md").write_text(to_markdown(report))
+        write_atomic(out_dir / f"{name}.json", json.dumps(report, indent=2))
+        write_atomic(out_dir / f"{name}.md", to_markdown(report))
         if res.report:
             _write_dicom(res, out_dir / f"{name}_dicom", None, trace_dir, None)
         table.add_row(name, report["recommendation"]["outcome"], str(len(report["findings"])),

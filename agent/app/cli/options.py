@@ -20,6 +20,22 @@ def fail(msg: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def writable_folder(path: Path, what: str = "--out") -> Path:
+    """`path` as an output folder, checked before any work is done: created if missing; one line (exit 2) when it
+    names a file or cannot be written (read-only, no permission)."""
+    import tempfile
+
+    if path.exists() and not path.is_dir():
+        fail(f"{what} {path} is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        fail(f"{what} {path} cannot be written: {exc.strerror or exc}")
+    return path
+
+
 NoRoute = Annotated[bool, typer.Option("--no-route", help="let the planner choose every call (by default a question "
                                       "about a named subject goes straight to a tool that addresses it)")]
 

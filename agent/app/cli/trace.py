@@ -19,9 +19,8 @@ def trace_store(trace_dir: Path | None, db_url: str | None):
     from agent.engine.session import default_trace_dir
     from agent.store.trace import TraceStore
 
-    store = TraceStore(db_url, trace_dir or default_trace_dir())
-    store.mark_interrupted()  # runs whose process died are not "running"
-    return store
+    # reading writes nothing: a run whose process died is shown as such, and marked only by the engine (unsealed)
+    return TraceStore(db_url, trace_dir or default_trace_dir())
 
 
 def load_trace(ref: str, trace_dir: Path | None, db_url: str | None) -> tuple[dict, Path]:
@@ -51,8 +50,10 @@ def trace_list(trace_dir: TraceDir = None,
     table = Table(title="runs")
     for col in ("run id", "case", "status", "llm", "created", "sealed"):
         table.add_column(col, overflow="fold")
-    for r in trace_store(trace_dir, db_url).runs(limit, status):
-        table.add_row(r.id, r.case_id, r.status, r.llm, r.created_at[:19], r.seal_alg or "no")
+    store = trace_store(trace_dir, db_url)
+    for r in store.runs(limit, status):
+        shown = "running (its process ended)" if store.process_ended(r) else r.status
+        table.add_row(r.id, r.case_id, shown, r.llm, r.created_at[:19], r.seal_alg or "no")
     out.print(table)
 
 
@@ -118,7 +119,9 @@ def trace_verify(
         n = len(dump["events"])
         if problems:
             bad += 1
-            verdict = "INCOMPLETE" if all(p.startswith("incomplete") for p in problems) else "TAMPERED"
+            verdict = ("INCOMPLETE" if all(p.startswith("incomplete") for p in problems) else
+                       "UNCHECKED" if all(p.startswith("this run is sealed with a key") for p in problems) else
+                       "TAMPERED")
             out.print(f"[red]{verdict}[/] {dump['run']['id']} ({n} events)", highlight=False)
             for p in problems:
                 out.print(f"  - {p}", highlight=False, soft_wrap=True)
