@@ -65,8 +65,9 @@ def main() -> None:
         walls = [r["wall"] for r in rows]
         over = [max(0.0, r["wall"] - sum(r["decisions"]) - r["tool_s"]) / r["wall"] for r in rows]
         print(f"\nplanner={args.llm}: warm wall per case median {statistics.median(walls):.2f} s (max {max(walls):.2f}); "
-              f"per decision median {statistics.median(dec):.2f} s (max {max(dec):.2f}); "
-              f"overhead median {100 * statistics.median(over):.1f} %")
+              + (f"per decision median {statistics.median(dec):.2f} s (max {max(dec):.2f}); " if dec else
+                 "no planner decision (every step routed); ")
+              + f"overhead median {100 * statistics.median(over):.1f} %")
 
 
 if __name__ == "__main__":
