@@ -61,6 +61,9 @@ def _learned():
     ("Where in the image is the lesion located?", {"kind": "location", "finding": "lesion"}),
     ("In which lobe does the mass lie?", {"kind": "location", "finding": "mass"}),
     ("Where is the heart?", {"kind": "location", "organ": "heart", "subject_type": "structure"}),
+    # "can you identify X?" asks whether X is there; only a generic object asks for a name
+    ("Can you identify the urinary bladder here?", {"kind": "yes_no", "organ": "urinary bladder", "describe": False}),
+    ("Can you identify the organ on the left?", {"kind": "open"}),
 ])
 @pytest.mark.parametrize("reader", ["rules", "learned"])
 def test_free_form_readings(text, want, reader):

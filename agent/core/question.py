@@ -597,9 +597,12 @@ def _pred_kind(pred: str) -> str:
 def _words(text: str) -> str:
     q = words(text)
     q = re.sub(r"\b(is|are) (is|are)\b", r"\1", q)
-    q = re.sub(r"^(?:can|could|would|will)\s+you\s+(?:please\s+)?(name|identify|list|locate|segment|measure|outline|"
+    q = re.sub(r"^(?:can|could|would|will)\s+you\s+(?:please\s+)?(name|list|locate|segment|measure|outline|"
                r"count)\b(?!\s+(?:an?|any)\b)", r"\1", q)  # "Can you name the organ ...?" asks for the name, not a
-    # yes/no; "Can you identify a pituitary tumor?" asks whether there is one (_EXIST reads it)
+    # yes/no; "Can you identify a pituitary tumor?" asks whether there is one (_EXIST reads it), and so does "Can you
+    # identify the urinary bladder here?": only a generic object ("the organ on the left") asks for a name
+    q = re.sub(r"^(?:can|could|would|will)\s+you\s+(?:please\s+)?(identify)\b(?=\s+(?:the\s+)?(?:organs?|structures?|"
+               r"abnormalit\w*|lesions?|findings?|diseases?|what|which)\b)", r"\1", q)
     return re.sub(r"\b(existing|existed)\b ", "", q)
 
 
