@@ -306,7 +306,7 @@ def test_a_run_has_one_writer(tmp_path):
     store.mark_interrupted()
     code = ("import sys, time; from agent.store.trace import TraceStore, RunBusy\n"
             "s = TraceStore(None, sys.argv[1]); time.sleep(max(0.0, float(sys.argv[2]) - time.time()))\n"
-            "try:\n    s.reopen('r'); print('took'); time.sleep(3)\nexcept RunBusy as e:\n    print('busy', e)\n")
+            "try:\n    s.reopen('r'); print('took'); time.sleep(8)\nexcept RunBusy as e:\n    print('busy', e)\n")
     import time
 
     at = str(time.time() + 3.0)
