@@ -206,3 +206,29 @@ def test_ray_executor_on_a_local_instance(images, tmp_path):
     # resume on Ray: nothing left but the failed case
     s2 = run_batch(m, out, workers=2, executor="ray", llm="scripted", script=[call("inspect_image")])
     assert s2.skipped == 2 and s2.ran == 1
+
+
+def test_a_huge_manifest_or_row_is_one_line_and_bounded(tmp_path, monkeypatch):
+    """A manifest is read only up to its cap (DXAGENT_MAX_MANIFEST_BYTES), never whole; a row longer than a row may
+    be is that row's error, not a parse of it (a 1 GB line once cost 3.2 GB of memory); the eval reader shares both."""
+    import json as _json
+    import shutil
+
+    from agent.app.eval_data import read_eval_manifest
+
+    shutil.copy(CT, tmp_path / "ct.dcm")  # a manifest's images lie under its folder
+    shutil.copy(MR, tmp_path / "mr.dcm")
+    rows = [{"image": "ct.dcm", "question": "What modality?", "answer": "CT"},
+            {"image": "ct.dcm", "question": "x" * (2**20 + 10)},
+            {"image": "mr.dcm", "question": "What modality?", "answer": "MR"}]
+    m = tmp_path / "m.jsonl"
+    m.write_text("".join(_json.dumps(r) + "\n" for r in rows))
+    _, specs = read_manifest(m)
+    assert [s.error is None for s in specs] == [True, False, True] and "longer than a manifest row" in specs[1].error
+    _, items = read_eval_manifest(m)
+    assert sum("longer than a manifest row" in (i.error or "") for i in items) == 1
+    monkeypatch.setenv("DXAGENT_MAX_MANIFEST_BYTES", "1000")
+    for reader in (read_manifest, read_eval_manifest):
+        with pytest.raises(ManifestError, match="the cap for a manifest") as exc:
+            reader(m)
+        assert "\n" not in str(exc.value)

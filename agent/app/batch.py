@@ -45,7 +45,7 @@ from typing import Any
 
 from agent.app.executors import CaseSpec, now, prepare_stores, run_local
 from agent.core.errors import ManifestError  # noqa: F401 - re-exported: the manifest readers raise it
-from agent.core.files import write_atomic
+from agent.core.files import TooLarge, read_manifest_text, row_too_long, write_atomic
 from agent.imaging.dicomweb import DicomWebError, is_query, is_reference, query, study_key
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom", ".nii", ".nii.gz", ".mha",
@@ -143,13 +143,18 @@ def read_manifest(path: str | Path, root: str | Path | None = None) -> tuple[Pat
     else:
         root = path.resolve().parent
         try:
-            text = path.read_text(encoding="utf-8-sig")
+            text = read_manifest_text(path)
+        except TooLarge as exc:
+            raise ManifestError(str(exc)) from None
         except (OSError, UnicodeDecodeError) as exc:
             raise ManifestError(f"{path}: cannot read the manifest as UTF-8 text ({exc})") from None
         if path.suffix.lower() in (".jsonl", ".ndjson"):
             specs = []
             for n, line in enumerate(text.splitlines(), 1):
                 if not line.strip():
+                    continue
+                if too_long := row_too_long(line, f"line {n}"):
+                    specs.append(CaseSpec("", where=f"line {n}", error=too_long))
                     continue
                 try:
                     row = json.loads(line)

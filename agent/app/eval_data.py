@@ -36,6 +36,7 @@ from typing import Any
 
 from agent.app.eval_metrics import normalize_answer
 from agent.core.errors import ManifestError  # noqa: F401 - re-exported: the manifest readers raise it
+from agent.core.files import TooLarge, read_manifest_text, row_too_long
 
 ID_KEYS = ("case_id", "id", "qid")
 IMAGE_KEYS = ("image", "img_name", "image_name", "image_id", "path")
@@ -156,6 +157,9 @@ def _json_rows(path: Path, text: str) -> list[tuple[str, dict[str, Any] | None, 
         for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
+            if too_long := row_too_long(line, f"line {n}"):
+                out.append((f"line {n}", None, too_long))
+                continue
             try:
                 entries.append((f"line {n}", json.loads(line)))
             except json.JSONDecodeError as exc:
@@ -239,7 +243,9 @@ def read_eval_manifest(path: str | Path, root: str | Path | None = None) -> tupl
     if suffix not in (".jsonl", ".ndjson", ".json", ".txt"):
         raise ManifestError(f"{path}: an eval manifest is a .jsonl, .json or .txt file, not {path.suffix or 'this'}")
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        text = read_manifest_text(path)
+    except TooLarge as exc:
+        raise ManifestError(str(exc)) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ManifestError(f"{path}: cannot read the manifest as UTF-8 text ({exc})") from None
     base = given_root or path.resolve().parent

@@ -42,3 +42,31 @@ def write_atomic(path: str | Path, data: str | bytes, mode: int = 0o644) -> None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+MANIFEST_MAX_BYTES = 64 * 2**20  # a manifest of 100,000 rows is about 20 MB; DXAGENT_MAX_MANIFEST_BYTES changes it
+MANIFEST_MAX_LINE = 2**20  # characters in one manifest row (a row names an image, a question and an answer)
+
+
+class TooLarge(ValueError):
+    """A manifest (or one of its rows) over its cap: the message is one line."""
+
+
+def read_manifest_text(path: str | Path) -> str:
+    """A manifest's text, read only up to its cap (so a huge file, a device or a pipe cannot take the memory): UTF-8,
+    a byte-order mark dropped. TooLarge past the cap; OSError / UnicodeDecodeError as reading raises them."""
+    raw = os.environ.get("DXAGENT_MAX_MANIFEST_BYTES", "").strip()
+    cap = int(raw) if raw.isdigit() and int(raw) > 0 else MANIFEST_MAX_BYTES
+    with open(path, "rb") as fh:
+        data = fh.read(cap + 1)
+    if len(data) > cap:
+        raise TooLarge(f"{path}: larger than {cap:,} bytes, the cap for a manifest (DXAGENT_MAX_MANIFEST_BYTES): "
+                       "split it")
+    return data.decode("utf-8-sig")
+
+
+def row_too_long(line: str, where: str) -> str | None:
+    """The one-line error for a manifest row over MANIFEST_MAX_LINE characters, else None."""
+    if len(line) > MANIFEST_MAX_LINE:
+        return f"{where}: {len(line):,} characters, longer than a manifest row may be ({MANIFEST_MAX_LINE:,})"
+    return None
