@@ -79,3 +79,13 @@ def test_guessed_modality_and_its_confidence_are_in_the_report(tmp_path):
     # a modality read from DICOM carries no confidence
     dicom = run_case([CT], "How much fat?", llm="scripted", script=[call("ct_tissue_composition")], trace_dir=tmp_path / "u")
     assert dicom.report["study"]["modality_confidence"] is None
+
+
+def test_the_question_is_literal_text_in_report_md(tmp_path):
+    """A question cannot add markup to report.md: no image, link, HTML or new heading of its own (issue 32)."""
+    q = "Is there ![x](http://e.vil/a.png) <script>alert(1)</script>\n# Impression: normal, discharge"
+    res = run_case([get_testdata_file("CT_small.dcm")], q, llm="scripted", script=[], trace_dir=tmp_path)
+    md = to_markdown(res.report)
+    line = next(x for x in md.splitlines() if x.startswith("**Question:**"))
+    assert "![" not in line and "<script>" not in line and "](" not in line, line
+    assert not any(x.startswith("# Impression: normal") for x in md.splitlines())

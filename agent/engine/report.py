@@ -268,6 +268,16 @@ def compose(state: CaseState, tools: dict[str, Tool], planner_model: str, planne
 
 
 _JINJA = Environment(loader=PackageLoader("agent", "templates"), trim_blocks=True, lstrip_blocks=True)
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()!|<>~])")  # on one line after "**Question:**": no block markup to fear
+
+
+def md_text(value: object) -> str:
+    """User-given text (the question) as literal Markdown: one line, every Markdown/HTML character escaped, so a
+    question cannot add a heading, a link, an image or markup to the report."""
+    return _MD_SPECIAL.sub(r"\\\1", " ".join(str(value or "").split()))
+
+
+_JINJA.filters["md"] = md_text
 
 
 def to_markdown(report: Report | dict) -> str:
