@@ -232,3 +232,6 @@ def test_a_huge_manifest_or_row_is_one_line_and_bounded(tmp_path, monkeypatch):
         with pytest.raises(ManifestError, match="the cap for a manifest") as exc:
             reader(m)
         assert "\n" not in str(exc.value)
+    monkeypatch.setenv("DXAGENT_MAX_MANIFEST_BYTES", "lots")  # a cap that is not a size is said, not ignored
+    with pytest.raises(ManifestError, match="not a positive whole number"):
+        read_manifest(m)

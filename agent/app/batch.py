@@ -45,7 +45,7 @@ from typing import Any
 
 from agent.app.executors import CaseSpec, now, prepare_stores, run_local
 from agent.core.errors import ManifestError  # noqa: F401 - re-exported: the manifest readers raise it
-from agent.core.files import TooLarge, read_manifest_text, row_too_long, write_atomic
+from agent.core.files import ManifestCapError, read_manifest_text, row_too_long, write_atomic
 from agent.imaging.dicomweb import DicomWebError, is_query, is_reference, query, study_key
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom", ".nii", ".nii.gz", ".mha",
@@ -144,7 +144,7 @@ def read_manifest(path: str | Path, root: str | Path | None = None) -> tuple[Pat
         root = path.resolve().parent
         try:
             text = read_manifest_text(path)
-        except TooLarge as exc:
+        except ManifestCapError as exc:
             raise ManifestError(str(exc)) from None
         except (OSError, UnicodeDecodeError) as exc:
             raise ManifestError(f"{path}: cannot read the manifest as UTF-8 text ({exc})") from None

@@ -36,7 +36,7 @@ from typing import Any
 
 from agent.app.eval_metrics import normalize_answer
 from agent.core.errors import ManifestError  # noqa: F401 - re-exported: the manifest readers raise it
-from agent.core.files import TooLarge, read_manifest_text, row_too_long
+from agent.core.files import ManifestCapError, read_manifest_text, row_too_long
 
 ID_KEYS = ("case_id", "id", "qid")
 IMAGE_KEYS = ("image", "img_name", "image_name", "image_id", "path")
@@ -244,7 +244,7 @@ def read_eval_manifest(path: str | Path, root: str | Path | None = None) -> tupl
         raise ManifestError(f"{path}: an eval manifest is a .jsonl, .json or .txt file, not {path.suffix or 'this'}")
     try:
         text = read_manifest_text(path)
-    except TooLarge as exc:
+    except ManifestCapError as exc:
         raise ManifestError(str(exc)) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ManifestError(f"{path}: cannot read the manifest as UTF-8 text ({exc})") from None

@@ -48,19 +48,21 @@ MANIFEST_MAX_BYTES = 64 * 2**20  # a manifest of 100,000 rows is about 20 MB; DX
 MANIFEST_MAX_LINE = 2**20  # characters in one manifest row (a row names an image, a question and an answer)
 
 
-class TooLarge(ValueError):
-    """A manifest (or one of its rows) over its cap: the message is one line."""
+class ManifestCapError(ValueError):
+    """A manifest over its cap, or the cap set to something that is not a size: the message is one line."""
 
 
 def read_manifest_text(path: str | Path) -> str:
     """A manifest's text, read only up to its cap (so a huge file, a device or a pipe cannot take the memory): UTF-8,
-    a byte-order mark dropped. TooLarge past the cap; OSError / UnicodeDecodeError as reading raises them."""
+    a byte-order mark dropped. ManifestCapError past the cap; OSError / UnicodeDecodeError as reading raises them."""
     raw = os.environ.get("DXAGENT_MAX_MANIFEST_BYTES", "").strip()
-    cap = int(raw) if raw.isdigit() and int(raw) > 0 else MANIFEST_MAX_BYTES
+    if raw and not (raw.isdigit() and int(raw) > 0):
+        raise ManifestCapError(f"DXAGENT_MAX_MANIFEST_BYTES={raw[:20]!r} is not a positive whole number of bytes")
+    cap = int(raw) if raw else MANIFEST_MAX_BYTES
     with open(path, "rb") as fh:
         data = fh.read(cap + 1)
     if len(data) > cap:
-        raise TooLarge(f"{path}: larger than {cap:,} bytes, the cap for a manifest (DXAGENT_MAX_MANIFEST_BYTES): "
+        raise ManifestCapError(f"{path}: larger than {cap:,} bytes, the cap for a manifest (DXAGENT_MAX_MANIFEST_BYTES): "
                        "split it")
     return data.decode("utf-8-sig")
 

@@ -186,14 +186,13 @@ class TraceStore:
         run = self.get_run(run_id)
         if run is None:
             raise KeyError(f"no run {run_id!r} in {self.url}")
-        me, owner = _owner(), run.owner or ""
-        if run.status == "running" and owner != me:
-            host, _, pid = owner.rpartition(":")
-            if host != socket.gethostname() or not pid.isdigit():
-                raise RunBusy(f"run {run_id} is running on {host or 'another host'} (its owner): resume it there, "
-                              "or after that process has ended")
-            if _alive(int(pid)):
-                raise RunBusy(f"run {run_id} is being written by process {pid} on this host: wait for it to end")
+        me = _owner()
+        if run.status == "running" and run.owner != me and not self.process_ended(run):
+            host, _, pid = (run.owner or "").rpartition(":")
+            raise RunBusy(f"run {run_id} is being written by process {pid} on this host: wait for it to end"
+                          if host == socket.gethostname() else
+                          f"run {run_id} is running on {host or 'another host'} (its owner): resume it there, or "
+                          "after that process has ended")
         with self._lock, self.engine.begin() as conn:
             same_owner = Run.owner.is_(None) if run.owner is None else Run.owner == run.owner
             taken = conn.execute(update(Run).where(Run.id == run_id, same_owner, Run.status == run.status)

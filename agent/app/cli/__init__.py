@@ -36,8 +36,6 @@ def main() -> None:  # pragma: no cover
 
 def io_failure(exc: BaseException) -> int:
     """Print the one line for a storage failure (the command's own errors are already one line) and return 2."""
-    from sqlalchemy.exc import SQLAlchemyError
-
     from agent.app.cli.options import err
 
     if isinstance(exc, SQLAlchemyError):
