@@ -20,10 +20,16 @@ def test_uncited_findings_are_dropped_and_recorded():
     assert len(dropped) == 2 and "'b'" in dropped[0] and "'c'" in dropped[1]
 
 
+GROUNDS = {"E1": "ct tissue composition body 5618.45 mm2: lung 0%, fat 25%, soft_tissue 53%, bone 8%",
+           "E2": "organ segment liver: present (p=0.90) at right; spleen: absent (p=0.80)"}
+SEG = [Finding(label="liver", present=True, evidence_ids=["E2"]), Finding(label="spleen", present=False,
+                                                                           evidence_ids=["E2"])]
+
+
 def test_model_sentences_need_valid_citations():
-    text = "Fat is 25 % of the body [E1]. The patient has cancer. Bone is 8 % [E7]. Both agree [E1, E2]."
-    kept, dropped = cited_sentences(text, {"E1", "E2"})
-    assert kept == "Fat is 25 % of the body [E1]. Both agree [E1, E2]."
+    text = "Fat is 25 % of the body [E1]. The patient has cancer. Bone is 8 % [E7]. Fat and liver were measured [E1, E2]."
+    kept, dropped = cited_sentences(text, GROUNDS)
+    assert kept == "Fat is 25 % of the body [E1]. Fat and liver were measured [E1, E2]."
     assert len(dropped) == 2 and "cancer" in dropped[0] and "E7" in dropped[1]
 
 
@@ -32,9 +38,25 @@ def test_a_cited_sentence_claiming_a_disposition_is_dropped():
     needs no follow-up [E1]" and it was kept because only the citation's form was checked."""
     text = ("Fat is 25 % of the body [E1]. The patient is healthy and needs no follow-up [E1]. "
             "No further imaging is required [E2]. Liver cancer is ruled out [E1]. A normal study [E2].")
-    kept, dropped = cited_sentences(text, {"E1", "E2"})
+    kept, dropped = cited_sentences(text, GROUNDS)
     assert kept == "Fat is 25 % of the body [E1]."
     assert len(dropped) == 4 and all("no cited evidence states" in d for d in dropped)
+
+
+def test_a_sentence_may_only_restate_what_its_cited_evidence_states():
+    """Issue 32 item 6: paraphrased dispositions passed the word list ("the scan is unremarkable", "no malignancy is
+    present", "the patient can go home"). Each sentence is now checked against the evidence it cites: its words,
+    its numbers (to the precision written) and the presence or absence of the findings it names."""
+    text = ("The scan is unremarkable [E1]. No malignancy is present [E2]. The patient can go home [E1]. "
+            "Fat is 52 % of the body [E1]. The spleen is present [E2]. The liver was not found [E2]. "
+            "Fat makes up about 25 % of the body [E1]. The spleen was not found [E2]. "
+            "The liver was segmented on the right [E2].")
+    kept, dropped = cited_sentences(text, GROUNDS, SEG)
+    assert kept == ("Fat makes up about 25 % of the body [E1]. The spleen was not found [E2]. "
+                    "The liver was segmented on the right [E2].")
+    assert len(dropped) == 6
+    for part in ("'unremarkable'", "'malignancy'", "'home'", "number 52", "states spleen", "negates liver"):
+        assert any(part in d for d in dropped), part
 
 
 def test_template_impression_cites_evidence(tmp_path):
@@ -44,11 +66,11 @@ def test_template_impression_cites_evidence(tmp_path):
 
 
 def test_endpoint_impression_obeys_the_rule(tmp_path):
-    narrator = ScriptedChat(responses=["Fat makes up a quarter of the body [E1]. This is clearly malignant."])
+    narrator = ScriptedChat(responses=["Fat makes up about 25 % of the body [E1]. This is clearly malignant [E1]."])
     res = run_case([CT], "How much fat?", llm="scripted", script=[call("ct_tissue_composition")],
                    trace_dir=tmp_path, narrator=narrator)
     rep = res.report
-    assert rep["impression"] == "Fat makes up a quarter of the body [E1]."
+    assert rep["impression"] == "Fat makes up about 25 % of the body [E1]."
     assert any("malignant" in d for d in rep["dropped_claims"])
     assert "## Dropped claims" in to_markdown(rep)
 

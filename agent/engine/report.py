@@ -17,8 +17,9 @@ from pydantic import BaseModel, Field
 
 from agent.analysis.study import study_facts, study_notes
 from agent.core.question import Question, parse_question
-from agent.core.state import Answer, CaseState
+from agent.core.state import Answer, CaseState, Evidence
 from agent.core.tool import Measurement, Tool
+from agent.core.vocab import words
 from agent.engine.answer import compose_answer, findings_of, grace_seconds
 from agent.engine.planner import bounded_call, case_line, evidence_line, prompt_versions, render
 
@@ -144,19 +145,85 @@ _DISPOSITION = re.compile(
     r"normal (?:study|scan|exam\w*|patient)|ruled? out|benign and|reassur\w*|can be discharged|discharge)\b", re.I)
 
 
-def cited_sentences(text: str, valid: set[str]) -> tuple[str, list[str]]:
-    """Keep sentences that cite a valid evidence id and claim no clinical disposition (healthy, no follow-up,
-    ruled out, ...: no tool states those, so the citation cannot support them); return the kept text and the
-    reasons for each dropped sentence."""
+# words a sentence may use without the cited evidence saying them: grammar, and the plain verbs and nouns of
+# restating a tool's result. Everything else - every finding, organ, adjective, negation and number - must be in
+# the evidence the sentence cites (issue 32 item 6: a disposition paraphrased past _DISPOSITION, "the scan is
+# unremarkable", "the patient can go home", is a claim no evidence states)
+_PHRASING = frozenset("""
+a an the this that these those there it its is are was were be been being has have had of in on at to for from by with
+and or as per than into within across over under between about approximately around roughly nearly almost which
+whose what where when while also both each either all other another some any more less most least same overall total
+only image images study scan slice section view case measured measure measures measurement measurements shows show
+showed shown found finds finding findings detected detects segmented segments estimated estimates reported reports
+identified seen visible evidence tool tools value values result results gives give gave given returns returned
+computed calculated mean average percent mm mm2 mm3 cm hu px pixel pixels probability confidence p may might could
+possibly likely uncertain uncertainty appears appear suggests suggest consistent indicates indicate here make makes
+made up contains contain includes include located lies but while whereas
+""".split())
+_NEGATIONS = frozenset("no not without absent negative none neither nor".split())
+_TOKEN = re.compile(r"\d+(?:\.\d+)?|[a-z][a-z0-9]*")
+
+
+def _key(word: str) -> str:
+    """A crude stem: a word's first five letters (plural and tense endings fall away: "segmented" ~ "segment")."""
+    return word[:5]
+
+
+def grounding_text(e: Evidence, tools: dict[str, Tool], findings: list[Finding]) -> str:
+    """What evidence `e` states, as text a sentence citing it may restate: the tool, its one-line summary and the
+    findings (labels, presence, measurements, notes) drawn from it."""
+    lines = [e.tool.replace("_", " "), evidence_line(e, tools)["summary"]]
+    lines += [finding_line(f) + (f" {f.note}" if f.note else "") + (f" {f.location}" if f.location else "")
+              for f in findings if e.id in f.evidence_ids]
+    return " ".join(lines)
+
+
+def ungrounded(sentence: str, ground: str, findings: list[Finding]) -> str | None:
+    """Why `sentence` says more than `ground` (the text of the evidence it cites) states, or None when every word
+    is grammar, plain restating vocabulary (_PHRASING) or in the evidence, every number is one of the evidence's
+    (to the precision written), and no finding the evidence calls absent is stated without a negation."""
+    body = _CITE.sub(" ", sentence).lower()
+    have = _TOKEN.findall(ground.lower())
+    keys = {_key(w) for w in have if not w[0].isdigit()}
+    nums = [float(w) for w in have if w[0].isdigit()]
+    toks = _TOKEN.findall(body)
+    said_no = any(w in _NEGATIONS for w in have)  # "absent" in the evidence grounds "not found" in the sentence
+    extra = [w for w in toks if not w[0].isdigit() and w not in _PHRASING and _key(w) not in keys
+             and not (said_no and w in _NEGATIONS)]
+    if extra:
+        return f"says {', '.join(repr(w) for w in dict.fromkeys(extra))}, which the cited evidence does not"
+    for w in (w for w in toks if w[0].isdigit()):
+        half = 0.5 * 10.0 ** -(len(w.split(".")[1]) if "." in w else 0) + 1e-9  # rounded as written
+        if not any(abs(float(w) - n) <= half for n in nums):
+            return f"gives the number {w}, which the cited evidence does not"
+    negated, said = any(w in _NEGATIONS for w in toks), f" {' '.join(toks)} "
+    named = [(f.present, lab) for f in findings if (lab := words(re.sub(r"\([^)]*\)", " ", f.label)))
+             and f" {lab} " in said]
+    for present, label in named:
+        if present is False and not negated:
+            return f"states {label} without the absence the cited evidence gives"
+        if present is True and negated and not any(p is False for p, _ in named):
+            return f"negates {label}, which the cited evidence gives as present"
+    return None
+
+
+def cited_sentences(text: str, grounds: dict[str, str],
+                    findings: list[Finding] | None = None) -> tuple[str, list[str]]:
+    """Keep the sentences that cite valid evidence ids (`grounds`: id -> what that evidence states, grounding_text)
+    and restate only what that evidence states (`ungrounded`); a clinical disposition (healthy, no follow-up, ruled
+    out, ...) is named as such. Return the kept text and the reason for each dropped sentence."""
     kept, dropped = [], []
     for sent in re.split(r"(?<=[.!?])\s+", text.strip()):
         if not sent:
             continue
         ids = {i.strip() for group in _CITE.findall(sent) for i in group.split(",")}
-        if not (ids and ids <= valid):
+        if not (ids and ids <= set(grounds)):
             dropped.append(f"uncited or wrongly cited sentence dropped: {sent!r}")
         elif m := _DISPOSITION.search(sent):
             dropped.append(f"sentence claiming {m.group(0)!r}, which no cited evidence states, dropped: {sent!r}")
+        elif why := ungrounded(sent, " ".join(grounds[i] for i in sorted(ids)),
+                               [f for f in findings or [] if set(f.evidence_ids) & ids]):
+            dropped.append(f"sentence that {why}, dropped: {sent!r}")
         else:
             kept.append(sent)
     return " ".join(kept), dropped
@@ -215,7 +282,8 @@ def compose(state: CaseState, tools: dict[str, Tool], planner_model: str, planne
                        payload={"request": prompt, "error": f"{type(exc).__name__}: {exc}"})
             limitations.append(f"The model-written impression failed ({type(exc).__name__}); template used.")
         if reply is not None:
-            text_out, drops = cited_sentences(str(reply.content), valid)
+            grounds = {e.id: grounding_text(e, tools, findings) + " " + case_line(state) for e in ok}
+            text_out, drops = cited_sentences(str(reply.content), grounds, findings)
             if record:
                 record(kind="llm", node="report", name="impression",
                        payload={"request": prompt, "response": str(reply.content), "dropped": drops})
