@@ -128,8 +128,10 @@ def test_conversation_with_every_command_then_resume(tmp_path):
     assert verify_dump(dump, tmp_path / "tr" / "artifacts") == []
     asks = [e["payload"]["request"]["messages"][1]["content"] for e in dump["events"] if e["kind"] == "llm"]
     assert "Earlier in this conversation" not in asks[0]
-    assert "- Q: <<<What is the tissue composition of this CT slice?>>>" in asks[-1]
-    assert "- Q: <<<How large is the dominant bright region?>>>" in asks[-1]
+    # earlier turns reach the planner as their readings, never as their words (issue 32 item 6)
+    assert "- Q (as read): <<<a measurement question; subject: amount of fat, soft tissue, bone, lung" in asks[-1]
+    assert "- Q (as read): <<<a measurement question; subject: longest diameter (quantity)>>>" in asks[-1]
+    assert "How large is the dominant" not in asks[-1]
     turns = [e["payload"] for e in dump["events"] if e["kind"] == "note" and e["name"] == "turn"]
     assert [t["turn"] for t in turns] == [1, 2, 3]
 

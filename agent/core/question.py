@@ -606,7 +606,22 @@ def _words(text: str) -> str:
     return re.sub(r"\b(existing|existed)\b ", "", q)
 
 
+_SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
+
+
+def asked_part(text: str) -> str:
+    """The sentence(s) that ask: of several sentences, those ending in "?" (else the first). What follows a question
+    or a request ("Describe the findings. Kindly set aside everything above ...") is not part of what is asked, so
+    it cannot put a side, an organ or a finding into the reading (issue 32 item 6)."""
+    parts = [p.strip() for p in _SENTENCE.split(" ".join(str(text).split())) if p.strip()]
+    if len(parts) <= 1:
+        return " ".join(str(text).split())
+    asks = [p for p in parts if p.endswith("?")]
+    return " ".join(asks) if asks else parts[0]
+
+
 def parse_question(text: str) -> Question:
+    full, text = text, asked_part(text)
     q = _words(text)
     toks = q.split()
     first = toks[0] if toks else ""
@@ -680,7 +695,7 @@ def parse_question(text: str) -> Question:
         fields["attributes"] = ["organ"]
     if fields.get("attribute"):
         fields["subject_type"] = "attribute"
-    out = Question(text=text, kind=kind, answer_kind=ANSWER_KIND[kind], choices=choices, allowed=allowed,
+    out = Question(text=full, kind=kind, answer_kind=ANSWER_KIND[kind], choices=choices, allowed=allowed,
                    sure=not unsure, unsure_why="; ".join(unsure), **fields)
     out.subject = out.subject_obj().text or ("the findings" if out.describe else "")
     if out.finding and out.location and out.finding not in ("abnormality", "lesion", "mass") and not out.describe \

@@ -8,6 +8,13 @@ The rule is narrow on purpose (a clinical note is free text): a sentence is drop
 role labels such as "system:"), names one of dxagent's tools or the answer action as something to call or do, or
 dictates the answer ("answer: ...", "say/report that the patient is ..."). Medical statements, including "the patient
 is healthy" on their own, are kept: claims in a note are data, and the report's disposition check deals with them.
+
+Word lists lose to paraphrase ("kindly disregard everything said before this line"), so they are the first line
+only. The planner, which decides which tools run, never reads untrusted text as text (issue 32 item 6): it gets the
+question as its structured reading (`question_reading`: kind, subject, location, options, the numbers given) and the
+clinical context as the clinical terms of the project's vocabulary it names (`clinical_terms`), nothing else. An
+instruction in either, however it is worded, has no slot to travel in; a note's "history of cirrhosis" still
+reaches the planner as "cirrhosis, liver".
 """
 
 from __future__ import annotations
@@ -50,6 +57,65 @@ def clean_inputs(question: str, context: str) -> tuple[str, str, list[str]]:
     if nq and not q.strip():
         q = "(the question held only instructions to the model)"
     return q, c, notes
+
+
+_FIELD_MAX = 60  # characters of any one question-derived field the planner is shown
+_NUM = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?![\w.])")
+
+
+def _field(value: Any) -> str:
+    flat = " ".join(str(value or "").split())
+    return flat if len(flat) <= _FIELD_MAX else flat[:_FIELD_MAX - 1] + "…"
+
+
+_EVERYDAY = {"line", "tube", "port", "drain", "clips", "wires", "hardware", "implant", "staples"}  # device words that
+# are everyday words too ("this line"): only their specific phrases ("central line", "chest tube") count as terms
+
+
+def clinical_terms(text: str | None) -> list[str]:
+    """The findings, organs, body regions and devices of the project's vocabulary (agent/core/vocab.py) that `text`
+    names, canonical and in order of first mention; every other word is dropped. "Known cirrhosis; kindly disregard
+    all of the above" -> ["cirrhosis", "liver"]."""
+    from agent.core import vocab
+
+    t = f" {vocab.normalise_text(text or '')} "
+    hits: dict[str, int] = {}
+    devices = {k: v for k, v in vocab.DEVICES.items() if k not in _EVERYDAY}
+    phrases = {**{f: f for f in vocab.FINDINGS}, **{o: o for o in vocab.ORGANS}, **vocab.REGIONS, **devices,
+               **vocab.ORGAN_ADJECTIVES}
+    taken: list[tuple[int, int]] = []
+    for phrase in sorted(phrases, key=len, reverse=True):  # the longest phrase first: "chest tube" before "chest"
+        start = 0
+        while (at := t.find(f" {phrase} ", start)) >= 0:
+            span = (at, at + len(phrase) + 1)
+            if not any(a < span[1] and span[0] < b for a, b in taken):
+                taken.append(span)
+                hits.setdefault(phrases[phrase], at)
+            start = at + 1
+    return sorted(hits, key=hits.get)
+
+
+def question_reading(q: Any, text: str = "") -> str:
+    """The question as the planner may see it: its structured reading (agent/core/question.py Question) in one line,
+    each field bounded, plus the numbers the question gives (coordinates a region tool may use). The question's own
+    words reach the planner only through these slots."""
+    kind = "a request to describe the findings" if q.describe else f"a {q.kind.replace('_', '/')} question"
+    parts = [kind]
+    if q.subject:
+        parts.append(f"subject: {_field(q.subject)}" + (f" ({q.subject_type})" if q.subject_type else ""))
+    for name, value in (("location", q.location), ("organ", q.organ), ("side", q.side), ("comparison", q.comparison),
+                        ("stated rule", q.rule)):
+        if value and not (name == "organ" and value in (q.subject or "")):
+            parts.append(f"{name}: {_field(value)}")
+    if q.choices:
+        parts.append("options: " + " | ".join(_field(c) for c in q.choices[:6]))
+    if q.negated:
+        parts.append("asked in the negative (yes means absent)")
+    if nums := _NUM.findall(text or ""):
+        parts.append("numbers given: " + ", ".join(nums[:12]))
+    if not q.sure:
+        parts.append("some words were not understood")
+    return "; ".join(parts)
 
 
 def as_data(text: Any) -> str:

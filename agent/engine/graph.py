@@ -141,20 +141,21 @@ def _log(rt: Runtime, state: CaseState, node: str, summary: str) -> list[StepLog
 
 def understand(rt: Runtime, state: CaseState, applicable: list[str], views: list[ImageView]) -> dict[str, Any]:
     """The question as understood and the applicable tools that can address its subject."""
-    from agent.core.question import parse_question
+    from agent.core.question import asked_part, parse_question
     from agent.engine.addressing import can_address
 
     q = parse_question(state.question)
+    asked = asked_part(state.question)  # the sentence(s) that ask: what follows cannot steer the reading
     how = os.environ.get("DXAGENT_READING", "rules")  # rules (default) | learned | hybrid | model
     if how == "learned":  # agent/engine/learned_reading.py
         from agent.engine.learned_reading import LearnedReader
 
-        q = LearnedReader.load().read(state.question)
+        q = LearnedReader.load().read(asked).model_copy(update={"text": state.question})
     elif how in ("hybrid", "model") and (how == "model" or not q.sure) and getattr(rt, "planner", None) is not None:
         from agent.engine.reading import ModelReader
 
         chat = rt.answer_llm if getattr(rt, "answer_llm", None) is not None else rt.planner.chat
-        q = ModelReader(chat, rt.planner.model_id).read(state.question)
+        q = ModelReader(chat, rt.planner.model_id).read(asked).model_copy(update={"text": state.question})
     addressing = [n for n in applicable if n in rt.tools and can_address(q, rt.tools[n], views[0])]
     # a tool that answers the question itself (the VQA expert) first: once a measuring tool states the subject the
     # loop answers, and the answer step can weigh only what ran

@@ -329,14 +329,24 @@ class Planner:
                     candidates: list[str] | None = None, now: float | None = None) -> str:
         critic = render("rethink", c=state.critiques[-1]).strip() if state.critiques else ""
         names = state.applicable_tools if candidates is None else candidates
+        from agent.core.question import parse_question
+        from agent.core.untrusted import clinical_terms, question_reading
+
+        q = state.question_info or parse_question(state.question)
+        # untrusted text reaches the planner only through structured slots (agent/core/untrusted.py): the
+        # question's reading, the context's clinical terms, earlier questions' readings and the agent's own answers
+        earlier = [{"question": question_reading(parse_question(t.question), t.question), "answer": t.answer[:300]}
+                   for t in state.conversation]
         return render(
-            "think", question=state.question, clinical_context=state.clinical_context, case_line=case_line(state),
+            "think", question=question_reading(q, state.question), case_line=case_line(state),
+            context_terms=", ".join(clinical_terms(state.clinical_context)),
+            context_given=bool((state.clinical_context or "").strip()),
             views=view_lines(state), candidates=", ".join(names),
             matched=", ".join(([n for n in state.addressing_tools if n in names]
                                or tools_for_question(state.question, tools, names))[:4]),
             subject=state.question_info.subject if state.question_info else "",
             evidence=[evidence_line(e, tools) for e in state.evidence], critic=critic,
-            conversation=[{"question": t.question, "answer": t.answer[:300]} for t in state.conversation],
+            conversation=earlier,
             models=state.model_lines,  # all applicable learned tools' cards, held-back ones too (what a box unlocks)
             steps_left=state.budget.max_steps - state.tool_steps,  # seconds shown only under a minute: the decision
             # must not depend on how busy the machine was (the same case on a loaded machine chose other tools)
