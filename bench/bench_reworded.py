@@ -37,7 +37,8 @@ def figures(results: Path, system: str = "agent") -> dict:
         return r.get("status") == "done" and (r.get("answer") or {}).get("kind") != "abstain"
 
     def right(r):
-        return answered(r) and closed_correct((r.get("answer") or {}).get("value"), r.get("gold", ""))
+        return answered(r) and closed_correct((r.get("answer") or {}).get("value"), r.get("gold", ""),
+                                              r.get("question") if r.get("answer_type") != "OPEN" else None)
 
     ans = [r for r in closed if answered(r)]
     wrong = [r for r in ans if not right(r)]

@@ -478,3 +478,15 @@ def test_eval_html_in_browser(browser, tmp_path):
     assert "prior: no probabilities" in got["text"] and "majority: no probabilities" in got["text"]
     assert got["external"] == [] and all(u.startswith(("file:", "data:")) for u in requests), requests
     assert "Research use only" in got["text"] and errors == []
+
+
+def test_a_choice_answer_is_scored_by_the_option_it_names():
+    """Issue 30: "t1 weighted" to "Is this MR image T2-weighted or T1-weighted?" (reference "T1") was scored wrong at
+    p 0.99, though it names the reference's option in the option's own words."""
+    q = "Is this MR image T2-weighted or T1-weighted?"
+    assert closed_correct("t1 weighted", "T1", q) and not closed_correct("t2 weighted", "T1", q)
+    assert not closed_correct("t1 weighted", "T1")  # without the question: exact match only
+    assert not closed_correct("weighted", "T1", q)  # names no option on its own
+    assert not closed_correct("lung", "left lung", "Is the lesion in the left lung or the right lung?")
+    assert closed_correct("Left", "left lung", "Is the lesion in the left lung or the right lung?")
+    assert not closed_correct("yes", "no", "Is there an effusion?")

@@ -6,7 +6,8 @@ location|phrase|abstain, `value, unit, probability, evidence_ids, basis, reason`
 error`. An item is answered when its status is "done" and its answer's kind is not "abstain"; a failed row is an
 abstention with the reason "failed". `probability` is the system's probability that its stated value is correct.
 
-Per-item scores: CLOSED: 1 when answered and `closed_correct`, else 0; OPEN: exact match (likewise) and token recall
+Per-item scores: CLOSED: 1 when answered and `closed_correct` (for a choice question, naming the reference's option in
+the option's words counts: "T1-weighted" for "T1"), else 0; OPEN: exact match (likewise) and token recall
 (0 when not answered). "all" metrics divide by every item, so abstentions count as wrong; "answered" metrics divide by
 the answered items only. Intervals are 95 % bootstrap percentile intervals of the mean (items resampled, seeded);
 paired differences resample items present for both systems. Everything is deterministic for a given seed, and the
@@ -62,9 +63,30 @@ def normalize_answer(text: Any) -> str:
     return _SYNONYMS.get(out, out)
 
 
-def closed_correct(value: Any, gold: Any) -> bool:
-    """The normalised answers are equal (None is never correct)."""
-    return value is not None and normalize_answer(value) == normalize_answer(gold)
+def closed_correct(value: Any, gold: Any, question: str | None = None) -> bool:
+    """The normalised answers are equal (None is never correct); with the `question` of a choice ("Is this T1- or
+    T2-weighted?"), also when both name the same one of its options: the option whose words hold all of the
+    answer's, when exactly one does ("T1-weighted" for the reference "T1"; the choice is what is asked, its wording
+    is the option's)."""
+    if value is None:
+        return False
+    a, g = normalize_answer(value), normalize_answer(gold)
+    if a == g:
+        return True
+    if not question:
+        return False
+    from agent.core.question import parse_question
+
+    q = parse_question(question)
+    if q.kind != "choice" or len(q.choices) < 2:
+        return False
+    options = [set(normalize_answer(o).split()) for o in q.choices]
+
+    def option_of(words: str) -> int | None:
+        hits = [i for i, o in enumerate(options) if words and set(words.split()) <= o]
+        return hits[0] if len(hits) == 1 else None
+
+    return (ga := option_of(g)) is not None and ga == option_of(a)
 
 
 def exact_match(value: Any, gold: Any) -> bool:
@@ -180,7 +202,7 @@ def _scores(row: dict[str, Any]) -> tuple[float, float]:
     if not _answered(row):
         return 0.0, 0.0
     value, gold = (row.get("answer") or {}).get("value"), row.get("gold", "")
-    score = float(closed_correct(value, gold))
+    score = float(closed_correct(value, gold, row.get("question") if row.get("answer_type") != "OPEN" else None))
     return score, (token_recall(value, gold) if row.get("answer_type") == "OPEN" else score)
 
 
