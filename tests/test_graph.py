@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from helpers import Boom, Gate, Slow, answer, call, wait_for
 from pydicom.data import get_testdata_file
@@ -249,3 +250,39 @@ def test_describe_runs_the_modality_s_own_tools_before_the_planner(tmp_path):
     assert [e.tool for e in res.state.evidence] == ["ct_tissue_composition"]
     assert not [e for e in TraceStore(None, tmp_path).events(res.run_id, "llm") if e.node == "think"]
     assert res.report["recommendation"]["outcome"] == "report"
+
+
+@pytest.mark.parametrize(("modality", "rgb", "first"), [("US", False, "lesion_segment"), ("XC", True, "lesion_segment"),
+                                                        ("ES", True, "lesion_segment"),
+                                                        ("SM", True, "texture_features")])
+def test_describe_is_routed_on_every_modality(tmp_path, modality, rgb, first):
+    """Issue 33: "Describe the findings" on ultrasound, dermoscopy, endoscopy and pathology went through the planner
+    (3-4 decisions at ~11 s each; a batch of 8 breast ultrasounds did not finish in 280 s). Each now starts with the
+    tools that declare they start that modality's description (`describes`), with no planner decision."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:160, :160]
+    pic = 150 + 20 * rng.standard_normal((160, 160))
+    pic[(yy - 80) ** 2 + (xx - 70) ** 2 < 30 ** 2] = 40  # a dark round lesion
+    pic = np.clip(pic, 0, 255).astype(np.uint8)
+    path = tmp_path / "case.png"
+    Image.fromarray(np.stack([pic, pic // 2, pic], -1) if rgb else pic).save(path)
+    res = run_case([str(path)], "Describe the findings", llm="scripted", modality=modality,
+                   script=[call("knowledge_search", query="findings"), answer()], trace_dir=tmp_path / "tr")
+    assert [e.tool for e in res.state.evidence][:1] == [first]
+    assert "knowledge_search" not in [e.tool for e in res.state.evidence]
+    assert not [e for e in TraceStore(None, tmp_path / "tr").events(res.run_id, "llm") if e.node == "think"]
+    assert res.report["recommendation"]["outcome"] == "report" and res.report["findings"]
+
+
+def test_a_retrieval_tool_is_not_offered_again(tmp_path):
+    """Issue 33: the planner paid a decision for a second knowledge_search that the critic then skipped as a repeat.
+    Once a retrieval tool has answered in a case it is no longer among the planner's candidates."""
+    res = scripted(tmp_path, [call("knowledge_search", query="steatosis"), call("knowledge_search", query="steatosis"),
+                              call("ct_tissue_composition"), answer()], question="What is hepatic steatosis?")
+    assert [e.tool for e in res.state.evidence].count("knowledge_search") == 1
+    asks = [json.loads(e.payload)["request"]["messages"][1]["content"]
+            for e in TraceStore(None, tmp_path).events(res.run_id, "llm") if e.node == "think"]
+    assert "knowledge_search" in asks[0].splitlines()[0]
+    assert all("knowledge_search" not in a.splitlines()[0] for a in asks[1:]), asks

@@ -465,6 +465,7 @@ class LesionSegment(Tool):
         "surroundings, optionally seeded by a point or a box; area, longest diameter, border shape, bbox."
     )
     kind = "segment"
+    describes = frozenset({"US", "XC", "ES"})  # breast mass, skin lesion, polyp
     dims = frozenset({2})
     subjects = ("lesion", "area", "longest_diameter", "equivalent_diameter")
     topics = ("lesion", "segment", "segmentation", "size", "area", "diameter", "border", "asymmetry", "mole",

@@ -82,6 +82,7 @@ class SimilarCases(Tool):
     description = ("Find the k most similar labelled cases in the case library (same modality family) and "
                    "summarise their labels; similarity evidence, not a diagnosis.")
     kind = "retrieve"
+    describes = frozenset({"US", "XC", "ES", "SM"})  # labelled look-alikes, where the library has them
     dims = frozenset({2})
     topics = ("similar", "similar cases", "compare", "resemble", "looks like", "diagnosis", "benign", "malignant")
     timeout_s = 60.0

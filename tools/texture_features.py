@@ -308,6 +308,8 @@ class TextureFeatures(Tool):
                    "bbox=[r0,c0,r1,c1] and/or mask_from=E<n> (an earlier mask), optional threshold [lo,hi].")
     version = "1"
     kind = "measure"
+    describes = frozenset({"SM"})  # a pathology tile: its texture is the finding
+    describe_args = {"bbox": [0, 0, 1, 1]}  # the whole tile (fractions)
     needs_region = True  # a box or an earlier mask
     topics = ("texture", "radiomics", "heterogeneity", "homogeneity", "glcm", "entropy", "shape", "sphericity",
               "first order", "features", "roi")

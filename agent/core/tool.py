@@ -128,6 +128,10 @@ class Tool(ABC):
     version: ClassVar[str] = "1"
     kind: ClassVar[str] = "inspect"  # inspect | view | segment | detect | classify | measure | retrieve
     modalities: ClassVar[frozenset[str] | None] = None  # None: any modality
+    # modalities whose "describe the findings" starts with this tool although it is made for any modality (a lesion
+    # segmenter for ultrasound, dermoscopy and endoscopy): routed there like a modality's own tools, no planner call
+    describes: ClassVar[frozenset[str]] = frozenset()
+    describe_args: ClassVar[dict[str, Any]] = {}  # its arguments there (besides the view): e.g. the whole picture
     dims: ClassVar[frozenset[int]] = frozenset({2, 3})
     topics: ClassVar[tuple[str, ...]] = ()  # question words this tool's evidence answers
     # what this tool's evidence can state, as agent/core/vocab.py subjects: finding labels ("cardiomegaly"), organs

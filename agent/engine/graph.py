@@ -195,15 +195,17 @@ def intake(rt: Runtime, state: CaseState) -> dict[str, Any]:
 
 
 def route(state: CaseState, tools: dict[str, Tool]) -> Decision | None:
-    """The step to take without asking the planner: a box-prompted segmenter on a detector's boxes that none has
-    taken yet (what the critic would suggest); for "describe the findings", each quantitative tool made for the
-    study's modality (its own `modalities`: the lung fields and the cardiothoracic ratio on a radiograph, the
-    organs and the tissue composition on CT), then the planner; for a question that names a subject, a call of the
-    first tool that addresses it (intake's `addressing_tools`, in order), needs no region and has not
-    been called yet - "Does the picture contain a kidney?" goes straight to the organ segmenter, "How is this
-    disease treated?" to the VQA expert and the knowledge graph - or the answer once every addressing tool has run
-    (a call of a tool that cannot state the subject cannot answer it). On SLAKE validate the planner, asked
-    instead, chose the same tools in 75 of 76 open questions at about 11 s a decision, then re-called them.
+    """The step to take without asking the planner: a box-prompted segmenter on a detector's boxes that none has taken yet
+    (what the critic would suggest); for "describe the findings", each quantitative tool made for the study's modality
+    (its own `modalities`: the lung fields and the cardiothoracic ratio on a radiograph, the organs and the tissue
+    composition on CT) and each tool that declares it starts that modality's description (`describes`: the lesion
+    segmenter on ultrasound, dermoscopy and endoscopy, the texture of a pathology tile), then the planner; for a
+    question that names a subject, a call of the first tool that addresses it (intake's `addressing_tools`, in order),
+    needs no region and has not been called yet - "Does the picture contain a kidney?" goes straight to the organ
+    segmenter, "How is this disease treated?" to the VQA expert and the knowledge graph - or the answer once every
+    addressing tool has run (a call of a tool that cannot state the subject cannot answer it). On SLAKE validate the
+    planner, asked instead, chose the same tools in 75 of 76 open questions at about 11 s a decision, then re-called
+    them.
     None: the planner decides (no tool addresses the subject, a tool that needs a region, a derived view)."""
     q = state.question_info
     if state.budget.route and (chains := critic.pending_chains(state, tools)):  # a detector's boxes: segment them
@@ -215,12 +217,16 @@ def route(state: CaseState, tools: dict[str, Tool]) -> Decision | None:
             return Decision(action="call", tool=seg, args=args, reason=f"routed: segment the {n} box(es) of {e.id}")
     called = {e.tool for e in state.evidence}
     if state.budget.route and q is not None and q.describe:  # "describe the findings": the modality's own tools first
-        for name in state.addressing_tools:
+        modality = state.views[0].modality
+        declared = [n for n in state.applicable_tools if n in tools and modality in tools[n].describes]
+        for name in dict.fromkeys([*state.addressing_tools, *declared]):
             tool = tools.get(name)
-            if tool is None or tool.modalities is None or name in called or tool.requires_region():
+            declares = modality in tool.describes if tool is not None else False
+            if tool is None or name in called or (tool.requires_region() and not (declares and tool.describe_args)) \
+                    or (tool.modalities is None and not declares):
                 continue
-            return Decision(action="call", tool=name, args={"view": "V1"},
-                            reason=f"routed: {name} is made for {state.views[0].modality}; a description starts there")
+            return Decision(action="call", tool=name, args={"view": "V1", **(tool.describe_args if declares else {})},
+                            reason=f"routed: {name} is made for {modality}; a description starts there")
         return None
     if not state.budget.route or q is None or not state.addressing_tools:
         return None

@@ -192,8 +192,7 @@ def validate(tools: dict[str, Tool], tool: str | None, args: Any, reason: str, v
         return Decision(action="answer", reason=reason[:REASON_MAX])
     if tool not in tools:
         if tool in getattr(tools, "exhausted", ()):
-            raise ValueError(f"{tool} already ran on every view; its result is in the evidence: choose another tool or "
-                             "answer")
+            raise ValueError(f"{tool} already ran; its result is in the evidence: choose another tool or answer")
         if tool in getattr(tools, "held_back", ()):
             raise ValueError(f"{tool} needs a region (a box or point) and no evidence holds one yet: first call a tool "
                              "that finds the region")
@@ -295,9 +294,14 @@ class _Candidates(dict):
 
 def exhausted(state: CaseState, tools: list[Tool], view_ids: list[str]) -> list[str]:
     """Tools that can give nothing new: the planner may set no argument but the view (and the model card), and a
-    call already succeeded (or was skipped as a repeat) on every view. A small planner otherwise repeats them."""
+    call already succeeded (or was skipped as a repeat) on every view; and a retrieval tool (knowledge search, the
+    knowledge graph, similar cases) that already answered once in this case. A small planner otherwise repeats them
+    (issue 33: a breast ultrasound paid an 11 s decision for a second knowledge_search, then skipped as a repeat)."""
     out = []
     for t in tools:
+        if t.kind == "retrieve" and any(e.tool == t.name and e.status in ("ok", "skipped") for e in state.evidence):
+            out.append(t.name)
+            continue
         props = set(args_schema(t, view_ids).get("properties", {})) - {"view", "model"}
         if props:
             continue
