@@ -228,3 +228,19 @@ def test_cli_models_add_list_verify_end_to_end(tmp_path):
     r = dx("models", "list", models=models)
     assert r.returncode == 0 and "BROKEN" in r.stdout and "junk" in r.stdout
     assert "no model 'nope'" in one_line_error(dx("models", "verify", "nope", models=models))
+
+
+def test_a_card_is_parsed_once_and_again_when_it_changes(tmp_path, monkeypatch):
+    """Issue 33 (cold start): routing read the same cards 48 times per case. A card unchanged on disk is not parsed
+    again; an edited one is, and a caller's changes to its copy never leak into the next read."""
+    path = write_card(tmp_path / "m")
+    first = load_card(path)
+    first.labels.append("mutated by a caller")
+    calls = []
+    real = yaml.load
+    monkeypatch.setattr(yaml, "load", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = load_card(path)
+    assert calls == [] and "mutated by a caller" not in again.labels and again == load_card(path)
+    text = path.read_text().replace("version: 1.0", "version: 2.0")
+    path.write_text(text + "\n")
+    assert load_card(path).version == "2.0" and calls == [1]

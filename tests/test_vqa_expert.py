@@ -212,3 +212,12 @@ def test_turned_off_it_is_neither_offered_nor_routed(ct_ctx, monkeypatch):
     assert expert.applicable(ct_ctx.state.views[0]) is None
     monkeypatch.setenv("DXAGENT_VQA_EXPERT", "0")
     assert "DXAGENT_VQA_EXPERT=0" in (expert.applicable(ct_ctx.state.views[0]) or "")
+
+
+def test_a_measurement_question_is_left_to_measuring_tools():
+    """Issue 33: the answer vocabulary holds no measured value, so "How much fat is in this slice?" is not the
+    expert's; deciding so does not load the question encoder (a cold routed run paid 2-7 s for it)."""
+    from tools.vqa_expert import VqaExpert
+
+    assert VqaExpert().takes_question("How much fat is in this slice?") is False
+    assert VqaExpert().takes_question("How large is the dominant bright region?") is False

@@ -554,7 +554,14 @@ class VqaExpert(LearnedTool):
         return self.available() or super().applicable(view)
 
     def takes_question(self, question: str) -> bool:
-        """False when the question gate would refuse the question whatever the picture (question_scope)."""
+        """False when the question gate would refuse the question whatever the picture (question_scope), and for a
+        measurement question without asking it: the answer vocabulary holds no measured value (2 of SLAKE train's
+        4,919 questions read as measurements, both "What density is the abnormality?"), so a measuring tool
+        answers it, and a routed "How much fat is in this slice?" does not load the question encoder (issue 33)."""
+        from agent.core.question import parse_question
+
+        if parse_question(question).kind == "measurement":
+            return False
         got = self.question_scope(question)
         return got is None or got[0] >= got[1]
 

@@ -135,11 +135,20 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
+_CARDS: dict[tuple[str, int, int], ModelCard] = {}  # (path, mtime_ns, size) -> the card read from it
+
+
 def load_card(path: str | Path) -> ModelCard:
-    """Read and validate one card file; any problem is a one-line ModelCardError naming the file and the field."""
+    """Read and validate one card file; any problem is a one-line ModelCardError naming the file and the field. A
+    card file read before and unchanged since (same mtime and size) is not parsed again: routing asks for the cards
+    of every learned tool several times per case (48 parses, 1.2 s of a cold run)."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        st = path.stat()
+        key = (str(path.resolve()), st.st_mtime_ns, st.st_size)
+        if (hit := _CARDS.get(key)) is not None:
+            return hit.model_copy(deep=True)
+        data = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except OSError as exc:
         raise ModelCardError(f"{path}: cannot read card: {exc.strerror or exc}") from None
     except yaml.YAMLError as exc:
@@ -170,6 +179,9 @@ def load_card(path: str | Path) -> ModelCard:
         more = f" (+{len(errs) - 1} more)" if len(errs) > 1 else ""
         raise ModelCardError(f"{path}: {field}: {msg}{more}") from None
     card._source = path.resolve()
+    if len(_CARDS) >= 256:
+        _CARDS.clear()
+    _CARDS[key] = card.model_copy(deep=True)
     return card
 
 
