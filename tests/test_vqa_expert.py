@@ -221,3 +221,4 @@ def test_a_measurement_question_is_left_to_measuring_tools():
 
     assert VqaExpert().takes_question("How much fat is in this slice?") is False
     assert VqaExpert().takes_question("How large is the dominant bright region?") is False
+    assert VqaExpert().takes_question("What density is the abnormality?") is True  # "Hyperdense": the gate's call

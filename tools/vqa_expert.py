@@ -556,11 +556,13 @@ class VqaExpert(LearnedTool):
     def takes_question(self, question: str) -> bool:
         """False when the question gate would refuse the question whatever the picture (question_scope), and for a
         measurement question without asking it: the answer vocabulary holds no measured value (2 of SLAKE train's
-        4,919 questions read as measurements, both "What density is the abnormality?"), so a measuring tool
-        answers it, and a routed "How much fat is in this slice?" does not load the question encoder (issue 33)."""
+        4,919 questions read as measurements, both "What density is the abnormality?", answered "Hyperdense": a
+        density or intensity question may want a word, and stays the gate's to judge), so a measuring tool answers
+        it, and a routed "How much fat is in this slice?" does not load the question encoder (issue 33)."""
         from agent.core.question import parse_question
 
-        if parse_question(question).kind == "measurement":
+        q = parse_question(question)
+        if q.kind == "measurement" and not set(q.quantities) & {"mean_intensity", "vessel_density", "mean_hu"}:
             return False
         got = self.question_scope(question)
         return got is None or got[0] >= got[1]
