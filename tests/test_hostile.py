@@ -117,6 +117,37 @@ def test_paths_named_after_the_patient_are_never_stored(tmp_path):
             assert b"DOE_JANE" not in data and b"MRN12345" not in data, f
 
 
+def test_a_bad_file_inside_a_patient_named_folder_is_named_by_position_and_hash(tmp_path):
+    """Issue 32 item 7: a truncated file inside a folder named after the patient put its file name
+    (`input 1/DOE_JANE_MRN12345_a.dcm`) into the run's error, its event and the checkpoints. A file inside an input
+    folder is named by its place in the folder (name order) and a short sha256 - in the store and on the terminal,
+    which shows the folder the user typed but no file name the user did not."""
+    import hashlib
+
+    from agent.engine.session import DxError
+
+    folder = tmp_path / "MRN12345_DOE_JANE"
+    folder.mkdir()
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    for i in range(2):
+        ds.ImagePositionPatient = [0.0, 0.0, float(i)]
+        ds.SOPInstanceUID = pydicom.uid.generate_uid()
+        ds.save_as(folder / f"DOE_JANE_MRN12345_{i}.dcm")
+    cut = (folder / "DOE_JANE_MRN12345_1.dcm").read_bytes()[:-4000]  # header intact, pixel data short
+    (folder / "DOE_JANE_MRN12345_a.dcm").write_bytes(cut)
+    with pytest.raises(DxError) as exc:
+        run_case([str(folder)], Q, llm="scripted", script=[], trace_dir=tmp_path / "tr")
+    shown = str(exc.value)
+    assert "MRN12345_DOE_JANE" in shown and "DOE_JANE_MRN12345_a" not in shown, shown  # the folder the user typed
+    assert f"file 3 of 3 (sha256 {hashlib.sha256(cut).hexdigest()[:12]})" in shown and "truncated" in shown, shown
+    failed = [r for r in TraceStore(None, tmp_path / "tr").runs() if r.status == "failed"]
+    assert failed and failed[0].error.startswith("input 1, file 3 of 3 (sha256 "), failed[0].error
+    for f in (tmp_path / "tr").rglob("*"):  # trace (run row, events), checkpoints, artifacts
+        if f.is_file():
+            data = f.read_bytes()
+            assert b"DOE_JANE" not in data and b"MRN12345" not in data, f
+
+
 @pytest.mark.slow
 def test_the_embedded_planner_is_not_steered_by_injected_text(tmp_path):
     """Measured before this defence: with the instruction in BodyPartExamined, the context and the question, the
