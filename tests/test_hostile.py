@@ -148,6 +148,46 @@ def test_a_bad_file_inside_a_patient_named_folder_is_named_by_position_and_hash(
             assert b"DOE_JANE" not in data and b"MRN12345" not in data, f
 
 
+def test_a_huge_endpoint_reply_is_neither_read_whole_nor_stored(tmp_path, fake_openai):
+    """Issue 32 item 7: an endpoint answering every request with 50 MB made a 157 MB trace database (the reply read,
+    re-asked twice, stored each time). The reply is refused while read (agent/llm/replies.py), and the trace keeps
+    the one-line reason."""
+    from conftest import FakeOpenAI
+
+    fake_openai.reset(*[FakeOpenAI.text("A" * 3_000_000)] * 6)
+    res = run_case([get_testdata_file("CT_small.dcm")], Q, llm="openai-json", base_url=fake_openai.base_url,
+                   model="fake", trace_dir=tmp_path / "tr", route=False, narrator=None)
+    assert len(fake_openai.requests) == 1 and res.report["recommendation"]["outcome"] == "refer"
+    errors = [e.payload for e in TraceStore(None, tmp_path / "tr").events(res.run_id, kind="llm")]
+    assert len(errors) == 1 and "over 256 KiB" in errors[0]
+    assert sum(f.stat().st_size for f in (tmp_path / "tr").rglob("*") if f.is_file()) < 2_000_000
+
+
+def test_no_text_in_an_event_is_stored_past_the_cap(tmp_path, monkeypatch):
+    """Whatever produced it (a tool's output, an error, a local model), one text in an event is stored up to
+    DXAGENT_MAX_STORED_REPLY_BYTES, with a note of its full size and sha256; the chain verifies, and a replay's
+    comparison bounds what it recomputes the same way."""
+    import hashlib
+
+    from agent.engine.replay import _plain
+
+    monkeypatch.setenv("DXAGENT_MAX_STORED_REPLY_BYTES", "4096")
+    big = "ü" * 100_000  # 200,000 bytes of UTF-8: cut on a character boundary
+    payload = {"evidence": {"output": {"text": big, "short": "kept"}}, "list": [big, 1]}
+    trace = TraceStore(None, tmp_path)
+    trace.start_run("r1", "c", "q", "m", "json", "", {})
+    ev = trace.record("r1", "tool", "act", "x", payload)
+    assert len(ev.payload.encode()) < 3 * 4096
+    stored = json.loads(ev.payload)
+    text = stored["evidence"]["output"]["text"]
+    assert len(text.encode()) <= 4096 and text.startswith("üüü") and stored["evidence"]["output"]["short"] == "kept"
+    assert f"truncated: 200000 bytes, sha256 {hashlib.sha256(big.encode()).hexdigest()}" in text
+    assert stored["list"] == [text, 1]
+    trace.finish_run("r1", "failed", error=big)
+    assert trace.verify_chain("r1") is None and trace.get_run("r1").error == text
+    assert _plain(payload) == _plain(stored)  # a replay recomputing the full text compares equal to the record
+
+
 @pytest.mark.slow
 def test_the_embedded_planner_is_not_steered_by_injected_text(tmp_path):
     """Measured before this defence: with the instruction in BodyPartExamined, the context and the question, the
