@@ -188,6 +188,18 @@ def test_no_text_in_an_event_is_stored_past_the_cap(tmp_path, monkeypatch):
     assert _plain(payload) == _plain(stored)  # a replay recomputing the full text compares equal to the record
 
 
+def test_a_cap_that_is_not_a_size_is_one_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "agent.app.cli", "trace", "list", "--trace-dir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "DXAGENT_MAX_STORED_REPLY_BYTES": "lots"})
+    assert r.returncode == 2 and r.stderr.strip() == \
+        "error: DXAGENT_MAX_STORED_REPLY_BYTES='lots' is not a whole number of bytes, 1024 or more", r.stderr[-500:]
+
+
 @pytest.mark.slow
 def test_the_embedded_planner_is_not_steered_by_injected_text(tmp_path):
     """Measured before this defence: with the instruction in BodyPartExamined, the context and the question, the
