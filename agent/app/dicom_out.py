@@ -360,7 +360,10 @@ def clean_copied(ds: Any, notes: list[str]) -> None:
             if elem.VR not in CUT_VRS | DATE_VRS or elem.value in (None, ""):
                 continue
             kw = elem.keyword or str(tag)
-            values = [str(v) for v in (elem.value if isinstance(elem.value, MultiValue) else [elem.value])]
+            raw = list(elem.value) if isinstance(elem.value, MultiValue) else [elem.value]
+            if any(isinstance(v, bytes) for v in raw):  # not decoded: copied as it is
+                continue
+            values = [str(v) for v in raw]
             size = max(map(len, values))
             if kw == "PatientSex":
                 sex = values[0].strip().upper()

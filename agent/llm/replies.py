@@ -9,7 +9,8 @@ one response hook that wraps the body's byte stream:
 * compressed although asked for identity (a size read could not bound) -> `ReplyTooLarge`.
 
 Both derive from the SDK's own error class, which it raises without retrying: a retry would only be as large or as
-slow again. The message is one line; the planner records it instead of the reply.
+slow again. The message is one line; the planner records it instead of the reply. (dxagent does not stream replies;
+a streamed one would be bounded the same way, as a whole.)
 """
 
 from __future__ import annotations
