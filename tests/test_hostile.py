@@ -186,6 +186,8 @@ def test_no_text_in_an_event_is_stored_past_the_cap(tmp_path, monkeypatch):
     trace.finish_run("r1", "failed", error=big)
     assert trace.verify_chain("r1") is None and trace.get_run("r1").error == text
     assert _plain(payload) == _plain(stored)  # a replay recomputing the full text compares equal to the record
+    few = trace.record("r1", "tool", "act", "x", {"text": "ü" * 3000})  # 3,000 characters but 6,000 bytes
+    assert len(few.payload.encode()) <= 4096 + 20 and "truncated: 6000 bytes" in few.payload
 
 
 def test_a_cap_that_is_not_a_size_is_one_line(tmp_path):

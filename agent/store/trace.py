@@ -67,7 +67,7 @@ def stored_json(payload: Any, cap: int | None = None) -> str:
     DXAGENT_MAX_STORED_REPLY_BYTES) bounded by `bounded_text`. A replay compares what it recomputes in this form."""
     cap = stored_text_cap() if cap is None else cap
     body = canonical(payload)
-    if len(body) <= cap:  # no text in it can be longer than the whole
+    if len(body) <= cap // 4 or len(body.encode()) <= cap:  # no text in it can be longer than the whole
         return body
     return canonical(_bounded(json.loads(body), cap))
 
