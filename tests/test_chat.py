@@ -204,6 +204,47 @@ def test_endpoint_answers_cite_evidence_and_uncited_claims_are_flagged(tmp_path,
     assert child.exitstatus == 0
 
 
+@pytest.mark.timeout(120)
+def test_ctrl_c_during_a_silent_endpoint_cancels_the_call_at_once(tmp_path, fake_openai):
+    """Issue 32 item 7: Ctrl-C while the endpoint stayed silent gave the prompt back only when the turn's budget
+    ended (113 s). The call is abandoned at once; the thread goes on with its state (the next question is answered)."""
+    import time
+
+    from conftest import FakeOpenAI
+
+    fake_openai.max_delay = 60.0  # silent for longer than the test waits
+    try:
+        fake_openai.reset(FakeOpenAI.slow(60), FakeOpenAI.text(call("ct_tissue_composition")),
+                          FakeOpenAI.text("Fat is 25% of the body [E1]."))
+        child = spawn(tmp_path, CT, "--llm", "openai-json", "--base-url", fake_openai.base_url, "--model", "fake",
+                      "--api-key", "none", "--max-seconds", "300", "-q", "How much fat is there?")
+        tid = thread_id(child)
+        end = time.monotonic() + 60
+        while not fake_openai.requests:  # the planner's request is at the endpoint, which stays silent
+            assert time.monotonic() < end, "the planner never called the endpoint"
+            time.sleep(0.05)
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        child.sendintr()
+        child.expect(r"turn cancelled; the evidence so far \(none\) is kept", timeout=10)
+        child.expect_exact(PROMPT)
+        assert time.monotonic() - t0 < 3
+        child.sendline("How much fat is there?")
+        child.expect(r"act +\[E1\] ct_tissue_composition ok")
+        child.expect(r"dxagent: .*25%.*\[E1\]")  # answered from the evidence of this turn
+        child.expect_exact(PROMPT)
+        child.sendline("/quit")
+        child.expect(pexpect.EOF)
+        child.close()
+        assert child.exitstatus == 0
+        dump = TraceStore(None, tmp_path / "tr").dump(tid)
+        assert verify_dump(dump, None) == []
+        notes = [e["name"] for e in dump["events"] if e["kind"] == "note" and e["node"] == "turn"]
+        assert notes[:2] == ["turn", "cancelled"]
+    finally:
+        fake_openai.max_delay = FakeOpenAI.max_delay
+
+
 def test_bad_image_and_unknown_thread_are_one_line_errors(tmp_path):
     bad = tmp_path / "broken.dcm"
     bad.write_bytes(b"DICM" * 10)

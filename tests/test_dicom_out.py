@@ -250,3 +250,55 @@ def test_push_arguments_are_checked_before_the_run(tmp_path):
         r = cli("run", ct, "--push", push, "--llm", "tiny", "--trace-dir", str(tmp_path / "tr"))
         assert r.returncode == 2 and why in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "tr").exists() or not TraceStore(None, tmp_path / "tr").runs()  # no run was started
+
+
+_ODD_PATIENT = '''
+import json, sys
+import numpy as np
+from helpers import make_ctx
+from agent.app.dicom_out import write_objects
+from agent.core.state import Evidence
+from agent.store.artifacts import ArtifactStore
+
+src, tmp = sys.argv[1], sys.argv[2]
+store = ArtifactStore(tmp + "/art")
+ctx = make_ctx(store, src)
+mask = np.zeros(ctx.state.views[0].shape, dtype=np.uint8)
+mask[10:30, 40:80] = 1
+ref = ctx.save_mask(mask, "test mask", legend={1: "lesion"}, view="V1")
+state = ctx.state.model_copy(update={"evidence": [Evidence(id="E1", tool="litemedsam", tool_version="1",
+                                                           args={"view": "V1"}, status="ok", artifacts=[ref])]})
+report = {"run_id": "run-test", "findings": [], "question": "q", "answer": {}, "recommendation": {"outcome": "report"},
+          "disclaimer": "RESEARCH USE ONLY", "versions": {"dxagent": "0"}}
+w = write_objects(report, state, store, [src], tmp + "/out")
+print(json.dumps({"objects": w.objects, "skipped": w.skipped, "notes": w.notes}))
+'''
+
+
+def test_odd_patient_attributes_neither_break_export_nor_flood_stderr(tmp_path):
+    """Issue 32 item 7: a PatientSex outside M/F/O made SR/SEG export fail after a complete report (highdicom refuses
+    it), and highdicom's warning printed a 10,000-character PatientName to stderr. The attributes copied into the
+    SR/SEG are made valid (PatientSex empty, the name cut to DICOM's 64 characters), the manifest notes it without the
+    values, and library warnings become one bounded note: the objects are written, valid, in the source's study."""
+    ds = dcmread(get_testdata_file("CT_small.dcm"))
+    src = tmp_path / "odd.dcm"
+    with pytest.warns(UserWarning):  # pydicom warns about the values it is given, and writes them
+        ds.PatientSex = "UNKNOWN-XYZ"
+        ds.PatientName = "X" * 10_000  # no caret: highdicom's check warns, quoting the whole name
+        ds.save_as(src)
+    r = subprocess.run([sys.executable, "-c", _ODD_PATIENT, str(src), str(tmp_path)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1",
+                                                    "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])})
+    assert r.returncode == 0, r.stderr[-1500:]
+    assert max(map(len, r.stderr.splitlines()), default=0) < 500 and "XXXXXXXXXX" not in r.stderr, r.stderr[:600]
+    out = json.loads(r.stdout)
+    assert [o["kind"] for o in out["objects"]] == ["SR", "SEG"] and not out["skipped"]
+    notes = " ".join(out["notes"])
+    assert "PatientSex" in notes and "PatientName" in notes and "UNKNOWN-XYZ" not in notes and "XXX" not in notes
+    assert len(notes) < 1000
+    for o in out["objects"]:
+        f = tmp_path / "out" / o["file"]
+        assert dciodvfy_errors(f) == [], o["file"]
+        got = dcmread(f)
+        assert got.PatientSex == "" and str(got.PatientName) == "X" * 64
+        assert (got.PatientID, got.StudyInstanceUID) == (ds.PatientID, ds.StudyInstanceUID)

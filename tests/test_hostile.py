@@ -168,6 +168,91 @@ def test_paths_named_after_the_patient_are_never_stored(tmp_path):
             assert b"DOE_JANE" not in data and b"MRN12345" not in data, f
 
 
+def test_a_bad_file_inside_a_patient_named_folder_is_named_by_position_and_hash(tmp_path):
+    """Issue 32 item 7: a truncated file inside a folder named after the patient put its file name
+    (`input 1/DOE_JANE_MRN12345_a.dcm`) into the run's error, its event and the checkpoints. A file inside an input
+    folder is named by its place in the folder (name order) and a short sha256 - in the store and on the terminal,
+    which shows the folder the user typed but no file name the user did not."""
+    import hashlib
+
+    from agent.engine.session import DxError
+
+    folder = tmp_path / "MRN12345_DOE_JANE"
+    folder.mkdir()
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    for i in range(2):
+        ds.ImagePositionPatient = [0.0, 0.0, float(i)]
+        ds.SOPInstanceUID = pydicom.uid.generate_uid()
+        ds.save_as(folder / f"DOE_JANE_MRN12345_{i}.dcm")
+    cut = (folder / "DOE_JANE_MRN12345_1.dcm").read_bytes()[:-4000]  # header intact, pixel data short
+    (folder / "DOE_JANE_MRN12345_a.dcm").write_bytes(cut)
+    with pytest.raises(DxError) as exc:
+        run_case([str(folder)], Q, llm="scripted", script=[], trace_dir=tmp_path / "tr")
+    shown = str(exc.value)
+    assert "MRN12345_DOE_JANE" in shown and "DOE_JANE_MRN12345_a" not in shown, shown  # the folder the user typed
+    assert f"file 3 of 3 (sha256 {hashlib.sha256(cut).hexdigest()[:12]})" in shown and "truncated" in shown, shown
+    failed = [r for r in TraceStore(None, tmp_path / "tr").runs() if r.status == "failed"]
+    assert failed and failed[0].error.startswith("input 1, file 3 of 3 (sha256 "), failed[0].error
+    for f in (tmp_path / "tr").rglob("*"):  # trace (run row, events), checkpoints, artifacts
+        if f.is_file():
+            data = f.read_bytes()
+            assert b"DOE_JANE" not in data and b"MRN12345" not in data, f
+
+
+def test_a_huge_endpoint_reply_is_neither_read_whole_nor_stored(tmp_path, fake_openai):
+    """Issue 32 item 7: an endpoint answering every request with 50 MB made a 157 MB trace database (the reply read,
+    re-asked twice, stored each time). The reply is refused while read (agent/llm/replies.py), and the trace keeps
+    the one-line reason."""
+    from conftest import FakeOpenAI
+
+    fake_openai.reset(*[FakeOpenAI.text("A" * 3_000_000)] * 6)
+    res = run_case([get_testdata_file("CT_small.dcm")], Q, llm="openai-json", base_url=fake_openai.base_url,
+                   model="fake", trace_dir=tmp_path / "tr", route=False, narrator=None)
+    assert len(fake_openai.requests) == 1 and res.report["recommendation"]["outcome"] == "refer"
+    errors = [e.payload for e in TraceStore(None, tmp_path / "tr").events(res.run_id, kind="llm")]
+    assert len(errors) == 1 and "over 256 KiB" in errors[0]
+    assert sum(f.stat().st_size for f in (tmp_path / "tr").rglob("*") if f.is_file()) < 2_000_000
+
+
+def test_no_text_in_an_event_is_stored_past_the_cap(tmp_path, monkeypatch):
+    """Whatever produced it (a tool's output, an error, a local model), one text in an event is stored up to
+    DXAGENT_MAX_STORED_REPLY_BYTES, with a note of its full size and sha256; the chain verifies, and a replay's
+    comparison bounds what it recomputes the same way."""
+    import hashlib
+
+    from agent.engine.replay import _plain
+
+    monkeypatch.setenv("DXAGENT_MAX_STORED_REPLY_BYTES", "4096")
+    big = "ü" * 100_000  # 200,000 bytes of UTF-8: cut on a character boundary
+    payload = {"evidence": {"output": {"text": big, "short": "kept"}}, "list": [big, 1]}
+    trace = TraceStore(None, tmp_path)
+    trace.start_run("r1", "c", "q", "m", "json", "", {})
+    ev = trace.record("r1", "tool", "act", "x", payload)
+    assert len(ev.payload.encode()) < 3 * 4096
+    stored = json.loads(ev.payload)
+    text = stored["evidence"]["output"]["text"]
+    assert len(text.encode()) <= 4096 and text.startswith("üüü") and stored["evidence"]["output"]["short"] == "kept"
+    assert f"truncated: 200000 bytes, sha256 {hashlib.sha256(big.encode()).hexdigest()}" in text
+    assert stored["list"] == [text, 1]
+    trace.finish_run("r1", "failed", error=big)
+    assert trace.verify_chain("r1") is None and trace.get_run("r1").error == text
+    assert _plain(payload) == _plain(stored)  # a replay recomputing the full text compares equal to the record
+    few = trace.record("r1", "tool", "act", "x", {"text": "ü" * 3000})  # 3,000 characters but 6,000 bytes
+    assert len(few.payload.encode()) <= 4096 + 20 and "truncated: 6000 bytes" in few.payload
+
+
+def test_a_cap_that_is_not_a_size_is_one_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "agent.app.cli", "trace", "list", "--trace-dir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "DXAGENT_MAX_STORED_REPLY_BYTES": "lots"})
+    assert r.returncode == 2 and r.stderr.strip() == \
+        "error: DXAGENT_MAX_STORED_REPLY_BYTES='lots' is not a whole number of bytes, 1024 or more", r.stderr[-500:]
+
+
 @pytest.mark.slow
 def test_the_embedded_planner_is_not_steered_by_injected_text(tmp_path):
     """Measured before this defence: with the instruction in BodyPartExamined, the context and the question, the

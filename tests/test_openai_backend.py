@@ -176,6 +176,80 @@ def test_a_silent_endpoint_cannot_outlast_the_run_budget(fake_openai):
 
 
 @pytest.mark.timeout(30)
+def test_a_huge_reply_is_refused_while_read_and_not_retried(fake_openai):
+    """Issue 32 item 7: a 50 MB endpoint reply was read whole, re-asked, and stored three times (157 MB of trace).
+    A reply over DXAGENT_MAX_STORED_REPLY_BYTES (256 KiB) is refused while it is read - a one-line error, no
+    retry (it would only be as large again) - and the record keeps that line, not the reply."""
+    fake_openai.reset(*[FakeOpenAI.text("A" * 3_000_000)] * 3)
+    planner, records = make_planner(fake_openai.base_url, "json", max_retries=2)
+    with pytest.raises(PlannerError, match="over 256 KiB"):
+        planner.decide(case(), TOOLS)
+    assert len(fake_openai.requests) == 1 and [r["name"] for r in records] == ["error"]
+    assert len(json.dumps(records[0]["payload"])) < 20_000
+    sent = {k.lower(): v for k, v in fake_openai.requests[0]["headers"].items()}
+    assert sent["accept-encoding"] == "identity"  # so the size read is the size
+
+
+class _Endless:
+    """A loopback endpoint whose 200 reply never ends: without a length, `chunk` bytes every `every` seconds."""
+
+    def __init__(self, chunk: bytes, every: float):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.stop, self.sent = threading.Event(), 0
+        endless = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.0"  # no Content-Length: the body ends when the connection closes
+
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                try:
+                    self.wfile.write(b'{"id": "x", "choices": [{"message": {"content": "')
+                    while not endless.stop.wait(every) and endless.sent < 64 * 2**20:  # "never" in a test's terms
+                        self.wfile.write(chunk)
+                        endless.sent += len(chunk)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.stop.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(("chunk", "every", "why"), [(b"A" * 65536, 0.0, "over 256 KiB"),
+                                                     (b" ", 0.05, "not finished within 2 s")])
+def test_a_never_ending_reply_is_cut_by_size_or_by_time(_loopback_without_proxy, chunk, every, why):
+    """A reply that never ends - fast (size grows for ever) or a trickle (each read is in time, so the client's
+    read timeout never fires) - ends the call within the cap and the client timeout, and is not retried."""
+    server = _Endless(chunk, every)
+    try:
+        planner, records = make_planner(server.base_url, "json", timeout_s=2.0, max_retries=2)
+        t0 = time.perf_counter()
+        with pytest.raises(PlannerError, match=why):
+            planner.decide(case(), TOOLS)
+        assert time.perf_counter() - t0 < 6
+        assert server.sent < 4 * 2**20 and [r["name"] for r in records] == ["error"]
+    finally:
+        server.close()
+
+
+@pytest.mark.timeout(30)
 @pytest.mark.parametrize("content_type", ["application/json", "text/html"])
 def test_non_json_http_body_is_a_planner_error(fake_openai, content_type):
     fake_openai.reset(FakeOpenAI.garbage(content_type))

@@ -5,7 +5,8 @@ A chat thread is one run in the trace store and one LangGraph thread (same id). 
 budget for one turn and the earlier turns (question, answer) in the planner's prompt; the evidence of all turns
 stays in the state, so later answers can cite it. Every completed node is checkpointed, so a thread resumes
 (`--resume THREAD_ID`) where it stopped, and Ctrl-C during a turn stops it before its next step with nothing
-lost. The trace records each turn (a `turn` note, then the usual events) and is re-sealed after each answer.
+lost; a model call under way (a silent endpoint) is abandoned at once, a tool under way finishes. The trace records
+each turn (a `turn` note, then the usual events) and is re-sealed after each answer.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from rich.markdown import Markdown
 from agent.core.state import Budget, CaseInput, CaseState, Turn
 from agent.core.untrusted import clean_inputs
 from agent.engine.graph import TurnCancelled, new_run_id, stored_inputs
+from agent.engine.llm_calls import CallCancelled, cancellable
 from agent.engine.planner import evidence_line, prompt_versions
 from agent.engine.report import to_markdown
 from agent.engine.session import DxError, Engine, inputs_sha256, resolve_inputs
@@ -124,23 +126,27 @@ class Chat:
                                                           max_wall_s=self.max_wall_s, started_at=time.time(),
                                                           route=self.route)}
         self.cancel.clear()
-        fut = self._pool.submit(self.eng.invoke, update, self.config)
+        fut = self._pool.submit(self._invoke, update)
         try:
             while True:
                 try:
                     return fut.result(timeout=0.1).report
                 except FutureTimeout:
                     continue
-        except TurnCancelled:
+        except (TurnCancelled, CallCancelled):
             return self._cancelled(None)
         except KeyboardInterrupt:
             return self._cancelled(fut)
 
+    def _invoke(self, update: dict[str, Any]) -> CaseState:
+        with cancellable(self.cancel):  # Ctrl-C abandons an endpoint call under way (llm_calls.within)
+            return self.eng.invoke(update, self.config)
+
     def _cancelled(self, fut: Any) -> None:
         self.cancel.set()
         if fut is not None:
-            self.out.print("[yellow]cancelling this turn[/]: the step under way finishes and is kept …", highlight=False,
-                           soft_wrap=True)
+            self.out.print("[yellow]cancelling this turn[/]: a model call under way is abandoned, a tool under way "
+                           "finishes and is kept …", highlight=False, soft_wrap=True)
             while not fut.done():
                 try:
                     fut.exception(timeout=0.2)

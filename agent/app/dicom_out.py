@@ -15,13 +15,21 @@ TID 1500 measurement report, and one DICOM SEG per segmentation mask. Both refer
 
 Only a DICOM input can be referenced: for a PNG or NIfTI input `write_objects` writes nothing and says why. The patient
 and study modules are copied from the source files by highdicom (that is what attaches the objects to the study in a
-PACS): these files therefore carry the identifiers the source carried, never the trace or the LLM. `write_objects`
-returns a manifest of what was written (SOP class, SOP instance and series UIDs, file, evidence) and what was not.
+PACS): these files therefore carry the identifiers the source carried, never the trace or the LLM. What is copied is
+made to fit first (`clean_copied`): a PatientSex other than M, F or O and a date or time that does not parse are left
+empty, a value longer than its VR allows is cut to it - each noted (attribute and length, never the value) - so an odd
+source cannot fail the export after a complete report; warnings highdicom and pydicom raise while building (which may quote
+a 10,000-character name) become one note. `write_objects` returns a manifest of what was written (SOP class, SOP
+instance and series UIDs, file, evidence), what was not, and these notes.
 """
 
 from __future__ import annotations
 
+import logging
 import uuid
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,6 +78,7 @@ class Written:
 
     objects: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # source attributes changed for the copy, library warnings
     datasets: list[Any] = field(default_factory=list)  # the pydicom datasets, for --push
     pushed_to: str | None = None  # the DICOMweb server they were stored to
     push_error: str | None = None  # why storing them failed (one line)
@@ -307,6 +316,107 @@ def build_sr(report: dict[str, Any], state: CaseState, sources: dict[str, list[A
                            "series_instance_uid": str(sr.SeriesInstanceUID), "groups": len(groups)})  # findings + the answer
 
 
+# the General Study attributes highdicom copies (besides the Patient, Patient Study and Clinical Trial Subject ones:
+# groups 0010 and 0012); UIDs, dates as numbers and sequences are left as they are
+STUDY_KEYWORDS = ("StudyDate", "StudyTime", "AccessionNumber", "ReferringPhysicianName", "StudyID", "StudyDescription",
+                  "PhysiciansOfRecord", "NameOfPhysiciansReadingStudy", "AdmittingDiagnosesDescription")
+DATE_VRS = {"DA", "TM", "DT"}  # highdicom parses a study's date and time (pydicom's DA/TM): one it cannot, it refuses
+CUT_VRS = {"PN", "LO", "SH", "LT", "ST", "CS", "AS"}  # text VRs with a length limit (PS3.5 6.2)
+
+
+def _bounded(vr: str, value: str) -> str:
+    """`value` cut to what its VR allows (a PN to 64 characters in each of at most 3 component groups)."""
+    from pydicom.valuerep import MAX_VALUE_LEN
+
+    if vr == "PN":
+        return "=".join(g[:64] for g in value.split("=")[:3])
+    return value[: {"AS": 4, **MAX_VALUE_LEN}.get(vr, 64)]
+
+
+def _parses(vr: str, value: str) -> bool:
+    from pydicom.valuerep import DA, DT, TM
+
+    try:
+        {"DA": DA, "TM": TM, "DT": DT}[vr](value)
+        return True
+    except (ValueError, TypeError, OverflowError):
+        return False
+
+
+def clean_copied(ds: Any, notes: list[str]) -> None:
+    """Make the patient and study attributes highdicom copies from a source dataset (in memory, never the file) fit
+    the SR/SEG: PatientSex M, F, O or empty (highdicom refuses anything else); a date or time pydicom cannot parse
+    empty (highdicom refuses it too); a text value longer than its VR allows cut to it. Each change is noted by
+    attribute and length, never by value (the notes go to the trace and the terminal)."""
+    from pydicom.datadict import tag_for_keyword
+    from pydicom.multival import MultiValue
+
+    tags = [t for t in ds.keys() if t.group in (0x0010, 0x0012)] + \
+        [tag_for_keyword(k) for k in STUDY_KEYWORDS if k in ds]
+    with warnings.catch_warnings():  # reading an invalid value warns, quoting it: the note says what is wrong
+        warnings.simplefilter("ignore")
+        for tag in tags:
+            elem = ds[tag]
+            if elem.VR not in CUT_VRS | DATE_VRS or elem.value in (None, ""):
+                continue
+            kw = elem.keyword or str(tag)
+            raw = list(elem.value) if isinstance(elem.value, MultiValue) else [elem.value]
+            if any(isinstance(v, bytes) for v in raw):  # not decoded: copied as it is
+                continue
+            values = [str(v) for v in raw]
+            size = max(map(len, values))
+            if kw == "PatientSex":
+                sex = values[0].strip().upper()
+                if sex not in ("M", "F", "O"):
+                    notes.append(f"PatientSex of the source is not M, F or O ({size} characters): left empty in the "
+                                 "SR/SEG")
+                    elem.value = ""
+                continue
+            if elem.VR in DATE_VRS:
+                if not all(_parses(elem.VR, v) for v in values):
+                    notes.append(f"{kw} of the source is not a valid {elem.VR} ({size} characters): left empty in the "
+                                 "SR/SEG")
+                    elem.value = ""
+                continue
+            cut = [_bounded(elem.VR, v) for v in values]
+            if cut != values:
+                notes.append(f"{kw} of the source is longer than a {elem.VR} may be ({size} characters): cut to fit "
+                             "in the SR/SEG")
+                elem.value = cut if len(cut) > 1 else cut[0]
+
+
+@contextmanager
+def _library_warnings(notes: list[str]) -> Iterator[None]:
+    """Warnings and log records (WARNING and up) of highdicom and pydicom while the objects are built become one note:
+    their texts may quote patient attributes (highdicom printed a 10,000-character PatientName to stderr), so the note
+    counts them without their text."""
+    kept: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            kept.append(record.name)
+
+    handler = Keep(logging.WARNING)
+    loggers = [logging.getLogger(n) for n in ("highdicom", "pydicom")]
+    saved = [lg.propagate for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(handler)
+        lg.propagate = False
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+    finally:
+        for lg, propagate in zip(loggers, saved, strict=True):
+            lg.removeHandler(handler)
+            lg.propagate = propagate
+    kept += [w.category.__name__ for w in caught]
+    if kept:
+        kinds = ", ".join(sorted(set(kept)))[:200]
+        notes.append(f"{len(kept)} warning(s) from the DICOM libraries while building the objects ({kinds}); their "
+                     "texts are withheld (they may quote patient attributes)")
+
+
 def write_objects(report: dict[str, Any], state: CaseState, store: Any, inputs: list[str],
                   out_dir: str | Path | None) -> Written:
     """Build the SR and SEGs of a finished run whose input views are DICOM, and write them under out_dir (None: only
@@ -325,19 +435,26 @@ def write_objects(report: dict[str, Any], state: CaseState, store: Any, inputs: 
                            "report is written)")
         return out
     software = str((report.get("versions") or {}).get("dxagent") or "unknown")
-    build_segs(state, store, sources, run_id, software, out)
-    build_sr(report, state, sources, run_id, software, out)
-    out.datasets[0].SpecificCharacterSet = "ISO_IR 192"  # the SR's texts (answer, disclaimer) are UTF-8
-    for ds in out.datasets:  # declare the private scheme of the names no standard code fits (PS3.3 C.12.1.1.3.1)
-        ds.CodingSchemeIdentificationSequence = [_local_scheme()]
-    if out_dir is None:
-        return out
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for row, ds in zip(out.objects, out.datasets, strict=True):
-        name = "report.sr.dcm" if row["kind"] == "SR" else f"seg-{row['evidence']}-{row['sop_instance_uid'][-6:]}.dcm"
-        ds.save_as(out_dir / name, enforce_file_format=True)
-        row["file"] = name
+    changed: list[str] = []
+    for src in sources.values():
+        for ds in src:
+            clean_copied(ds, changed)
+    out.notes += list(dict.fromkeys(changed))  # once per attribute and length, not once per slice
+    with _library_warnings(out.notes):
+        build_segs(state, store, sources, run_id, software, out)
+        build_sr(report, state, sources, run_id, software, out)
+        out.datasets[0].SpecificCharacterSet = "ISO_IR 192"  # the SR's texts (answer, disclaimer) are UTF-8
+        for ds in out.datasets:  # declare the private scheme of the names no standard code fits (PS3.3 C.12.1.1.3.1)
+            ds.CodingSchemeIdentificationSequence = [_local_scheme()]
+        if out_dir is None:
+            return out
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for row, ds in zip(out.objects, out.datasets, strict=True):
+            name = "report.sr.dcm" if row["kind"] == "SR" else \
+                f"seg-{row['evidence']}-{row['sop_instance_uid'][-6:]}.dcm"
+            ds.save_as(out_dir / name, enforce_file_format=True)
+            row["file"] = name
     return out
 
 
@@ -367,6 +484,6 @@ def export_run(res: Any, out_dir: str | Path | None, target: Any, trace: Any) ->
         except DicomWebError as exc:
             written.push_error = str(exc)
     if written.objects:
-        trace.note_export(res.run_id, {"objects": written.objects, "skipped": written.skipped,
+        trace.note_export(res.run_id, {"objects": written.objects, "skipped": written.skipped, "notes": written.notes,
                                        "pushed_to": written.pushed_to, "push_error": written.push_error})
     return written

@@ -29,5 +29,9 @@ class ManifestError(UserError, ValueError):
     """A batch or eval manifest cannot be read or names a case badly; one line says which row and why."""
 
 
+class SettingError(UserError, ValueError):
+    """An environment setting (DXAGENT_...) holds something it cannot mean; the message names it."""
+
+
 class ControlSignal(BaseException):  # noqa: N818 - a signal, not an error
     """Steers control flow; never recorded as a failure (see the module docstring)."""

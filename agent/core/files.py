@@ -44,6 +44,26 @@ def write_atomic(path: str | Path, data: str | bytes, mode: int = 0o644) -> None
         raise
 
 
+STORED_TEXT_MAX_BYTES = 256 * 2**10  # DXAGENT_MAX_STORED_REPLY_BYTES changes it
+
+
+def stored_text_cap() -> int:
+    """The most bytes of any one text a trace event stores (an LLM reply, a tool's output, an error), and of an
+    endpoint's reply that is read at all: $DXAGENT_MAX_STORED_REPLY_BYTES, else 256 KiB (a planner reply is under
+    1 KB). SettingError (one line) when it is not a positive whole number of bytes."""
+    from agent.core.errors import SettingError
+
+    raw = os.environ.get("DXAGENT_MAX_STORED_REPLY_BYTES", "").strip()
+    if raw and not (raw.isdigit() and int(raw) >= 1024):
+        raise SettingError(f"DXAGENT_MAX_STORED_REPLY_BYTES={raw[:20]!r} is not a whole number of bytes, 1024 or more")
+    return int(raw) if raw else STORED_TEXT_MAX_BYTES
+
+
+def size_text(n: int) -> str:
+    """A byte count as people read it: 256 KiB, 3.0 MiB, 900 bytes."""
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n // 2**10} KiB" if n >= 2**10 else f"{n} bytes"
+
+
 MANIFEST_MAX_BYTES = 64 * 2**20  # a manifest of 100,000 rows is about 20 MB; DXAGENT_MAX_MANIFEST_BYTES changes it
 MANIFEST_MAX_LINE = 2**20  # characters in one manifest row (a row names an image, a question and an answer)
 

@@ -29,7 +29,7 @@ from agent.core.state import ArtifactRef, Budget, CaseInput, CaseState, ImageVie
 from agent.core.tool import Tool, ToolContext
 from agent.engine.graph import Runtime, build_graph
 from agent.engine.planner import _JSON_OBJECT_ENDPOINTS, Planner
-from agent.store.trace import canonical, run_report
+from agent.store.trace import canonical, run_report, stored_json
 
 VOLATILE = ("now", "latency_s")  # served (the clock) or measured around a served reply: not compared
 DRIFT_OK = (("report", "versions", "libraries"), ("report", "versions", "dxagent"))  # warn, don't fail
@@ -61,7 +61,8 @@ def flatten(obj: Any, path: str = "") -> list[str]:
 
 
 def _plain(payload: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in json.loads(canonical(payload)).items() if k not in VOLATILE}
+    """A payload as stored (texts bounded as the trace bounds them), less the volatile keys."""
+    return {k: v for k, v in json.loads(stored_json(payload)).items() if k not in VOLATILE}
 
 
 def _without(obj: dict[str, Any], paths: tuple[tuple[str, ...], ...]) -> dict[str, Any]:
@@ -335,7 +336,8 @@ def replay(dump: dict[str, Any], tools: dict[str, Tool] | None = None) -> Replay
         recorded = run_report(run)
         if recorded is not None and result.report is not None:
             drift = tuple(p[1:] for p in DRIFT_OK)
-            if canonical(_without(recorded, drift)) != canonical(_without(result.report, drift)):
+            if canonical(_without(recorded, drift)) != canonical(_without(json.loads(stored_json(result.report)),
+                                                                          drift)):
                 raise Divergence(len(events), "run report", "the replayed report differs from the run's stored report",
                                  recorded, result.report)
         result.verified = True

@@ -9,7 +9,8 @@
 
 The file's content decides its format, not its extension (a PNG named .dcm loads as PNG).
 
-Every bad input raises `ImageLoadError` with one line naming the file and what is wrong: missing
+Every bad input raises `ImageLoadError` with one line naming the input and what is wrong (a file inside an input
+folder by its place and sha256, never its name, which may name the patient): missing
 path, 0-byte file, truncated DICOM, DICOM without pixel data (SR, RT plan), compressed DICOM with
 no installed decoder, non-image file, 4D/5D NIfTI, images over `MAX_PIXELS`, and NaN/Inf pixels.
 Non-finite pixels are tolerated only when fewer than `NONFINITE_MAX_FRACTION` (1 %) of them: they
@@ -129,7 +130,10 @@ def load_file(path: str | Path) -> Loaded:
     except MemoryError:
         raise ImageLoadError(f"{name}: out of memory while decoding") from None
     except Exception as exc:  # a decoder failed in a way not foreseen above: still one line
-        raise ImageLoadError(f"{name}: could not read image ({type(exc).__name__}: {_one_line(exc)})") from None
+        detail = _one_line(exc)
+        if p.is_dir():  # the text of an error may quote a file's path: no file name inside the folder passes
+            detail = _without_member_names(detail, p)
+        raise ImageLoadError(f"{name}: could not read image ({type(exc).__name__}: {detail})") from None
 
 
 def _nifti_kind(head: bytes) -> bool:
@@ -335,13 +339,36 @@ def _body_part_of(ds: Any) -> str | None:
     return body_part_code(ds.get("BodyPartExamined", ""))
 
 
+def _folder_files(folder: Path) -> list[Path]:
+    """The files of a series folder that are read, in name order (the order `_member` counts in)."""
+    return sorted(x for x in folder.iterdir() if x.is_file() and not x.name.startswith("."))
+
+
+def _member(name: str, files: list[Path], f: Path, sha: str) -> str:
+    """How an error names a file inside an input folder: by its place in the folder and a short sha256, never by its
+    name. The folder is the input the user named (the trace stores it as "input N"); the names inside it are not,
+    and a folder of one patient's files is often named after the patient (DOE_JANE_MRN12345_3.dcm)."""
+    return f"{name}, file {files.index(f) + 1} of {len(files)} (sha256 {sha[:12]})"
+
+
+def _without_member_names(text: str, folder: Path) -> str:
+    """`text` with the name of every file in `folder` replaced by "a file in the folder" (error paths only)."""
+    try:
+        names = sorted({x.name for x in folder.iterdir()} - {""}, key=len, reverse=True)
+    except OSError:
+        return text
+    for n in names:
+        text = text.replace(n, "a file in the folder")
+    return text
+
+
 def _read_series(folder: Path, name: str, defer: str | None = "64 KB") -> tuple[list, int, list[float] | None, dict]:
     """The image slices of a one-series folder in patient order: ([(file, dataset)], files skipped, positions along
     the slice normal or None, {"slice_order": how}). The order of a loaded volume's slices and of `dicom_sources`."""
     import pydicom
 
     slices, skipped = [], 0
-    for f in sorted(x for x in folder.iterdir() if x.is_file() and not x.name.startswith(".")):
+    for f in _folder_files(folder):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -404,11 +431,19 @@ def _load_dicom_series(folder: Path, name: str) -> Loaded:
     if rows * cols * len(slices) > MAX_PIXELS:
         raise ImageLoadError(f"{name}: series of {len(slices)}×{rows}×{cols} is over the voxel limit")
 
-    arrays = []
+    arrays, files, shas = [], _folder_files(folder), {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for f, ds in slices:
-            arr, rgb, _ = _dicom_pixels(ds, f"{name}/{f.name}", invert=False)
+            shas[f] = sha256_file(f)
+            member = _member(name, files, f, shas[f])
+            try:
+                arr, rgb, _ = _dicom_pixels(ds, member, invert=False)
+            except (ImageLoadError, MemoryError):
+                raise
+            except Exception as exc:  # its text may quote the file's path
+                raise ImageLoadError(f"{member}: could not read image ({type(exc).__name__}: "
+                                     f"{_without_member_names(_one_line(exc), folder)})") from None
             if rgb:
                 raise ImageLoadError(f"{name}: colour DICOM series are not supported")
             arrays.append(arr)
@@ -441,7 +476,7 @@ def _load_dicom_series(folder: Path, name: str) -> Loaded:
         else:
             spacing, src = (dz, *spacing), f"{src}; z from {zsrc}"
     meta["spacing_source"] = src
-    sha = hashlib.sha256("".join(sorted(sha256_file(f) for f, _ in slices)).encode()).hexdigest()
+    sha = hashlib.sha256("".join(sorted(shas.values())).encode()).hexdigest()
     return Loaded(vol, "dicom", sha, False, spacing, meta, _modality_of(first), _body_part_of(first))
 
 

@@ -348,8 +348,14 @@ def make_llm(kind: str, *, base_url: str | None = None, model: str | None = None
         if not base_url or not model:
             raise LLMUnavailable("--llm openai needs --base-url and --model (or DXAGENT_OPENAI_BASE_URL / "
                                  "DXAGENT_OPENAI_MODEL)")
+        from agent.llm.replies import http_client
+
+        # replies bounded while read (size and time; agent/llm/replies.py), and never compressed (so the size read
+        # is the size): the SDK reads a whole reply before anything sees it. No socket options: with them
+        # langchain-openai's own (unused) async client would shadow a proxy set in the environment, and say so
         chat = ChatOpenAI(base_url=base_url, model=model, api_key=api_key, timeout=timeout_s,
-                          max_retries=max_retries, temperature=0, seed=seed)
+                          max_retries=max_retries, temperature=0, seed=seed, http_client=http_client(timeout_s),
+                          default_headers={"Accept-Encoding": "identity"}, http_socket_options=())
         return chat, f"openai:{model}@{public_url(base_url)}", ("json" if kind == "openai-json" else "tools")
     if kind == "scripted":
         return ScriptedChat(responses=list(script or [])), "scripted", "json"

@@ -3,6 +3,10 @@ and an artifact row per file. A SQLite file by default; any SQLAlchemy database 
 
 Enough is recorded to replay a run without any model: every LLM request and response (messages,
 parameters, model id, token counts, latency, candidate scores) and every tool input and output.
+
+No one text in an event is stored past DXAGENT_MAX_STORED_REPLY_BYTES (256 KiB; `stored_json`): a longer one keeps
+its head and a note of its full size and sha256. An endpoint's reply is refused past the same cap while it is read
+(agent/llm/replies.py), so a reply is stored whole, once, in its call's event.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from sqlalchemy import event as sa_event
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Field, Session, SQLModel, create_engine, select
 
-from agent.core.files import sha256_text
+from agent.core.files import sha256_text, stored_text_cap
 from agent.core.state import ArtifactRef
 
 GENESIS = "0" * 64
@@ -36,6 +40,36 @@ def canonical(obj: Any) -> str:
     dict of classes is reported in its order), so replay must see it as the run did; json.loads keeps it, so
     re-serialising a parsed payload gives back the same text and hash."""
     return json.dumps(obj, separators=(",", ":"), default=str, ensure_ascii=False)
+
+
+def bounded_text(text: str, cap: int) -> str:
+    """`text` if its UTF-8 is at most `cap` bytes, else its head (cut on a character) and a note of what was cut, the
+    two together at most `cap` bytes (so bounding again changes nothing)."""
+    raw = text.encode()
+    if len(raw) <= cap:
+        return text
+    note = f" …[truncated: {len(raw)} bytes, sha256 {hashlib.sha256(raw).hexdigest()}]"
+    return raw[: max(0, cap - len(note.encode()))].decode("utf-8", "ignore") + note
+
+
+def _bounded(obj: Any, cap: int) -> Any:
+    if isinstance(obj, str):
+        return bounded_text(obj, cap)
+    if isinstance(obj, dict):
+        return {k: _bounded(v, cap) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_bounded(v, cap) for v in obj]
+    return obj
+
+
+def stored_json(payload: Any, cap: int | None = None) -> str:
+    """The stored form of an event's payload: `canonical`, with every text in it over `cap` bytes (default
+    DXAGENT_MAX_STORED_REPLY_BYTES) bounded by `bounded_text`. A replay compares what it recomputes in this form."""
+    cap = stored_text_cap() if cap is None else cap
+    body = canonical(payload)
+    if len(body) <= cap // 4 or len(body.encode()) <= cap:  # no text in it can be longer than the whole
+        return body
+    return canonical(_bounded(json.loads(body), cap))
 
 
 class Run(SQLModel, table=True):
@@ -140,6 +174,7 @@ class TraceStore:
         SQLModel.metadata.create_all(self.engine)
         self._migrate()
         self._lock = threading.Lock()
+        self.text_cap = stored_text_cap()
 
     def _migrate(self) -> None:
         """Add the columns a newer version introduced to a trace database an older version created."""
@@ -172,10 +207,10 @@ class TraceStore:
             run = s.get(Run, run_id)
             if run is None:
                 return
-            run.status, run.error = status, error
+            run.status, run.error = status, None if error is None else bounded_text(error, self.text_cap)
             run.finished_at = datetime.now(UTC).isoformat()
             if report is not None:
-                run.report = canonical(report)
+                run.report = stored_json(report, self.text_cap)  # as its report event stores it
             self._seal(s, run)
 
     def reopen(self, run_id: str) -> None:
@@ -253,7 +288,7 @@ class TraceStore:
 
     # -- events -----------------------------------------------------------------------------
     def record(self, run_id: str, kind: str, node: str, name: str, payload: dict[str, Any]) -> Event:
-        body = canonical(payload)
+        body = stored_json(payload, self.text_cap)
         psha = sha256_text(body)
         with self._lock, Session(self.engine) as s:
             last = s.exec(select(Event).where(Event.run_id == run_id).order_by(Event.seq.desc()).limit(1)).first()

@@ -60,6 +60,20 @@ def _dicom_with_text(path: Path) -> Path:
     return path
 
 
+def _series_with_a_cut_slice(folder: Path) -> Path:
+    """Two slices of one series and a third whose pixel data is cut short, every file named after the patient."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    for i in range(2):
+        ds.ImagePositionPatient = [0.0, 0.0, float(i)]
+        ds.SOPInstanceUID = f"1.2.826.0.1.3680043.8.498.{i + 1}"
+        ds.save_as(folder / f"{NAME}_{i}.dcm")
+    (folder / f"{NAME}_a.dcm").write_bytes((folder / f"{NAME}_1.dcm").read_bytes()[:-4000])
+    return folder
+
+
 def make(folder: Path) -> list[Case]:
     """Write the corpus under `folder` (which may be any temporary directory) and return its cases."""
     from PIL import Image
@@ -122,6 +136,10 @@ def make(folder: Path) -> list[Case]:
     empty_dir.mkdir(exist_ok=True)
     (empty_dir / "notes.txt").write_text("no images here")
     cases.append(Case("a folder without DICOM", empty_dir, "error", ""))
+    series = folder / f"{NAME}_series"  # a bad file inside a folder named after the patient: named by place and hash
+    series.mkdir(exist_ok=True)
+    cases.append(Case("a cut slice in a patient-named series folder", _series_with_a_cut_slice(series), "error",
+                      "file 3 of 3 (sha256 "))
     deep = folder.joinpath(*[f"d{i}_" + "x" * 120 for i in range(10)])  # a path over 1,200 characters
     deep.mkdir(parents=True, exist_ok=True)
     long = deep / (f"{NAME}_" + "ü" * 40 + "_名前" * 12 + ".png")  # 186 bytes: under the 255-byte name limit

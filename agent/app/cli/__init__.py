@@ -15,6 +15,7 @@ from agent.app.cli import cases
 from agent.app.cli.library import library_app
 from agent.app.cli.models import models_app
 from agent.app.cli.trace import trace_app
+from agent.core.errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="dxagent: an agentic diagnostic orchestrator for medical images. RESEARCH USE ONLY.")
@@ -32,10 +33,13 @@ def main() -> None:  # pragma: no cover
         app()
     except (OSError, SQLAlchemyError) as exc:  # a full disk, a read-only or immutable store, a folder that is a
         raise SystemExit(io_failure(exc)) from None  # file: one line and exit 2, wherever it struck
+    except UserError as exc:  # one a command did not catch itself (a DXAGENT_ setting read when a store opens)
+        raise SystemExit(io_failure(exc)) from None
 
 
 def io_failure(exc: BaseException) -> int:
-    """Print the one line for a storage failure (the command's own errors are already one line) and return 2."""
+    """Print the one line for a storage failure or a user error no command caught (the command's own errors are
+    already one line) and return 2."""
     from agent.app.cli.options import err
 
     if isinstance(exc, SQLAlchemyError):

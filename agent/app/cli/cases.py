@@ -83,7 +83,7 @@ def _write_dicom(res, out_dir: Path | None, target, trace_dir: Path | None, db_u
         written = export_run(res, out_dir, target, trace_store(trace_dir, db_url))
     except ExportError as exc:
         fail(str(exc))
-    for why in written.skipped:
+    for why in written.skipped + written.notes:
         err.print(f"[yellow]DICOM: {why}[/]", highlight=False)
     if written.objects:
         err.print(f"DICOM: {', '.join(o['kind'] for o in written.objects)}" + (f" in {out_dir}" if out_dir else "")
