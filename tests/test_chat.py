@@ -191,11 +191,11 @@ def test_endpoint_answers_cite_evidence_and_uncited_claims_are_flagged(tmp_path,
     from conftest import FakeOpenAI
 
     fake_openai.reset(FakeOpenAI.text(call("ct_tissue_composition")),
-                      FakeOpenAI.text("Fat makes up about a quarter of the body area [E1]. The patient has cancer."))
+                      FakeOpenAI.text("Fat makes up about 25 % of the body area [E1]. The patient has cancer."))
     child = spawn(tmp_path, CT, "--llm", "openai-json", "--base-url", fake_openai.base_url, "--model", "fake",
                   "--api-key", "none", "-q", "How much fat is there?")
     child.expect(r"act +\[E1\] ct_tissue_composition ok")
-    child.expect(r"dxagent: Fat makes up about a quarter of the body area \[E1\]\.")
+    child.expect(r"dxagent: Fat makes up about 25 % of the body area \[E1\]\.")
     child.expect(r"flagged uncited or wrongly cited sentence dropped: 'The patient has cancer\.'")
     child.expect_exact(PROMPT)
     child.sendeof()
