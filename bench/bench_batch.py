@@ -1,6 +1,6 @@
 """Batch throughput: cases per minute with 1 and 2 worker processes over realcases, and peak RSS per worker.
 
-    .venv/bin/python bench/bench_batch.py [--cases 12] [--llm local|tiny] [--workers 1 2]
+    .venv/bin/python bench/bench_batch.py [--cases 12] [--llm local|tiny] [--workers 1 2] [--source S] [--question Q]
 
 Takes `--cases` labelled realcases, spread over the sources (dermoscopy, CT, MRI, ultrasound, radiographs,
 pathology, fundus), with one question each, and runs `agent.app.batch.run_batch` (the code `dxagent batch` runs) into a
@@ -40,18 +40,21 @@ def main() -> None:
     ap.add_argument("--cases", type=int, default=12)
     ap.add_argument("--llm", default="local")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--source", help="only this realcases source (e.g. busi_ultrasound: issue 33's 8-case batch)")
+    ap.add_argument("--question", help="this question for every case (e.g. 'Describe the findings')")
     args = ap.parse_args()
     root = realcases_root()
     if root is None:
         sys.exit("realcases not found (../shared/data/realcases or $DXAGENT_REALCASES)")
     rows = [json.loads(x) for x in (root / "cases.jsonl").read_text().splitlines()]
-    by_source = {s: [r for r in rows if r.get("source") == s] for s in QUESTIONS}
+    sources = [args.source] if args.source else list(QUESTIONS)
+    by_source = {s: [r for r in rows if r.get("source") == s] for s in sources}
     pick, i = [], 0
     while len(pick) < args.cases and any(by_source.values()):
-        for s in QUESTIONS:
+        for s in sources:
             if by_source[s] and len(pick) < args.cases:
                 r = by_source[s].pop(0)
-                pick.append({**r, "question": QUESTIONS[s]})
+                pick.append({**r, "question": args.question or QUESTIONS.get(s, "Describe the findings")})
         i += 1
     results = {}
     with tempfile.TemporaryDirectory(prefix="dxagent-bench-batch-") as tmp:
