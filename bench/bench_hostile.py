@@ -172,10 +172,13 @@ def forgery_table(tmp: Path) -> None:
 DICOMWEB_DEADLINE_S = 20  # DXAGENT_DICOMWEB_DEADLINE in every DICOMweb probe's environment
 DICOMWEB_MAX_BYTES = 8 << 20  # DXAGENT_DICOMWEB_MAX_BYTES (one instance; CT_small is 40 kB)
 DICOMWEB_MAX_JSON_BYTES = 1 << 20  # DXAGENT_DICOMWEB_MAX_JSON_BYTES (one QIDO reply; huge-json sends ~4 MB)
-# the stated memory bound of a DICOMweb probe: the control (a well-behaved retrieval and the whole run after it) plus
-# 5x the instance cap (agent/imaging/dicomweb.py: a retrieval peaks at about 5x its largest reply) - fixed before
-# measuring, never derived from the hostile rows
-DICOMWEB_RSS_SLACK_MIB = 5 * DICOMWEB_MAX_BYTES / 2**20
+# the stated memory bound of every DICOMweb probe but the control (which runs the whole analysis after its retrieval):
+# the peak RSS of the CLI's process tree. A retrieval that gets nothing (the unreachable-server row) peaks at about
+# 250 MiB (the CLI's imports); the caps above allow 5x an 8 MiB instance (agent/imaging/dicomweb.py: a retrieval peaks
+# at about 5x its largest reply) and listings of at most 20,000 rows; 512 MiB leaves room for both, and is two orders of
+# magnitude below what an unbounded listing cost (11.5 GB in 120 s, issue 32). A fixed figure, not one derived from the
+# rows it judges.
+DICOMWEB_RSS_BOUND_MIB = 512
 STARTUP_S = 45  # a stated deadline's allowance for starting the CLI (imports) on a shared 2-core machine
 NAME = "DOE_JANE_MRN12345"
 
@@ -224,8 +227,9 @@ def _child_env(**extra: str) -> dict[str, str]:
 
 def measure(args: list, deadline: float, env: dict[str, str] | None = None, cwd: Path | None = None) -> Outcome:
     """Run `dxagent ARGS` in its own process group; poll the RSS of its process tree (every 50 ms) and take the larger of
-    that and the child's own ru_maxrss (wait4); kill the group at `deadline` (a hang). Descendants still alive 3 s
-    after it exited are reported (and killed: they are this bench's)."""
+    that and the child's own ru_maxrss (wait4); kill the group at `deadline` (a hang). The tree's sum counts pages a
+    forked worker still shares with its parent twice: an upper estimate where a run starts its tool worker. Descendants
+    still alive 3 s after it exited are reported (and killed: they are this bench's)."""
     import os
     import signal
     import subprocess
@@ -399,6 +403,7 @@ def _q() -> list[str]:
 def dicomweb_probes(tmp: Path, llm: FakeLLM) -> list[Row]:
     """The fake PACS of tests/test_dicomweb_hostile.py, one misbehaviour per probe, through `dxagent run` (and
     `dxagent batch` for a QIDO study query); the deadline and caps are set in the child's environment."""
+    import socket
     import threading
     from http.server import ThreadingHTTPServer
 
@@ -414,7 +419,12 @@ def dicomweb_probes(tmp: Path, llm: FakeLLM) -> list[Row]:
     query = url.replace("http://", "dicomweb://") + "/dicom-web?modality=CT"
     deadline = DICOMWEB_DEADLINE_S + STARTUP_S
     # (probe, mode, studies listed, how it is run, what stderr must say)
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    nobody = pacs_mod.ref(f"http://127.0.0.1:{closed.getsockname()[1]}", pacs_mod.CT_STUDY)
+    closed.close()  # a port nothing listens on
     cases = [("well-behaved server (control)", "ok", 0, ["run", ct_ref], ""),
+             ("unreachable server (baseline: retrieves nothing)", "ok", 0, ["run", nobody], "cannot reach"),
              ("trickle-body (1 byte/s)", "trickle-body", 0, ["run", ct_ref], f"within {DICOMWEB_DEADLINE_S} s"),
              ("trickle-headers (1 byte/s)", "trickle-headers", 0, ["run", ct_ref], f"within {DICOMWEB_DEADLINE_S} s"),
              ("silent (accepts, never answers)", "silent", 0, ["run", ct_ref], "within"),
@@ -441,13 +451,18 @@ def dicomweb_probes(tmp: Path, llm: FakeLLM) -> list[Row]:
             o = measure([*args, *_q(), *llm.reset(batch=args[0] == "batch"), *extra], deadline, env)
             cached = [p for p in (cache / "dicomweb").rglob("*") if p.is_file()] if (cache / "dicomweb").exists() else []
             dotted = [p for p in state.paths if ".." in p]
-            if mode == "ok":
+            if said == "":
                 ok = o.rc == 0 and len(cached) == 1
                 check = f"report, {len(cached)} instance cached"
             else:
                 ok = o.rc == 2 and said in o.stderr and not cached and not dotted
-                check = (f"exit 2 naming '{said}'" + (f"; {len(cached)} file(s) cached" if cached else "; nothing cached")
+                check = (f"exit 2 naming '{said}'; {len(state.paths)} request(s)"
+                         + (f"; {len(cached)} file(s) cached" if cached else "; nothing cached")
                          + (f"; {len(dotted)} request(s) with '..' in the URL" if dotted else ""))
+            if mode != "ok" or said:  # every probe but the control is held to the stated memory bound
+                over = o.rss_mib > DICOMWEB_RSS_BOUND_MIB
+                ok = ok and not over
+                check += f"; peak RSS {'OVER' if over else 'within'} the {DICOMWEB_RSS_BOUND_MIB} MiB bound"
             rows.append(Row("dicomweb", probe, deadline, o, check, ok and not o.hang and not o.traceback))
     finally:
         state.stop.set()
@@ -757,20 +772,18 @@ def probes_table(tmp: Path, groups: list[str]) -> None:
         print(r.line())
     ran = [r for r in rows if r.o is not None]
     web = [r for r in ran if r.group == "dicomweb"]
-    control = next((r.o.rss_mib for r in web if "control" in r.probe), None)
-    hostile = [r for r in web if "control" not in r.probe]
-    max_web = max((r.o.rss_mib for r in hostile), default=0.0)
-    bound = None if control is None else control + DICOMWEB_RSS_SLACK_MIB
+    bounded = [r for r in web if "control" not in r.probe]
+    max_web = max((r.o.rss_mib for r in bounded), default=0.0)
+    worst = max(bounded, key=lambda r: r.o.rss_mib).probe if bounded else "-"
     forged = sum(r.forged for r in ran)
     hits = sum(r.hits for r in ran)
     print(f"\nsummary: {len(ran)} probes run, {len(rows) - len(ran)} skipped, {time.monotonic() - t0:.0f} s; "
           f"hangs {sum(r.o.hang for r in ran)}, tracebacks {sum(r.o.traceback for r in ran)}, identifier hits {hits}, "
           f"truncated records that verified {forged}, processes left running {sum(len(r.o.leftover) for r in ran)}, "
           f"failed checks {sum(not r.ok or bool(r.o.leftover) for r in ran)}; "
-          f"max DICOMweb peak RSS {max_web:.0f} MiB (hostile servers) against the stated bound "
-          + ("n/a (no control)" if bound is None else f"{bound:.0f} MiB = the well-behaved retrieval's {control:.0f} MiB "
-             f"+ 5 x DXAGENT_DICOMWEB_MAX_BYTES: {'within' if max_web <= bound else 'EXCEEDED'}"))
-
+          f"max DICOMweb peak RSS {max_web:.0f} MiB ({worst}; the control, which also runs the analysis, excluded) "
+          f"against the stated bound {DICOMWEB_RSS_BOUND_MIB} MiB: "
+          + ("n/a" if not bounded else "within" if max_web <= DICOMWEB_RSS_BOUND_MIB else "EXCEEDED"))
 
 TABLES = ("corpus", "injection", "impression", "forgery", "probes")
 
