@@ -346,8 +346,9 @@ def _uid_of(row: object, tag: str, where: str, what: str) -> str | None:
     if not values or not isinstance(values, list):
         return None
     if not is_uid(values[0]):
-        raise DicomWebError(f"{where}: the PACS listed a {what} UID that is not a DICOM UID (digits and dots, at most "
-                            "64 characters)")
+        article = "an" if what[0] in "aeiou" else "a"
+        raise DicomWebError(f"{where}: the PACS listed {article} {what} UID that is not a DICOM UID (digits and dots, "
+                            "at most 64 characters)")
     return values[0]
 
 
