@@ -378,6 +378,10 @@ def test_cli_replay_and_verify(recorded, tmp_path):
     assert r.returncode == 1 and "TAMPERED" in r.stdout and "payload edited" in r.stdout
     r = subprocess.run(DXAGENT + ["replay", "no-such-run", "--trace-dir", str(d)], capture_output=True, text=True)
     assert r.returncode == 2 and "no run 'no-such-run'" in r.stderr and "Traceback" not in r.stderr
+    # an empty store: --all has nothing to check, and says so (it asked for --all, which it was given)
+    r = subprocess.run(DXAGENT + ["trace", "verify", "--all", "--trace-dir", str(tmp_path / "empty")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "no runs in the trace store" in r.stdout, r.stdout + r.stderr
 
 
 # -- re-run and diff ----------------------------------------------------------------------------------------------

@@ -110,6 +110,9 @@ def trace_verify(
     refs = list(runs or [])
     if all_runs:
         refs += [r.id for r in trace_store(trace_dir, db_url).runs(10_000_000)]
+        if not refs:
+            print("no runs in the trace store: nothing to verify")
+            return
     if not refs:
         fail("name a run id or an exported trace file, or pass --all")
     bad = 0
