@@ -134,3 +134,21 @@ def test_a_full_disk_under_out_leaves_no_half_written_report(tmp_path, mount):
     assert "No space left on device" in line, line
     left = [p.name for p in (full / "out").iterdir()]
     assert "report.json" not in left and not [n for n in left if n.endswith(".tmp")], left
+
+
+def test_the_careful_operating_point_withholds_and_its_run_replays_under_it(tmp_path):
+    """Issue 30: --min-probability careful withholds answers under the threshold fitted for at most 10 % wrong
+    answers (the organ segmenter's "absent", right 0.69 of the time); the run records the threshold, so its replay
+    (with no option given) answers under it too and verifies."""
+    got = {}
+    for mp in ("careful", "0.5"):
+        r = dx("run", CT, "-q", "Does the picture contain a kidney?", "--llm", "tiny", "--json", "--trace-dir", tmp_path,
+               "--min-probability", mp)
+        assert r.returncode == 0, r.stderr
+        got[mp] = json.loads(r.stdout)
+    assert got["careful"]["answer"]["reason"] == "low_confidence"
+    assert got["0.5"]["answer"]["value"] == "no" and got["0.5"]["answer"]["probability"] < 0.77
+    replayed = dx("replay", got["careful"]["run_id"], "--trace-dir", tmp_path)
+    assert replayed.returncode == 0 and "verified" in replayed.stdout, replayed.stdout + replayed.stderr
+    bad = dx("run", CT, "--min-probability", "1.5", "--trace-dir", tmp_path)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "between 0 and 1" in bad.stderr

@@ -26,6 +26,7 @@ from rich.markdown import Markdown
 
 from agent.core.state import Budget, CaseInput, CaseState, Turn
 from agent.core.untrusted import clean_inputs
+from agent.engine import calibration
 from agent.engine.graph import TurnCancelled, new_run_id, stored_inputs
 from agent.engine.llm_calls import CallCancelled, cancellable
 from agent.engine.planner import evidence_line, prompt_versions
@@ -91,7 +92,8 @@ class Chat:
                                  {"prompts": prompt_versions(), "tools": {n: t.version for n, t in self.eng.rt.tools.items()}},
                                  settings={"llm": self.eng.llm, "chat": True, "max_steps": self.per_turn_steps,
                                            "max_wall_s": self.max_wall_s, "modality": modality, "body_part": body_part,
-                                           "clinical_context": clinical_context, "route": self.route})
+                                           "clinical_context": clinical_context, "route": self.route,
+                                           "min_probability": calibration.min_probability()})
         self.eng.invoke(state, self.config, interrupt_after=["intake"])
         self.eng.trace.finish_run(self.thread_id, "idle")  # sealed while it waits for a question
 

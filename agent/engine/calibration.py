@@ -14,8 +14,11 @@ seen fewer than `MIN_N` times keep their raw probability (and are not withheld);
 
 from __future__ import annotations
 
+import contextvars
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -46,15 +49,49 @@ def table() -> dict[str, Any]:
         return {}
 
 
+CAREFUL = "careful"  # the operating point fitted for at most `target_error` wrong answers among those given
+_OVERRIDE: contextvars.ContextVar[float | None] = contextvars.ContextVar("dxagent_min_probability", default=None)
+
+
+def parse_threshold(value: str | float | None) -> float | None:
+    """A withholding threshold as given by a user: a number in [0, 1], or "careful" (the fitted table's
+    `min_probability_at_target_error`: on held-out SLAKE train, at most 10 % of the answers given were wrong); None for
+    none given. ValueError, saying what is accepted, for anything else."""
+    if value is None or str(value).strip() == "":
+        return None
+    text = str(value).strip().lower()
+    if text == CAREFUL:
+        return float(table().get("min_probability_at_target_error", table().get("min_probability", 0.0)))
+    try:
+        p = float(text)
+    except ValueError:
+        p = float("nan")
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"the answer threshold must be a probability between 0 and 1 or {CAREFUL!r}, not {value!r}")
+    return p
+
+
+@contextmanager
+def threshold(p: float | None) -> Iterator[None]:
+    """Within: `p` is the withholding threshold (a replay uses the one its run recorded)."""
+    token = _OVERRIDE.set(p)
+    try:
+        yield
+    finally:
+        _OVERRIDE.reset(token)
+
+
 def min_probability() -> float:
-    """The withholding threshold: the fitted one, or DXAGENT_MIN_PROBABILITY (0 answers everything, calibrated)."""
-    env = os.environ.get("DXAGENT_MIN_PROBABILITY", "").strip()
-    if env:
-        try:
-            return float(env)
-        except ValueError:
-            pass
-    return float(table().get("min_probability", 0.0))
+    """The withholding threshold: a replay's recorded one, else DXAGENT_MIN_PROBABILITY (a probability, or "careful";
+    0 answers everything, calibrated), else the fitted default. A value that is neither is ignored here (the CLI
+    refuses it in one line before any run)."""
+    if (over := _OVERRIDE.get()) is not None:
+        return over
+    try:
+        env = parse_threshold(os.environ.get("DXAGENT_MIN_PROBABILITY"))
+    except ValueError:
+        env = None
+    return env if env is not None else float(table().get("min_probability", 0.0))
 
 
 def lookup(route: str, raw: float | None) -> tuple[float | None, int, str]:

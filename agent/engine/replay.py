@@ -325,7 +325,10 @@ def replay(dump: dict[str, Any], tools: dict[str, Tool] | None = None) -> Replay
                           tool_calls=counts["tool"])
     try:
         try:
-            final = graph.invoke(state, {"recursion_limit": 4 * max_steps + 12})
+            from agent.engine import calibration
+
+            with calibration.threshold(settings.get("min_probability")):  # the threshold the run answered under
+                final = graph.invoke(state, {"recursion_limit": 4 * max_steps + 12})
             result.report = final.get("report")
         except Exception as exc:  # the recorded run may have failed the same way
             rt.record("note", "error", "error", {"error": error_message(exc)})

@@ -16,6 +16,7 @@ from agent.core.errors import UserError
 from agent.core.state import Budget, CaseInput, CaseState
 from agent.core.tool import Tool
 from agent.core.untrusted import clean_inputs
+from agent.engine import calibration
 from agent.engine.graph import Runtime, build_graph, new_run_id, redact_paths, sqlite_checkpointer, stored_inputs
 from agent.engine.planner import Planner, prompt_versions
 from agent.engine.registry import discover
@@ -244,7 +245,8 @@ def run_case(paths: list[str] | None = None, question: str | None = None, *, llm
                                   "clinical_context": clinical_context, "narrative": rt.narrative_llm is not None,
                                   "with_reason": planner.with_reason, "route": route,
                                   "vision": planner.vision.model_dump() if planner.vision else None,
-                                  "token_budget": planner.token_budget})
+                                  "token_budget": planner.token_budget,
+                                  "min_probability": calibration.min_probability()})
         payload = state
     state = eng.invoke(payload, config)
     return Result(run_id, state.report, state, rt.input_paths.get(run_id, []), rt.store)

@@ -23,11 +23,13 @@ from agent.app.cli.options import (
     Images,
     Llm,
     LlmTimeout,
+    MinProbability,
     Modality,
     ModelName,
     NoRoute,
     OutDbUrl,
     TraceDir,
+    apply_min_probability,
     err,
     fail,
     out,
@@ -130,10 +132,12 @@ def run(
     push: Annotated[str, typer.Option("--push", help="store the DICOM SR and SEG with STOW-RS: 'source' (the PACS "
                                       "the study came from) or dicomweb://HOST[:PORT]/PATH")] = None,
     no_route: NoRoute = False,
+    min_probability: MinProbability = None,
 ) -> None:
     """Run the agent on one case and print its evidence-cited report and trace id."""
     from agent.engine.report import to_markdown
 
+    apply_min_probability(min_probability)
     if not image and not resume:
         fail("give an IMAGE (file or DICOM folder) or --resume RUN_ID")
     target = _push_target(push, [str(p) for p in image or []])  # a bad --push fails before the run, not after
@@ -176,6 +180,7 @@ def chat(
     trace_dir: TraceDir = None,
     db_url: DbUrl = None,
     no_route: NoRoute = False,
+    min_probability: MinProbability = None,
 ) -> None:
     """An interactive consultation on a case: ask questions, watch the think / act / rethink steps, get answers
     that cite evidence ids. /help lists the commands; Ctrl-C cancels a turn; Ctrl-D or /quit leaves."""
@@ -184,6 +189,7 @@ def chat(
 
     if not image and not resume:
         fail("give an IMAGE (file or DICOM folder) or --resume THREAD_ID")
+    apply_min_probability(min_probability)
     replies = None
     if llm == "scripted":
         if script is None or not script.is_file():
@@ -252,10 +258,12 @@ def batch(
                                         "cases/<id>/dicom/")] = False,
     push: Annotated[str, typer.Option("--push", help="store each case's SR and SEG with STOW-RS: 'source' (the PACS "
                                       "its study came from) or dicomweb://HOST[:PORT]/PATH")] = None,
+    min_probability: MinProbability = None,
 ) -> None:
     """Run every case of a manifest: resumable (re-run to skip finished cases), in parallel, one report per case."""
     from agent.app.batch import ManifestError, run_batch, timing_line
 
+    apply_min_probability(min_probability)
     if push and push != "source":
         _push_target(push, [])  # a malformed server fails now, not once per case
 
@@ -327,11 +335,13 @@ def eval_cmd(
     max_steps: Annotated[int, typer.Option(help="the agent's tool-call budget per question")] = 6,
     max_seconds: Annotated[float, typer.Option(help="the agent's wall-clock budget per question")] = 300.0,
     db_url: OutDbUrl = None,
+    min_probability: MinProbability = None,
 ) -> None:
     """Score the agent and honest baselines on the same benchmark items (fresh state per question), with intervals."""
     from agent.app.eval import run_eval
     from agent.app.eval_data import ManifestError
 
+    apply_min_probability(min_probability)
     writable_folder(out_dir)
     progress, on_start, tick = _progress("eval", "item", out_dir)
 

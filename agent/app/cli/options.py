@@ -36,6 +36,21 @@ def writable_folder(path: Path, what: str = "--out") -> Path:
     return path
 
 
+def apply_min_probability(value: str | None) -> None:
+    """--min-probability: checked (one line, exit 2, when it is neither a probability nor 'careful') and passed on as
+    DXAGENT_MIN_PROBABILITY, so worker processes answer under it too; each run records the threshold it used."""
+    import os
+
+    from agent.engine.calibration import parse_threshold
+
+    try:
+        p = parse_threshold(value)
+    except ValueError as exc:
+        fail(f"--min-probability: {exc}")
+    if p is not None:
+        os.environ["DXAGENT_MIN_PROBABILITY"] = repr(p)
+
+
 NoRoute = Annotated[bool, typer.Option("--no-route", help="let the planner choose every call (by default a question "
                                       "about a named subject goes straight to a tool that addresses it)")]
 
@@ -50,7 +65,12 @@ ApiKey = Annotated[str, typer.Option(help="API key (or DXAGENT_OPENAI_API_KEY)")
 LlmTimeout = Annotated[float, typer.Option(help="seconds per LLM request")]
 Modality = Annotated[str, typer.Option(help="modality when the file has none (CT, MR, US, DX, ...)")]
 BodyPart = Annotated[str, typer.Option()]
-Context = Annotated[str, typer.Option(help="clinical context given to the planner")]
+Context = Annotated[str, typer.Option(help="clinical context (the planner sees only the findings, organs and devices it "
+                                            "names; it is never read as instructions)")]
+MinProbability = Annotated[str, typer.Option(
+    "--min-probability", help="withhold a closed answer whose calibrated probability is under this (0..1), or "
+    "'careful': the threshold fitted on held-out SLAKE train for at most 10 % wrong answers among those given (0.777; "
+    "more abstentions). Default: the fitted 0.5, or DXAGENT_MIN_PROBABILITY")]
 TraceDir = Annotated[Path, typer.Option(help="where traces, checkpoints and artifacts go")]
 DbUrl = Annotated[str, typer.Option(help="trace database URL (default: SQLite in --trace-dir)")]
 OutDbUrl = Annotated[str, typer.Option(help="trace database URL (default: SQLite under --out/traces)")]
