@@ -129,6 +129,17 @@ def main() -> None:
               f"(the rest alone {sum(r['rest'] for r in rows) / total:.1%})")
         print(f"worst: {worst['case']} {worst['wall']:.1f} s (LLM {worst['llm']:.1f} s in {worst['llm_calls']} "
               f"call(s), tools {worst['tools']:.2f} s)")
+        # issue 33's targets per modality: median <= 3 s and worst <= 8 s warm; planner decisions per case
+        print(f"\n{'source':28s} {'cases':>5s} {'median s':>8s} {'worst s':>7s} {'LLM calls/case':>14s} "
+              f"{'s/LLM call':>10s}")
+        by: dict[str, list[dict]] = {}
+        for r in rows:
+            by.setdefault(r["case"].split("/")[0] if "/" in r["case"] else "demo", []).append(r)
+        for src, rs in sorted(by.items()):
+            calls = sum(r["llm_calls"] for r in rs)
+            per = f"{sum(r['llm'] for r in rs) / calls:.1f}" if calls else "-"
+            print(f"{src:28s} {len(rs):5d} {statistics.median(r['wall'] for r in rs):8.1f} "
+                  f"{max(r['wall'] for r in rs):7.1f} {calls / len(rs):14.1f} {per:>10s}")
 
 
 if __name__ == "__main__":
