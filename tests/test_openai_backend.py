@@ -107,7 +107,8 @@ def test_real_server_native_tool_calling(llama_server):
     p = last["payload"]
     assert p["rejected"] is None and p["decision"] == decision.model_dump()
     assert [m["role"] for m in p["request"]["messages"]] == ["system", "user"]
-    assert "How much of this CT slice" in p["request"]["messages"][1]["content"]
+    # the question reaches the planner as its reading (issue 32 item 6), its numbers included
+    assert "a measurement question; subject: volume (quantity); numbers given: -500" in p["request"]["messages"][1]["content"]
     assert p["request"]["candidates"] == CANDIDATES and p["params"]["tool_choice"] == "auto"
     # a native tool call, not prose: without tool_choice="auto" the server ignores the tools entirely
     assert p["response"]["tool_calls"] and p["metadata"].get("finish_reason") == "tool_calls", p["response"]

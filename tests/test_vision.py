@@ -251,8 +251,8 @@ def test_the_planner_endpoint_s_token_budget_ends_the_run_with_a_recorded_reason
 def test_a_named_narrator_endpoint_writes_the_impression(tmp_path, fake_openai, monkeypatch):
     (tmp_path / "e.toml").write_text(f'[endpoints.narrator]\nbase_url = "{fake_openai.base_url}"\nmodel = "narr"\n')
     monkeypatch.setenv("DXAGENT_ENDPOINTS", str(tmp_path / "e.toml"))
-    fake = fake_openai.reset(*[FakeOpenAI.text("The body is mostly soft tissue [E1].")] * 3)
+    fake = fake_openai.reset(*[FakeOpenAI.text("Soft tissue is 53 % of the body [E1].")] * 3)
     res = run_case([CT], "What is the tissue composition?", llm="scripted", script=[call("ct_tissue_composition")],
                    trace_dir=tmp_path / "tr", route=False)
     assert fake.requests and all(r["body"]["model"] == "narr" for r in fake.requests)
-    assert "mostly soft tissue [E1]" in res.report["impression"]
+    assert "Soft tissue is 53 % of the body [E1]." in res.report["impression"]

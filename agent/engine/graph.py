@@ -217,13 +217,20 @@ def route(state: CaseState, tools: dict[str, Tool]) -> Decision | None:
             return Decision(action="call", tool=seg, args=args, reason=f"routed: segment the {n} box(es) of {e.id}")
     called = {e.tool for e in state.evidence}
     if state.budget.route and q is not None and q.describe:  # "describe the findings": the modality's own tools first
-        modality = state.views[0].modality
+        from agent.analysis.learned import LearnedTool
+
+        modality, v1 = state.views[0].modality, state.views[0]
+        # a generic learned tool (its card decides where it applies: the user's detector, segmenter or classifier)
+        # whose one card fits this case was made for it, so it goes first
+        own = [n for n in state.applicable_tools if isinstance(tools.get(n), LearnedTool) and tools[n].modalities is None
+               and tools[n].kind in ("detect", "segment", "classify") and len(tools[n].cards(v1)) == 1
+               and not tools[n].answers_questions]
         declared = [n for n in state.applicable_tools if n in tools and modality in tools[n].describes]
-        for name in dict.fromkeys([*state.addressing_tools, *declared]):
+        for name in dict.fromkeys([*own, *state.addressing_tools, *declared]):
             tool = tools.get(name)
             declares = modality in tool.describes if tool is not None else False
             if tool is None or name in called or (tool.requires_region() and not (declares and tool.describe_args)) \
-                    or (tool.modalities is None and not declares):
+                    or (tool.modalities is None and not declares and name not in own):
                 continue
             return Decision(action="call", tool=name, args={"view": "V1", **(tool.describe_args if declares else {})},
                             reason=f"routed: {name} is made for {modality}; a description starts there")
