@@ -7,6 +7,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -179,3 +180,16 @@ def wait_for(path: Path | str, timeout_s: float = 120.0) -> None:
         if time.monotonic() > end:
             raise AssertionError(f"{path} did not appear within {timeout_s:.0f} s")
         time.sleep(0.05)
+
+
+def serve_http(handler: type) -> tuple[Any, str, Any]:
+    """A loopback HTTP server for `handler` in a daemon thread: (server, its OpenAI-style base URL, the thread)."""
+    import threading
+    from http.server import ThreadingHTTPServer
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    return httpd, f"http://127.0.0.1:{httpd.server_address[1]}/v1", thread
+

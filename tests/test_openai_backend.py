@@ -9,6 +9,7 @@ from typing import Literal
 
 import pytest
 from conftest import FakeOpenAI
+from helpers import serve_http
 from pydantic import BaseModel, Field
 
 from agent.core.state import ArtifactRef, Budget, CaseInput, CaseState, Decision, ImageView
@@ -196,7 +197,7 @@ class _Endless:
 
     def __init__(self, chunk: bytes, every: float):
         import threading
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from http.server import BaseHTTPRequestHandler
 
         self.stop, self.sent = threading.Event(), 0
         endless = self
@@ -220,11 +221,7 @@ class _Endless:
                 except (BrokenPipeError, ConnectionResetError):
                     pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self.thread.start()
+        self.httpd, self.base_url, self.thread = serve_http(Handler)
 
     def close(self):
         self.stop.set()
