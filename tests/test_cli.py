@@ -136,19 +136,21 @@ def test_a_full_disk_under_out_leaves_no_half_written_report(tmp_path, mount):
     assert "report.json" not in left and not [n for n in left if n.endswith(".tmp")], left
 
 
-def test_the_careful_operating_point_withholds_and_its_run_replays_under_it(tmp_path):
-    """Issue 30: --min-probability careful withholds answers under the threshold fitted for at most 10 % wrong
-    answers (the organ segmenter's "absent", right 0.69 of the time); the run records the threshold, so its replay
-    (with no option given) answers under it too and verifies."""
+def test_the_careful_operating_point_withholds_and_its_run_replays_under_it(tmp_path, monkeypatch):
+    """Issue 30: 'careful' withholds answers under the threshold fitted for at most 10 % wrong answers (the organ
+    segmenter's "absent", right 0.69 of the time); the run records the threshold, so its replay (with none set)
+    answers under it too and verifies; --min-probability refuses a value that is not a probability in one line."""
+    from agent.engine.replay import replay
+    from agent.engine.session import run_case
+    from agent.store.trace import TraceStore
+
     got = {}
     for mp in ("careful", "0.5"):
-        r = dx("run", CT, "-q", "Does the picture contain a kidney?", "--llm", "tiny", "--json", "--trace-dir", tmp_path,
-               "--min-probability", mp)
-        assert r.returncode == 0, r.stderr
-        got[mp] = json.loads(r.stdout)
-    assert got["careful"]["answer"]["reason"] == "low_confidence"
-    assert got["0.5"]["answer"]["value"] == "no" and got["0.5"]["answer"]["probability"] < 0.77
-    replayed = dx("replay", got["careful"]["run_id"], "--trace-dir", tmp_path)
-    assert replayed.returncode == 0 and "verified" in replayed.stdout, replayed.stdout + replayed.stderr
+        monkeypatch.setenv("DXAGENT_MIN_PROBABILITY", mp)
+        got[mp] = run_case([CT], "Does the picture contain a kidney?", llm="tiny", trace_dir=tmp_path)
+    monkeypatch.delenv("DXAGENT_MIN_PROBABILITY")
+    assert got["careful"].report["answer"]["reason"] == "low_confidence"
+    assert got["0.5"].report["answer"]["value"] == "no" and got["0.5"].report["answer"]["probability"] < 0.77
+    assert replay(TraceStore(None, tmp_path).dump(got["careful"].run_id)).verified
     bad = dx("run", CT, "--min-probability", "1.5", "--trace-dir", tmp_path)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "between 0 and 1" in bad.stderr
