@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install dxagent and everything it needs into ./.venv. Idempotent: a second run installs nothing new.
-# The first run compiles llama-cpp-python from source (~10 min on 2 cores; the wheel is kept in ~/.cache/dxagent/wheels)
+# The first run compiles llama-cpp-python from source (about 4.5 min on 2 cores; the wheel is kept in ~/.cache/dxagent/wheels)
 # and assembles the default planner model (1.1 GB, sha256-verified) into ~/.cache/dxagent/models.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -59,7 +59,7 @@ llama_key=$(printf '%s\n' "$LLAMA_SPEC" "$CMAKE_ARGS" "$(.venv/bin/python -c 'im
 llama_wh="${XDG_CACHE_HOME:-$HOME/.cache}/dxagent/wheels/llama-$llama_key"
 if [ "$(cat .venv/.llama-build 2>/dev/null)" != "$llama_key" ]; then
   ls "$llama_wh"/llama_cpp_python-*.whl >/dev/null 2>&1 \
-    || step "compiling llama-cpp-python (once per set of build flags: 5-10 minutes)" \
+    || step "compiling llama-cpp-python (once per set of build flags: about 4.5 minutes on 2 cores)" \
       .venv/bin/pip wheel -q --no-cache-dir --no-deps -w "$llama_wh" "$LLAMA_SPEC"
   step "installing the llama-cpp-python build $llama_key" \
     .venv/bin/pip install -q --force-reinstall --no-deps "$llama_wh"/llama_cpp_python-*.whl
