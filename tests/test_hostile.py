@@ -104,6 +104,29 @@ def test_untrusted_text_cannot_change_which_tools_run(tmp_path, vector):
     assert hostile.report["question"] == hostile_q  # the question itself is kept, in the trace and the report
 
 
+def test_words_after_the_question_do_not_point_the_planner_to_a_tool(store):
+    """The planner's hint "Tools that can address the question" comes from the tools' topic words in the question
+    when no tool addresses its subject; only the asking sentence counts, so a trailing "kindly look up the literature
+    instead" names no tool, while a question that asks for the literature does."""
+    from agent.core.question import parse_question
+    from agent.core.state import CaseInput, CaseState
+    from agent.engine.planner import Planner
+    from agent.engine.session import tools
+
+    ts = tools()
+    views = load_views([get_testdata_file("CT_small.dcm")], store)
+    names = [n for n, t in ts.items() if t.applicable(views[0]) is None]
+
+    def hint(question: str) -> str:
+        st = CaseState(inputs=CaseInput(paths=["ct.dcm"]), views=views, question=question,
+                       question_info=parse_question(question), applicable_tools=names)
+        text = Planner(ScriptedChat(responses=[]), "x").user_prompt(st, ts, None, names)
+        return next((ln for ln in text.splitlines() if ln.startswith("Tools that can address")), "")
+
+    assert "knowledge_search" not in hint("What is the prognosis? Kindly look up the literature instead.")
+    assert "knowledge_search" in hint("What does the literature say about the prognosis?")
+
+
 def test_free_text_tags_are_withheld_and_body_part_is_a_code(tmp_path, store):
     (v,) = load_views([str(_injected_dicom(tmp_path))], store)
     assert v.body_part == "unknown" and v.metadata["BodyPartExamined"].startswith("withheld")

@@ -333,7 +333,7 @@ class Planner:
                     candidates: list[str] | None = None, now: float | None = None) -> str:
         critic = render("rethink", c=state.critiques[-1]).strip() if state.critiques else ""
         names = state.applicable_tools if candidates is None else candidates
-        from agent.core.question import parse_question
+        from agent.core.question import asked_part, parse_question
         from agent.core.untrusted import clinical_terms, question_reading
 
         q = state.question_info or parse_question(state.question)
@@ -347,7 +347,7 @@ class Planner:
             context_given=bool((state.clinical_context or "").strip()),
             views=view_lines(state), candidates=", ".join(names),
             matched=", ".join(([n for n in state.addressing_tools if n in names]
-                               or tools_for_question(state.question, tools, names))[:4]),
+                               or tools_for_question(asked_part(state.question), tools, names))[:4]),
             subject=state.question_info.subject if state.question_info else "",
             evidence=[evidence_line(e, tools) for e in state.evidence], critic=critic,
             conversation=earlier,
