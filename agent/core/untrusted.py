@@ -111,7 +111,9 @@ def question_reading(q: Any, text: str = "") -> str:
         parts.append("options: " + " | ".join(_field(c) for c in q.choices[:6]))
     if q.negated:
         parts.append("asked in the negative (yes means absent)")
-    if nums := _NUM.findall(text or ""):
+    from agent.core.question import asked_part
+
+    if nums := _NUM.findall(asked_part(text or "")):  # numbers after the asking sentence are not the question's
         parts.append("numbers given: " + ", ".join(nums[:12]))
     if not q.sure:
         parts.append("some words were not understood")

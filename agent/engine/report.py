@@ -19,7 +19,7 @@ from agent.analysis.study import study_facts, study_notes
 from agent.core.question import Question, parse_question
 from agent.core.state import Answer, CaseState, Evidence
 from agent.core.tool import Measurement, Tool
-from agent.core.vocab import words
+from agent.core.vocab import label_key
 from agent.engine.answer import compose_answer, findings_of, grace_seconds
 from agent.engine.planner import bounded_call, case_line, evidence_line, prompt_versions, render
 
@@ -197,8 +197,7 @@ def ungrounded(sentence: str, ground: str, findings: list[Finding]) -> str | Non
         if not any(abs(float(w) - n) <= half for n in nums):
             return f"gives the number {w}, which the cited evidence does not"
     negated, said = any(w in _NEGATIONS for w in toks), f" {' '.join(toks)} "
-    named = [(f.present, lab) for f in findings if (lab := words(re.sub(r"\([^)]*\)", " ", f.label)))
-             and f" {lab} " in said]
+    named = [(f.present, lab) for f in findings if (lab := label_key(f.label)) and f" {lab} " in said]
     for present, label in named:
         if present is False and not negated:
             return f"states {label} without the absence the cited evidence gives"
@@ -282,7 +281,8 @@ def compose(state: CaseState, tools: dict[str, Tool], planner_model: str, planne
                        payload={"request": prompt, "error": f"{type(exc).__name__}: {exc}"})
             limitations.append(f"The model-written impression failed ({type(exc).__name__}); template used.")
         if reply is not None:
-            grounds = {e.id: grounding_text(e, tools, findings) + " " + case_line(state) for e in ok}
+            case = case_line(state)
+            grounds = {e.id: f"{grounding_text(e, tools, findings)} {case}" for e in ok}
             text_out, drops = cited_sentences(str(reply.content), grounds, findings)
             if record:
                 record(kind="llm", node="report", name="impression",
