@@ -146,9 +146,9 @@ class RunQueue:
     def status(self, run_id: str) -> tuple[str | None, Any, RunRecord | None]:
         """(status, trace row or None, record or None); status None: no such run here or in the trace store."""
         rec = self.record(run_id)
-        if rec is not None and rec.status == "queued":
-            return "queued", None, rec
         row = self.trace.get_run(run_id)
+        if rec is not None and rec.status in ("queued", "running"):  # waiting here, or a worker of this server has it
+            return rec.status, row, rec  # (a resumed run's row says interrupted until the engine takes it again)
         if row is None:
             return (rec.status if rec else None), None, rec
         status = "interrupted" if row.status == "running" and self.trace.process_ended(row) else row.status
