@@ -378,7 +378,7 @@ def create_app(config: ServeConfig) -> FastAPI:
             if report:
                 v.answer = report.get("answer")
                 v.outcome = (report.get("recommendation") or {}).get("outcome")
-            v.events = (row.n_events if row.n_events is not None else len(runs.events_after(run_id, -1, 100_000)))
+            v.events = row.n_events if row.n_events is not None else runs.count_events(run_id)
         return v
 
     def options(o: RunOptions) -> dict[str, Any]:

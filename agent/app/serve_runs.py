@@ -193,13 +193,10 @@ class RunQueue:
             self._threads.append(t)
 
     def stop(self, wait_s: float = 0.0) -> None:
-        """No new run starts; runs under way are asked to stop at their next step (a server that exits before they
-        do leaves them to be marked interrupted at the next start)."""
+        """No new run starts. Runs under way are not cancelled (nobody asked for that): a server that exits before
+        they end leaves them running in the store, and the next start reports them interrupted (resumable)."""
         for _ in self._threads:
             self._pending.put(None)
-        with self._lock:
-            for event in self._cancels.values():
-                event.set()
         for t in self._threads:
             t.join(timeout=wait_s)
 
@@ -259,6 +256,15 @@ class RunQueue:
                 _close(eng)
 
     # -- events ----------------------------------------------------------------------------------------------------
+    def count_events(self, run_id: str) -> int:
+        from sqlalchemy import func
+        from sqlmodel import Session, select
+
+        from agent.store.trace import Event
+
+        with Session(self.trace.engine) as db:
+            return int(db.exec(select(func.count()).select_from(Event).where(Event.run_id == run_id)).one())
+
     def events_after(self, run_id: str, after: int, limit: int = 500) -> list[Any]:
         """The run's trace events with a sequence number above `after`, in order (what the event stream polls)."""
         from sqlmodel import Session, select
