@@ -136,6 +136,15 @@ def load_file(path: str | Path) -> Loaded:
         raise ImageLoadError(f"{name}: could not read image ({type(exc).__name__}: {detail})") from None
 
 
+def file_kind(path: str | Path) -> str | None:
+    """What `load_file` would read a regular file as, from its content ("dicom", "png", "nifti-gz", ...), or None
+    when it is not an image it reads; nothing is decoded (a server checks an upload with it before keeping it)."""
+    p = Path(path)
+    with open(p, "rb") as fh:
+        head = fh.read(1024)
+    return _sniff(head, p)
+
+
 def _nifti_kind(head: bytes) -> bool:
     if len(head) >= 348 and head[344:348] == b"n+1\x00":
         return int.from_bytes(head[:4], "little") == 348 or int.from_bytes(head[:4], "big") == 348

@@ -41,6 +41,15 @@ def load_trace(ref: str, trace_dir: Path | None, db_url: str | None) -> tuple[di
 
 
 
+def verdict_of(problems: list[str]) -> str:
+    """`trace verify`'s word for a run's problems (verify_dump): intact, INCOMPLETE, UNCHECKED or TAMPERED."""
+    if not problems:
+        return "intact"
+    return ("INCOMPLETE" if all(p.startswith("incomplete") for p in problems) else
+            "UNCHECKED" if all(p.startswith("this run is sealed with a key") for p in problems) else
+            "TAMPERED")
+
+
 @trace_app.command("list")
 def trace_list(trace_dir: TraceDir = None,
                db_url: DbUrl = None,
@@ -122,9 +131,7 @@ def trace_verify(
         n = len(dump["events"])
         if problems:
             bad += 1
-            verdict = ("INCOMPLETE" if all(p.startswith("incomplete") for p in problems) else
-                       "UNCHECKED" if all(p.startswith("this run is sealed with a key") for p in problems) else
-                       "TAMPERED")
+            verdict = verdict_of(problems)
             out.print(f"[red]{verdict}[/] {dump['run']['id']} ({n} events)", highlight=False)
             for p in problems:
                 out.print(f"  - {p}", highlight=False, soft_wrap=True)
