@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -102,3 +103,25 @@ def test_the_artifact_cache_keeps_recent_arrays_within_its_budget(tmp_path, monk
     assert len(store._cache) == 3 and list(store._cache) == [r.sha256 for r in refs[2:]]
     assert store.get_array(refs[0])[0] == 0  # evicted: read back from disk, and now the most recent
     assert list(store._cache)[-1] == refs[0].sha256 and len(store._cache) == 3
+
+
+def test_intake_classifies_in_the_worker_so_a_routed_run_never_imports_torch(tmp_path):
+    """Cold start (issue 33): the study classifier runs in the tool worker, which imports torch beside the engine's own
+    imports; the process that runs a routed CT case (no LLM call, a numpy tool) never imports torch itself, and the
+    classifier's block still reaches the report."""
+    script = (
+        "import json, sys\n"
+        "from agent.engine.session import run_case\n"
+        f"res = run_case([{get_testdata_file('CT_small.dcm')!r}], 'What is the tissue composition of this CT slice?', "
+        f"llm='scripted', script=[], trace_dir={str(tmp_path)!r})\n"
+        "print(json.dumps({'torch': 'torch' in sys.modules, 'study': res.report['study'].get('study_model'),"
+        " 'error': res.report['study'].get('study_error'), 'tools': [e.tool for e in res.state.evidence]}))\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DXAGENT_TOOL_WORKER": "process"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["study"] and not got["error"], got  # the classifier ran (in the worker) and its block is in the report
+    assert got["tools"] == ["ct_tissue_composition"], got  # routed: no planner reply was needed
+    assert got["torch"] is False, got

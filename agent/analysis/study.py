@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 from agent.analysis.learned import LearnedTool, model_used
 from agent.analysis.study_net import HEADS, build_net, predict, preprocess
@@ -100,6 +100,30 @@ def intake_study(arr: np.ndarray, rgb: bool, hu: bool) -> dict[str, Any]:
     top = max(raw["modality"], key=raw["modality"].get)
     return {"model": card.name, "sha256": card.sha256, "probabilities": raw, "modality": top,
             "modality_probability": raw["modality"][top], "model_card": model_used(card).model_dump()}
+
+
+class IntakeStudyInput(BaseModel):
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+    picture: Any  # the 2D picture (or RGB) as loaded
+    rgb: bool
+    hu: bool
+
+
+class IntakeStudyOutput(BaseModel):
+    block: dict[str, Any]
+
+
+class IntakeStudy:
+    """`intake_study` in the shape the tool worker runs (agent/engine/worker.py `call`): the engine's intake classifies
+    there, so a `dxagent run` process that calls no torch tool never imports torch (about 2.4 s of a cold start), and the
+    worker - started when the engine is built, importing torch and this module at once - does it beside the engine's
+    own imports (issue 33: cold start)."""
+
+    name = "study_classifier"
+    timeout_s = 120.0
+
+    def run(self, ctx: Any, inp: IntakeStudyInput) -> IntakeStudyOutput:
+        return IntakeStudyOutput(block=intake_study(inp.picture, inp.rgb, inp.hu))
 
 
 def study_facts(view: ImageView) -> dict[str, Any]:

@@ -77,12 +77,14 @@ class Runtime:
     def observe_intake(self, state: CaseState) -> dict[str, Any]:
         """Load the inputs into views and find which tools (and which of the user's model cards) apply."""
         from agent.analysis.learned import LearnedTool, model_used
+        from agent.engine import worker
         from agent.imaging.loaders import ImageLoadError
         from agent.imaging.views import load_views
 
         paths = self.input_paths.get(state.run_id) or state.inputs.paths
         try:
-            views = load_views(paths, self.store, modality=state.inputs.modality, body_part=state.inputs.body_part)
+            views = load_views(paths, self.store, modality=state.inputs.modality, body_part=state.inputs.body_part,
+                               classify=worker.study_classifier(self.store))
         except ImageLoadError as exc:  # LangGraph stores a node's error in the checkpoints: no file names there
             safe = ImageLoadError(redact_paths(str(exc), paths))
             safe.local_message = str(exc)  # for the user's own terminal only (not in the exception's args)

@@ -135,6 +135,9 @@ def engine(*, llm: str = "local", chat: Any = None, model_id: str | None = None,
            llm_timeout_s: float = 120.0, script: list[Any] | None = None, narrative: bool | None = None,
            narrator: Any = None, trace_dir: str | Path | None = None, db_url: str | None = None,
            on_step: Any = None, tool_set: dict[str, Tool] | None = None) -> Engine:
+    from agent.engine import worker
+
+    worker.warm()  # the tool worker imports torch and the study classifier while the engine is built and intake loads
     trace_dir = Path(trace_dir or default_trace_dir())
     trace = TraceStore(db_url, trace_dir)
     trace.mark_interrupted()
@@ -155,9 +158,6 @@ def engine(*, llm: str = "local", chat: Any = None, model_id: str | None = None,
                  narrative_llm=(narrator or chat) if use_narrative or narrator else None, on_step=on_step,
                  answer_llm=answer_chat(chat))
     planner.record = lambda kind, node, name, payload: rt.record(kind, node, name, payload)
-    from agent.engine import worker
-
-    worker.warm()  # the tool worker process imports while intake and the first decision run
     return Engine(rt, build_graph(rt, sqlite_checkpointer(trace_dir / "checkpoints.sqlite")), trace, llm)
 
 

@@ -33,6 +33,10 @@ from agent.core.errors import DxagentError
 from agent.store.artifacts import ArtifactStore
 
 STARTUP_S = 180.0  # a worker that is not ready by then (a machine under heavy load) is a failed call
+# imported by every worker as soon as it has said it is ready, while the caller goes on with its own start-up: the
+# study classifier that intake runs here (and torch with it), so a cold `dxagent run` pays for torch beside the
+# engine's imports instead of after them
+PRELOAD = ("agent.analysis.study", "torch")
 
 
 class WorkerDied(DxagentError, RuntimeError):
@@ -182,6 +186,25 @@ def call(tool: Any, ctx: Any, inp: Any) -> dict[str, Any]:
     raise (ToolError if reply["status"] == "tool_error" else ToolCrashed)(reply["error"])
 
 
+def study_classifier(store: ArtifactStore) -> Any:
+    """The study classifier for the engine's intake (agent/imaging/views.py `load_views(classify=...)`), run in a
+    worker like a tool call (agent/analysis/study.py `IntakeStudy`); a worker that dies or overruns is the classifier's
+    one-line ToolError, so intake falls back to the pixel rules and says why."""
+
+    def classify(picture: Any, rgb: bool, hu: bool) -> dict[str, Any]:
+        from agent.analysis.study import IntakeStudy, IntakeStudyInput
+        from agent.core.tool import ToolContext, ToolError
+
+        try:
+            out = call(IntakeStudy(), ToolContext(state=None, store=store),  # type: ignore[arg-type]
+                       IntakeStudyInput(picture=picture, rgb=rgb, hu=hu))
+        except (TimeoutError, WorkerDied, ToolCrashed) as exc:
+            raise ToolError(f"study classifier: {' '.join(str(exc).split())[:160]}") from None
+        return out["block"]
+
+    return classify
+
+
 # -- the worker's side ------------------------------------------------------------------------------------------
 
 
@@ -193,6 +216,11 @@ def _serve(conn: Any) -> None:
     tools: dict[tuple[str, str], Any] = {}
     stores: dict[str, ArtifactStore] = {}
     conn.send("ready")
+    for name in PRELOAD:  # a request sent meanwhile waits in the pipe; a module that fails here fails in its call
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: S112 (reported by the call that needs it)
+            continue
     while True:
         try:
             req = conn.recv()

@@ -3,6 +3,7 @@ units, then the classifier, then the pixel rules), the pixels into the artifact 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from agent.analysis.display import looks_like_hu
@@ -14,21 +15,26 @@ from agent.store.artifacts import ArtifactStore
 
 
 def load_views(
-    paths: list[str], store: ArtifactStore, modality: str | None = None, body_part: str | None = None
+    paths: list[str], store: ArtifactStore, modality: str | None = None, body_part: str | None = None,
+    classify: Callable[[Any, bool, bool], dict[str, Any]] | None = None,
 ) -> list[ImageView]:
-    """One view per path (ids V1, V2, ...); raises ImageLoadError on the first bad input."""
-    return [_to_view(f"V{i}", load_file(p), store, modality, body_part) for i, p in enumerate(paths, 1)]
+    """One view per path (ids V1, V2, ...); raises ImageLoadError on the first bad input. `classify(picture, rgb, hu)`
+    gives the study classifier's block (default: agent/analysis/study.py `intake_study` in this process; the engine
+    passes one that runs it in the tool worker) and raises ToolError when it cannot."""
+    return [_to_view(f"V{i}", load_file(p), store, modality, body_part, classify) for i, p in enumerate(paths, 1)]
 
 
-def _study(ld: Loaded, hu: bool) -> tuple[dict[str, Any] | None, str]:
+def _study(ld: Loaded, hu: bool, classify: Callable[[Any, bool, bool], dict[str, Any]] | None = None
+           ) -> tuple[dict[str, Any] | None, str]:
     """The study classifier's block for a loaded image (agent/analysis/study.py), or (None, the one-line reason it
     could not run: then the pixel rules guess the modality, and the report says why)."""
-    from agent.analysis.study import intake_study
     from agent.core.tool import ToolError
 
+    if classify is None:
+        from agent.analysis.study import intake_study as classify
     pic = ld.arr if ld.rgb or ld.arr.ndim == 2 else ld.arr[ld.arr.shape[0] // 2]
     try:
-        block = intake_study(pic, ld.rgb, hu)
+        block = classify(pic, ld.rgb, hu)
     except ToolError as exc:
         return None, str(exc)
     if pic is not ld.arr:
@@ -36,7 +42,8 @@ def _study(ld: Loaded, hu: bool) -> tuple[dict[str, Any] | None, str]:
     return block, ""
 
 
-def _to_view(vid: str, ld: Loaded, store: ArtifactStore, modality: str | None, body_part: str | None) -> ImageView:
+def _to_view(vid: str, ld: Loaded, store: ArtifactStore, modality: str | None, body_part: str | None,
+             classify: Callable[[Any, bool, bool], dict[str, Any]] | None = None) -> ImageView:
     meta = {"format": ld.fmt, **ld.meta}
     user = normalise_modality(modality) if modality else None
     if user and user != (modality or "").strip().upper():
@@ -54,7 +61,7 @@ def _to_view(vid: str, ld: Loaded, store: ArtifactStore, modality: str | None, b
     else:
         mod, src, conf = "", "", 0.0
     hu = (not ld.rgb) and looks_like_hu(ld.arr)  # once per view: the classifier's input and the CT rule
-    study, why = _study(ld, hu)
+    study, why = _study(ld, hu, classify)
     if study is not None:
         meta["study"] = study
     else:

@@ -59,6 +59,9 @@ def _live(node: str, update: dict) -> None:
 
 
 def _run_one(paths: list[str], question: str | None, **kw):  # -> agent.engine.session.Result
+    from agent.engine import worker
+
+    worker.warm()  # before the engine's own imports: the worker imports torch beside them (cold start)
     from agent.engine.session import run_case
 
     try:
