@@ -176,6 +176,7 @@ class FakeOpenAI:
         self.script: list[Reply] = []
         self.requests: list[dict[str, Any]] = []
         self.lock, self.stop = threading.Lock(), threading.Event()
+        self.releases = 0  # release() calls so far: a delayed reply is sent once this passes its count at arrival
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -195,7 +196,8 @@ class FakeOpenAI:
                 with fake.lock:
                     fake.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
                     reply = fake.script.pop(0) if fake.script else fake.error(400, "fake server: script exhausted")
-                if fake.stop.wait(min(reply.delay, fake.max_delay)):
+                    releases = fake.releases
+                if fake.wait(min(reply.delay, fake.max_delay), releases):
                     return
                 self._send(reply)
 
@@ -215,6 +217,20 @@ class FakeOpenAI:
         with self.lock:
             self.script, self.requests = list(replies), []
         return self
+
+    def wait(self, seconds: float, releases: int) -> bool:
+        """A delayed reply's wait: `seconds`, or less once `release()` is called; True when the server is closing."""
+        end = time.monotonic() + seconds
+        while self.releases == releases and (left := end - time.monotonic()) > 0:
+            if self.stop.wait(min(left, 0.05)):
+                return True
+        return self.stop.is_set()
+
+    def release(self):
+        """Send the replies held back by their delay now: a test that has checked what it waited for ends the clients'
+        requests at once instead of waiting out the delay (replies asked for later wait as scripted)."""
+        with self.lock:
+            self.releases += 1
 
     def close(self):
         self.stop.set()

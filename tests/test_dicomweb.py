@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import call
 from makers.orthanc import MISSING, free_port, start, upload
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
@@ -156,7 +157,10 @@ def test_batch_rows_from_the_pacs_each_fail_alone(pacs, tmp_path, monkeypatch):
         {"case_id": "pacs_missing", "image": ref(url, "1.2.3.4.5.6.7.8")},
         {"case_id": "file_mr", "image": "mr.dcm"},
     ]) + "\n")
-    s = run_batch(m, tmp_path / "out", workers=1, llm="tiny", question="Describe the findings", max_steps=2)
+    # the scripted planner's inspect call: the rows' retrieval and failure are what this tests, not the planner (the
+    # tiny planner's batch is tests/test_batch.py's kill -9 test; its run on a PACS study is test_dxagent_run_on_a_pacs_study)
+    s = run_batch(m, tmp_path / "out", workers=1, llm="scripted", script=[call("inspect_image")],
+                  question="Describe the findings", max_steps=2)
     assert s.counts == {"done": 2, "failed": 1}
     failed = json.loads((tmp_path / "out" / "cases" / "pacs_missing" / "result.json").read_text())
     assert "no such study" in failed["error"] or "no series" in failed["error"]
@@ -210,7 +214,8 @@ def test_batch_over_a_query_writes_back_to_the_pacs(pacs, tmp_path, monkeypatch)
     monkeypatch.setenv("DXAGENT_CACHE", str(tmp_path / "cache"))
     study = studies["MR_small.dcm"][0]
     s = run_batch(url.replace("http://", "dicomweb://") + "/dicom-web?modality=MR", tmp_path / "out", workers=1,
-                  llm="tiny", question="How large is the dominant bright region?", max_steps=2, dicom=True, push="source")
+                  llm="scripted", script=[call("region_measure")],  # the query, the SR and the push are tested here
+                  question="How large is the dominant bright region?", max_steps=2, dicom=True, push="source")
     assert s.counts == {"done": 1}
     (rec,) = [json.loads(p.read_text()) for p in (tmp_path / "out" / "cases").glob("*/result.json")]
     assert rec["dicom"][0] == "SR" and rec["pushed_to"].endswith("/dicom-web")

@@ -172,8 +172,9 @@ def test_a_silent_endpoint_cannot_outlast_the_run_budget(fake_openai):
     assert [r["name"] for r in records] == ["error"] and "budget" in records[0]["payload"]["error"]
     import threading
 
-    for t in threading.enumerate():  # the abandoned request ends at its client timeout; let it, so that its
-        if t.name == "dxagent-bounded-call":  # retries do not take the next test's scripted replies
+    fake_openai.release()  # the abandoned request gets its (late) reply now instead of at its client timeout, so
+    for t in threading.enumerate():  # that it ends without retries that would take the next test's scripted replies
+        if t.name == "dxagent-bounded-call":
             t.join(25)
 
 

@@ -304,13 +304,20 @@ def test_a_run_has_one_writer(tmp_path):
     store.record("r", "note", "n", "n", {})
     _dead_owner(store, tmp_path, "r")
     store.mark_interrupted()
-    code = ("import sys, time; from agent.store.trace import TraceStore, RunBusy\n"
-            "s = TraceStore(None, sys.argv[1]); time.sleep(max(0.0, float(sys.argv[2]) - time.time()))\n"
-            "try:\n    s.reopen('r'); print('took'); time.sleep(8)\nexcept RunBusy as e:\n    print('busy', e)\n")
-    import time
-
-    at = str(time.time() + 3.0)
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path), at], stdout=subprocess.PIPE, text=True,
+    # Both processes meet at a barrier (files in `gate`) once imported, so their reopen calls race; the one that takes
+    # the run stays alive (holds the lease) until the other has tried - events, not guesses with the clock.
+    code = ("import os, sys, time; from pathlib import Path; from agent.store.trace import TraceStore, RunBusy\n"
+            "s, gate = TraceStore(None, sys.argv[1]), Path(sys.argv[2])\n"
+            "def meet(name):\n"
+            "    (gate / f'{name}.{os.getpid()}').touch(); end = time.time() + 60\n"
+            "    while len(list(gate.glob(name + '.*'))) < 2 and time.time() < end:\n"
+            "        time.sleep(0.01)\n"
+            "meet('ready')\n"
+            "try:\n    s.reopen('r'); print('took')\nexcept RunBusy as e:\n    print('busy', e)\n"
+            "meet('tried')\n")
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path), str(gate)], stdout=subprocess.PIPE, text=True,
                               cwd=Path(__file__).resolve().parents[1]) for _ in range(2)]
     outs = [p.communicate(timeout=60)[0] for p in procs]
     assert sorted(o.split()[0] for o in outs) == ["busy", "took"], outs

@@ -145,10 +145,12 @@ def test_vlm_ask_faults_are_failed_calls_with_the_reason(tmp_path, vlm, reply, m
 
 
 def test_vlm_ask_timeout_and_spent_token_budget(tmp_path, vlm):
+    toml = tmp_path / "endpoints.toml"  # a 2 s endpoint timeout (the fixture's 5 s, asked twice, only waits longer)
+    toml.write_text(toml.read_text().replace("timeout_s = 5\n", "timeout_s = 2\n"))
     vlm.reset(Reply(body=b"{}", delay=8.0), Reply(body=b"{}", delay=8.0))
     res = run_case([CT], "Is there fat?", llm="scripted", script=[call("vlm_ask", question="Is there fat?"), answer()],
                    trace_dir=tmp_path / "a", route=False)
-    assert "did not answer within 5 s" in res.state.evidence[0].error
+    assert "did not answer within 2 s" in res.state.evidence[0].error
     vlm.reset(vlm_reply("No.", 0.2), vlm_reply("No.", 0.2), vlm_reply("No.", 0.2))
     res = run_case([CT], "Is there fat?", llm="scripted", trace_dir=tmp_path / "b", route=False, max_steps=3,
                    script=[call("vlm_ask", question=q) for q in ("Is there fat?", "Any fat?", "Fat seen?")] + [answer()])
