@@ -303,6 +303,48 @@ def confine(text: str, roots: list[Path]) -> tuple[str, str]:
     return str(real), "path"
 
 
+# -- what a run's record holds, for the API and the MCP server (agent/app/mcp_server.py) ------------------------------
+def run_artifacts(trace: Any, run_id: str) -> list[dict[str, Any]]:
+    """The files a run's tools made, as the API names them (sha256 + suffix; never a path): name, sha256, kind,
+    media_type, bytes, url, and `_path` (inside the artifact store: not for a response)."""
+    try:
+        dump = trace.dump(run_id)
+    except KeyError:
+        raise Refused(404, f"no run {run_id!r} in the trace store (a queued run has no artifacts yet)") from None
+    out = []
+    for a in dump.get("artifacts", []):
+        name = a["sha256"] + Path(a.get("path") or "").suffix
+        out.append({"name": name, "sha256": a["sha256"], "kind": a.get("kind"), "media_type": a.get("media_type"),
+                    "bytes": a.get("bytes"), "url": f"/api/runs/{run_id}/artifacts/{name}", "_path": a.get("path")})
+    return out
+
+
+def artifact_file(trace: Any, artifact_root: Path, run_id: str, name: str) -> dict[str, Any]:
+    """One artifact of a run (as `run_artifacts`) with `_file`, its file inside the artifact store; Refused 404 when the
+    run has no such artifact or its file is missing."""
+    found = next((a for a in run_artifacts(trace, run_id) if a["name"] == name), None)
+    if found is None:
+        raise Refused(404, f"run {run_id} has no artifact {name!r}")
+    path = (artifact_root / (found["_path"] or "")).resolve()
+    if not _inside(path, [artifact_root.resolve()]) or not path.is_file():
+        raise Refused(404, f"artifact {name!r}: its file is missing from the artifact store")
+    return {**found, "_file": path}
+
+
+def verdict(trace: Any, artifact_root: Path, run_id: str) -> Verdict:
+    """The `dxagent trace verify` verdict of one run; Refused 404 when the store has no such run."""
+    from agent.app.cli.trace import verdict_of
+    from agent.store.trace import verify_dump
+
+    try:
+        dump = trace.dump(run_id)
+    except KeyError:
+        raise Refused(404, f"no run {run_id!r} in the trace store") from None
+    problems = verify_dump(dump, artifact_root)
+    return Verdict(run_id=run_id, verdict=verdict_of(problems), problems=problems, events=len(dump["events"]),
+                   artifacts=len(dump.get("artifacts", [])), seal_alg=dump["run"].get("seal_alg"))
+
+
 # -- the app ---------------------------------------------------------------------------------------------------------
 def _one_line_validation(exc: ValidationError | RequestValidationError) -> str:
     errs = exc.errors()
@@ -514,46 +556,17 @@ def create_app(config: ServeConfig) -> FastAPI:
 
     @app.get("/api/runs/{run_id}/artifacts", summary="the files the run's tools made (masks, overlays, pixels)")
     async def list_artifacts(run_id: str) -> list[dict[str, Any]]:
-        found = await run_in_threadpool(_artifacts, run_id)
+        found = await run_in_threadpool(run_artifacts, runs.trace, run_id)
         return [{k: v for k, v in a.items() if k != "_path"} for a in found]
-
-    def _artifacts(run_id: str) -> list[dict[str, Any]]:
-        try:
-            dump = runs.trace.dump(run_id)
-        except KeyError:
-            raise Refused(404, f"no run {run_id!r} in the trace store (a queued run has no artifacts yet)") from None
-        out = []
-        for a in dump.get("artifacts", []):
-            name = a["sha256"] + Path(a.get("path") or "").suffix
-            out.append({"name": name, "sha256": a["sha256"], "kind": a.get("kind"), "media_type": a.get("media_type"),
-                        "bytes": a.get("bytes"), "url": f"/api/runs/{run_id}/artifacts/{name}", "_path": a.get("path")})
-        return out
 
     @app.get("/api/runs/{run_id}/artifacts/{name}", summary="one artifact file")
     async def get_artifact(run_id: str, name: str) -> FileResponse:
-        found = next((a for a in await run_in_threadpool(_artifacts, run_id) if a["name"] == name), None)
-        if found is None:
-            raise Refused(404, f"run {run_id} has no artifact {name!r}")
-        path = (artifact_root / (found["_path"] or "")).resolve()
-        if not _inside(path, [artifact_root.resolve()]) or not path.is_file():
-            raise Refused(404, f"artifact {name!r}: its file is missing from the artifact store")
-        return FileResponse(path, media_type=found.get("media_type") or "application/octet-stream")
+        found = await run_in_threadpool(artifact_file, runs.trace, artifact_root, run_id, name)
+        return FileResponse(found["_file"], media_type=found.get("media_type") or "application/octet-stream")
 
     @app.post("/api/runs/{run_id}/verify", response_model=Verdict, summary="the `dxagent trace verify` verdict")
     async def verify(run_id: str) -> Verdict:
-        def check() -> Verdict:
-            from agent.app.cli.trace import verdict_of
-            from agent.store.trace import verify_dump
-
-            try:
-                dump = runs.trace.dump(run_id)
-            except KeyError:
-                raise Refused(404, f"no run {run_id!r} in the trace store") from None
-            problems = verify_dump(dump, artifact_root)
-            return Verdict(run_id=run_id, verdict=verdict_of(problems), problems=problems, events=len(dump["events"]),
-                           artifacts=len(dump.get("artifacts", [])), seal_alg=dump["run"].get("seal_alg"))
-
-        return await run_in_threadpool(check)
+        return await run_in_threadpool(verdict, runs.trace, artifact_root, run_id)
 
     @app.post("/api/runs/{run_id}/cancel", summary="drop a queued run, or stop a running one at its next step")
     async def cancel(run_id: str) -> JSONResponse:
