@@ -10,6 +10,7 @@
     GET  /api/runs/{id}/artifacts[/{name}]  masks, overlays, pixels the run's tools made (the artifact store)
     POST /api/runs/{id}/verify           the `dxagent trace verify` verdict
     POST /api/runs/{id}/cancel | resume  stop a run at its next step / continue an interrupted one
+    /mcp                                 the MCP server (agent/app/mcp_server.py) over streamable HTTP
 
 How it fits: `create_app` builds the FastAPI app around a `RunQueue` (agent/app/serve_runs.py), which runs each case
 with `agent.engine.session.run_case` into the same trace store as `dxagent run`, so `trace list/verify` and `replay`
@@ -360,11 +361,15 @@ def create_app(config: ServeConfig) -> FastAPI:
     uploads_root = trace_dir / "uploads"
     artifact_root = trace_dir / "artifacts"
     shutil.rmtree(uploads_root / ".incoming", ignore_errors=True)  # what a killed server was receiving
+    from agent.app.mcp_server import http_app
+
+    mcp, mcp_app = http_app(runs, config.roots, config.token)  # the MCP server at /mcp, its runs in this queue
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         runs.start()
-        yield
+        async with mcp.session_manager.run():
+            yield
         runs.stop()
 
     app = FastAPI(title="dxagent", version="0.1.0", lifespan=lifespan,
@@ -586,6 +591,7 @@ def create_app(config: ServeConfig) -> FastAPI:
             raise Refused(409, str(exc)) from None
         return await run_in_threadpool(view, run_id)
 
+    app.router.routes.extend(mcp_app.routes)  # POST/GET/DELETE /mcp: streamable HTTP, behind the same bearer token
     return app
 
 
