@@ -72,14 +72,18 @@ async def _session(root: Path, outside: Path, traces: Path, script: Path) -> dic
     params = StdioServerParameters(command=sys.executable, env=ENV, cwd=str(root),
                                    args=["-m", "agent.app.cli", "mcp", "--llm", "scripted", "--script", str(script),
                                          "--trace-dir", str(traces)])  # --root: the folder it starts in
-    got: dict[str, Any] = {"said": []}
+    got: dict[str, Any] = {"said": [], "not_protocol": []}
 
     def keep(name: str, result: Any) -> Any:
         got[name] = result
         got["said"].append(_said(result))
         return result
 
-    async with Client(params, read_timeout_seconds=120) as c:
+    async def on_message(message: Any) -> None:  # a line on the server's stdout that is not MCP arrives as an Exception
+        if isinstance(message, Exception):
+            got["not_protocol"].append(repr(message)[:300])
+
+    async with Client(params, read_timeout_seconds=120, message_handler=on_message) as c:
         got["tools"] = (await c.list_tools()).tools
         got["templates"] = (await c.list_resource_templates()).resource_templates
         keep("expert_tools", await c.call_tool("list_expert_tools", {}))
@@ -93,8 +97,11 @@ async def _session(root: Path, outside: Path, traces: Path, script: Path) -> dic
         png = next(x for x in got["res_artifacts"] if x["media_type"] == "image/png")
         got["res_png"] = (await c.read_resource(png["uri"])).contents[0]
         got["said"] += [got["res_report"].text, json.dumps(got["res_artifacts"])]
-        got["replay"] = subprocess.run([sys.executable, "-m", "agent.app.cli", "replay", rid, "--trace-dir", str(traces)],
-                                       env=ENV, capture_output=True, text=True, timeout=120)  # before any follow-up
+        from typer.testing import CliRunner
+
+        from agent.app.cli import app
+
+        got["replay"] = CliRunner().invoke(app, ["replay", rid, "--trace-dir", str(traces)])  # before any follow-up
         keep("fat", await c.call_tool("ask_followup", {"thread_id": a.structured_content["thread_id"], "question": FAT_Q}))
         keep("modality", await c.call_tool("ask_followup", {"thread_id": rid, "question": MODALITY_Q}))
         keep("verdict_after", await c.call_tool("verify_trace", {"run_id": rid}))
@@ -114,6 +121,10 @@ async def _session(root: Path, outside: Path, traces: Path, script: Path) -> dic
         except MCPError as exc:
             got["unknown_resource"] = str(exc)
         got["run_id"] = rid
+    # the server ends with its client; a new one resumes the thread from the trace store and its checkpoints
+    async with Client(params, read_timeout_seconds=120, message_handler=on_message) as c:
+        keep("after_restart", await c.call_tool("ask_followup", {"thread_id": rid, "question": FAT_Q}))
+        keep("verdict_restart", await c.call_tool("verify_trace", {"run_id": rid}))
     return got
 
 
@@ -167,7 +178,7 @@ def test_report_verdict_and_resources_are_the_clis(stdio):
     assert stdio["res_report"].mime_type == "text/markdown" and stdio["res_report"].text == to_markdown(report)
     v = stdio["verdict"].structured_content
     assert v["verdict"] == "intact" and v["problems"] == [] and v["events"] > 0
-    assert stdio["replay"].returncode == 0 and "verified" in stdio["replay"].stdout, stdio["replay"].stdout[-2000:]
+    assert stdio["replay"].exit_code == 0 and "verified" in stdio["replay"].output, stdio["replay"].output[-2000:]
     kinds = {x["kind"] for x in stdio["res_artifacts"]}
     assert {"mask", "overlay"} <= kinds
     png = stdio["res_png"]
@@ -190,7 +201,20 @@ def test_followups_keep_the_evidence_and_the_record_stays_intact(stdio):
 
     dump = TraceStore(None, stdio["traces"]).dump(stdio["run_id"])
     turns = [e["payload"]["turn"] for e in dump["events"] if e["kind"] == "note" and e["name"] == "turn"]
-    assert turns == [2, 3]
+    assert turns == [2, 3, 4]
+
+
+def test_a_thread_resumes_after_the_server_restarts(stdio):
+    r = stdio["after_restart"]
+    assert not r.is_error, _text(r)
+    f = r.structured_content
+    assert f["turn"] == 4 and f["answer"]["evidence_ids"] == ["E1"]
+    assert f["evidence"] == stdio["modality"].structured_content["evidence"]  # all the evidence of the earlier server
+    assert stdio["verdict_restart"].structured_content["verdict"] == "intact"
+
+
+def test_nothing_but_the_protocol_on_stdout(stdio):
+    assert stdio["not_protocol"] == []
 
 
 def test_refusals_are_one_line_tool_errors_and_record_nothing(stdio):
@@ -216,7 +240,7 @@ def test_no_identifier_path_or_file_name_leaves_in_a_result(stdio):
 
 
 def test_the_stdio_session_is_quick(stdio):
-    assert stdio["seconds"] < 90  # one server process, three planner runs (scripted), replay
+    assert stdio["seconds"] < 90  # two server processes, four planner runs (scripted), one replay
 
 
 # -- streamable HTTP on `dxagent serve` ------------------------------------------------------------------------------
