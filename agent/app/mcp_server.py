@@ -284,11 +284,12 @@ class _Server(MCPServer):
 
 
 async def _blocking(fn: Any, *args: Any, cancel: threading.Event | None = None) -> Any:
-    """Run `fn` on a worker thread; a cancelled call (the client gave up) sets `cancel`, so a run stops at its next step."""
+    """Run `fn` on a worker thread. With `cancel`: a cancelled call (the client gave up) returns at once and sets it, so
+    the run stops at its next step (the thread finishes that step and records the run cancelled)."""
     import anyio
 
     try:
-        return await anyio.to_thread.run_sync(lambda: fn(*args))
+        return await anyio.to_thread.run_sync(lambda: fn(*args), abandon_on_cancel=cancel is not None)
     except anyio.get_cancelled_exc_class():
         if cancel is not None:
             cancel.set()
