@@ -10,6 +10,7 @@
     GET  /api/runs/{id}/artifacts[/{name}]  masks, overlays, pixels the run's tools made (the artifact store)
     POST /api/runs/{id}/verify           the `dxagent trace verify` verdict
     POST /api/runs/{id}/cancel | resume  stop a run at its next step / continue an interrupted one
+    /mcp                                 the MCP server (agent/app/mcp_server.py) over streamable HTTP
 
 How it fits: `create_app` builds the FastAPI app around a `RunQueue` (agent/app/serve_runs.py), which runs each case
 with `agent.engine.session.run_case` into the same trace store as `dxagent run`, so `trace list/verify` and `replay`
@@ -303,6 +304,48 @@ def confine(text: str, roots: list[Path]) -> tuple[str, str]:
     return str(real), "path"
 
 
+# -- what a run's record holds, for the API and the MCP server (agent/app/mcp_server.py) ------------------------------
+def run_artifacts(trace: Any, run_id: str) -> list[dict[str, Any]]:
+    """The files a run's tools made, as the API names them (sha256 + suffix; never a path): name, sha256, kind,
+    media_type, bytes, url, and `_path` (inside the artifact store: not for a response)."""
+    try:
+        dump = trace.dump(run_id)
+    except KeyError:
+        raise Refused(404, f"no run {run_id!r} in the trace store (a queued run has no artifacts yet)") from None
+    out = []
+    for a in dump.get("artifacts", []):
+        name = a["sha256"] + Path(a.get("path") or "").suffix
+        out.append({"name": name, "sha256": a["sha256"], "kind": a.get("kind"), "media_type": a.get("media_type"),
+                    "bytes": a.get("bytes"), "url": f"/api/runs/{run_id}/artifacts/{name}", "_path": a.get("path")})
+    return out
+
+
+def artifact_file(trace: Any, artifact_root: Path, run_id: str, name: str) -> dict[str, Any]:
+    """One artifact of a run (as `run_artifacts`) with `_file`, its file inside the artifact store; Refused 404 when the
+    run has no such artifact or its file is missing."""
+    found = next((a for a in run_artifacts(trace, run_id) if a["name"] == name), None)
+    if found is None:
+        raise Refused(404, f"run {run_id} has no artifact {name!r}")
+    path = (artifact_root / (found["_path"] or "")).resolve()
+    if not _inside(path, [artifact_root.resolve()]) or not path.is_file():
+        raise Refused(404, f"artifact {name!r}: its file is missing from the artifact store")
+    return {**found, "_file": path}
+
+
+def verdict(trace: Any, artifact_root: Path, run_id: str) -> Verdict:
+    """The `dxagent trace verify` verdict of one run; Refused 404 when the store has no such run."""
+    from agent.app.cli.trace import verdict_of
+    from agent.store.trace import verify_dump
+
+    try:
+        dump = trace.dump(run_id)
+    except KeyError:
+        raise Refused(404, f"no run {run_id!r} in the trace store") from None
+    problems = verify_dump(dump, artifact_root)
+    return Verdict(run_id=run_id, verdict=verdict_of(problems), problems=problems, events=len(dump["events"]),
+                   artifacts=len(dump.get("artifacts", [])), seal_alg=dump["run"].get("seal_alg"))
+
+
 # -- the app ---------------------------------------------------------------------------------------------------------
 def _one_line_validation(exc: ValidationError | RequestValidationError) -> str:
     errs = exc.errors()
@@ -318,11 +361,15 @@ def create_app(config: ServeConfig) -> FastAPI:
     uploads_root = trace_dir / "uploads"
     artifact_root = trace_dir / "artifacts"
     shutil.rmtree(uploads_root / ".incoming", ignore_errors=True)  # what a killed server was receiving
+    from agent.app.mcp_server import http_app
+
+    mcp, mcp_app = http_app(runs, config.roots, config.token)  # the MCP server at /mcp, its runs in this queue
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         runs.start()
-        yield
+        async with mcp.session_manager.run():
+            yield
         runs.stop()
 
     app = FastAPI(title="dxagent", version="0.1.0", lifespan=lifespan,
@@ -514,46 +561,17 @@ def create_app(config: ServeConfig) -> FastAPI:
 
     @app.get("/api/runs/{run_id}/artifacts", summary="the files the run's tools made (masks, overlays, pixels)")
     async def list_artifacts(run_id: str) -> list[dict[str, Any]]:
-        found = await run_in_threadpool(_artifacts, run_id)
+        found = await run_in_threadpool(run_artifacts, runs.trace, run_id)
         return [{k: v for k, v in a.items() if k != "_path"} for a in found]
-
-    def _artifacts(run_id: str) -> list[dict[str, Any]]:
-        try:
-            dump = runs.trace.dump(run_id)
-        except KeyError:
-            raise Refused(404, f"no run {run_id!r} in the trace store (a queued run has no artifacts yet)") from None
-        out = []
-        for a in dump.get("artifacts", []):
-            name = a["sha256"] + Path(a.get("path") or "").suffix
-            out.append({"name": name, "sha256": a["sha256"], "kind": a.get("kind"), "media_type": a.get("media_type"),
-                        "bytes": a.get("bytes"), "url": f"/api/runs/{run_id}/artifacts/{name}", "_path": a.get("path")})
-        return out
 
     @app.get("/api/runs/{run_id}/artifacts/{name}", summary="one artifact file")
     async def get_artifact(run_id: str, name: str) -> FileResponse:
-        found = next((a for a in await run_in_threadpool(_artifacts, run_id) if a["name"] == name), None)
-        if found is None:
-            raise Refused(404, f"run {run_id} has no artifact {name!r}")
-        path = (artifact_root / (found["_path"] or "")).resolve()
-        if not _inside(path, [artifact_root.resolve()]) or not path.is_file():
-            raise Refused(404, f"artifact {name!r}: its file is missing from the artifact store")
-        return FileResponse(path, media_type=found.get("media_type") or "application/octet-stream")
+        found = await run_in_threadpool(artifact_file, runs.trace, artifact_root, run_id, name)
+        return FileResponse(found["_file"], media_type=found.get("media_type") or "application/octet-stream")
 
     @app.post("/api/runs/{run_id}/verify", response_model=Verdict, summary="the `dxagent trace verify` verdict")
     async def verify(run_id: str) -> Verdict:
-        def check() -> Verdict:
-            from agent.app.cli.trace import verdict_of
-            from agent.store.trace import verify_dump
-
-            try:
-                dump = runs.trace.dump(run_id)
-            except KeyError:
-                raise Refused(404, f"no run {run_id!r} in the trace store") from None
-            problems = verify_dump(dump, artifact_root)
-            return Verdict(run_id=run_id, verdict=verdict_of(problems), problems=problems, events=len(dump["events"]),
-                           artifacts=len(dump.get("artifacts", [])), seal_alg=dump["run"].get("seal_alg"))
-
-        return await run_in_threadpool(check)
+        return await run_in_threadpool(verdict, runs.trace, artifact_root, run_id)
 
     @app.post("/api/runs/{run_id}/cancel", summary="drop a queued run, or stop a running one at its next step")
     async def cancel(run_id: str) -> JSONResponse:
@@ -573,6 +591,7 @@ def create_app(config: ServeConfig) -> FastAPI:
             raise Refused(409, str(exc)) from None
         return await run_in_threadpool(view, run_id)
 
+    app.router.routes.extend(mcp_app.routes)  # POST/GET/DELETE /mcp: streamable HTTP, behind the same bearer token
     return app
 
 

@@ -224,36 +224,7 @@ class RunQueue:
                 self._save(rec)
 
     def _execute(self, rec: RunRecord, cancel: threading.Event) -> tuple[str, str | None]:
-        """One run (or its resumption) through run_case, in the trace store: (final status, one-line error)."""
-        from agent.engine import calibration
-        from agent.engine.graph import TurnCancelled, redact_paths
-        from agent.engine.llm_calls import CallCancelled, cancellable
-        from agent.engine.session import engine, error_message, run_case
-
-        s = self.settings
-        eng = None
-        try:
-            eng = engine(llm=s.llm, base_url=s.base_url, model=s.model, api_key=s.api_key, llm_timeout_s=s.llm_timeout_s,
-                         script=list(s.script) if s.script is not None else None, trace_dir=s.trace_dir, db_url=s.db_url)
-            eng.rt.cancel = cancel
-            with cancellable(cancel), calibration.threshold(rec.min_probability):
-                run_case(rec.inputs or None, rec.question, eng=eng, run_id=rec.id, resume=rec.id if rec.resume else None,
-                         max_steps=rec.max_steps, max_wall_s=rec.max_wall_s, modality=rec.modality,
-                         body_part=rec.body_part, clinical_context=rec.clinical_context, route=rec.route)
-            return "done", None
-        except (TurnCancelled, CallCancelled):
-            eng.rt.now = time.time()
-            eng.rt.record("note", "serve", "cancelled", {"reason": "cancelled over the API"})
-            eng.trace.finish_run(rec.id, "cancelled")  # sealed with the evidence so far; resumable
-            return "cancelled", None
-        except Exception as exc:
-            row = self.trace.get_run(rec.id)
-            if row is not None and row.error:  # the engine recorded it, paths already replaced by "input N"
-                return "failed", one_line(row.error)
-            return "failed", one_line(redact_paths(error_message(exc), rec.inputs))  # failed before its trace row
-        finally:
-            if eng is not None:
-                _close(eng)
+        return execute(self.settings, self.trace, rec, cancel)
 
     # -- events ----------------------------------------------------------------------------------------------------
     def count_events(self, run_id: str) -> int:
@@ -274,6 +245,40 @@ class RunQueue:
         with Session(self.trace.engine) as db:
             q = select(Event).where(Event.run_id == run_id, Event.seq > after).order_by(Event.seq).limit(limit)
             return list(db.exec(q))
+
+
+def execute(settings: ServeSettings, trace: Any, rec: RunRecord, cancel: threading.Event) -> tuple[str, str | None]:
+    """One run (or its resumption) through run_case, in the trace store: (final status, one-line error). The queue's
+    workers run it, and `dxagent mcp` (agent/app/mcp_server.py) without a queue."""
+    from agent.engine import calibration
+    from agent.engine.graph import TurnCancelled, redact_paths
+    from agent.engine.llm_calls import CallCancelled, cancellable
+    from agent.engine.session import engine, error_message, run_case
+
+    s = settings
+    eng = None
+    try:
+        eng = engine(llm=s.llm, base_url=s.base_url, model=s.model, api_key=s.api_key, llm_timeout_s=s.llm_timeout_s,
+                     script=list(s.script) if s.script is not None else None, trace_dir=s.trace_dir, db_url=s.db_url)
+        eng.rt.cancel = cancel
+        with cancellable(cancel), calibration.threshold(rec.min_probability):
+            run_case(rec.inputs or None, rec.question, eng=eng, run_id=rec.id, resume=rec.id if rec.resume else None,
+                     max_steps=rec.max_steps, max_wall_s=rec.max_wall_s, modality=rec.modality,
+                     body_part=rec.body_part, clinical_context=rec.clinical_context, route=rec.route)
+        return "done", None
+    except (TurnCancelled, CallCancelled):
+        eng.rt.now = time.time()
+        eng.rt.record("note", "serve", "cancelled", {"reason": "cancelled over the API"})
+        eng.trace.finish_run(rec.id, "cancelled")  # sealed with the evidence so far; resumable
+        return "cancelled", None
+    except Exception as exc:
+        row = trace.get_run(rec.id)
+        if row is not None and row.error:  # the engine recorded it, paths already replaced by "input N"
+            return "failed", one_line(row.error)
+        return "failed", one_line(redact_paths(error_message(exc), rec.inputs))  # failed before its trace row
+    finally:
+        if eng is not None:
+            _close(eng)
 
 
 def _close(eng: Any) -> None:

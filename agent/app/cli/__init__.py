@@ -1,6 +1,6 @@
 """`dxagent` command line (typer + rich). Research use only.
 
-One module per sub-app: cases.py (run, chat, batch, eval, demo, tools, replay), serve.py, trace.py, library.py, models.py;
+One module per sub-app: cases.py (run, chat, batch, eval, demo, tools, replay), serve.py, mcp.py, trace.py, library.py, models.py;
 options.py holds what they share (option definitions declared once, the consoles, the one-line failure).
 """
 
@@ -13,6 +13,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from agent.app.cli import cases
 from agent.app.cli.library import library_app
+from agent.app.cli.mcp import mcp
 from agent.app.cli.models import models_app
 from agent.app.cli.serve import serve
 from agent.app.cli.trace import trace_app
@@ -24,6 +25,7 @@ for fn, name in ((cases.run, "run"), (cases.chat, "chat"), (cases.batch, "batch"
                  (cases.demo, "demo"), (cases.list_tools, "tools"), (cases.replay, "replay")):
     app.command(name)(fn)
 app.command("serve")(serve)
+app.command("mcp")(mcp)
 app.add_typer(trace_app, name="trace")
 app.add_typer(library_app, name="library")
 app.add_typer(models_app, name="models")

@@ -1,0 +1,63 @@
+"""`dxagent mcp`: the MCP server (agent/app/mcp_server.py) over stdio, for an LLM client. Research use only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from agent.app.cli.options import (
+    LLM_HELP,
+    ApiKey,
+    BaseUrl,
+    DbUrl,
+    LlmTimeout,
+    MinProbability,
+    ModelName,
+    TraceDir,
+    apply_min_probability,
+    err,
+    fail,
+)
+
+
+def mcp(
+    root: Annotated[list[Path], typer.Option(help="folder analyze_image may read images under (repeatable; default: "
+                                             "the folder the server starts in)")] = None,
+    trace_dir: TraceDir = None,
+    db_url: DbUrl = None,
+    llm: Annotated[str, typer.Option(help=LLM_HELP + ", scripted (with --script)")] = "local",
+    base_url: BaseUrl = None,
+    model: ModelName = None,
+    api_key: ApiKey = None,
+    llm_timeout: LlmTimeout = 120.0,
+    script: Annotated[Path, typer.Option(help="--llm scripted: the planner's replies, one JSON per line; every run "
+                                         "starts from the first (testing)")] = None,
+    max_steps: Annotated[int, typer.Option(help="tool-call budget of a run, and of each follow-up")] = 6,
+    max_seconds: Annotated[float, typer.Option(help="wall-clock budget of a run, and of each follow-up")] = 300.0,
+    min_probability: MinProbability = None,
+) -> None:
+    """Serve dxagent to an MCP client over stdio (analyze_image, ask_followup, list_expert_tools, get_report,
+    verify_trace; reports and overlays as resources). Runs go to the same trace store as `dxagent run`; nothing but the
+    protocol is written to stdout."""
+    from agent.app.mcp_server import serve_stdio
+    from agent.app.serve_runs import ServeSettings
+    from agent.engine.session import default_trace_dir
+
+    replies = None
+    if llm == "scripted":
+        if script is None or not script.is_file():
+            fail("--llm scripted needs --script FILE (one planner reply per line)")
+        replies = [ln for ln in script.read_text().splitlines() if ln.strip()]
+    apply_min_probability(min_probability)
+    roots = [r.expanduser().resolve() for r in (root or [Path.cwd()])]
+    for r in roots:
+        if not r.is_dir():
+            fail(f"--root {r} is not a folder")
+    tdir = Path(trace_dir or default_trace_dir())
+    settings = ServeSettings(trace_dir=tdir, db_url=db_url, llm=llm, base_url=base_url, model=model, api_key=api_key,
+                             llm_timeout_s=llm_timeout, script=replies, max_steps=max_steps, max_wall_s=max_seconds)
+    err.print(f"dxagent mcp on stdio · traces {tdir} · llm {llm} · roots {', '.join(map(str, roots))} · RESEARCH USE ONLY",
+              highlight=False, soft_wrap=True)
+    serve_stdio(settings, roots)
