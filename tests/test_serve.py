@@ -189,6 +189,11 @@ def test_path_inside_the_root_runs_and_outside_is_refused(live, tmp_path):
         assert set(r.json()) == {"detail"} and "outside the served roots" in r.json()["detail"]
         assert str(outside) not in r.text
     assert c.post("/api/runs", json={"path": "case/none.dcm"}).status_code == 404
+    (live.root / "case" / "notes.txt").write_text("not an image at all\n" * 10)
+    (live.root / "empty").mkdir()
+    for path, why in (("case/notes.txt", "not an image"), ("empty", "holds no image")):
+        r = c.post("/api/runs", json={"path": path})  # refused up front, like a non-image upload: nothing queued
+        assert r.status_code == 400 and why in r.json()["detail"], (path, r.text)
     assert c.post("/api/runs", json={"question": "no path"}).status_code == 400
     bad = c.post("/api/runs", json={"path": "case/ct.dcm", "max_steps": 0})
     assert bad.status_code == 422 and "max_steps" in bad.json()["detail"] and "\n" not in bad.json()["detail"]

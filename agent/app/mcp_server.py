@@ -144,24 +144,12 @@ class Backend:
 
     # -- analyze_image ---------------------------------------------------------------------------------------------
     def inputs(self, image: str) -> tuple[str, str]:
-        """(input, source) confined as the REST API's `path`, and checked to be an image before anything is recorded."""
-        from agent.imaging.loaders import file_kind
-
+        """(input, source) confined and checked to be an image as the REST API's `path` is, before anything is
+        recorded."""
         try:
-            path, source = confine(image, self.roots)
+            return confine(image, self.roots)
         except Refused as exc:
             raise ToolError(exc.detail) from None
-        if source == "path":
-            p = Path(path)
-            files = [p] if p.is_file() else sorted(x for x in p.rglob("*") if x.is_file())[:10_000]
-            try:
-                ok = any(file_kind(f) for f in files)
-            except OSError as exc:
-                raise ToolError(f"input 1 cannot be read ({exc.strerror or type(exc).__name__})") from None
-            if not ok:
-                raise ToolError("input 1 is not an image (no DICOM preamble, not PNG/JPEG/TIFF/NIfTI)" if p.is_file()
-                                else "input 1 is a folder that holds no image")
-        return path, source
 
     def analyze(self, image: str, question: str | None, clinical_context: str | None,
                 cancel: threading.Event) -> dict[str, Any]:

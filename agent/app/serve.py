@@ -301,7 +301,23 @@ def confine(text: str, roots: list[Path]) -> tuple[str, str]:
         for x in real.rglob("*"):
             if x.is_symlink() and not _inside(x.resolve(), roots):
                 raise Refused(403, "path: the folder holds a link to outside the served roots (--root)")
+    _refuse_non_image(real)
     return str(real), "path"
+
+
+def _refuse_non_image(p: Path) -> None:
+    """Refused (400) when a file is not an image the loader reads (its own content test) or a folder holds none: the
+    request is refused before anything is queued or recorded, as a non-image upload is."""
+    from agent.imaging.loaders import file_kind
+
+    files = [p] if p.is_file() else sorted(x for x in p.rglob("*") if x.is_file())[:10_000]
+    try:
+        ok = any(file_kind(f) for f in files)
+    except OSError as exc:
+        raise Refused(400, f"path cannot be read ({exc.strerror or type(exc).__name__})") from None
+    if not ok:
+        raise Refused(400, "path is not an image (no DICOM preamble, not PNG/JPEG/TIFF/NIfTI)" if p.is_file()
+                      else "path is a folder that holds no image")
 
 
 # -- what a run's record holds, for the API and the MCP server (agent/app/mcp_server.py) ------------------------------
