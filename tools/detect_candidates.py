@@ -40,7 +40,6 @@ from pydantic import BaseModel, Field
 from scipy import ndimage as ndi
 from skimage.color import rgb2gray
 from skimage.draw import circle_perimeter
-from skimage.feature import peak_local_max
 from skimage.filters import gaussian, threshold_otsu
 from skimage.transform import resize
 
@@ -138,6 +137,9 @@ def log_blobs(img: np.ndarray, s_lo: np.ndarray, s_hi: np.ndarray, num_sigma: in
     sigmas = [s_lo * (s_hi / s_lo) ** t for t in np.linspace(0.0, 1.0, num_sigma)]
     stack = np.stack([-float(np.mean(sg)) ** 2 * ndi.gaussian_laplace(img.astype(np.float32), sg) for sg in sigmas],
                      axis=-1)
+    from skimage.feature import peak_local_max  # here: it imports scipy.stats (~0.5 s), and every tool module is
+    # imported when the registry is built
+
     peaks = peak_local_max(stack, threshold_abs=0.03, threshold_rel=0.1, footprint=np.ones((3,) * stack.ndim, bool),
                            exclude_border=False, num_peaks=_MAX_PEAKS)
     if len(peaks) == 0:
