@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -22,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from helpers import realcases_root, serve_http  # noqa: E402
 
+from agent.core.files import cache_root  # noqa: E402
 from agent.store.artifacts import ArtifactStore  # noqa: E402
 
 
@@ -42,9 +45,25 @@ def yolo_trained(tmp_path_factory) -> tuple[Path, Path]:
     from makers import yolo as yolo_maker
 
     cache = tmp_path_factory.mktemp("yolo-cache")
+    src = tmp_path_factory.mktemp("yolo-src")
+    # The trained folder (card, weights, dataset) is kept between sessions, keyed by the maker's code and the
+    # ultralytics/torch versions: the tests check loading and detecting with real weights the project trains, not
+    # the training itself, which a bare machine still pays once (about 50-100 s here).
+    key = hashlib.sha1(Path(yolo_maker.__file__).read_bytes() + "|".join(
+        importlib.metadata.version(d) for d in ("ultralytics", "torch")).encode()).hexdigest()[:16]
+    kept = cache_root() / "test-fixtures" / f"yolo-{key}"
+    if (kept / "card.yaml").is_file():
+        shutil.copytree(kept, src, dirs_exist_ok=True)
+        return src / "card.yaml", cache
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DXAGENT_CACHE", str(cache))
-        card = yolo_maker.make(tmp_path_factory.mktemp("yolo-src"))
+        card = yolo_maker.make(src)
+    part = kept.with_name(f"{kept.name}.{os.getpid()}.partial")
+    shutil.copytree(src, part, ignore=shutil.ignore_patterns("runs", ".hash-cache"), dirs_exist_ok=True)
+    try:
+        part.rename(kept)  # another session may have kept its own meanwhile: either is fine
+    except OSError:
+        shutil.rmtree(part, ignore_errors=True)
     return card, cache
 
 

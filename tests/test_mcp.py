@@ -14,6 +14,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,25 @@ def _case_folder(base: Path) -> tuple[Path, Path]:
     (root / "notes.txt").write_text("not an image at all\n" * 10)
     (root / "empty").mkdir()
     return root, outside
+
+
+def _arun(fn, *args):
+    """anyio.run(fn, *args) on a thread of its own: another test's session fixture (Playwright's sync API, for the
+    HTML pages) keeps an event loop running on the main thread for the rest of the session."""
+    out: dict = {}
+
+    def target():
+        try:
+            out["value"] = anyio.run(fn, *args)
+        except BaseException as exc:  # re-raised on the test's thread
+            out["error"] = exc
+
+    t = threading.Thread(target=target)
+    t.start()
+    t.join()
+    if "error" in out:
+        raise out["error"]
+    return out.get("value")
 
 
 def _runs(traces: Path) -> int:
@@ -136,7 +156,7 @@ def stdio(tmp_path_factory):
     script.write_text(call("ct_tissue_composition") + "\n")
     traces = base / "traces"
     t0 = time.monotonic()
-    got = anyio.run(_session, root, outside, traces, script)
+    got = _arun(_session, root, outside, traces, script)
     got.update(root=root, outside=outside, traces=traces, seconds=time.monotonic() - t0)
     return got
 
@@ -290,7 +310,7 @@ def test_streamable_http_on_serve_with_and_without_the_token(tmp_path):
                 pass
 
         with pytest.raises(ExceptionGroup) as refused:  # the SDK's client: its task group around the 401's MCPError
-            anyio.run(without_token)
+            _arun(without_token)
         assert "MCPError" in repr(refused.value) and "error response" in repr(refused.value)
 
         async def with_token() -> dict[str, Any]:
@@ -304,7 +324,7 @@ def test_streamable_http_on_serve_with_and_without_the_token(tmp_path):
                     v = await c.call_tool("verify_trace", {"run_id": a.structured_content["run_id"]})
                     return {"names": names, "analysis": a, "outside": out, "verdict": v}
 
-        got = anyio.run(with_token)
+        got = _arun(with_token)
         assert "analyze_image" in got["names"]
         run_id = got["analysis"].structured_content["run_id"]
         assert not got["analysis"].is_error and got["verdict"].structured_content["verdict"] == "intact"
