@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install dxagent and everything it needs into ./.venv. Idempotent: a second run installs nothing new.
-# The first run compiles llama-cpp-python from source (about 4.5 min on 2 cores; the wheel is kept in ~/.cache/dxagent/wheels)
+# The first run compiles llama-cpp-python from source in the background (about 4 min on 2 cores, the whole first install
+# about 4 min with empty caches; the wheel is kept in ~/.cache/dxagent/wheels)
 # and assembles the default planner model (1.1 GB, sha256-verified) into ~/.cache/dxagent/models.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -55,7 +56,7 @@ uv_pip() { .venv/bin/uv pip "$1" --quiet --python .venv/bin/python ${PIP_FIND_LI
 # llama-cpp-python: built once per (version range, CMAKE_ARGS, Python) into a wheel under ~/.cache/dxagent/wheels -
 # pip's own wheel cache ignores CMAKE_ARGS, so a wheel built with other flags would be reused silently - and reinstalled
 # whenever the venv's build is not that one (.venv/.llama-build holds its key). llama.cpp's `common` library is left
-# out (scripts/llama_no_common.cmake: the bindings never load it, and it was about half of the compile). The compile
+# out (scripts/llama_no_common.cmake: the bindings never load it; without it 83 build steps remain). The compile
 # runs in the background while torch, the other dependencies, the model and the knowledge index install (issue 33).
 LLAMA_SPEC='llama-cpp-python>=0.3.16,<0.4'
 wheels="${XDG_CACHE_HOME:-$HOME/.cache}/dxagent/wheels"
