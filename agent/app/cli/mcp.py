@@ -16,9 +16,7 @@ from agent.app.cli.options import (
     MinProbability,
     ModelName,
     TraceDir,
-    apply_min_probability,
     err,
-    fail,
 )
 
 
@@ -41,23 +39,12 @@ def mcp(
     """Serve dxagent to an MCP client over stdio (analyze_image, ask_followup, list_expert_tools, get_report,
     verify_trace; reports and overlays as resources). Runs go to the same trace store as `dxagent run`; nothing but the
     protocol is written to stdout."""
+    from agent.app.cli.serve import serve_settings
     from agent.app.mcp_server import serve_stdio
-    from agent.app.serve_runs import ServeSettings
-    from agent.engine.session import default_trace_dir
 
-    replies = None
-    if llm == "scripted":
-        if script is None or not script.is_file():
-            fail("--llm scripted needs --script FILE (one planner reply per line)")
-        replies = [ln for ln in script.read_text().splitlines() if ln.strip()]
-    apply_min_probability(min_probability)
-    roots = [r.expanduser().resolve() for r in (root or [Path.cwd()])]
-    for r in roots:
-        if not r.is_dir():
-            fail(f"--root {r} is not a folder")
-    tdir = Path(trace_dir or default_trace_dir())
-    settings = ServeSettings(trace_dir=tdir, db_url=db_url, llm=llm, base_url=base_url, model=model, api_key=api_key,
-                             llm_timeout_s=llm_timeout, script=replies, max_steps=max_steps, max_wall_s=max_seconds)
+    settings, roots = serve_settings(root, trace_dir, db_url, llm, base_url, model, api_key, llm_timeout, script,
+                                     max_steps, max_seconds, min_probability)
+    tdir = settings.trace_dir
     err.print(f"dxagent mcp on stdio · traces {tdir} · llm {llm} · roots {', '.join(map(str, roots))} · RESEARCH USE ONLY",
               highlight=False, soft_wrap=True)
     serve_stdio(settings, roots)

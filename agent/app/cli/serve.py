@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -23,6 +23,30 @@ from agent.app.cli.options import (
 )
 
 TOKEN_ENV = "DXAGENT_SERVE_TOKEN"
+
+
+def serve_settings(root: list[Path] | None, trace_dir: Path | None, db_url: str | None, llm: str, base_url: str | None,
+                   model: str | None, api_key: str | None, llm_timeout: float, script: Path | None, max_steps: int,
+                   max_seconds: float, min_probability: str | None, workers: int = 1) -> tuple[Any, list[Path]]:
+    """The ServeSettings and the served roots of `dxagent serve` and `dxagent mcp` (one line and exit 2 on a bad
+    option): the scripted planner's replies, the default threshold of runs that name none, the roots as folders."""
+    from agent.app.serve_runs import ServeSettings
+    from agent.engine.session import default_trace_dir
+
+    replies = None
+    if llm == "scripted":
+        if script is None or not script.is_file():
+            fail("--llm scripted needs --script FILE (one planner reply per line)")
+        replies = [ln for ln in script.read_text().splitlines() if ln.strip()]
+    apply_min_probability(min_probability)
+    roots = [r.expanduser().resolve() for r in (root or [Path.cwd()])]
+    for r in roots:
+        if not r.is_dir():
+            fail(f"--root {r} is not a folder")
+    settings = ServeSettings(trace_dir=Path(trace_dir or default_trace_dir()), db_url=db_url, llm=llm,
+                             base_url=base_url, model=model, api_key=api_key, llm_timeout_s=llm_timeout,
+                             script=replies, workers=workers, max_steps=max_steps, max_wall_s=max_seconds)
+    return settings, roots
 
 
 def serve(
@@ -54,7 +78,6 @@ def serve(
     """Serve the REST API (OpenAPI at /openapi.json): create runs by upload, path or dicomweb://, stream their
     events, fetch reports and artifacts, verify traces. Runs go to the same trace store as `dxagent run`."""
     from agent.app.serve import ServeConfig, create_app, is_loopback
-    from agent.app.serve_runs import ServeSettings
 
     token = os.environ.get(TOKEN_ENV) or None
     if not is_loopback(host) and not token:
@@ -68,22 +91,9 @@ def serve(
              "threads cannot share; use --workers 1, or an endpoint planner (--llm openai)")
     if max_upload_mb <= 0:
         fail("--max-upload-mb must be positive")
-    replies = None
-    if llm == "scripted":
-        if script is None or not script.is_file():
-            fail("--llm scripted needs --script FILE (one planner reply per line)")
-        replies = [ln for ln in script.read_text().splitlines() if ln.strip()]
-    apply_min_probability(min_probability)  # the default threshold of runs that name none
-    roots = [r.expanduser().resolve() for r in (root or [Path.cwd()])]
-    for r in roots:
-        if not r.is_dir():
-            fail(f"--root {r} is not a folder")
-    from agent.engine.session import default_trace_dir
-
-    tdir = Path(trace_dir or default_trace_dir())
-    settings = ServeSettings(trace_dir=tdir, db_url=db_url, llm=llm, base_url=base_url, model=model, api_key=api_key,
-                             llm_timeout_s=llm_timeout, script=replies, workers=workers, max_steps=max_steps,
-                             max_wall_s=max_seconds)
+    settings, roots = serve_settings(root, trace_dir, db_url, llm, base_url, model, api_key, llm_timeout, script,
+                                     max_steps, max_seconds, min_probability, workers=workers)
+    tdir = settings.trace_dir
     app = create_app(ServeConfig(settings=settings, roots=roots, token=token,
                                  max_upload_bytes=int(max_upload_mb * 2**20), cors_origins=list(cors_origin or [])))
     import uvicorn
