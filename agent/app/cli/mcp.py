@@ -8,13 +8,14 @@ from typing import Annotated
 import typer
 
 from agent.app.cli.options import (
-    LLM_HELP,
     ApiKey,
     BaseUrl,
     DbUrl,
     LlmTimeout,
     MinProbability,
     ModelName,
+    ServedLlm,
+    ServedScript,
     TraceDir,
     err,
 )
@@ -25,13 +26,12 @@ def mcp(
                                              "the folder the server starts in)")] = None,
     trace_dir: TraceDir = None,
     db_url: DbUrl = None,
-    llm: Annotated[str, typer.Option(help=LLM_HELP + ", scripted (with --script)")] = "local",
+    llm: ServedLlm = "local",
     base_url: BaseUrl = None,
     model: ModelName = None,
     api_key: ApiKey = None,
     llm_timeout: LlmTimeout = 120.0,
-    script: Annotated[Path, typer.Option(help="--llm scripted: the planner's replies, one JSON per line; every run "
-                                         "starts from the first (testing)")] = None,
+    script: ServedScript = None,
     max_steps: Annotated[int, typer.Option(help="tool-call budget of a run, and of each follow-up")] = 6,
     max_seconds: Annotated[float, typer.Option(help="wall-clock budget of a run, and of each follow-up")] = 300.0,
     min_probability: MinProbability = None,

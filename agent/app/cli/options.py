@@ -59,6 +59,10 @@ NoRoute = Annotated[bool, typer.Option("--no-route", help="let the planner choos
 Images = Annotated[list[str], typer.Argument(help="image file(s), a DICOM series folder, or a DICOMweb study "
                                                  "(dicomweb://HOST/PATH?study=UID[&series=UID])")]
 Llm = Annotated[str, typer.Option(help=LLM_HELP)]
+# dxagent serve and dxagent mcp: the scripted planner too (its replies from --script, the same list for every run)
+ServedLlm = Annotated[str, typer.Option(help=LLM_HELP + ", scripted (with --script)")]
+ServedScript = Annotated[Path, typer.Option(help="--llm scripted: the planner's replies, one JSON per line; every run "
+                                            "starts from the first (testing)")]
 BaseUrl = Annotated[str, typer.Option(help="OpenAI-compatible base URL (or DXAGENT_OPENAI_BASE_URL)")]
 ModelName = Annotated[str, typer.Option(help="model name at the endpoint (or DXAGENT_OPENAI_MODEL)")]
 ApiKey = Annotated[str, typer.Option(help="API key (or DXAGENT_OPENAI_API_KEY)")]

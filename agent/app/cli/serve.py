@@ -9,13 +9,14 @@ from typing import Annotated, Any
 import typer
 
 from agent.app.cli.options import (
-    LLM_HELP,
     ApiKey,
     BaseUrl,
     DbUrl,
     LlmTimeout,
     MinProbability,
     ModelName,
+    ServedLlm,
+    ServedScript,
     TraceDir,
     apply_min_probability,
     err,
@@ -55,13 +56,12 @@ def serve(
     port: Annotated[int, typer.Option(help="TCP port")] = 8765,
     trace_dir: TraceDir = None,
     db_url: DbUrl = None,
-    llm: Annotated[str, typer.Option(help=LLM_HELP + ", scripted (with --script)")] = "local",
+    llm: ServedLlm = "local",
     base_url: BaseUrl = None,
     model: ModelName = None,
     api_key: ApiKey = None,
     llm_timeout: LlmTimeout = 120.0,
-    script: Annotated[Path, typer.Option(help="--llm scripted: the planner's replies, one JSON per line; every run "
-                                         "starts from the first (testing)")] = None,
+    script: ServedScript = None,
     workers: Annotated[int, typer.Option(help="runs at once (queued beyond that). Default 1: on 2 cores the embedded "
                                          "planner and the torch tools each use both; more than 1 needs an endpoint "
                                          "planner (--llm openai) or scripted")] = 1,
