@@ -199,3 +199,26 @@ def slake_kg_figures(split: str = "train") -> dict:
                 exact += _norm(got[0][0]) == _norm(r["answer"])
         figures[setting] = {"n": len(rows), "answered": answered, "exact_of_answered": exact}
     return figures
+
+
+@needs_kg
+def test_membership_question_routes_the_organ_segmenter_first():
+    """"Do any of the organs here belong to the X system?" is answered from the organs stated present: the router calls
+    the organ segmenter before the knowledge graph (once it ran, the graph); a question naming its organ does not."""
+    from agent.core.question import parse_question
+    from agent.engine.graph import route
+
+    tools = {"knowledge_graph": _tool(), "organ_segment": Stated()}
+    tools["organ_segment"].name = "organ_segment"
+    q = "Do any of the organs in the picture belong to the circulatory system?"
+    state = _ctx(q).state.model_copy(update={"question_info": parse_question(q), "addressing_tools": ["knowledge_graph"],
+                                             "applicable_tools": ["knowledge_graph", "organ_segment"]})
+    d = route(state, tools)
+    assert d is not None and d.tool == "organ_segment" and "knowledge_graph" in d.reason, d
+    seg = Evidence(id="E1", tool="organ_segment", tool_version="1", args={"view": "V1"}, status="ok",
+                   output=StatedOut(findings=[_organ("heart", 900.0, 0.9)]).model_dump())
+    d = route(state.model_copy(update={"evidence": [seg]}), tools)
+    assert d is not None and d.tool == "knowledge_graph", d
+    named = "Which system does the heart belong to?"
+    d = route(state.model_copy(update={"question": named, "question_info": parse_question(named)}), tools)
+    assert d is not None and d.tool == "knowledge_graph", d

@@ -498,6 +498,21 @@ class KnowledgeGraph(Tool):
             return False
         return rel[0] not in IMAGE_RELATIONS
 
+    def reads_first(self, question: str) -> tuple[str, ...]:
+        """The organ segmenter first when the question leaves its organ to the image ("Do any of the organs in the
+        picture belong to the nervous system?", "What is the function of the main organ here?"): the organs it states
+        present are what this tool checks. A question that names its organ or disease needs no image evidence."""
+        rel = relation_of(question)
+        if rel is None or rel[0] in IMAGE_RELATIONS or not (rel[0] == "membership" or rel[1] and not rel[2]):
+            return ()
+        try:
+            graph = load_graph()
+        except ToolError:
+            return ()
+        if [o for o in named_in(question, graph.organs) if not self._is_system(o)] or named_in(question, graph.diseases):
+            return ()
+        return ("organ_segment",)
+
     # -- what the evidence states -----------------------------------------------------------------------------
     def answer_to(self, output: BaseModel, view: ImageView, question: str) -> list[tuple[str, float]] | None:
         """[(answer, probability)] when this output answered this very question from unambiguous triples, else None

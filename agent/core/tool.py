@@ -201,6 +201,12 @@ class Tool(ABC):
         as addressing the question nor spends a call on it. Default: True."""
         return True
 
+    def reads_first(self, question: str) -> tuple[str, ...]:
+        """Tools whose evidence this one reads to answer `question` (through ToolContext.findings), so the router calls
+        them first where they apply and have not run: the knowledge graph checks the organs the organ segmenter stated
+        present against a system's members. Default: none."""
+        return ()
+
     def absence_probabilities(self, output: BaseModel, view: ImageView) -> dict[str, float]:
         """For labels of `absent_labels`, how sure the tool is that each is absent (0..1); a label missing here has
         no probability of its own (its answer's probability then comes from calibration alone). Default: none."""

@@ -243,6 +243,11 @@ def route(state: CaseState, tools: dict[str, Tool]) -> Decision | None:
         tool = tools.get(name)
         if tool is None or name in called or tool.requires_region() or name not in state.applicable_tools:
             continue
+        for first in tool.reads_first(q.text):  # the evidence it reads (the organs present for a system's members)
+            if first in tools and first not in called and first in state.applicable_tools \
+                    and not tools[first].requires_region():
+                return Decision(action="call", tool=first, args={"view": "V1"},
+                                reason=f"routed: {name} reads what {first} states, so {first} first")
         return Decision(action="call", tool=name, args={"view": "V1"},
                         reason=f"routed: {name} can state the question's subject ({q.subject or q.kind})")
     if state.addressing_tools and all(n in called for n in state.addressing_tools):
