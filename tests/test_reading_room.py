@@ -1,0 +1,306 @@
+"""The reading room (agent/app/reading_room.py, agent/static/reading_room/): the page in a real headless Chromium
+(Playwright driving the system's chromium: the `browser` fixture) against a real `dxagent serve` app on a loopback
+socket, with the scripted planner calling the real tools on the bundled CT (pydicom's CT_small.dcm); and its endpoints
+over the socket, refusals included. No engine is mocked."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+
+import httpx
+import numpy as np
+import pytest
+from helpers import call
+from test_serve import CT, IDENTIFIERS, sse, upload, wait
+
+from agent.app.serve import ServeConfig, create_app
+from agent.app.serve_runs import ServeSettings
+
+QUESTION = "Which organs are visible, and what is the tissue composition of this CT slice?"
+SCRIPT = [call("organ_segment"), call("ct_tissue_composition"), call("crop_zoom", bbox=[20, 20, 90, 90])]
+
+
+def start(app):
+    """`app` on uvicorn in a thread on a free loopback port: (server, thread, base url)."""
+    import threading
+
+    import uvicorn
+    from test_serve import free_port
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    return server, t, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def room(tmp_path_factory):
+    """create_app with the scripted planner (organ_segment, ct_tissue_composition, crop_zoom), one worker, a root
+    holding the CT, on a loopback socket."""
+    base = tmp_path_factory.mktemp("room")
+    root = base / "root"
+    (root / "cases" / "series").mkdir(parents=True)
+    shutil.copy(CT, root / "cases" / "ct.dcm")
+    shutil.copy(CT, root / "cases" / "series" / "a.dcm")
+    (root / "cases" / "notes.txt").write_text("not an image\n")
+    settings = ServeSettings(trace_dir=base / "traces", llm="scripted", script=SCRIPT, workers=1)
+    app = create_app(ServeConfig(settings=settings, roots=[root], poll_s=0.05))
+    server, t, url = start(app)
+    with httpx.Client(base_url=url, timeout=60, trust_env=False) as client:
+        yield type("Room", (), {"client": client, "url": url, "base": base, "root": root, "settings": settings})
+    server.should_exit = True
+    t.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def ct_run(room):
+    """One finished upload run of the CT with the organ and tissue question."""
+    r = upload(room.client, CT, QUESTION, route="false")  # the scripted planner chooses every call
+    assert r.status_code == 202, r.text
+    run_id = r.json()["id"]
+    assert wait(room.client, run_id, 120)["status"] == "done"
+    return run_id
+
+
+# -- the page in Chromium ----------------------------------------------------------------------------------------------
+def canvas_pixels(page) -> list[int]:
+    return page.evaluate("() => Array.from(document.getElementById('canvas').getContext('2d')"
+                         ".getImageData(0, 0, 640, 640).data)")
+
+
+def test_page_open_ask_watch_overlay_evidence_download(room, browser, tmp_path):
+    page = browser.new_page(viewport={"width": 1500, "height": 1000}, accept_downloads=True)
+    seen: dict[str, list[str]] = {"requests": [], "errors": []}
+    page.on("request", lambda r: seen["requests"].append(r.url))
+    page.on("console", lambda m: seen["errors"].append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda exc: seen["errors"].append(str(exc)))
+    page.on("response", lambda r: seen["errors"].append(f"{r.status} {r.url}") if r.status >= 400 else None)
+    try:
+        page.goto(room.url + "/", wait_until="load")
+        notice = page.locator(".ruo").first
+        assert "RESEARCH USE ONLY" in notice.inner_text() and notice.is_visible()
+
+        # open the bundled CT (an upload) and ask
+        page.set_input_files("#file", CT)
+        page.fill("#question", QUESTION)
+        page.click("#open summary")
+        page.check("#no-route")
+        page.click("#ask")
+        page.wait_for_selector("#events li[data-step=answer]", timeout=120_000)
+        steps = page.eval_on_selector_all("#events li", "els => els.map(e => e.dataset.step)")
+        assert steps.index("intake") < steps.index("act") < steps.index("answer"), steps
+        acts = page.eval_on_selector_all("#events li[data-step=act]", "els => els.map(e => e.textContent)")
+        assert any("organ_segment" in a and "[E1]" in a for a in acts), acts
+        assert "fat" in page.inner_text("#answer-text")
+        page.wait_for_selector("#report:not(.hidden) table", timeout=30_000)
+
+        # the viewer: the CT drawn, the organ mask's labels as toggles; turning one off changes the canvas
+        page.wait_for_selector("#mask-list input[data-label=liver]", timeout=30_000)
+        page.wait_for_function("() => !document.getElementById('stage-empty').offsetParent")
+        time.sleep(0.3)
+        before = canvas_pixels(page)
+        assert len(set(before[0::4])) > 20  # a picture, not a blank canvas
+        page.uncheck("#mask-list input[data-label=liver]")
+        after = canvas_pixels(page)
+        changed = sum(a != b for a, b in zip(before, after, strict=True))
+        assert changed > 50, changed
+        page.check("#mask-list input[data-label=liver]")
+        assert canvas_pixels(page) == before
+
+        # window/level preset, slice PNG re-rendered by the server
+        page.select_option("#preset", "bone")
+        page.wait_for_function("() => document.getElementById('wl-label').textContent === 'W 1800 L 400'")
+
+        # an evidence id in the answer opens that evidence and its overlay
+        page.click("#answer-text a.eid")
+        page.wait_for_selector("#evidence:not(.hidden)")
+        eid = page.inner_text("#evidence-id")
+        assert eid == "E2" and "ct_tissue_composition" in page.inner_text("#evidence-body")
+        assert page.locator("#tool-overlays figure[data-eid=E2] img").count() >= 1
+
+        # the crop the agent made is a view of its own
+        options = page.eval_on_selector_all("#view-select option", "els => els.map(e => e.textContent)")
+        assert any("crop_zoom of V1" in o for o in options), options
+
+        # a follow-up in the same thread: its turn streams, then its answer
+        page.fill("#followup-q", "What is the mean HU of the fat?")
+        page.click("#followup-ask")
+        page.wait_for_selector("#events li[data-step=turn]", timeout=60_000)
+        page.wait_for_function("() => { const s = [...document.querySelectorAll('#events li')].map(e => e.dataset.step);"
+                               " return s.lastIndexOf('answer') > s.indexOf('turn') && !document.getElementById("
+                               "'followup-ask').disabled; }", timeout=120_000)
+
+        # download the DICOM SR: a DICOM file
+        with page.expect_download() as dl:
+            page.click("[data-dl=sr]")
+        path = tmp_path / "sr.dcm"
+        dl.value.save_as(path)
+        import pydicom
+
+        ds = pydicom.dcmread(path)
+        assert path.read_bytes()[128:132] == b"DICM" and ds.Modality == "SR"
+
+        # nothing from elsewhere, no script errors, no identifier on the page
+        assert all(u.startswith((room.url, "blob:", "data:")) for u in seen["requests"]), seen["requests"]
+        assert seen["errors"] == [], seen["errors"]
+        page.screenshot(path=str(tmp_path / "room.png"), full_page=True)
+        text = page.inner_text("body")
+        assert not [x for x in IDENTIFIERS if x in text]
+    finally:
+        page.close()
+
+
+# -- the endpoints ------------------------------------------------------------------------------------------------------
+def test_viewer_slices_and_masks(room, ct_run):
+    c = room.client
+    m = c.get(f"/api/runs/{ct_run}/viewer").json()
+    v1 = next(v for v in m["views"] if v["id"] == "V1")
+    assert v1["slices"] == 1 and v1["window"] == {"center": 40, "width": 400} and "lung" in v1["presets"]
+    assert v1["orientation"] | {"source": ""} == {"left": "R", "right": "L", "top": "A", "bottom": "P",
+                                                   "assumed": False, "source": ""}
+    organ = next(x for x in m["masks"] if x["tool"] == "organ_segment")
+    liver = next(lab for lab in organ["labels"] if lab["name"] == "liver")
+    assert liver["pixels"] > 0 and organ["shape"] == [128, 128]
+    assert m["evidence"]["E1"]["tool"] == "organ_segment" and any(v["parent"] == "V1" for v in m["views"])
+    assert any(b["eid"] == "E1" for b in m["boxes"])
+
+    png = c.get(f"/api/runs/{ct_run}/views/V1/slices/0.png", params={"center": 40, "width": 400})
+    assert png.status_code == 200 and png.content[:8] == b"\x89PNG\r\n\x1a\n"
+    from io import BytesIO
+
+    from PIL import Image
+
+    soft, bone = (np.asarray(Image.open(BytesIO(c.get(f"/api/runs/{ct_run}/views/V1/slices/0.png",
+                                                       params={"center": cc, "width": w}).content)))
+                  for cc, w in ((40, 400), (400, 1800)))
+    assert soft.shape == (128, 128) and not np.array_equal(soft, bone)
+    raw = c.get(f"/api/runs/{ct_run}/masks/{organ['name']}/slices/0")
+    assert raw.headers["x-shape"] == "128,128" and len(raw.content) == 128 * 128
+    assert int(np.frombuffer(raw.content, np.uint8).astype(bool).sum()) >= liver["pixels"]
+
+    for url in (f"/api/runs/{ct_run}/views/V1/slices/1.png", f"/api/runs/{ct_run}/views/V1/slices/-1.png",
+                f"/api/runs/{ct_run}/masks/{organ['name']}/slices/3"):
+        r = c.get(url)
+        assert r.status_code == 400 and set(r.json()) == {"detail"} and "\n" not in r.json()["detail"], r.text
+    assert c.get(f"/api/runs/{ct_run}/views/V9/slices/0.png").status_code == 404
+    assert c.get(f"/api/runs/{ct_run}/views/V1/slices/0.png", params={"center": 1, "width": 0}).status_code == 422
+    assert c.get(f"/api/runs/{ct_run}/masks/{'0' * 64}.npy/slices/0").status_code == 404
+    assert c.get("/api/runs/run-none/viewer").status_code == 404
+    assert not [x for x in IDENTIFIERS if x in json.dumps(m)]
+
+
+def test_files_listing_is_confined(room, tmp_path):
+    c = room.client
+    top = c.get("/api/files").json()
+    assert [e["name"] for e in top["entries"]] == ["cases"] and top["parent"] is None
+    cases = c.get("/api/files", params={"path": "cases"}).json()
+    kinds = {e["name"]: e["kind"] for e in cases["entries"]}
+    assert kinds["series"] == "folder" and kinds["ct.dcm"].startswith("dicom") and kinds["notes.txt"] == "other"
+    assert cases["parent"] == "" and str(room.root) not in json.dumps(cases)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (room.root / "escape").symlink_to(outside)
+    try:
+        assert "escape" not in [e["name"] for e in c.get("/api/files").json()["entries"]]
+        for path in ("..", "../..", "/etc", str(outside), "escape", "cases/../../"):
+            r = c.get("/api/files", params={"path": path})
+            assert r.status_code == 403 and "outside the served roots" in r.json()["detail"], (path, r.text)
+    finally:
+        (room.root / "escape").unlink()
+    assert c.get("/api/files", params={"path": "cases/none"}).status_code == 404
+    r = c.get("/api/files", params={"path": "cases/ct.dcm"})
+    assert r.status_code == 400 and r.json() == {"detail": "path is not a folder"}
+
+
+def test_downloads_fhir_dicom_audit(room, ct_run):
+    c = room.client
+    fhir = c.get(f"/api/runs/{ct_run}/fhir")
+    assert fhir.headers["content-type"].startswith("application/fhir+json")
+    assert fhir.json()["resourceType"] == "Bundle"
+    found = c.get(f"/api/runs/{ct_run}/dicom").json()
+    kinds = sorted(o["kind"] for o in found["objects"])
+    assert "SR" in kinds and "SEG" in kinds, found
+    import pydicom
+
+    for o in found["objects"]:
+        r = c.get(o["url"])
+        assert r.status_code == 200 and r.content[128:132] == b"DICM"
+    from io import BytesIO
+
+    seg = next(o for o in found["objects"] if o["kind"] == "SEG")
+    assert pydicom.dcmread(BytesIO(c.get(seg["url"]).content)).Modality == "SEG"
+    assert c.get(f"/api/runs/{ct_run}/dicom").json() == found  # built once per report
+    exports = [e for e in sse(c, ct_run) if e.get("event") != "end" and json.loads(e["data"])["kind"] == "export"]
+    assert len(exports) == 1  # recorded in the run's trace, as the CLI's --dicom does
+    assert c.post(f"/api/runs/{ct_run}/verify").json()["verdict"] == "intact"
+    assert c.get(f"/api/runs/{ct_run}/dicom/../../etc/passwd").status_code == 404
+    assert c.get(f"/api/runs/{ct_run}/dicom/nothere.dcm").status_code == 404
+    audit = c.get(f"/api/runs/{ct_run}/audit")
+    assert audit.headers["content-type"].startswith("text/html") and ct_run in audit.text
+
+    path_run = c.post("/api/runs", json={"path": "cases/ct.dcm", "question": QUESTION, "route": False}).json()["id"]
+    assert wait(c, path_run, 120)["status"] == "done"
+    r = c.get(f"/api/runs/{path_run}/dicom")  # a path run drops its inputs when done: nothing to reference
+    assert r.status_code == 409 and "inputs are not kept" in r.json()["detail"]
+
+
+def test_followup_in_the_thread_and_after_a_restart(room, ct_run):
+    c = room.client
+    assert c.post("/api/runs/run-none/followups", json={"question": "x"}).status_code == 404
+    assert c.post(f"/api/runs/{ct_run}/followups", json={"question": ""}).status_code == 422
+    r = c.post(f"/api/runs/{ct_run}/followups", json={"question": "What is the mean HU of the fat?"})
+    assert r.status_code == 202 and r.json()["status"] == "running", r.text
+    again = c.post(f"/api/runs/{ct_run}/followups", json={"question": "and the bone?"})
+    assert again.status_code == 409
+    deadline = time.monotonic() + 120
+    while (turn := c.get(f"/api/runs/{ct_run}/followups").json())["status"] == "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert turn["status"] == "done", turn
+    events = [json.loads(e["data"]) for e in sse(c, ct_run) if e.get("event") != "end"]
+    turns = [e for e in events if e["kind"] == "note" and e["name"] == "turn"]
+    assert len(turns) == 1 and "mean HU of the fat" in turns[0]["summary"]
+    report = c.get(f"/api/runs/{ct_run}/report").json()
+    assert report["question"] == "What is the mean HU of the fat?"
+    assert {"E1", "E2"} <= {e["id"] for e in report["evidence"]}  # the first question's evidence is kept
+    assert c.post(f"/api/runs/{ct_run}/verify").json()["verdict"] == "intact"
+
+    # a second server on the same store (a restart) resumes the thread from the trace store and its checkpoints
+    app2 = create_app(ServeConfig(settings=room.settings, roots=[room.root], poll_s=0.05))
+    server, t, url = start(app2)
+    try:
+        with httpx.Client(base_url=url, timeout=60, trust_env=False) as c2:
+            assert c2.post(f"/api/runs/{ct_run}/followups", json={"question": "How much bone?"}).status_code == 202
+            while (turn := c2.get(f"/api/runs/{ct_run}/followups").json())["status"] == "running":
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            assert turn["status"] == "done", turn
+            report = c2.get(f"/api/runs/{ct_run}/report").json()
+            assert report["question"] == "How much bone?" and {"E1", "E2"} <= {e["id"] for e in report["evidence"]}
+    finally:
+        server.should_exit = True
+        t.join(timeout=10)
+    r = c.post(f"/api/runs/{ct_run}/followups/cancel")
+    assert r.status_code == 409 and "no follow-up under way" in r.json()["detail"]
+
+
+def test_page_is_public_but_data_needs_the_token(tmp_path):
+    from fastapi.testclient import TestClient
+
+    token = "t0k3n-" + "y" * 20
+    settings = ServeSettings(trace_dir=tmp_path / "traces", llm="scripted", script=SCRIPT)
+    with TestClient(create_app(ServeConfig(settings=settings, roots=[tmp_path], token=token))) as c:
+        page = c.get("/")
+        assert page.status_code == 200 and "RESEARCH USE ONLY" in page.text and "{{" not in page.text
+        assert c.get("/static/reading-room/room.js").status_code == 200
+        for url in ("/api/files", "/api/runs/x/viewer", "/static/../openapi.json"):
+            assert c.get(url).status_code == 401, url
+        assert c.post("/").status_code == 401
+        assert c.get("/api/files", headers={"Authorization": f"Bearer {token}"}).status_code == 200
