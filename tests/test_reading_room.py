@@ -304,3 +304,33 @@ def test_page_is_public_but_data_needs_the_token(tmp_path):
             assert c.get(url).status_code == 401, url
         assert c.post("/").status_code == 401
         assert c.get("/api/files", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+
+
+def test_a_volume_scrolls_by_slice(room, tmp_path):
+    """A NIfTI CT volume: the view has its slices, each renders, a 3D mask gives each slice; out of range is 400."""
+    import nibabel as nib
+
+    z, y, x = np.mgrid[0:6, 0:48, 0:40]
+    hu = np.where((y - 24) ** 2 + (x - 20) ** 2 < 15 ** 2, 40.0, -1000.0)  # a soft-tissue disc in air
+    hu[:, 20:28, 16:24] = 700.0 + 50 * z[:, 20:28, 16:24]  # a bone core that brightens slice by slice
+    path = tmp_path / "vol.nii.gz"
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(hu.transpose(2, 1, 0)).astype(np.float32), np.eye(4)), path)
+    with open(path, "rb") as fh:
+        r = room.client.post("/api/runs", files={"file": ("vol.nii.gz", fh.read())},
+                             data={"question": "What is the tissue composition?", "modality": "CT", "route": "false"})
+    assert r.status_code == 202, r.text
+    run_id = r.json()["id"]
+    assert wait(room.client, run_id, 120)["status"] == "done"
+    c = room.client
+    m = c.get(f"/api/runs/{run_id}/viewer").json()
+    v1 = next(v for v in m["views"] if v["id"] == "V1")
+    assert v1["slices"] == 6 and v1["orientation"]["assumed"] is True  # NIfTI: no DICOM orientation here
+    pngs = [c.get(f"/api/runs/{run_id}/views/V1/slices/{k}.png", params={"center": 400, "width": 1800}).content
+            for k in (0, 5)]
+    assert pngs[0][:4] == b"\x89PNG" and pngs[0] != pngs[1]
+    mask = next(x for x in m["masks"] if x["shape"] and len(x["shape"]) == 3)
+    assert c.get(f"/api/runs/{run_id}/masks/{mask['name']}/slices/5").headers["x-shape"] == ",".join(
+        map(str, mask["shape"][1:]))
+    for url in (f"/api/runs/{run_id}/views/V1/slices/6.png", f"/api/runs/{run_id}/masks/{mask['name']}/slices/6"):
+        r = c.get(url)
+        assert r.status_code == 400 and "outside" in r.json()["detail"]
