@@ -384,6 +384,11 @@ def mount(app: FastAPI, runs: Any, roots: list[Path], backend: Any) -> None:
     models: collections.OrderedDict[tuple[str, int], RunModel] = collections.OrderedDict()
     models_lock = threading.Lock()
     followups = Followups(backend, runs)
+    dicom_lock = threading.Lock()  # one export at a time: a report's objects are built and recorded once
+
+    def exported(run_id: str) -> dict[str, Any]:
+        with dicom_lock:
+            return dicom_export(runs, trace_dir, run_id)
     page = (STATIC / "index.html").read_text(encoding="utf-8").replace("{{ disclaimer }}", DISCLAIMER)
 
     def model(run_id: str) -> RunModel:
@@ -487,14 +492,14 @@ def mount(app: FastAPI, runs: Any, roots: list[Path], backend: Any) -> None:
 
     @app.get("/api/runs/{run_id}/dicom", summary="the run's DICOM SR and SEG: what was written, what was not and why")
     async def dicom(run_id: str) -> dict[str, Any]:
-        found = await run_in_threadpool(dicom_export, runs, trace_dir, run_id)
+        found = await run_in_threadpool(exported, run_id)
         return {k: v for k, v in found.items() if k != "_folder"}
 
     @app.get("/api/runs/{run_id}/dicom/{file}", summary="one DICOM file of the run (report.sr.dcm, seg-*.dcm)")
     async def dicom_file(run_id: str, file: str) -> FileResponse:
         if not re.fullmatch(r"[A-Za-z0-9_.,-]+\.dcm", file):
             raise Refused(404, f"no DICOM file {file!r}")
-        found = await run_in_threadpool(dicom_export, runs, trace_dir, run_id)
+        found = await run_in_threadpool(exported, run_id)
         row = next((o for o in found["objects"] if o.get("file") == file), None)
         if row is None:
             raise Refused(404, f"run {run_id} has no DICOM file {file!r}")
