@@ -11,6 +11,7 @@
     POST /api/runs/{id}/verify           the `dxagent trace verify` verdict
     POST /api/runs/{id}/cancel | resume  stop a run at its next step / continue an interrupted one
     /mcp                                 the MCP server (agent/app/mcp_server.py) over streamable HTTP
+    GET  /                               the reading-room page, with its endpoints (agent/app/reading_room.py)
 
 How it fits: `create_app` builds the FastAPI app around a `RunQueue` (agent/app/serve_runs.py), which runs each case
 with `agent.engine.session.run_case` into the same trace store as `dxagent run`, so `trace list/verify` and `replay`
