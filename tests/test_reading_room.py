@@ -158,6 +158,39 @@ def test_page_open_ask_watch_overlay_evidence_download(room, browser, tmp_path):
         page.close()
 
 
+def test_page_stop_cancels_a_running_run(room, browser, monkeypatch):
+    """A planner that thinks for 3 s a decision (the server runs in this process): Stop during the run cancels it
+    before its next step, and the page says so and is ready for the next question."""
+    from agent.llm import backends
+
+    generate = backends.ScriptedChat._generate
+
+    def slow(self, *a, **k):
+        time.sleep(3)
+        return generate(self, *a, **k)
+
+    monkeypatch.setattr(backends.ScriptedChat, "_generate", slow)
+    page = browser.new_page(viewport={"width": 1500, "height": 1000})
+    try:
+        page.goto(room.url + "/", wait_until="load")
+        page.set_input_files("#file", CT)
+        page.fill("#question", QUESTION)
+        page.click("#open summary")
+        page.check("#no-route")
+        page.click("#ask")
+        page.wait_for_selector("#events li[data-step=intake]", timeout=60_000)
+        assert page.is_enabled("#stop")
+        page.click("#stop")
+        page.wait_for_selector("#events li[data-step=stop]")
+        page.wait_for_function("() => !document.getElementById('ask').disabled", timeout=60_000)
+        run_id = page.evaluate("() => location.hash.split('=')[1]")
+        run = room.client.get(f"/api/runs/{run_id}").json()
+        assert run["status"] == "cancelled" and run["answer"] is None, run
+        assert page.is_disabled("#stop")
+    finally:
+        page.close()
+
+
 # -- the endpoints ------------------------------------------------------------------------------------------------------
 def test_viewer_slices_and_masks(room, ct_run):
     c = room.client
