@@ -101,6 +101,7 @@ def test_page_open_ask_watch_overlay_evidence_download(room, browser, tmp_path):
         assert any("organ_segment" in a and "[E1]" in a for a in acts), acts
         assert "fat" in page.inner_text("#answer-text")
         page.wait_for_selector("#report:not(.hidden) table", timeout=30_000)
+        assert page.is_hidden("#push")  # an upload did not come from a PACS
 
         # the viewer: the CT drawn, the organ mask's labels as toggles; turning one off changes the canvas
         page.wait_for_selector("#mask-list input[data-label=liver]", timeout=30_000)
@@ -368,3 +369,46 @@ def test_a_volume_scrolls_by_slice(room, tmp_path):
     for url in (f"/api/runs/{run_id}/views/V1/slices/6.png", f"/api/runs/{run_id}/masks/{mask['name']}/slices/6"):
         r = c.get(url)
         assert r.status_code == 400 and "outside" in r.json()["detail"]
+
+
+def test_a_pacs_study_runs_and_its_sr_goes_back(room, tmp_path, monkeypatch):
+    """A run on a dicomweb:// study in a real Orthanc: its SR/SEG build from the retrieved files, POST .../push stores
+    them into that study (recorded in the trace); a run that did not come from a PACS is refused."""
+    from makers.orthanc import MISSING
+    from makers.orthanc import start as orthanc
+    from makers.orthanc import upload as to_orthanc
+
+    if MISSING is not None:
+        pytest.skip(MISSING)
+    import pydicom
+
+    monkeypatch.setenv("DXAGENT_CACHE", str(tmp_path / "cache"))
+    proc, url = orthanc(tmp_path / "orthanc", None)
+    try:
+        to_orthanc(url, CT)
+        study = str(pydicom.dcmread(CT, stop_before_pixels=True).StudyInstanceUID)
+        ref = url.replace("http://", "dicomweb://") + f"/dicom-web?study={study}"
+        c = room.client
+        r = c.post("/api/runs", json={"path": ref, "question": QUESTION, "route": False})
+        assert r.status_code == 202 and r.json()["source"] == "dicomweb", r.text
+        run_id = r.json()["id"]
+        assert wait(c, run_id, 120)["status"] == "done"
+        assert "SR" in [o["kind"] for o in c.get(f"/api/runs/{run_id}/dicom").json()["objects"]]
+        fhir = c.get(f"/api/runs/{run_id}/fhir").json()  # the bundle references the PACS study, as `dxagent run`'s
+        assert fhir["entry"][0]["resource"]["imagingStudy"][0]["identifier"]["value"] == f"urn:oid:{study}"
+        pushed = c.post(f"/api/runs/{run_id}/push")
+        assert pushed.status_code == 200, pushed.text
+        body = pushed.json()
+        assert body["objects"][0] == "SR" and body["pushed_to"].endswith("/dicom-web") and study not in pushed.text
+        series = httpx.get(f"{url}/dicom-web/studies/{study}/series", timeout=10, trust_env=False).json()
+        assert "SR" in {x["00080060"]["Value"][0] for x in series}
+        exports = [json.loads(e["data"]) for e in sse(c, run_id) if e.get("event") != "end"]
+        assert [e for e in exports if e["kind"] == "export"]
+        assert c.post(f"/api/runs/{run_id}/verify").json()["verdict"] == "intact"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    up = upload(c, CT, QUESTION, route="false").json()["id"]
+    assert wait(c, up, 120)["status"] == "done"
+    r = c.post(f"/api/runs/{up}/push")
+    assert r.status_code == 409 and "did not come from a PACS" in r.json()["detail"]

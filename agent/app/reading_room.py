@@ -16,6 +16,7 @@
     POST /api/runs/{id}/followups/cancel         thread not in memory - after a restart - is resumed from the store)
     GET  /api/runs/{id}/fhir                     the report as a FHIR R4B Bundle (agent/app/fhir.py)
     GET  /api/runs/{id}/dicom[/{file}]           DICOM SR and SEG (agent/app/dicom_out.py), recorded in the trace
+    POST /api/runs/{id}/push                     the SR and SEG stored back into the PACS the study came from
     GET  /api/runs/{id}/audit                    the audit page (agent/app/audit_html.py)
 
 Why server-rendered slices: the views are already arrays in the artifact store (what the tools saw, on the grid their
@@ -339,34 +340,50 @@ def _state(trace_dir: Path, run_id: str) -> Any:
     return CaseState.model_validate(tup.checkpoint["channel_values"])
 
 
-def dicom_export(runs: Any, trace_dir: Path, run_id: str) -> dict[str, Any]:
-    """The run's SR and SEG files (dicom_out.export_run, recorded in the trace as the CLI's --dicom does), built once
-    per report under <trace dir>/serve/dicom/<run>/<report digest>/; the manifest says what was written and why not."""
-    from types import SimpleNamespace
-
-    from agent.app.dicom_out import ExportError, export_run
-    from agent.store.artifacts import ArtifactStore
-
+def _finished(runs: Any, run_id: str) -> tuple[Any, Any]:
+    """(trace row, record) of a run with a report; Refused 404 / 409 otherwise."""
     status, row, rec = runs.status(run_id)
     if status is None:
         raise Refused(404, f"no run {run_id!r}")
     if row is None or not row.report or status not in FINISHED + ("idle",):
         raise Refused(409, f"run {run_id} is {status}: it has no report" + ("" if status in FINISHED else " yet"))
+    return row, rec
+
+
+def _export(runs: Any, trace_dir: Path, run_id: str, row: Any, rec: Any, out_dir: Path | None, target: Any) -> Any:
+    """dicom_out.export_run on the run's latest report and state, its inputs (a PACS study's from the retrieval cache,
+    as the run read them): the objects written under out_dir and/or stored to target, recorded in the trace."""
+    from types import SimpleNamespace
+
+    from agent.app.dicom_out import ExportError, export_run
+    from agent.imaging.dicomweb import DicomWebError, resolve
+    from agent.store.artifacts import ArtifactStore
+
+    inputs = list(rec.inputs) if rec is not None else []
+    if not inputs:
+        raise Refused(409, f"run {run_id}: its inputs are not kept (a run on a path drops them when it is done), so no "
+                           "DICOM object can reference them; `dxagent run --dicom` writes them")
+    try:
+        files = resolve(inputs)
+    except DicomWebError as exc:
+        raise Refused(502, one_line(exc)) from None
+    res = SimpleNamespace(report=json.loads(row.report), state=_state(trace_dir, run_id),
+                          store=ArtifactStore(trace_dir / "artifacts"), inputs=files, run_id=run_id)
+    try:
+        return export_run(res, out_dir, target, runs.trace)
+    except ExportError as exc:
+        raise Refused(422, str(exc)) from None
+
+
+def dicom_export(runs: Any, trace_dir: Path, run_id: str) -> dict[str, Any]:
+    """The run's SR and SEG files (dicom_out.export_run, recorded in the trace as the CLI's --dicom does), built once
+    per report under <trace dir>/serve/dicom/<run>/<report digest>/; the manifest says what was written and why not."""
+    row, rec = _finished(runs, run_id)
     folder = trace_dir / "serve" / "dicom" / run_id / hashlib.sha256(row.report.encode()).hexdigest()[:16]
     manifest = folder / "manifest.json"
     if manifest.is_file():
         return {**json.loads(manifest.read_text()), "_folder": folder}
-    inputs = list(rec.inputs) if rec is not None else []
-    if not inputs:
-        raise Refused(409, f"run {run_id}: its inputs are not kept (a run on a path or a PACS study drops them when it "
-                           "is done), so no DICOM object can reference them; `dxagent run --dicom` writes them")
-    report = json.loads(row.report)
-    res = SimpleNamespace(report=report, state=_state(trace_dir, run_id), store=ArtifactStore(trace_dir / "artifacts"),
-                          inputs=inputs, run_id=run_id)
-    try:
-        written = export_run(res, folder, None, runs.trace)
-    except ExportError as exc:
-        raise Refused(422, str(exc)) from None
+    written = _export(runs, trace_dir, run_id, row, rec, folder, None)
     out = {"run_id": run_id, "objects": [{k: o.get(k) for k in ("kind", "evidence", "file", "sop_instance_uid",
                                                                "series_instance_uid", "segments", "groups")}
                                          | {"url": f"/api/runs/{run_id}/dicom/{o['file']}"} for o in written.objects],
@@ -374,6 +391,26 @@ def dicom_export(runs: Any, trace_dir: Path, run_id: str) -> dict[str, Any]:
     folder.mkdir(parents=True, exist_ok=True)
     write_atomic(manifest, json.dumps(out))
     return {**out, "_folder": folder}
+
+
+def push_to_source(runs: Any, trace_dir: Path, run_id: str) -> dict[str, Any]:
+    """The run's SR and SEG stored back (STOW-RS) into the PACS its study came from (the CLI's --push source), recorded
+    in the trace whether or not the PACS took them. Refused 409 for a run whose input was not a PACS study."""
+    from agent.imaging.dicomweb import DicomWebError, is_reference, push_target
+
+    row, rec = _finished(runs, run_id)
+    inputs = list(rec.inputs) if rec is not None else []
+    if not any(is_reference(p) for p in inputs):
+        raise Refused(409, f"run {run_id} did not come from a PACS (dicomweb://): there is no source to store to")
+    try:
+        target = push_target("source", inputs)
+    except DicomWebError as exc:
+        raise Refused(400, one_line(exc)) from None
+    written = _export(runs, trace_dir, run_id, row, rec, None, target)
+    if written.push_error:
+        raise Refused(502, one_line(written.push_error))
+    return {"run_id": run_id, "pushed_to": written.pushed_to, "objects": [o["kind"] for o in written.objects],
+            "skipped": written.skipped, "disclaimer": DISCLAIMER}
 
 
 # -- the routes ------------------------------------------------------------------------------------------------------
@@ -478,14 +515,14 @@ def mount(app: FastAPI, runs: Any, roots: list[Path], backend: Any) -> None:
     @app.get("/api/runs/{run_id}/fhir", summary="the report as a FHIR R4B Bundle (DiagnosticReport + Observations)")
     async def fhir(run_id: str) -> Response:
         from agent.app.fhir import report_bundle
+        from agent.imaging.dicomweb import is_reference, parse
 
-        status, row, _ = await run_in_threadpool(runs.status, run_id)
-        if status is None:
-            raise Refused(404, f"no run {run_id!r}")
-        if row is None or not row.report:
-            raise Refused(409, f"run {run_id} is {status}: it has no report" + ("" if status in FINISHED else " yet"))
+        row, rec = await run_in_threadpool(_finished, runs, run_id)
+        inputs = list(rec.inputs) if rec is not None else []
+        refs = [parse(p) for p in inputs if is_reference(p)]
+        study = refs[0].study if len(refs) == 1 and len(inputs) == 1 else None  # as `dxagent run --fhir`
         try:
-            bundle = report_bundle(json.loads(row.report), row.finished_at or row.created_at)
+            bundle = report_bundle(json.loads(row.report), row.finished_at or row.created_at, study)
         except ValueError as exc:
             raise Refused(422, one_line(exc)) from None
         return Response(json.dumps(bundle, indent=2), media_type="application/fhir+json")
@@ -507,6 +544,14 @@ def mount(app: FastAPI, runs: Any, roots: list[Path], backend: Any) -> None:
         if not path.is_file():
             raise Refused(404, f"DICOM file {file!r} is missing")
         return FileResponse(path, media_type="application/dicom", filename=file)
+
+    @app.post("/api/runs/{run_id}/push", summary="store the run's SR and SEG back into the PACS its study came from")
+    async def push(run_id: str) -> dict[str, Any]:
+        def go() -> dict[str, Any]:
+            with dicom_lock:
+                return push_to_source(runs, trace_dir, run_id)
+
+        return await run_in_threadpool(go)
 
     @app.get("/api/runs/{run_id}/audit", response_class=HTMLResponse, summary="the run's audit page (self-contained)")
     async def audit(run_id: str) -> HTMLResponse:

@@ -148,6 +148,7 @@ function resetRun() {
   for (const id of ["answer", "evidence", "report", "followup", "downloads"]) $(id).classList.add("hidden");
   for (const id of ["mask-list", "box-list", "tool-overlays", "view-select", "preset"]) $(id).replaceChildren();
   $("download-note").textContent = "";
+  $("push").classList.add("hidden");
   $("stage-empty").classList.remove("hidden");
   draw();
 }
@@ -288,6 +289,7 @@ async function showReport() {
   $("downloads").classList.remove("hidden");
   if (rep.answer && $("answer").classList.contains("hidden")) showAnswer(rep.answer);
   $("followup").classList.toggle("hidden", !["done", "cancelled", "idle"].includes(S.status));
+  try { $("push").classList.toggle("hidden", (await api(`/api/runs/${S.run}`)).source !== "dicomweb"); } catch (e) { /* kept hidden */ }
 }
 
 async function stop() {
@@ -599,6 +601,13 @@ function wire() {
   $("zoom-out").addEventListener("click", () => { S.zoom /= 1.25; draw(); });
   $("zoom-reset").addEventListener("click", () => { S.zoom = 1; S.panX = S.panY = 0; draw(); });
   document.querySelectorAll("[data-dl]").forEach(b => b.addEventListener("click", () => download(b.dataset.dl)));
+  $("push").addEventListener("click", async () => {
+    $("download-note").textContent = "storing to the PACS…";
+    try {
+      const r = await api(`/api/runs/${S.run}/push`, {method: "POST"});
+      $("download-note").textContent = `stored ${r.objects.join(", ")} to ${r.pushed_to}`;
+    } catch (e) { $("download-note").textContent = e.message; }
+  });
   const c = $("canvas");
   c.addEventListener("wheel", ev => {
     const v = currentView();
