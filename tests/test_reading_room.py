@@ -159,9 +159,9 @@ def test_page_open_ask_watch_overlay_evidence_download(room, browser, tmp_path):
         page.close()
 
 
-def test_page_stop_cancels_a_running_run(room, browser, monkeypatch):
+def test_page_stop_cancels_a_running_run_and_resume_finishes_it(room, browser, monkeypatch):
     """A planner that thinks for 3 s a decision (the server runs in this process): Stop during the run cancels it
-    before its next step, and the page says so and is ready for the next question."""
+    before its next step, the page says so and offers Resume, which finishes the run from its checkpoint."""
     from agent.llm import backends
 
     generate = backends.ScriptedChat._generate
@@ -188,6 +188,12 @@ def test_page_stop_cancels_a_running_run(room, browser, monkeypatch):
         run = room.client.get(f"/api/runs/{run_id}").json()
         assert run["status"] == "cancelled" and run["answer"] is None, run
         assert page.is_disabled("#stop")
+        page.wait_for_selector("#resume:not(.hidden)")  # a cancelled run can be resumed: it then finishes
+        monkeypatch.setattr(backends.ScriptedChat, "_generate", generate)
+        page.click("#resume")
+        page.wait_for_selector("#events li[data-step=answer]", timeout=120_000)
+        page.wait_for_function("() => !document.getElementById('ask').disabled", timeout=60_000)
+        assert room.client.get(f"/api/runs/{run_id}").json()["status"] == "done"
     finally:
         page.close()
 

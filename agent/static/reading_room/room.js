@@ -149,6 +149,7 @@ function resetRun() {
   for (const id of ["mask-list", "box-list", "tool-overlays", "view-select", "preset"]) $(id).replaceChildren();
   $("download-note").textContent = "";
   $("push").classList.add("hidden");
+  $("resume").classList.add("hidden");
   $("stage-empty").classList.remove("hidden");
   draw();
 }
@@ -218,7 +219,25 @@ async function watch(id) {
   setBusy(false);
   await refreshModel();
   await showReport();
+  await showOutcome(id);
   loadRuns();
+}
+
+/* A run that ended without a report says why; an interrupted, cancelled or failed one can be resumed. */
+async function showOutcome(id) {
+  let run;
+  try { run = await api(`/api/runs/${id}`); } catch (e) { return; }
+  if (S.run !== id) return;
+  if (run.error) addStep("error", `${run.status}: ${run.error}`);
+  $("resume").classList.toggle("hidden", !["interrupted", "cancelled", "failed"].includes(run.status) || !!run.answer);
+}
+
+async function resume() {
+  try {
+    await api(`/api/runs/${S.run}/resume`, {method: "POST"});
+    $("resume").classList.add("hidden");
+    watch(S.run);
+  } catch (e) { showError(e.message); }
 }
 
 function setBusy(on) {
@@ -585,6 +604,11 @@ function wire() {
   document.querySelectorAll(".tabs button").forEach(b => b.addEventListener("click", () => switchTab(b.dataset.tab)));
   $("ask").addEventListener("click", ask);
   $("stop").addEventListener("click", stop);
+  $("resume").addEventListener("click", resume);
+  $("file").addEventListener("change", ev => {  // several DICOM files: one series, unless the user says otherwise
+    const names = [...ev.target.files].map(f => f.name.toLowerCase());
+    $("series").checked = names.length > 1 && names.every(n => n.endsWith(".dcm") || n.endsWith(".dicom") || !n.includes("."));
+  });
   $("followup-ask").addEventListener("click", askFollowup);
   $("token").value = token();
   $("token").addEventListener("change", ev => { sessionStorage.setItem("dxagent-token", ev.target.value.trim()); loadRuns(); });
