@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -148,6 +149,14 @@ def test_page_open_ask_watch_overlay_evidence_download(room, browser, tmp_path):
 
         ds = pydicom.dcmread(path)
         assert path.read_bytes()[128:132] == b"DICM" and ds.Modality == "SR"
+        got = {}
+        for what in ("report.md", "report.json", "fhir", "audit", "seg"):  # every other download button
+            with page.expect_download() as dl:
+                page.click(f"[data-dl='{what}']")
+            got[what] = Path(dl.value.path()).read_bytes()
+        assert got["report.md"].startswith(b"#") and json.loads(got["report.json"])["run_id"]
+        assert json.loads(got["fhir"])["resourceType"] == "Bundle" and b"<html" in got["audit"]
+        assert got["seg"][128:132] == b"DICM"
 
         # nothing from elsewhere, no script errors, no identifier on the page
         assert all(u.startswith((room.url, "blob:", "data:")) for u in seen["requests"]), seen["requests"]

@@ -42,6 +42,7 @@ async function api(path, opts = {}) {
     const err = new Error(detail); err.status = r.status; throw err;
   }
   if (opts.raw) return r;
+  if (opts.blob) return r.blob();
   const type = r.headers.get("content-type") || "";
   return type.includes("json") ? r.json() : r.blob();
 }
@@ -428,7 +429,7 @@ async function loadSlice() {
   const key = `${S.run}/${v.id}/${S.slice}${q}`;
   S.pending = key;
   try {
-    const blob = await api(`/api/runs/${S.run}/views/${v.id}/slices/${S.slice}.png${q}`);
+    const blob = await api(`/api/runs/${S.run}/views/${v.id}/slices/${S.slice}.png${q}`, {blob: true});
     const bmp = await createImageBitmap(blob);
     if (S.pending !== key) return;
     S.base = bmp; S.baseKey = key;
@@ -569,7 +570,7 @@ function renderOverlayControls() {
     el("span", {class: "swatch", style: {background: colourOf(eid)}}), eid)));
   $("tool-overlays").replaceChildren(...S.model.overlays.map(o => {
     const img = el("img", {alt: `${o.kind} of ${o.eid}`});
-    api(o.url).then(b => { img.src = URL.createObjectURL(b); }).catch(() => { img.alt = "missing"; });
+    api(o.url, {blob: true}).then(b => { img.src = URL.createObjectURL(b); }).catch(() => { img.alt = "missing"; });
     return el("figure", {"data-eid": o.eid}, img, el("figcaption", {}, cite(`[${o.eid}] `), o.description));
   }));
 }
@@ -586,14 +587,15 @@ async function download(what) {
   const id = S.run, note = $("download-note");
   note.textContent = "";
   try {
-    if (what === "report.md") save(await api(`/api/runs/${id}/report?format=md`), `${id}.report.md`);
-    else if (what === "report.json") save(new Blob([JSON.stringify(await api(`/api/runs/${id}/report`), null, 2)], {type: "application/json"}), `${id}.report.json`);
-    else if (what === "fhir") save(await api(`/api/runs/${id}/fhir`), `${id}.fhir.json`);
-    else if (what === "audit") save(await api(`/api/runs/${id}/audit`), `${id}.audit.html`);
+    const blob = {blob: true};
+    if (what === "report.md") save(await api(`/api/runs/${id}/report?format=md`, blob), `${id}.report.md`);
+    else if (what === "report.json") save(await api(`/api/runs/${id}/report`, blob), `${id}.report.json`);
+    else if (what === "fhir") save(await api(`/api/runs/${id}/fhir`, blob), `${id}.fhir.json`);
+    else if (what === "audit") save(await api(`/api/runs/${id}/audit`, blob), `${id}.audit.html`);
     else {
       const found = await api(`/api/runs/${id}/dicom`);
       const objs = found.objects.filter(o => o.kind === (what === "sr" ? "SR" : "SEG"));
-      for (const o of objs) save(await api(o.url), o.file);
+      for (const o of objs) save(await api(o.url, {blob: true}), o.file);
       if (!objs.length) note.textContent = `no ${what.toUpperCase()}: ` + (found.skipped.join("; ") || "nothing to write");
     }
   } catch (e) { note.textContent = e.message; }
