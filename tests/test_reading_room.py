@@ -207,6 +207,33 @@ def test_page_stop_cancels_a_running_run_and_resume_finishes_it(room, browser, m
         page.close()
 
 
+def test_page_with_a_token(tmp_path, browser):
+    """With DXAGENT_SERVE_TOKEN the page loads, asks for the token, and then every call - the event stream, the slice
+    pictures, the downloads - carries it."""
+    token = "t0k3n-" + "w" * 20
+    settings = ServeSettings(trace_dir=tmp_path / "traces", llm="scripted", script=[call("ct_tissue_composition")])
+    server, t, url = start(create_app(ServeConfig(settings=settings, roots=[tmp_path], token=token, poll_s=0.05)))
+    page = browser.new_page(viewport={"width": 1500, "height": 1000}, accept_downloads=True)
+    try:
+        page.goto(url + "/", wait_until="load")
+        page.wait_for_function("() => document.getElementById('token-box').open")  # the runs list got a 401
+        assert "bearer token" in page.inner_text("#open-error")
+        page.fill("#token", token)
+        page.dispatch_event("#token", "change")
+        page.set_input_files("#file", CT)
+        page.fill("#question", "What is the tissue composition of this CT slice?")
+        page.click("#ask")
+        page.wait_for_selector("#events li[data-step=answer]", timeout=120_000)
+        page.wait_for_function("() => !document.getElementById('stage-empty').offsetParent")
+        with page.expect_download() as dl:
+            page.click("[data-dl=fhir]")
+        assert json.loads(Path(dl.value.path()).read_text())["resourceType"] == "Bundle"
+    finally:
+        page.close()
+        server.should_exit = True
+        t.join(timeout=10)
+
+
 # -- the endpoints ------------------------------------------------------------------------------------------------------
 def test_viewer_slices_and_masks(room, ct_run):
     c = room.client
