@@ -10,7 +10,9 @@ slice (pydicom's CT_small.dcm) with the tissue question:
   the engine's imports, the tool worker) and the median of --repeat warm runs;
 - API overhead: POST to the stream's `end` event for the same case, against `run_case` called in this process (warm,
   median of --repeat), as a ratio (the event stream polls the store every 0.2 s, which is part of what is measured);
-- throughput: --runs runs posted at once to the bounded queue (--workers), runs per minute until the last is done.
+- throughput: --runs runs posted at once to the bounded queue (--workers), runs per minute until the last is done;
+- page load: the reading room at / in the system's chromium (Playwright): first contentful paint and load, and the
+  time to open a finished run to its drawn image and report (skipped without playwright or chromium).
 
 Prints figures; asserts nothing. --llm scripted (default) measures the server, not a model; tiny/local add the model.
 """
@@ -69,6 +71,42 @@ def follow(client: httpx.Client, run_id: str, t0: float) -> tuple[float, float]:
     return first or float("nan"), float("nan")
 
 
+def page_load(base: str, run_id: str, repeat: int) -> str:
+    """The reading room in the system's chromium (Playwright; the browser's start-up not counted), medians of
+    `repeat` fresh pages: first contentful paint and load of `/`, and `/#run=ID` until a finished run's image is drawn
+    and its report shown (its events replayed, the viewer's model, the slice PNG)."""
+    try:
+        from conftest import _chromium
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        return "page load: skipped (playwright is not installed)"
+    exe = _chromium()
+    if exe is None:
+        return "page load: skipped (no chromium on PATH)"
+    paint, load, shown = [], [], []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=exe, args=["--no-sandbox"])
+        for _ in range(repeat):
+            page = browser.new_page()
+            page.goto(base + "/", wait_until="load")
+            t = page.evaluate("() => [performance.getEntriesByName('first-contentful-paint')[0]?.startTime ?? NaN, "
+                              "performance.getEntriesByType('navigation')[0].loadEventEnd]")
+            paint.append(t[0])
+            load.append(t[1])
+            page.close()
+            page = browser.new_page()
+            t0 = time.perf_counter()
+            page.goto(f"{base}/#run={run_id}")
+            page.wait_for_selector("#report:not(.hidden)")
+            page.wait_for_function("() => !document.getElementById('stage-empty').offsetParent")
+            shown.append((time.perf_counter() - t0) * 1000)
+            page.close()
+        browser.close()
+    med = statistics.median
+    return (f"page load (reading room, chromium, median of {repeat}): first contentful paint {med(paint):.0f} ms, "
+            f"load {med(load):.0f} ms; a finished run opened to its image and report {med(shown):.0f} ms")
+
+
 def one(client: httpx.Client, ct: bytes) -> tuple[float, float]:
     t0 = time.perf_counter()
     return follow(client, post(client, ct), t0)
@@ -112,6 +150,7 @@ def main() -> None:
             print(f"server: --llm {a.llm}, --workers {a.workers}, up in {started:.1f} s; idle RSS {idle:.0f} MB")
 
             cold_first, cold_end = one(c, ct)
+            print(page_load(str(c.base_url).rstrip("/"), c.get("/api/runs").json()[0]["id"], a.repeat))
             warm = [one(c, ct) for _ in range(a.repeat)]
             print(f"POST -> first streamed event: cold {cold_first * 1000:.0f} ms; warm median "
                   f"{statistics.median(w[0] for w in warm) * 1000:.0f} ms (n={a.repeat})")

@@ -11,6 +11,7 @@
     POST /api/runs/{id}/verify           the `dxagent trace verify` verdict
     POST /api/runs/{id}/cancel | resume  stop a run at its next step / continue an interrupted one
     /mcp                                 the MCP server (agent/app/mcp_server.py) over streamable HTTP
+    GET  /                               the reading-room page, with its endpoints (agent/app/reading_room.py)
 
 How it fits: `create_app` builds the FastAPI app around a `RunQueue` (agent/app/serve_runs.py), which runs each case
 with `agent.engine.session.run_case` into the same trace store as `dxagent run`, so `trace list/verify` and `replay`
@@ -51,6 +52,7 @@ DISCLAIMER = "RESEARCH USE ONLY: not a medical device; reports must not be used 
 MAX_JSON_BYTES = 1 << 20  # a JSON request body
 MAX_FIELD_BYTES = 64 << 10  # one form field of an upload
 MAX_ZIP_MEMBERS = 10_000
+PUBLIC_STATIC = "/static/reading-room/"  # the page's script and style: served without the token (they hold no data)
 
 
 @dataclass
@@ -278,6 +280,20 @@ def _inside(p: Path, roots: list[Path]) -> bool:
     return any(p == r or p.is_relative_to(r) for r in roots)
 
 
+def under_roots(text: str, roots: list[Path]) -> Path:
+    """A path (relative paths: to the first root) resolved with its symlinks; Refused 403 outside the served roots, 404
+    when it does not exist (what `confine` checks first, and the reading room's folder listing)."""
+    if "\x00" in text:
+        raise Refused(400, "a path may not contain NUL")
+    p = Path(text).expanduser()
+    real = (p if p.is_absolute() else roots[0] / p).resolve()
+    if not _inside(real, roots):
+        raise Refused(403, "path is outside the served roots (--root)")
+    if not real.exists():
+        raise Refused(404, "path: no such file or folder under the served roots")
+    return real
+
+
 def confine(text: str, roots: list[Path]) -> tuple[str, str]:
     """A `path` of a JSON request as (input, source): a dicomweb:// reference as it is (checked), or a file or folder
     that resolves - symlinks included, and every link inside a folder - inside a served root."""
@@ -289,14 +305,7 @@ def confine(text: str, roots: list[Path]) -> tuple[str, str]:
         except DicomWebError as exc:
             raise Refused(400, one_line(exc, 200)) from None
         return text, "dicomweb"
-    if "\x00" in text:
-        raise Refused(400, "a path may not contain NUL")
-    p = Path(text).expanduser()
-    real = (p if p.is_absolute() else roots[0] / p).resolve()
-    if not _inside(real, roots):
-        raise Refused(403, "path is outside the served roots (--root)")
-    if not real.exists():
-        raise Refused(404, "path: no such file or folder under the served roots")
+    real = under_roots(text, roots)
     if real.is_dir():
         for x in real.rglob("*"):
             if x.is_symlink() and not _inside(x.resolve(), roots):
@@ -401,8 +410,10 @@ def create_app(config: ServeConfig) -> FastAPI:
     @app.middleware("http")
     async def bearer_token(request: Request, call_next: Any) -> Any:
         """Every request needs `Authorization: Bearer <token>` when a token is set (checked before any body is
-        read); compared in constant time."""
-        if config.token and request.method != "OPTIONS":
+        read); compared in constant time. The reading room's page and its script and style (no data: the page asks
+        for the token and sends it on every call) are the exception."""
+        public = request.method == "GET" and (request.url.path == "/" or request.url.path.startswith(PUBLIC_STATIC))
+        if config.token and request.method != "OPTIONS" and not public:
             given = request.headers.get("authorization", "")
             scheme, _, value = given.partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), config.token.encode()):
@@ -607,6 +618,9 @@ def create_app(config: ServeConfig) -> FastAPI:
             raise Refused(409, str(exc)) from None
         return await run_in_threadpool(view, run_id)
 
+    from agent.app.reading_room import mount
+
+    mount(app, runs, config.roots, mcp.backend)  # the reading-room page at / and the endpoints it adds
     app.router.routes.extend(mcp_app.routes)  # POST/GET/DELETE /mcp: streamable HTTP, behind the same bearer token
     return app
 

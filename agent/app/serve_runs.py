@@ -10,7 +10,9 @@ Where the truth lives: once a run has started, its row in the trace store says i
 cancelled, interrupted); the record only adds what the store cannot know - that a run is still queued, or that it was
 cancelled before it started. The record holds the input paths (uploads are content-addressed files under the trace
 folder; a `path` run names a file under a served root) until the run is done, then drops them: they are needed only to
-start or resume it.
+start or resume it (an upload's stay - content-addressed files that name nothing - and so does a PACS study's
+reference: the reading room's DICOM SR/SEG reference their files and can be stored back to that PACS; the API never
+returns a record's inputs).
 
 Cancel: a queued run is dropped; a running one gets the chat's cancel event (`Runtime.cancel`, and
 `llm_calls.cancellable` so an endpoint call under way is abandoned): the graph stops before its next node, a tool under
@@ -68,7 +70,8 @@ class RunRecord(BaseModel):
     created_at: str
     status: str = "queued"  # queued | running | done | failed | cancelled | interrupted (as this server last saw it)
     source: str = "upload"  # upload | path | dicomweb | resume (a run this server did not start)
-    inputs: list[str] = []  # paths or dicomweb:// references; [] once the run is done
+    inputs: list[str] = []  # paths or dicomweb:// references; [] once a path run is done (uploads and PACS studies keep
+    # theirs)
     n_inputs: int = 0
     question: str | None = None
     clinical_context: str = ""
@@ -219,8 +222,10 @@ class RunQueue:
             with self._lock:
                 self._cancels.pop(run_id, None)
                 rec.status, rec.error, rec.finished_at = status, error, now()
-                if status == "done":
-                    rec.inputs = []  # no longer needed; a path may name the patient's folder
+                if status == "done" and rec.source not in ("upload", "dicomweb"):
+                    rec.inputs = []  # no longer needed; a path may name the patient's folder (kept: an upload's, a
+                    # sha256 under the trace folder, and a PACS study's reference - the reading room's DICOM SR/SEG
+                    # reference their files, and go back to that PACS)
                 self._save(rec)
 
     def _execute(self, rec: RunRecord, cancel: threading.Event) -> tuple[str, str | None]:
