@@ -12,6 +12,7 @@ state after every node, so an interrupted run resumes from its last completed st
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import sqlite3
 import threading
@@ -442,6 +443,9 @@ def postgres_checkpointer(db_url: str) -> Any:
     except ModuleNotFoundError as exc:
         raise SettingError(f"--db-url {shown_url(db_url)} needs the PostgreSQL checkpointer ({exc.name} is not "
                            "installed): pip install 'dxagent[postgres]'") from None
+    # the pool retries lost connections in the background and logs each try; the failure a run meets is its own one
+    # line (StoreUnavailable), so those logs go nowhere unless the application configured logging
+    logging.getLogger("psycopg.pool").addHandler(logging.NullHandler())
     key = (os.getpid(), db_url)
     with _PG_LOCK:
         saver = _PG_SAVERS.get(key)
