@@ -326,13 +326,21 @@ def _upgrade_0_to_1(conn: Any) -> None:
 _UPGRADES: dict[int, Callable[[Any], None]] = {1: _upgrade_0_to_1}
 
 
+def _not_newer(found: int | None, url: str) -> None:
+    if found is not None and found > SCHEMA_VERSION:
+        raise SchemaError(f"the trace store {shown_url(url)} has schema version {found}, newer than this dxagent's "
+                          f"({SCHEMA_VERSION}): upgrade dxagent to use it")
+
+
 def open_schema(engine: Engine, url: str) -> int | None:
     """Create or upgrade the store's schema to SCHEMA_VERSION; returns the version it had (None: a new store). Many
     processes may open one store at once: one of them does the work, under PostgreSQL's advisory lock or SQLite's
     write lock, and the others find it done."""
     with engine.connect() as conn:  # the usual case, without a lock: already current
-        if _schema_version(conn) == SCHEMA_VERSION:
-            return SCHEMA_VERSION
+        found = _schema_version(conn)
+    if found == SCHEMA_VERSION:
+        return found
+    _not_newer(found, url)
     pg = engine.dialect.name == "postgresql"
     try:
         with engine.begin() as conn:
@@ -343,9 +351,7 @@ def open_schema(engine: Engine, url: str) -> int | None:
             if not pg:  # a write first: SQLite's write lock, held to the commit
                 conn.execute(text("UPDATE dxagent_schema SET version = version"))
             found = _schema_version(conn)
-            if found is not None and found > SCHEMA_VERSION:
-                raise SchemaError(f"the trace store {shown_url(url)} has schema version {found}, newer than this "
-                                  f"dxagent's ({SCHEMA_VERSION}): upgrade dxagent to use it")
+            _not_newer(found, url)
             if found == SCHEMA_VERSION:
                 return found
             SQLModel.metadata.create_all(conn, tables=[Run.__table__, Event.__table__, Artifact.__table__])
@@ -358,7 +364,8 @@ def open_schema(engine: Engine, url: str) -> int | None:
     except SchemaError:
         raise
     except DBAPIError as exc:
-        reason = " ".join(str(getattr(exc, "orig", exc)).split())[:200]
+        lines = str(getattr(exc, "orig", None) or exc).strip().splitlines() or [type(exc).__name__]
+        reason = " ".join(lines[0].split())[:200]
         err = unavailable(exc, url)
         if err is not None and not any(w in reason.lower() for w in ("permission", "readonly", "read-only")):
             raise err from None
