@@ -11,6 +11,7 @@ state after every node, so an interrupted run resumes from its last completed st
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import logging
 import os
@@ -471,6 +472,19 @@ def postgres_checkpointer(db_url: str) -> Any:
             raise err from None
         saver = _PG_SAVERS[key] = PostgresSaver(pool, serde=_serde())
         return saver
+
+
+def _close_pg_savers() -> None:
+    """At exit: the process's checkpoint pools closed (their connections ended politely, their threads stopped)."""
+    for saver in list(_PG_SAVERS.values()):
+        try:
+            saver.conn.close(timeout=1.0)
+        except Exception:
+            pass
+    _PG_SAVERS.clear()
+
+
+atexit.register(_close_pg_savers)
 
 
 def checkpointer(db_url: str | None, trace_dir: str | Path) -> Any:
