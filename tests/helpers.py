@@ -193,3 +193,72 @@ def serve_http(handler: type) -> tuple[Any, str, Any]:
     thread.start()
     return httpd, f"http://127.0.0.1:{httpd.server_address[1]}/v1", thread
 
+
+
+class StoreAt:
+    """One trace store for the tests that run on SQLite and PostgreSQL alike (the `store_kind` fixture): its folder
+    (artifacts, and the SQLite file) and its URL (None: SQLite in the folder)."""
+
+    def __init__(self, dir: Path, url: str | None = None, pg: Any = None):
+        self.dir, self.url, self.pg = Path(dir), url, pg
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def store(self):
+        from agent.store.trace import TraceStore
+
+        return TraceStore(self.url, self.dir)
+
+    def kw(self) -> dict[str, Any]:
+        """run_case's and rerun's store arguments."""
+        return {"trace_dir": self.dir, "db_url": self.url}
+
+    def cli(self) -> list[str]:
+        return ["--trace-dir", str(self.dir)] + (["--db-url", self.url] if self.url else [])
+
+    @property
+    def artifacts(self) -> Path:
+        return self.dir / "artifacts"
+
+    def sql(self, q: str, *args: Any) -> list[tuple]:
+        """Run one statement as a person with write access to the database would (`?` placeholders)."""
+        if self.url is None:
+            import sqlite3
+
+            con = sqlite3.connect(self.dir / "dxagent.sqlite")
+            try:
+                rows = con.execute(q, args).fetchall()
+                con.commit()
+            finally:
+                con.close()
+            return rows
+        import psycopg
+
+        with psycopg.connect(self.url, autocommit=True) as con:
+            cur = con.execute(q.replace("?", "%s"), args)
+            return cur.fetchall() if cur.description else []
+
+    def empty(self, dest: Path) -> StoreAt:
+        """A new, empty store of the same kind."""
+        return StoreAt(dest) if self.url is None else StoreAt(dest, self.pg.new_database(), self.pg)
+
+    def copy(self, dest: Path) -> StoreAt:
+        """Another store holding the same rows and artifact files (a SQLite copy: the folder; PostgreSQL: a new
+        database, the rows copied table by table)."""
+        import shutil
+
+        shutil.copytree(self.dir, dest)
+        if self.url is None:
+            return StoreAt(dest)
+        from sqlalchemy import select, text
+
+        from agent.store.trace import Artifact, Event, Run
+
+        new = StoreAt(dest, self.pg.new_database(), self.pg)
+        src, dst = self.store(), new.store()
+        with src.engine.connect() as a, dst.engine.begin() as b:
+            for table in (Run.__table__, Event.__table__, Artifact.__table__):
+                rows = [dict(r) for r in a.execute(select(table)).mappings()]
+                if rows:
+                    b.execute(table.insert(), rows)
+            b.execute(text("SELECT setval(pg_get_serial_sequence('event', 'id'), coalesce(max(id), 1)) FROM event"))
+        return new

@@ -42,17 +42,19 @@ def _rows(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
 
 
-def test_eval_scripted_fresh_state_per_question(tmp_path):
+def test_eval_scripted_fresh_state_per_question(tmp_path, where):
+    """On SQLite and on PostgreSQL (`where`: the eval's records, runs and checkpoints in that store)."""
     m = _slice(tmp_path, 4)  # two questions on one image (a fresh state each), a closed modality and a closed organ one
     out = tmp_path / "out"
-    res = run_eval(m, out, root=SLAKE, prior_from=SLAKE / "train.jsonl", llm="scripted", script=[REPLY, REPLY])
+    res = run_eval(m, out, root=SLAKE, prior_from=SLAKE / "train.jsonl", llm="scripted", script=[REPLY, REPLY],
+                   db_url=where.url)
     rows = _rows(out)
     n = len(m.read_text().splitlines())
     assert res.items == n and len(rows) == n * 5 and res.skipped == 0
     assert {r["system"] for r in rows} == {"agent", "no-tools", "blind", "prior", "majority"}
     agent = [r for r in rows if r["system"] == "agent"]
     assert len({r["run_id"] for r in agent}) == n  # one thread per question
-    store = TraceStore(None, out / "traces")
+    store = TraceStore(where.url, out / "traces")
     for r in agent:
         dump = store.dump(r["run_id"])
         assert dump["run"]["question"] == r["question"]
@@ -87,7 +89,8 @@ def test_eval_scripted_fresh_state_per_question(tmp_path):
     assert "agent - prior" in summary["paired"]
     assert (out / "summary.md").read_text().count("| agent") >= 1 and (out / "eval.html").stat().st_size > 2000
     # the same command again computes nothing
-    again = run_eval(m, out, root=SLAKE, prior_from=SLAKE / "train.jsonl", llm="scripted", script=[REPLY, REPLY])
+    again = run_eval(m, out, root=SLAKE, prior_from=SLAKE / "train.jsonl", llm="scripted", script=[REPLY, REPLY],
+                     db_url=where.url)
     assert again.ran == 0 and again.skipped == n * 5 and _rows(out) == rows
 
 

@@ -100,7 +100,7 @@ class Chat:
     def resume(self, thread_id: str) -> CaseState:
         self.thread_id = self.eng.rt.run_id = thread_id
         if self.eng.trace.get_run(thread_id) is None or not self.eng.graph.get_state(self.config).values:
-            raise DxError(f"no chat thread {thread_id!r} in {self.eng.trace.url}")
+            raise DxError(f"no chat thread {thread_id!r} in {self.eng.trace.shown_url}")
         st = self.state()
         if not st.views:
             raise DxError(f"thread {thread_id} has no loaded image to talk about")

@@ -144,15 +144,17 @@ def init_worker(threads: int, llm: str) -> None:
 
 
 def prepare_stores(out: Path, db_url: str | None) -> None:
-    """Create the trace and checkpoint databases (tables, WAL) before the workers start, so that no two workers race
-    to create them."""
-    from agent.engine.graph import sqlite_checkpointer
+    """Create (or upgrade) the trace store and the checkpoint tables before the workers start, so that no two workers
+    race to create them (on PostgreSQL they would also wait on each other's lock)."""
+    from agent.engine.graph import checkpointer, close_checkpointer
     from agent.store.trace import TraceStore
 
-    TraceStore(db_url, out / "traces").engine.dispose()
-    saver = sqlite_checkpointer(out / "traces" / "checkpoints.sqlite")
+    store = TraceStore(db_url, out / "traces")
+    if not store.postgres:
+        store.engine.dispose()
+    saver = checkpointer(db_url, out / "traces")
     saver.setup()
-    saver.conn.close()
+    close_checkpointer(saver)
 
 
 

@@ -288,12 +288,15 @@ def execute(settings: ServeSettings, trace: Any, rec: RunRecord, cancel: threadi
 
 def _close(eng: Any) -> None:
     """Close what one run's engine opened (its checkpoint connection, its database pool): a server makes many."""
+    from agent.engine.graph import close_checkpointer
+
     try:
-        eng.graph.checkpointer.conn.close()
+        close_checkpointer(eng.graph.checkpointer)
     except Exception:
         pass
     try:
-        eng.trace.engine.dispose()
+        if not eng.trace.postgres:  # a PostgreSQL pool is the process's, shared by its runs
+            eng.trace.engine.dispose()
     except Exception:
         pass
 

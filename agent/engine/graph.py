@@ -4,15 +4,19 @@ intake also reads the question (agent/core/question.py) and finds the tools that
 can, the graph goes straight to the answer step, which abstains with `no_applicable_tool` (no pointless calls).
 
 Nodes are plain functions over `CaseState`; the objects they need (tools, planner, stores) live in a
-`Runtime` the nodes close over. A SQLite checkpointer keyed by thread id (= run id) persists the
+`Runtime` the nodes close over. A checkpointer keyed by thread id (= run id; SQLite beside the trace store, or
+LangGraph's PostgreSQL one on a postgresql:// store) persists the
 state after every node, so an interrupted run resumes from its last completed step.
 """
 
 from __future__ import annotations
 
+import atexit
 import hashlib
+import logging
 import os
 import sqlite3
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +28,7 @@ from langgraph.graph import END, START, StateGraph
 from pydantic import ValidationError
 
 from agent.analysis.study import study_notes
-from agent.core.errors import ControlSignal
+from agent.core.errors import ControlSignal, SettingError
 from agent.core.question import Question
 from agent.core.state import Answer, ArtifactRef, Budget, CaseState, Critique, Decision, Evidence, ImageView, StepLog, Turn
 from agent.core.tool import FindingDraft, Tool, ToolContext, ToolError
@@ -410,16 +414,99 @@ def build_graph(rt: Runtime, checkpointer: Any = None):
 _STATE_TYPES = [CaseState, Evidence, ImageView, ArtifactRef, Decision, Critique, StepLog, Budget, Turn, Answer, Question]
 
 
+def _serde() -> JsonPlusSerializer:
+    allowed = [(t.__module__, t.__name__) for t in _STATE_TYPES]
+    from agent.core.state import CaseInput
+
+    allowed.append((CaseInput.__module__, CaseInput.__name__))
+    return JsonPlusSerializer(allowed_msgpack_modules=allowed)
+
+
 def sqlite_checkpointer(path: str | Path) -> SqliteSaver:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(str(path), check_same_thread=False)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA busy_timeout=30000")  # batch workers share this file
-    allowed = [(t.__module__, t.__name__) for t in _STATE_TYPES]
-    from agent.core.state import CaseInput
+    return SqliteSaver(conn, serde=_serde())
 
-    allowed.append((CaseInput.__module__, CaseInput.__name__))
-    return SqliteSaver(conn, serde=JsonPlusSerializer(allowed_msgpack_modules=allowed))
+
+_PG_SAVERS: dict[tuple[int, str], Any] = {}  # (pid, url) -> the process's PostgreSQL checkpointer (its pool)
+_PG_LOCK = threading.Lock()  # guards the dict only
+_SETUP_LOCK = 0x6478_6163  # the advisory lock held while the checkpoint tables are created or migrated
+
+
+def postgres_checkpointer(db_url: str) -> Any:
+    """LangGraph's own PostgreSQL checkpointer (langgraph-checkpoint-postgres) on the trace store's database: one per
+    process, over a psycopg pool of DXAGENT_DB_POOL connections (checked before use, so a restarted server's dead
+    ones are replaced; a connection waited for at most 10 s). Its tables are created once per process, under an
+    advisory lock, so that many workers starting at once do not race to create them."""
+    from agent.store.trace import CONNECT_TIMEOUT_S, libpq_url, pool_size, shown_url, unavailable
+
+    try:
+        from langgraph.checkpoint.postgres import PostgresSaver
+        from psycopg.rows import dict_row
+        from psycopg_pool import ConnectionPool
+    except ModuleNotFoundError as exc:
+        raise SettingError(f"--db-url {shown_url(db_url)} needs the PostgreSQL checkpointer ({exc.name} is not "
+                           "installed): pip install 'dxagent[postgres]'") from None
+    # the pool retries lost connections in the background and logs each try; the failure a run meets is its own one
+    # line (StoreUnavailable), so those logs go nowhere unless the application configured logging
+    logging.getLogger("psycopg.pool").addHandler(logging.NullHandler())
+    key = (os.getpid(), db_url)
+    with _PG_LOCK:
+        saver = _PG_SAVERS.get(key)
+        if saver is not None:
+            return saver
+        n = pool_size()
+        pool = ConnectionPool(libpq_url(db_url), min_size=1, max_size=n, timeout=CONNECT_TIMEOUT_S, open=True,
+                              check=ConnectionPool.check_connection, name="dxagent-checkpoints",
+                              kwargs={"autocommit": True, "prepare_threshold": 0, "row_factory": dict_row,
+                                      "connect_timeout": CONNECT_TIMEOUT_S, "application_name": "dxagent"})
+        try:
+            with pool.connection() as conn:
+                conn.execute("SELECT pg_advisory_lock(%s)", (_SETUP_LOCK,))
+                try:
+                    PostgresSaver(conn, serde=_serde()).setup()
+                finally:
+                    conn.execute("SELECT pg_advisory_unlock(%s)", (_SETUP_LOCK,))
+        except Exception as exc:
+            pool.close()
+            err = unavailable(exc, db_url)
+            if err is None:
+                raise
+            raise err from None
+        saver = _PG_SAVERS[key] = PostgresSaver(pool, serde=_serde())
+        return saver
+
+
+def _close_pg_savers() -> None:
+    """At exit: the process's checkpoint pools closed (their connections ended politely, their threads stopped)."""
+    for saver in list(_PG_SAVERS.values()):
+        try:
+            saver.conn.close(timeout=1.0)
+        except Exception:
+            pass
+    _PG_SAVERS.clear()
+
+
+atexit.register(_close_pg_savers)
+
+
+def checkpointer(db_url: str | None, trace_dir: str | Path) -> Any:
+    """The checkpointer beside a trace store: on PostgreSQL in the same database (postgres_checkpointer), else the
+    SQLite file <trace_dir>/checkpoints.sqlite (also when --db-url names another SQLite file, as before)."""
+    from agent.store.trace import engine_url
+
+    if db_url and engine_url(db_url).startswith("postgresql"):
+        return postgres_checkpointer(db_url)
+    return sqlite_checkpointer(Path(trace_dir) / "checkpoints.sqlite")
+
+
+def close_checkpointer(saver: Any) -> None:
+    """Close what a checkpointer holds for one engine: a SQLite connection. A PostgreSQL one is the process's, shared
+    by its engines, and stays open."""
+    if isinstance(saver, SqliteSaver):
+        saver.conn.close()
 
 
 def new_run_id(seed: str = "") -> str:

@@ -17,12 +17,12 @@ from agent.core.state import Budget, CaseInput, CaseState
 from agent.core.tool import Tool
 from agent.core.untrusted import clean_inputs
 from agent.engine import calibration
-from agent.engine.graph import Runtime, build_graph, new_run_id, redact_paths, sqlite_checkpointer, stored_inputs
+from agent.engine.graph import Runtime, build_graph, checkpointer, new_run_id, redact_paths, stored_inputs
 from agent.engine.planner import Planner, prompt_versions
 from agent.engine.registry import discover
 from agent.llm.backends import make_llm
 from agent.store.artifacts import ArtifactStore
-from agent.store.trace import TraceStore
+from agent.store.trace import TraceStore, unavailable
 
 
 class DxError(UserError, RuntimeError):
@@ -116,14 +116,25 @@ class Engine:
 
     def invoke(self, payload: Any, config: dict[str, Any], **kw: Any) -> CaseState:
         """Run the graph; a failure is recorded in the trace (note + failed run) and re-raised (a user error as
-        DxError, one line)."""
+        DxError, one line). A trace or checkpoint database that went away fails the run with one line too: it is
+        recorded as failed if the store still answers, else left unsealed ("running" until this process ends, then
+        "interrupted" - `trace verify` calls it incomplete, --resume continues it); never a hang, never half a seal."""
         try:
             final = self.graph.invoke(payload, config, **kw)
         except Exception as exc:
-            msg = error_message(exc)
+            gone = unavailable(exc, self.trace.url)
+            msg = str(gone) if gone is not None else error_message(exc)
             stored = redact_paths(msg, self.rt.input_paths.get(self.rt.run_id, []))  # the terminal may show names
-            self.rt.record("note", "error", "error", {"error": stored})
-            self.trace.finish_run(self.rt.run_id, "failed", error=stored)
+            try:
+                self.rt.record("note", "error", "error", {"error": stored})
+                self.trace.finish_run(self.rt.run_id, "failed", error=stored)
+            except Exception as exc2:
+                if unavailable(exc2, self.trace.url) is None:
+                    raise
+                raise DxError(f"{unavailable(exc2, self.trace.url) if gone is None else gone} - run {self.rt.run_id} "
+                              "is left unsealed (trace verify: incomplete; --resume continues it)") from None
+            if gone is not None:
+                raise DxError(msg) from None
             if user_error(exc):
                 raise DxError(getattr(exc, "local_message", None) or msg) from None
             raise
@@ -158,7 +169,7 @@ def engine(*, llm: str = "local", chat: Any = None, model_id: str | None = None,
                  narrative_llm=(narrator or chat) if use_narrative or narrator else None, on_step=on_step,
                  answer_llm=answer_chat(chat))
     planner.record = lambda kind, node, name, payload: rt.record(kind, node, name, payload)
-    return Engine(rt, build_graph(rt, sqlite_checkpointer(trace_dir / "checkpoints.sqlite")), trace, llm)
+    return Engine(rt, build_graph(rt, checkpointer(db_url, trace_dir)), trace, llm)
 
 
 def _narrator() -> Any:
@@ -194,7 +205,7 @@ def run_case(paths: list[str] | None = None, question: str | None = None, *, llm
     if resume:
         prior_run = trace.get_run(resume)
         if prior_run is None:
-            raise DxError(f"no run {resume!r} in {trace.url}")
+            raise DxError(f"no run {resume!r} in {trace.shown_url}")
         run_id = resume
         if prior_run.status != "done":
             from agent.store.trace import RunBusy

@@ -1,5 +1,12 @@
 """Trace store (sqlmodel): a run row, a hash-chained event per node step / LLM call / tool call,
-and an artifact row per file. A SQLite file by default; any SQLAlchemy database URL works.
+and an artifact row per file. A SQLite file by default, or PostgreSQL (`--db-url postgresql://...`, psycopg 3; the
+`postgres` extra), shared by many writers on many machines.
+
+The schema is versioned (SCHEMA_VERSION, a row in `dxagent_schema`, upgraded by the steps in `_UPGRADES` when a store
+is opened, under a lock: an advisory lock on PostgreSQL, the write lock on SQLite); `dxagent trace upgrade` does the
+same explicitly. Concurrency is the database's: an event's sequence number is taken under a lock on its run's row,
+an artifact row is inserted with ON CONFLICT DO NOTHING, a seal is written in one transaction with the status. A
+database that cannot be reached is a one-line `StoreUnavailable` (never a hang: connect and pool timeouts).
 
 Enough is recorded to replay a run without any model: every LLM request and response (messages,
 parameters, model id, token counts, latency, candidate scores) and every tool input and output.
@@ -18,15 +25,20 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
+from functools import wraps
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import UniqueConstraint, inspect, text, update
 from sqlalchemy import event as sa_event
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlmodel import Field, Session, SQLModel, create_engine, select
 
+from agent.core.errors import SettingError, UserError
 from agent.core.files import sha256_text, stored_text_cap
 from agent.core.state import ArtifactRef
 
@@ -158,52 +170,279 @@ def seal_of(run: dict[str, Any], alg: str, key: str | None = None) -> str:
     return hashlib.sha256(body).hexdigest()
 
 
+class StoreUnavailable(UserError, RuntimeError):
+    """The trace database cannot be reached, or stopped answering (refused, closed, timed out, locked): one line says
+    which database and why. A run that meets it fails; what it had recorded stays unsealed, so `trace verify` calls it
+    incomplete and --resume continues it."""
+
+
+class SchemaError(UserError, RuntimeError):
+    """The store's schema is not one this dxagent can use as it is: one line says what to run."""
+
+
+SCHEMA_VERSION = 1  # the row in dxagent_schema; a store without it was made before versioning (= 0)
+_UPGRADE_LOCK = 0x6478_6167  # "dxag": the PostgreSQL advisory lock held while a store's schema is created or upgraded
+POOL_ENV = "DXAGENT_DB_POOL"  # connections a process keeps open to a PostgreSQL store (and as many more under load)
+POOL_DEFAULT = 2
+CONNECT_TIMEOUT_S = 10  # a server that does not answer a connection in this long is unavailable
+POOL_TIMEOUT_S = 30  # the longest a writer waits for a free pooled connection
+
+
+def engine_url(url: str) -> str:
+    """The SQLAlchemy URL for a --db-url: `postgresql://` and `postgres://` mean psycopg 3 (`postgresql+psycopg://`)."""
+    try:
+        u = make_url(url)
+    except Exception:
+        raise SettingError(f"--db-url {url!r} is not a database URL (sqlite:///PATH or "
+                           "postgresql://USER@HOST:PORT/DATABASE)") from None
+    if u.drivername in ("postgresql", "postgres"):
+        u = u.set(drivername="postgresql+psycopg")
+    return u.render_as_string(hide_password=False)
+
+
+def libpq_url(url: str) -> str:
+    """The same PostgreSQL database as a libpq connection URI (psycopg's own connections: the checkpointer's)."""
+    return make_url(engine_url(url)).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def shown_url(url: str) -> str:
+    """A store's URL as messages show it: without its password."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url
+
+
+def pool_size() -> int:
+    raw = os.environ.get(POOL_ENV, "").strip()
+    if not raw:
+        return POOL_DEFAULT
+    if not raw.isdigit() or int(raw) < 1:
+        raise SettingError(f"{POOL_ENV}={raw!r}: a number of connections (1 or more) is expected")
+    return int(raw)
+
+
+def unavailable(exc: BaseException, url: str) -> StoreUnavailable | None:
+    """The one-line StoreUnavailable for an error that means the database cannot be used now (gone, refused, closed,
+    timed out, locked) - from SQLAlchemy, psycopg (the checkpointer) or sqlite3 - else None."""
+    import sqlite3
+
+    from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+    kinds: tuple[type[BaseException], ...] = (OperationalError, InterfaceError, PoolTimeout, sqlite3.OperationalError)
+    try:
+        import psycopg
+        import psycopg_pool
+
+        kinds += (psycopg.OperationalError, psycopg.InterfaceError, psycopg_pool.PoolTimeout)
+    except ImportError:
+        pass
+    if isinstance(exc, StoreUnavailable):
+        return exc
+    if not isinstance(exc, kinds):
+        return None
+    orig = getattr(exc, "orig", None) if isinstance(exc, DBAPIError) else None
+    lines = [x.strip() for x in str(orig if orig is not None else exc).splitlines() if x.strip()]
+    reason = lines[0] if lines else type(exc).__name__
+    if reason.startswith("(") and ") " in reason:  # SQLAlchemy's "(psycopg.OperationalError) ..." prefix
+        reason = reason.split(") ", 1)[1]
+    return StoreUnavailable(f"the trace database {shown_url(url)} is unavailable: {reason[:240]}")
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _db(fn: F) -> F:
+    """A store method whose database errors that mean "unavailable" become one-line StoreUnavailable."""
+    @wraps(fn)
+    def inner(self: TraceStore, *a: Any, **kw: Any) -> Any:
+        try:
+            return fn(self, *a, **kw)
+        except Exception as exc:
+            err = unavailable(exc, self.url)
+            if err is None or err is exc:
+                raise
+            raise err from None
+    return inner  # type: ignore[return-value]
+
+
+_ENGINES: dict[tuple[int, str], Engine] = {}  # (pid, url) -> the process's one pool per PostgreSQL store
+_ENGINES_LOCK = threading.Lock()  # guards the dict only; the data's concurrency is the database's
+
+
+def _pg_engine(url: str) -> Engine:
+    """The process's engine (pool) for a PostgreSQL store: POOL_ENV connections kept, as many more under load,
+    checked before use (a restarted server's dead connections are replaced), bounded waits everywhere."""
+    key = (os.getpid(), url)
+    with _ENGINES_LOCK:
+        eng = _ENGINES.get(key)
+        if eng is None:
+            given = make_url(url).query
+            args = {"connect_timeout": CONNECT_TIMEOUT_S, "application_name": "dxagent",
+                    # a peer that vanishes without closing (a node lost) is noticed in about a minute
+                    "keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3,
+                    "tcp_user_timeout": 60_000}
+            n = pool_size()
+            try:
+                eng = create_engine(url, pool_size=n, max_overflow=n, pool_timeout=POOL_TIMEOUT_S, pool_pre_ping=True,
+                                    pool_recycle=1800, connect_args={k: v for k, v in args.items() if k not in given})
+            except ModuleNotFoundError as exc:
+                raise SettingError(f"--db-url {shown_url(url)} needs the PostgreSQL driver ({exc.name} is not "
+                                   "installed): pip install 'dxagent[postgres]'") from None
+            _ENGINES[key] = eng
+        return eng
+
+
+def _schema_version(conn: Any) -> int | None:
+    """The store's schema version: its dxagent_schema row, 0 for a store made before versioning, None for none."""
+    insp = inspect(conn)
+    if insp.has_table("dxagent_schema"):
+        row = conn.execute(text("SELECT version FROM dxagent_schema WHERE id = 1")).first()
+        if row is not None:
+            return int(row[0])
+    return 0 if insp.has_table("run") else None
+
+
+def _upgrade_0_to_1(conn: Any) -> None:
+    """A store made before the schema was versioned: the run columns added since (owner, seal, chain, ...), and one
+    event per (run, seq) as a unique index (a store whose events already hold duplicate numbers keeps them: verify
+    names the runs they broke)."""
+    have = {c["name"] for c in inspect(conn).get_columns("run")}
+    for col in Run.__table__.columns:
+        if col.name not in have:
+            conn.execute(text(f"ALTER TABLE run ADD COLUMN {col.name} {col.type.compile(conn.dialect)}"))
+    index = text("CREATE UNIQUE INDEX IF NOT EXISTS ux_event_run_seq ON event (run_id, seq)")
+    try:
+        if conn.dialect.name == "postgresql":  # a failed statement ends a PostgreSQL transaction: a savepoint keeps it
+            with conn.begin_nested():
+                conn.execute(index)
+        else:
+            conn.execute(index)
+    except IntegrityError:
+        pass
+
+
+# version N's step: what turns a store of version N-1 into one of version N (one transaction, under the lock)
+_UPGRADES: dict[int, Callable[[Any], None]] = {1: _upgrade_0_to_1}
+
+
+def _not_newer(found: int | None, url: str) -> None:
+    if found is not None and found > SCHEMA_VERSION:
+        raise SchemaError(f"the trace store {shown_url(url)} has schema version {found}, newer than this dxagent's "
+                          f"({SCHEMA_VERSION}): upgrade dxagent to use it")
+
+
+def open_schema(engine: Engine, url: str) -> int | None:
+    """Create or upgrade the store's schema to SCHEMA_VERSION; returns the version it had (None: a new store). Many
+    processes may open one store at once: one of them does the work, under PostgreSQL's advisory lock or SQLite's
+    write lock, and the others find it done."""
+    with engine.connect() as conn:  # the usual case, without a lock: already current
+        found = _schema_version(conn)
+    if found == SCHEMA_VERSION:
+        return found
+    _not_newer(found, url)
+    pg = engine.dialect.name == "postgresql"
+    try:
+        with engine.begin() as conn:
+            if pg:
+                conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _UPGRADE_LOCK})
+            conn.execute(text("CREATE TABLE IF NOT EXISTS dxagent_schema (id INTEGER PRIMARY KEY, "
+                              "version INTEGER NOT NULL, upgraded_at VARCHAR NOT NULL)"))
+            if not pg:  # a write first: SQLite's write lock, held to the commit
+                conn.execute(text("UPDATE dxagent_schema SET version = version"))
+            found = _schema_version(conn)
+            _not_newer(found, url)
+            if found == SCHEMA_VERSION:
+                return found
+            SQLModel.metadata.create_all(conn, tables=[Run.__table__, Event.__table__, Artifact.__table__])
+            for v in range(found + 1, SCHEMA_VERSION + 1) if found is not None else ():
+                _UPGRADES[v](conn)
+            conn.execute(text("DELETE FROM dxagent_schema"))
+            conn.execute(text("INSERT INTO dxagent_schema (id, version, upgraded_at) VALUES (1, :v, :t)"),
+                         {"v": SCHEMA_VERSION, "t": datetime.now(UTC).isoformat()})
+            return found
+    except SchemaError:
+        raise
+    except DBAPIError as exc:
+        lines = str(getattr(exc, "orig", None) or exc).strip().splitlines() or [type(exc).__name__]
+        reason = " ".join(lines[0].split())[:200]
+        err = unavailable(exc, url)
+        if err is not None and not any(w in reason.lower() for w in ("permission", "readonly", "read-only")):
+            raise err from None
+        raise SchemaError(f"the trace store {shown_url(url)} needs its schema created or upgraded to version "
+                          f"{SCHEMA_VERSION} and that failed ({reason}): run `dxagent trace upgrade --db-url URL` "
+                          "as a database user that may create and alter its tables") from None
+
+
 class TraceStore:
-    """Writes one run's events; each event's hash chains the previous one."""
+    """Writes one run's events; each event's hash chains the previous one. On PostgreSQL the process shares one
+    pool per database (POOL_ENV); on SQLite each store has its own connections (WAL, 30 s busy timeout)."""
 
     def __init__(self, url: str | None = None, root: str | Path = "traces"):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        self.url = url or f"sqlite:///{self.root / 'dxagent.sqlite'}"
-        self.engine = create_engine(self.url)
+        self.url = engine_url(url) if url else f"sqlite:///{self.root / 'dxagent.sqlite'}"
         if self.url.startswith("sqlite"):
+            self.engine = create_engine(self.url)
+
             @sa_event.listens_for(self.engine, "connect")
             def _wal(dbapi_conn, _):  # concurrent readers while a run writes
                 dbapi_conn.execute("PRAGMA journal_mode=WAL")
                 dbapi_conn.execute("PRAGMA busy_timeout=30000")
-        SQLModel.metadata.create_all(self.engine)
-        self._migrate()
-        self._lock = threading.Lock()
+        else:
+            self.engine = _pg_engine(self.url)
+        try:
+            self.schema_from = open_schema(self.engine, self.url)
+        except Exception as exc:
+            err = unavailable(exc, self.url)
+            if err is None or err is exc:
+                raise
+            raise err from None
         self.text_cap = stored_text_cap()
 
-    def _migrate(self) -> None:
-        """Add the columns a newer version introduced to a trace database an older version created."""
-        have = {c["name"] for c in inspect(self.engine).get_columns("run")}
-        missing = [c for c in Run.__table__.columns if c.name not in have]
-        with self.engine.begin() as conn:
-            for col in missing:
-                conn.execute(text(f"ALTER TABLE run ADD COLUMN {col.name} {col.type.compile(self.engine.dialect)}"))
-        try:  # a store made before the constraint: the same rule as an index
-            with self.engine.begin() as conn:
-                conn.execute(text("CREATE UNIQUE INDEX IF NOT EXISTS ux_event_run_seq ON event (run_id, seq)"))
-        except IntegrityError:  # it already holds duplicate numbers (two writers, before the lease): verify names
-            pass  # the runs they broke; the store stays readable
+    @property
+    def shown_url(self) -> str:
+        return shown_url(self.url)
+
+    @property
+    def postgres(self) -> bool:
+        return self.engine.dialect.name == "postgresql"
+
+    def _lock_run(self, s: Session, run_id: str) -> None:
+        """Take the run's row for this transaction (a no-op UPDATE: PostgreSQL's row lock, SQLite's write lock), so
+        that event numbers and seals of one run are taken one writer at a time by the database, across processes and
+        machines."""
+        s.connection().execute(update(Run).where(Run.id == run_id).values(owner=Run.owner))
+
+    def _insert_new(self, conn: Any, model: type[SQLModel], key: str, **values: Any) -> None:
+        """INSERT ... ON CONFLICT (key) DO NOTHING: a row another process inserted first is the same row."""
+        insert = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}.get(self.engine.dialect.name)
+        if insert is not None:
+            conn.execute(insert(model).values(**values).on_conflict_do_nothing(index_elements=[key]))
+            return
+        try:  # another database: the same rule through its primary key
+            with conn.begin_nested():
+                conn.execute(model.__table__.insert().values(**values))
+        except IntegrityError:
+            pass
 
     # -- runs -------------------------------------------------------------------------------
+    @_db
     def start_run(self, run_id: str, case_id: str, question: str, llm: str, planner_mode: str,
                   inputs_sha256: str, versions: dict[str, Any], settings: dict[str, Any] | None = None) -> None:
-        with Session(self.engine) as s:
-            if s.get(Run, run_id) is not None:
-                return  # resuming: keep the original row
-            s.add(Run(id=run_id, case_id=case_id, created_at=datetime.now(UTC).isoformat(), question=question,
-                      llm=llm, planner_mode=planner_mode, inputs_sha256=inputs_sha256,
-                      versions=canonical(versions), settings=canonical(settings or {}), chain=CHAIN_VERSION,
-                      owner=_owner()))
-            s.commit()
+        """The run's row, once: a run that has one (resuming) keeps it."""
+        with self.engine.begin() as conn:
+            self._insert_new(conn, Run, "id", id=run_id, case_id=case_id, created_at=datetime.now(UTC).isoformat(),
+                             status="running", question=question, llm=llm, planner_mode=planner_mode,
+                             inputs_sha256=inputs_sha256, versions=canonical(versions),
+                             settings=canonical(settings or {}), chain=CHAIN_VERSION, owner=_owner())
 
+    @_db
     def finish_run(self, run_id: str, status: str, report: dict | None = None, error: str | None = None) -> None:
-        """Mark the run finished and seal it: chain length and head, then a digest over the row."""
-        with self._lock, Session(self.engine) as s:
+        """Mark the run finished and seal it: chain length and head, then a digest over the row - one transaction,
+        so a run is either still running (unsealed) or finished and sealed, never half of it."""
+        with Session(self.engine) as s:
+            self._lock_run(s, run_id)
             run = s.get(Run, run_id)
             if run is None:
                 return
@@ -213,6 +452,7 @@ class TraceStore:
                 run.report = stored_json(report, self.text_cap)  # as its report event stores it
             self._seal(s, run)
 
+    @_db
     def reopen(self, run_id: str) -> None:
         """Take the run as its one writer (a resumed run, a chat thread's next turn): running and unsealed until it
         finishes. The lease is the row's `owner` (host:pid), taken with a compare-and-set on the owner it had, so of
@@ -220,7 +460,7 @@ class TraceStore:
         this host, or any process of another host, holds a running run - gets RunBusy (one line)."""
         run = self.get_run(run_id)
         if run is None:
-            raise KeyError(f"no run {run_id!r} in {self.url}")
+            raise KeyError(f"no run {run_id!r} in {shown_url(self.url)}")
         me = _owner()
         if run.status == "running" and run.owner != me and not self.process_ended(run):
             host, _, pid = (run.owner or "").rpartition(":")
@@ -228,7 +468,7 @@ class TraceStore:
                           if host == socket.gethostname() else
                           f"run {run_id} is running on {host or 'another host'} (its owner): resume it there, or "
                           "after that process has ended")
-        with self._lock, self.engine.begin() as conn:
+        with self.engine.begin() as conn:
             same_owner = Run.owner.is_(None) if run.owner is None else Run.owner == run.owner
             taken = conn.execute(update(Run).where(Run.id == run_id, same_owner, Run.status == run.status)
                                  .values(status="running", owner=me, n_events=None, head_hash=None, seal_alg=None,
@@ -241,6 +481,7 @@ class TraceStore:
         host, _, pid = (run.owner or "").rpartition(":")
         return run.status == "running" and host == socket.gethostname() and pid.isdigit() and not _alive(int(pid))
 
+    @_db
     def mark_interrupted(self) -> list[str]:
         """Runs left "running" by a process of this host that no longer exists become "interrupted" - status and
         reason only, never a seal: what is left was not recorded by this process, and a seal over it would vouch
@@ -252,7 +493,7 @@ class TraceStore:
                      if self.process_ended(r)]
         done = []
         for run_id, owner in stale:
-            with self._lock, self.engine.begin() as conn:
+            with self.engine.begin() as conn:
                 if conn.execute(update(Run).where(Run.id == run_id, Run.owner == owner, Run.status == "running")
                                 .values(status="interrupted", finished_at=datetime.now(UTC).isoformat(),
                                         error="the process running it ended before it finished (killed or "
@@ -260,9 +501,11 @@ class TraceStore:
                     done.append(run_id)
         return done
 
+    @_db
     def reseal(self, run_id: str) -> None:
         """Seal again after events were added to a finished run, keeping its status."""
-        with self._lock, Session(self.engine) as s:
+        with Session(self.engine) as s:
+            self._lock_run(s, run_id)
             run = s.get(Run, run_id)
             if run is not None and run.status != "running":
                 self._seal(s, run)
@@ -277,20 +520,24 @@ class TraceStore:
         s.add(run)
         s.commit()
 
+    @_db
     def get_run(self, run_id: str) -> Run | None:
         with Session(self.engine) as s:
             return s.get(Run, run_id)
 
+    @_db
     def runs(self, limit: int = 50, status: str | None = None) -> list[Run]:
         with Session(self.engine) as s:
             q = select(Run) if status is None else select(Run).where(Run.status == status)
             return list(s.exec(q.order_by(Run.created_at.desc()).limit(limit)))
 
     # -- events -----------------------------------------------------------------------------
+    @_db
     def record(self, run_id: str, kind: str, node: str, name: str, payload: dict[str, Any]) -> Event:
         body = stored_json(payload, self.text_cap)
         psha = sha256_text(body)
-        with self._lock, Session(self.engine) as s:
+        with Session(self.engine) as s:
+            self._lock_run(s, run_id)  # the next number is this writer's until it commits
             last = s.exec(select(Event).where(Event.run_id == run_id).order_by(Event.seq.desc()).limit(1)).first()
             seq = 0 if last is None else last.seq + 1
             prev = GENESIS if last is None else last.hash
@@ -308,6 +555,7 @@ class TraceStore:
         self.record(run_id, "export", "export", "dicom", payload)
         self.reseal(run_id)
 
+    @_db
     def find_uid(self, uid: str) -> list[tuple[str, dict[str, Any]]]:
         """(run id, object) for each recorded DICOM object whose SOP instance or series UID is `uid`."""
         found = []
@@ -318,6 +566,7 @@ class TraceStore:
                         found.append((ev.run_id, obj))
         return found
 
+    @_db
     def events(self, run_id: str, kind: str | None = None) -> list[Event]:
         with Session(self.engine) as s:
             q = select(Event).where(Event.run_id == run_id)
@@ -325,30 +574,26 @@ class TraceStore:
                 q = q.where(Event.kind == kind)
             return list(s.exec(q.order_by(Event.seq)))
 
+    @_db
     def add_artifact(self, ref: ArtifactRef, nbytes: int) -> None:
-        """One row per artifact (content-addressed). Batch workers share the database: when another process inserts
-        the same sha256 between the check and the insert, its row is the same one, so the duplicate is dropped."""
-        with self._lock, Session(self.engine) as s:
-            if s.get(Artifact, ref.sha256) is None:
-                s.add(Artifact(sha256=ref.sha256, kind=ref.kind, media_type=ref.media_type, path=ref.path,
-                               bytes=nbytes))
-                try:
-                    s.commit()
-                except IntegrityError:
-                    s.rollback()
-                    if s.get(Artifact, ref.sha256) is None:  # not the duplicate-key race: a real failure
-                        raise
+        """One row per artifact (content-addressed). Writers on many processes and machines share the database: the
+        insert is ON CONFLICT DO NOTHING, so of two that add the same sha256 at once one row stays and neither fails."""
+        with self.engine.begin() as conn:
+            self._insert_new(conn, Artifact, "sha256", sha256=ref.sha256, kind=ref.kind, media_type=ref.media_type,
+                             path=ref.path, bytes=nbytes)
 
+    @_db
     def artifacts(self, shas: list[str]) -> dict[str, Artifact]:
         with Session(self.engine) as s:
             return {a.sha256: a for a in s.exec(select(Artifact).where(Artifact.sha256.in_(shas)))}
 
+    @_db
     def dump(self, run_id: str) -> dict[str, Any]:
         """One run as a self-describing dict (the `trace export` JSON): the run row, every event with its hashes
         and parsed payload, and the artifact rows the events refer to."""
         run = self.get_run(run_id)
         if run is None:
-            raise KeyError(f"no run {run_id!r} in {self.url}")
+            raise KeyError(f"no run {run_id!r} in {shown_url(self.url)}")
         events = [{"seq": e.seq, "kind": e.kind, "node": e.node, "name": e.name, "t": e.t,
                    "payload_sha256": e.payload_sha256, "prev_hash": e.prev_hash, "hash": e.hash,
                    "payload": json.loads(e.payload)} for e in self.events(run_id)]

@@ -91,6 +91,24 @@ def trace_show(run_id: Annotated[str, typer.Argument(help=TRACE_HELP)], trace_di
     out.print("record: " + ("intact" if not problems else "[red]NOT INTACT[/] — " + "; ".join(problems)))
 
 
+@trace_app.command("upgrade")
+def trace_upgrade(trace_dir: TraceDir = None, db_url: DbUrl = None) -> None:
+    """Create or upgrade the trace store's schema (and its checkpoint tables) to this dxagent's version. Opening a
+    store does the same; run this as a database user that may create and alter tables when those running dxagent
+    may not."""
+    from agent.engine.graph import checkpointer, close_checkpointer
+    from agent.store.trace import SCHEMA_VERSION
+
+    store = trace_store(trace_dir, db_url)
+    saver = checkpointer(db_url, store.root)
+    saver.setup()
+    close_checkpointer(saver)
+    was = store.schema_from
+    how = ("created" if was is None else "already current" if was == SCHEMA_VERSION else
+           f"upgraded from {'an unversioned store (version 0)' if was == 0 else f'version {was}'}")
+    out.print(f"{store.shown_url}: schema version {SCHEMA_VERSION} ({how})", highlight=False, soft_wrap=True)
+
+
 @trace_app.command("uid")
 def trace_uid(uid: Annotated[str, typer.Argument(help="a SOP instance or series UID of a DICOM SR/SEG dxagent wrote")],
               trace_dir: TraceDir = None, db_url: DbUrl = None) -> None:
