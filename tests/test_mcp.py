@@ -2,8 +2,9 @@
 
 Over stdio: `python -m agent.app.cli mcp --llm scripted` is a real subprocess; one session (module fixture) lists the
 tools, analyses the bundled CT, reads its report, verdict and resources, asks follow-ups and is refused, and the tests
-check what came back. Over streamable HTTP: a real `dxagent serve` subprocess with a bearer token, its /mcp endpoint
-with and without the token. No engine is mocked: every run goes through run_case into a trace store."""
+check what came back (its progress notifications too). Over streamable HTTP: a real `dxagent serve --host 0.0.0.0`
+subprocess with a bearer token, its REST API and /mcp endpoint with and without the token. No engine is mocked: every
+run goes through run_case into a trace store."""
 
 from __future__ import annotations
 
@@ -107,7 +108,16 @@ async def _session(root: Path, outside: Path, traces: Path, script: Path) -> dic
         got["tools"] = (await c.list_tools()).tools
         got["templates"] = (await c.list_resource_templates()).resource_templates
         keep("expert_tools", await c.call_tool("list_expert_tools", {}))
-        a = keep("analysis", await c.call_tool("analyze_image", {"image": "DOE_JOHN/ct.dcm", "question": TISSUE_Q}))
+        def progress(into: list) -> Any:
+            async def on_progress(done: float, total: float | None, message: str | None) -> None:
+                into.append((done, total, message))
+                got["said"].append(message or "")
+
+            return on_progress
+
+        got["progress"], got["followup_progress"] = [], []  # the SDK's progress notifications, as they arrive
+        a = keep("analysis", await c.call_tool("analyze_image", {"image": "DOE_JOHN/ct.dcm", "question": TISSUE_Q},
+                                               progress_callback=progress(got["progress"])))
         rid = a.structured_content["run_id"]
         keep("report_json", await c.call_tool("get_report", {"run_id": rid, "format": "json"}))
         keep("report_md", await c.call_tool("get_report", {"run_id": rid, "format": "md"}))
@@ -122,7 +132,8 @@ async def _session(root: Path, outside: Path, traces: Path, script: Path) -> dic
         from agent.app.cli import app
 
         got["replay"] = CliRunner().invoke(app, ["replay", rid, "--trace-dir", str(traces)])  # before any follow-up
-        keep("fat", await c.call_tool("ask_followup", {"thread_id": a.structured_content["thread_id"], "question": FAT_Q}))
+        keep("fat", await c.call_tool("ask_followup", {"thread_id": a.structured_content["thread_id"], "question": FAT_Q},
+                                      progress_callback=progress(got["followup_progress"])))
         keep("modality", await c.call_tool("ask_followup", {"thread_id": rid, "question": MODALITY_Q}))
         keep("verdict_after", await c.call_tool("verify_trace", {"run_id": rid}))
 
@@ -187,6 +198,20 @@ def test_analyze_image_returns_the_typed_answer_findings_and_run(stdio):
     assert s["report_uri"] == f"dxagent://runs/{s['run_id']}/report"
     text = _text(a)
     assert "fat" in text and s["run_id"] in text and "RESEARCH USE ONLY" in text and len(text) < 1000
+
+
+def test_progress_notifications_follow_the_run_as_it_happens(stdio):
+    """analyze_image and ask_followup, called with a progress callback (the SDK sends a progress token): one
+    notification per trace event, in order - intake, the tool call, the answer - each a one-line summary."""
+    got = stdio["progress"]
+    assert [n for n, _, _ in got] == list(range(1, len(got) + 1)) and all(total is None for _, total, _ in got)
+    names = [m.split(":")[0] for _, _, m in got]
+    assert names.index("intake") < names.index("ct_tissue_composition") < names.index("answer") < names.index("report")
+    tool = got[names.index("ct_tissue_composition")][2]
+    assert "E1 ct_tissue_composition" in tool and " ok: " in tool and all("\n" not in m for _, _, m in got)
+    assert len(got) == stdio["verdict"].structured_content["events"]  # every event of the run, none twice
+    follow = [m.split(":")[0] for _, _, m in stdio["followup_progress"]]
+    assert follow and "intake" not in follow and follow.index("answer") < follow.index("report")  # this turn only
 
 
 def test_report_verdict_and_resources_are_the_clis(stdio):

@@ -269,14 +269,31 @@ class RunQueue:
             return int(db.exec(select(func.count()).select_from(Event).where(Event.run_id == run_id)).one())
 
     def events_after(self, run_id: str, after: int, limit: int = 500) -> list[Any]:
-        """The run's trace events with a sequence number above `after`, in order (what the event stream polls)."""
-        from sqlmodel import Session, select
+        return events_after(self.trace, run_id, after, limit)
 
-        from agent.store.trace import Event
 
-        with Session(self.trace.engine) as db:
-            q = select(Event).where(Event.run_id == run_id, Event.seq > after).order_by(Event.seq).limit(limit)
-            return list(db.exec(q))
+def events_after(trace: Any, run_id: str, after: int, limit: int = 500) -> list[Any]:
+    """The run's trace events with a sequence number above `after`, in order (what the event stream and the MCP
+    server's progress notifications poll)."""
+    from sqlmodel import Session, select
+
+    from agent.store.trace import Event
+
+    with Session(trace.engine) as db:
+        q = select(Event).where(Event.run_id == run_id, Event.seq > after).order_by(Event.seq).limit(limit)
+        return list(db.exec(q))
+
+
+def last_seq(trace: Any, run_id: str) -> int:
+    """The sequence number of the run's latest trace event (-1: none yet)."""
+    from sqlalchemy import func
+    from sqlmodel import Session, select
+
+    from agent.store.trace import Event
+
+    with Session(trace.engine) as db:
+        n = db.exec(select(func.max(Event.seq)).where(Event.run_id == run_id)).one()
+    return -1 if n is None else int(n)
 
 
 def execute(settings: ServeSettings, trace: Any, rec: RunRecord, cancel: threading.Event) -> tuple[str, str | None]:
