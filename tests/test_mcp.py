@@ -297,7 +297,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_streamable_http_on_serve_with_and_without_the_token(tmp_path):
+def _outward_address() -> str:
+    """This machine's non-loopback IPv4 address (the one a route out would use; no packet is sent), else loopback."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("10.255.255.255", 1))
+            return s.getsockname()[0]
+        except OSError:
+            return "127.0.0.1"
+
+
+def test_serve_beyond_loopback_with_the_token_rest_and_streamable_http(tmp_path):
+    """`dxagent serve --host 0.0.0.0` with DXAGENT_SERVE_TOKEN: REST and /mcp refuse a missing or wrong token (401)
+    and serve the right one, on loopback and on this machine's outward address."""
     import httpx2
     from mcp import Client
 
@@ -307,7 +321,7 @@ def test_streamable_http_on_serve_with_and_without_the_token(tmp_path):
     token = "mcp-test-token-" + "x" * 16
     port, traces = _free_port(), tmp_path / "traces"
     proc = subprocess.Popen([sys.executable, "-m", "agent.app.cli", "serve", "--llm", "scripted", "--script", str(script),
-                             "--port", str(port), "--trace-dir", str(traces), "--root", str(root)],
+                             "--host", "0.0.0.0", "--port", str(port), "--trace-dir", str(traces), "--root", str(root)],
                             env={**ENV, "DXAGENT_SERVE_TOKEN": token}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)
     base, auth = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {token}"}
@@ -322,6 +336,13 @@ def test_streamable_http_on_serve_with_and_without_the_token(tmp_path):
                 pass
             assert time.monotonic() < deadline, "the server did not start"
             time.sleep(0.1)
+
+        # listening beyond loopback (allowed: the token is set), reached at this machine's outward address
+        outward = f"http://{_outward_address()}:{port}"
+        for headers in ({}, {"Authorization": "Bearer wrong-token-0123456789"}):
+            r = httpx.get(f"{outward}/api/runs", headers=headers, timeout=10, trust_env=False)
+            assert r.status_code == 401 and set(r.json()) == {"detail"} and "\n" not in r.json()["detail"]
+        assert httpx.get(f"{outward}/api/runs", headers=auth, timeout=10, trust_env=False).json() == []
 
         hello = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
                  "params": {"protocolVersion": "2025-06-18", "capabilities": {},

@@ -380,7 +380,7 @@ def test_token_is_required_and_checked(tmp_path):
         assert "/api/runs/{run_id}/events" in schema["paths"]
     env = {k: v for k, v in os.environ.items() if k != "DXAGENT_SERVE_TOKEN"}
     res = CliRunner().invoke(cli, ["serve", "--host", "0.0.0.0", "--trace-dir", str(tmp_path)], env=env)
-    assert res.exit_code == 2 and "DXAGENT_SERVE_TOKEN" in res.output
+    assert res.exit_code == 2 and "DXAGENT_SERVE_TOKEN" in res.output and res.output.strip().count("\n") == 0
     res = CliRunner().invoke(cli, ["serve", "--host", "0.0.0.0"], env={**env, "DXAGENT_SERVE_TOKEN": "short"})
     assert res.exit_code == 2 and "16" in res.output
     res = CliRunner().invoke(cli, ["serve", "--workers", "2", "--llm", "local"], env=env)
