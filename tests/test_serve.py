@@ -293,13 +293,15 @@ def test_a_batch_runs_each_row_in_the_queue_and_a_bad_row_fails_alone(live, tmp_
     (live.root / "case" / "broken_DOE.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")  # queued; fails when run
     (live.root / "batch.csv").write_text(f"case_id,image,question,labels\nMRN1,case/ct.dcm,{TISSUE_Q},fat\n"
                                          f"MRN2,case/MRN42.dcm,,\nMRN3,../outside.dcm,,\n"
-                                         f"MRN4,case/broken_DOE.png,{TISSUE_Q},\nMRN5,case/ct.dcm,,\n")
+                                         f"MRN4,case/broken_DOE.png,{TISSUE_Q},\nMRN5,case/ct.dcm,,\n"
+                                         "MRN1,case/ct.dcm,,\n")
     r = c.post("/api/batches", json={"manifest": "batch.csv", "question": TISSUE_Q})
     assert r.status_code == 202, r.text
     b = r.json()
     assert r.headers["location"] == f"/api/batches/{b['id']}" and b["source"] == "path"
-    assert [x["status"] for x in b["rows"]][1:3] == ["invalid", "invalid"] and b["counts"]["invalid"] == 2
+    assert [x["status"] for x in b["rows"]][1:3] == ["invalid", "invalid"] and b["counts"]["invalid"] == 3
     assert "no such file" in b["rows"][1]["error"] and "escapes" in b["rows"][2]["error"]
+    assert b["rows"][5]["error"] == "row 7: its case id repeats an earlier row's"
     ids = [x["run_id"] for x in b["rows"] if x["run_id"]]
     assert len(ids) == 3 and all(c.get(f"/api/runs/{i}").json()["batch"] == b["id"] for i in ids)  # ordinary runs
 
@@ -310,7 +312,7 @@ def test_a_batch_runs_each_row_in_the_queue_and_a_bad_row_fails_alone(live, tmp_
     assert finals == {1: "done", 4: "failed", 5: "done"}  # each row's last move, streamed
     summary = events[-1][1]["summary"]
     assert summary["counts"] == {"queued": 0, "running": 0, "done": 2, "failed": 1, "cancelled": 0, "interrupted": 0,
-                                 "invalid": 2}
+                                 "invalid": 3}
     assert summary["outcomes"] == {"report": 2} and summary["agreement"][0]["label"] == "fat"
 
     got = c.get(f"/api/batches/{b['id']}").json()

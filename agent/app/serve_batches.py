@@ -18,6 +18,7 @@ record number); row errors have their paths replaced by "input N".
 
 from __future__ import annotations
 
+import re
 import statistics
 from collections import Counter
 from datetime import datetime
@@ -66,8 +67,9 @@ def row_error(error: str, where: str, safe: str, paths: list[str], case_id: str,
 
     text = error.replace(f" the manifest's folder {root}", " the manifest's folder").replace(where, safe)
     text = redact_paths(text, paths).replace(str(root), "the manifest's folder")
+    text = re.sub(r"case id .* is repeated$", "its case id repeats an earlier row's", text)  # never the id itself
     if case_id:
-        text = text.replace(repr(case_id), "(a repeated id)").replace(case_id, "(case id)")
+        text = text.replace(case_id, "(case id)")
     return one_line(text, 200)
 
 
