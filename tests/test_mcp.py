@@ -365,19 +365,27 @@ def test_serve_beyond_loopback_with_the_token_rest_and_streamable_http(tmp_path)
             async with httpx2.AsyncClient(headers=auth, timeout=120) as http:
                 async with Client(streamable_http_client(f"{base}/mcp", http_client=http)) as c:
                     names = {t.name for t in (await c.list_tools()).tools}
-                    a = await c.call_tool("analyze_image", {"image": "DOE_JOHN/ct.dcm", "question": TISSUE_Q})
+                    seen: list[str] = []
+
+                    async def on_progress(done: float, total: float | None, message: str | None) -> None:
+                        seen.append(message or "")
+
+                    a = await c.call_tool("analyze_image", {"image": "DOE_JOHN/ct.dcm", "question": TISSUE_Q},
+                                          progress_callback=on_progress)  # the run waits in serve's queue
                     out = await c.call_tool("analyze_image", {"image": "link.dcm"})
                     v = await c.call_tool("verify_trace", {"run_id": a.structured_content["run_id"]})
-                    return {"names": names, "analysis": a, "outside": out, "verdict": v}
+                    return {"names": names, "analysis": a, "outside": out, "verdict": v, "progress": seen}
 
         got = _arun(with_token)
         assert "analyze_image" in got["names"]
         run_id = got["analysis"].structured_content["run_id"]
         assert not got["analysis"].is_error and got["verdict"].structured_content["verdict"] == "intact"
+        steps = [m.split(":")[0] for m in got["progress"]]  # progress notifications over HTTP too
+        assert steps.index("intake") < steps.index("ct_tissue_composition") < steps.index("answer")
         assert got["outside"].is_error and "outside the served roots" in _text(got["outside"])
         listed = httpx.get(f"{base}/api/runs", headers=auth, trust_env=False).json()  # the serve queue ran it
         assert [x["id"] for x in listed] == [run_id] and listed[0]["status"] == "done"
-        said = _said(got["analysis"]) + _said(got["outside"])
+        said = _said(got["analysis"]) + _said(got["outside"]) + "\n".join(got["progress"])
         assert not [x for x in IDENTIFIERS if x in said] and str(root) not in said and "ct.dcm" not in said
     finally:
         if proc.poll() is None:

@@ -379,7 +379,7 @@ def test_token_is_required_and_checked(tmp_path):
         ok = {"Authorization": f"Bearer {token}"}
         assert c.get("/api/runs", headers=ok).json() == []
         schema = c.get("/openapi.json", headers=ok).json()
-        assert "/api/runs/{run_id}/events" in schema["paths"]
+        assert {"/api/runs/{run_id}/events", "/api/batches", "/api/batches/{batch_id}/events"} <= set(schema["paths"])
     env = {k: v for k, v in os.environ.items() if k != "DXAGENT_SERVE_TOKEN"}
     res = CliRunner().invoke(cli, ["serve", "--host", "0.0.0.0", "--trace-dir", str(tmp_path)], env=env)
     assert res.exit_code == 2 and "DXAGENT_SERVE_TOKEN" in res.output and res.output.strip().count("\n") == 0
