@@ -81,6 +81,7 @@ class Batches:
         self.dir = Path(runs.settings.trace_dir) / "serve" / "batches"
         self.dir.mkdir(parents=True, exist_ok=True)
         self._batches: dict[str, BatchRecord] = {}
+        self._summaries: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}  # id -> (rows' ends, summary)
         for f in sorted(self.dir.glob("batch-*.json")):
             try:
                 b = BatchRecord.model_validate_json(f.read_text())
@@ -136,7 +137,18 @@ class Batches:
 
     def summary(self, b: BatchRecord, rows: list[BatchRow]) -> dict[str, Any]:
         """A finished batch as `dxagent batch` sums one up: counts, outcomes, modalities, answer kinds, time per run
-        and runs per minute, and agreement with the manifest's reference labels where it has them."""
+        and runs per minute, and agreement with the manifest's reference labels where it has them (computed again only
+        when a row's status or end time changes: a finished batch changes only when a row is resumed)."""
+        key = tuple((r.status, getattr(self.runs.record(r.run_id) if r.run_id else None, "finished_at", None))
+                    for r in rows)
+        cached = self._summaries.get(b.id)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        out = self._summary(b, rows)
+        self._summaries[b.id] = (key, out)
+        return out
+
+    def _summary(self, b: BatchRecord, rows: list[BatchRow]) -> dict[str, Any]:
         import json
 
         from agent.app.batch import agreement
