@@ -1,6 +1,7 @@
-"""dxagent serve: latency to the first streamed event, API overhead over run_case, idle memory, queued throughput.
+"""dxagent serve: latency to the first streamed event, API overhead over the CLI, idle memory, queued throughput.
 
-    .venv/bin/python bench/bench_serve.py [--llm scripted|tiny|local] [--runs 10] [--workers 1] [--repeat 5]
+    .venv/bin/python bench/bench_serve.py [--llm scripted|tiny|local] [--runs 10] [--workers 1,2] [--repeat 5]
+                                          [--cli-llm tiny|local|none]
 
 Starts the real `dxagent serve` (a subprocess on a free loopback port, a fresh trace folder) and, on the bundled CT
 slice (pydicom's CT_small.dcm) with the tissue question:
@@ -10,11 +11,15 @@ slice (pydicom's CT_small.dcm) with the tissue question:
   the engine's imports, the tool worker) and the median of --repeat warm runs;
 - API overhead: POST to the stream's `end` event for the same case, against `run_case` called in this process (warm,
   median of --repeat), as a ratio (the event stream polls the store every 0.2 s, which is part of what is measured);
-- throughput: --runs runs posted at once to the bounded queue (--workers), runs per minute until the last is done;
+- API vs CLI: the same case with the same planner (--cli-llm; `dxagent run` has no scripted planner): `dxagent run` as
+  a user runs it (a fresh process each time) against POST -> `end` on a warm server, medians, as a ratio;
+- throughput: --runs runs posted at once to the bounded queue, runs per minute until the last is done, for each
+  --workers count (a fresh server each);
 - page load: the reading room at / in the system's chromium (Playwright): first contentful paint and load, and the
   time to open a finished run to its drawn image and report (skipped without playwright or chromium).
 
-Prints figures; asserts nothing. --llm scripted (default) measures the server, not a model; tiny/local add the model.
+Prints figures (and the machine's load average: it may be shared); asserts nothing. --llm scripted (default) measures
+the server, not a model; tiny/local add the model.
 """
 
 from __future__ import annotations
@@ -112,13 +117,80 @@ def one(client: httpx.Client, ct: bytes) -> tuple[float, float]:
     return follow(client, post(client, ct), t0)
 
 
+def start_server(llm: str, workers: int, work: Path, script: Path) -> tuple[subprocess.Popen, httpx.Client, float]:
+    """`dxagent serve` as a subprocess on a free loopback port, its own trace folder: (process, client, start-up s)."""
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "agent.app.cli", "serve", "--llm", llm, "--port", str(port), "--trace-dir",
+           str(work / f"traces-{llm}-{workers}"), "--workers", str(workers), "--root", str(work)]
+    if llm == "scripted":
+        cmd += ["--script", str(script)]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    c = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60, trust_env=False)
+    while True:
+        try:
+            if c.get("/api/runs").status_code == 200:
+                return proc, c, time.perf_counter() - t0
+        except httpx.TransportError:
+            time.sleep(0.1)
+
+
+def stop(proc: subprocess.Popen, c: httpx.Client) -> None:
+    c.close()
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def throughput(c: httpx.Client, ct: bytes, runs: int, workers: int) -> str:
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(min(runs, 20)) as pool:
+        ids = list(pool.map(lambda _: post(c, ct), range(runs)))
+    while True:
+        states = [c.get(f"/api/runs/{i}").json()["status"] for i in ids]
+        if all(s not in ("queued", "running") for s in states):
+            break
+        time.sleep(0.1)
+    wall = time.perf_counter() - t0
+    return (f"throughput: {runs} runs posted at once, all finished in {wall:.1f} s: {runs / wall * 60:.1f} runs/min "
+            f"with --workers {workers}; {states.count('done')} done, {runs - states.count('done')} not")
+
+
+def versus_cli(ct_path: str, ct: bytes, llm: str, repeat: int, work: Path, script: Path) -> str:
+    """The same case, the same planner: `dxagent run` as a user runs it (a fresh process each time: imports, model
+    load, the run) against POST + the event stream to `end` on a warm server (median of `repeat` each)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    cli = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "agent.app.cli", "run", ct_path, "-q", QUESTION, "--llm", llm,
+                        "--trace-dir", str(work / "cli")], env=env, check=True, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+        cli.append(time.perf_counter() - t0)
+    proc, c, _ = start_server(llm, 1, work, script)
+    try:
+        one(c, ct)  # warm: the model loaded, the tool worker started
+        api = [one(c, ct)[1] for _ in range(repeat)]
+    finally:
+        stop(proc, c)
+    a, r = statistics.median(api), statistics.median(cli)
+    return (f"API vs CLI, --llm {llm}, medians of {repeat}: `dxagent run` (fresh process) {r:.2f} s, POST -> end on a "
+            f"warm server {a:.2f} s: ratio {a / r:.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--llm", default="scripted")
     ap.add_argument("--runs", type=int, default=10)
-    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--workers", default="1,2", help="worker counts to measure throughput with (comma-separated)")
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--cli-llm", default="tiny", help="planner of the API-vs-`dxagent run` comparison (the CLI has no "
+                                                      "scripted planner); 'none' skips it")
     a = ap.parse_args()
+    workers = [int(w) for w in a.workers.split(",")]
 
     from helpers import call
     from pydicom.data import get_testdata_file
@@ -128,27 +200,12 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench_serve_"))
     script = work / "script.jsonl"
     script.write_text(call("ct_tissue_composition") + "\n")
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "agent.app.cli", "serve", "--llm", a.llm, "--port", str(port), "--trace-dir",
-           str(work / "traces"), "--workers", str(a.workers), "--root", str(work)]
-    if a.llm == "scripted":
-        cmd += ["--script", str(script)]
-    t_start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the start (shared with other jobs)")
     try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60, trust_env=False) as c:
-            while True:
-                try:
-                    if c.get("/api/runs").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    time.sleep(0.1)
-            started = time.perf_counter() - t_start
+        proc, c, started = start_server(a.llm, workers[0], work, script)
+        try:
             time.sleep(1.0)
-            idle = rss_mb(proc.pid)
-            print(f"server: --llm {a.llm}, --workers {a.workers}, up in {started:.1f} s; idle RSS {idle:.0f} MB")
-
+            print(f"server: --llm {a.llm}, --workers {workers[0]}, up in {started:.1f} s; idle RSS {rss_mb(proc.pid):.0f} MB")
             cold_first, cold_end = one(c, ct)
             print(page_load(str(c.base_url).rstrip("/"), c.get("/api/runs").json()[0]["id"], a.repeat))
             warm = [one(c, ct) for _ in range(a.repeat)]
@@ -166,29 +223,24 @@ def main() -> None:
                 direct.append(time.perf_counter() - t0)
             api = statistics.median(w[1] for w in warm)
             rc = statistics.median(direct)
-            print(f"same case, warm medians: API POST -> end {api:.3f} s, run_case {rc:.3f} s: ratio {api / rc:.2f} "
-                  f"(+{(api - rc) * 1000:.0f} ms; the stream polls every 0.2 s)")
-
-            t0 = time.perf_counter()
-            with ThreadPoolExecutor(min(a.runs, 20)) as pool:
-                ids = list(pool.map(lambda _: post(c, ct), range(a.runs)))
-            while True:
-                states = [c.get(f"/api/runs/{i}").json()["status"] for i in ids]
-                if all(s not in ("queued", "running") for s in states):
-                    break
-                time.sleep(0.1)
-            wall = time.perf_counter() - t0
-            print(f"throughput: {a.runs} runs posted at once, all finished in {wall:.1f} s: {a.runs / wall * 60:.1f} "
-                  f"runs/min with {a.workers} worker(s); {states.count('done')} done, "
-                  f"{a.runs - states.count('done')} not")
+            print(f"same case, warm medians: API POST -> end {api:.3f} s, run_case in-process {rc:.3f} s: ratio "
+                  f"{api / rc:.2f} (+{(api - rc) * 1000:.0f} ms; the stream polls every 0.2 s)")
+            print(throughput(c, ct, a.runs, workers[0]))
             time.sleep(1.0)
             print(f"idle RSS after {a.runs + a.repeat + 1} runs: {rss_mb(proc.pid):.0f} MB")
+        finally:
+            stop(proc, c)
+        for w in workers[1:]:
+            proc, c, _ = start_server(a.llm, w, work, script)
+            try:
+                one(c, ct)  # warm
+                print(throughput(c, ct, a.runs, w))
+            finally:
+                stop(proc, c)
+        if a.cli_llm != "none":
+            print(versus_cli(ct_path, ct, a.cli_llm, min(a.repeat, 3), work, script))
+        print(f"load average {os.getloadavg()[0]:.1f} at the end")
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
         shutil.rmtree(work, ignore_errors=True)
 
 

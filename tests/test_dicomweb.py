@@ -203,6 +203,32 @@ def test_a_qido_query_is_a_batch_manifest(pacs):
         assert "\n" not in str(err.value)
 
 
+def test_a_query_is_a_batch_over_the_rest_api(pacs, tmp_path, monkeypatch):
+    """POST /api/batches {"manifest": QUERY} on `dxagent serve`'s app: one row per study found, each a run in the queue
+    that retrieves its study; no UID in what the API says."""
+    from fastapi.testclient import TestClient
+
+    from agent.app.serve import ServeConfig, create_app
+    from agent.app.serve_runs import ServeSettings
+
+    url, studies = pacs
+    monkeypatch.setenv("DXAGENT_CACHE", str(tmp_path / "cache"))
+    settings = ServeSettings(trace_dir=tmp_path / "traces", llm="scripted", script=[call("ct_tissue_composition")])
+    query = url.replace("http://", "dicomweb://") + "/dicom-web?modality=CT"
+    with TestClient(create_app(ServeConfig(settings=settings, roots=[tmp_path], poll_s=0.05))) as c:
+        r = c.post("/api/batches", json={"manifest": query, "question": "What is the tissue composition of this CT slice?"})
+        assert r.status_code == 202, r.text
+        b = r.json()
+        assert b["source"] == "dicomweb" and [(x["n"], x["where"]) for x in b["rows"]] == [(1, "study 1")]
+        with c.stream("GET", f"/api/batches/{b['id']}/events") as resp:
+            end = [ln for ln in resp.iter_lines() if ln.startswith("data:")][-1]
+        assert json.loads(end.partition(":")[2])["summary"]["counts"]["done"] == 1
+        run = c.get(f"/api/runs/{b['rows'][0]['run_id']}").json()
+        assert run["source"] == "dicomweb" and run["outcome"] == "report"
+        said = json.dumps([b, end, run, c.get(f"/api/batches/{b['id']}").json()])
+        assert studies["CT_small.dcm"][0] not in said and "1CT1" not in said
+
+
 def test_batch_over_a_query_writes_back_to_the_pacs(pacs, tmp_path, monkeypatch):
     """`dxagent batch QUERY --dicom --push source`: each study found is a case, and its SR (and SEGs) go back into that
     study on the PACS, recorded in the case's record and the trace."""

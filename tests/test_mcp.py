@@ -2,8 +2,9 @@
 
 Over stdio: `python -m agent.app.cli mcp --llm scripted` is a real subprocess; one session (module fixture) lists the
 tools, analyses the bundled CT, reads its report, verdict and resources, asks follow-ups and is refused, and the tests
-check what came back. Over streamable HTTP: a real `dxagent serve` subprocess with a bearer token, its /mcp endpoint
-with and without the token. No engine is mocked: every run goes through run_case into a trace store."""
+check what came back (its progress notifications too). Over streamable HTTP: a real `dxagent serve --host 0.0.0.0`
+subprocess with a bearer token, its REST API and /mcp endpoint with and without the token. No engine is mocked: every
+run goes through run_case into a trace store."""
 
 from __future__ import annotations
 
@@ -107,7 +108,16 @@ async def _session(root: Path, outside: Path, traces: Path, script: Path) -> dic
         got["tools"] = (await c.list_tools()).tools
         got["templates"] = (await c.list_resource_templates()).resource_templates
         keep("expert_tools", await c.call_tool("list_expert_tools", {}))
-        a = keep("analysis", await c.call_tool("analyze_image", {"image": "DOE_JOHN/ct.dcm", "question": TISSUE_Q}))
+        def progress(into: list) -> Any:
+            async def on_progress(done: float, total: float | None, message: str | None) -> None:
+                into.append((done, total, message))
+                got["said"].append(message or "")
+
+            return on_progress
+
+        got["progress"], got["followup_progress"] = [], []  # the SDK's progress notifications, as they arrive
+        a = keep("analysis", await c.call_tool("analyze_image", {"image": "DOE_JOHN/ct.dcm", "question": TISSUE_Q},
+                                               progress_callback=progress(got["progress"])))
         rid = a.structured_content["run_id"]
         keep("report_json", await c.call_tool("get_report", {"run_id": rid, "format": "json"}))
         keep("report_md", await c.call_tool("get_report", {"run_id": rid, "format": "md"}))
@@ -122,7 +132,8 @@ async def _session(root: Path, outside: Path, traces: Path, script: Path) -> dic
         from agent.app.cli import app
 
         got["replay"] = CliRunner().invoke(app, ["replay", rid, "--trace-dir", str(traces)])  # before any follow-up
-        keep("fat", await c.call_tool("ask_followup", {"thread_id": a.structured_content["thread_id"], "question": FAT_Q}))
+        keep("fat", await c.call_tool("ask_followup", {"thread_id": a.structured_content["thread_id"], "question": FAT_Q},
+                                      progress_callback=progress(got["followup_progress"])))
         keep("modality", await c.call_tool("ask_followup", {"thread_id": rid, "question": MODALITY_Q}))
         keep("verdict_after", await c.call_tool("verify_trace", {"run_id": rid}))
 
@@ -187,6 +198,20 @@ def test_analyze_image_returns_the_typed_answer_findings_and_run(stdio):
     assert s["report_uri"] == f"dxagent://runs/{s['run_id']}/report"
     text = _text(a)
     assert "fat" in text and s["run_id"] in text and "RESEARCH USE ONLY" in text and len(text) < 1000
+
+
+def test_progress_notifications_follow_the_run_as_it_happens(stdio):
+    """analyze_image and ask_followup, called with a progress callback (the SDK sends a progress token): one
+    notification per trace event, in order - intake, the tool call, the answer - each a one-line summary."""
+    got = stdio["progress"]
+    assert [n for n, _, _ in got] == list(range(1, len(got) + 1)) and all(total is None for _, total, _ in got)
+    names = [m.split(":")[0] for _, _, m in got]
+    assert names.index("intake") < names.index("ct_tissue_composition") < names.index("answer") < names.index("report")
+    tool = got[names.index("ct_tissue_composition")][2]
+    assert "E1 ct_tissue_composition" in tool and " ok: " in tool and all("\n" not in m for _, _, m in got)
+    assert len(got) == stdio["verdict"].structured_content["events"]  # every event of the run, none twice
+    follow = [m.split(":")[0] for _, _, m in stdio["followup_progress"]]
+    assert follow and "intake" not in follow and follow.index("answer") < follow.index("report")  # this turn only
 
 
 def test_report_verdict_and_resources_are_the_clis(stdio):
@@ -272,7 +297,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_streamable_http_on_serve_with_and_without_the_token(tmp_path):
+def _outward_address() -> str:
+    """This machine's non-loopback IPv4 address (the one a route out would use; no packet is sent), else loopback."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("10.255.255.255", 1))
+            return s.getsockname()[0]
+        except OSError:
+            return "127.0.0.1"
+
+
+def test_serve_beyond_loopback_with_the_token_rest_and_streamable_http(tmp_path):
+    """`dxagent serve --host 0.0.0.0` with DXAGENT_SERVE_TOKEN: REST and /mcp refuse a missing or wrong token (401)
+    and serve the right one, on loopback and on this machine's outward address."""
     import httpx2
     from mcp import Client
 
@@ -282,7 +321,7 @@ def test_streamable_http_on_serve_with_and_without_the_token(tmp_path):
     token = "mcp-test-token-" + "x" * 16
     port, traces = _free_port(), tmp_path / "traces"
     proc = subprocess.Popen([sys.executable, "-m", "agent.app.cli", "serve", "--llm", "scripted", "--script", str(script),
-                             "--port", str(port), "--trace-dir", str(traces), "--root", str(root)],
+                             "--host", "0.0.0.0", "--port", str(port), "--trace-dir", str(traces), "--root", str(root)],
                             env={**ENV, "DXAGENT_SERVE_TOKEN": token}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)
     base, auth = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {token}"}
@@ -297,6 +336,13 @@ def test_streamable_http_on_serve_with_and_without_the_token(tmp_path):
                 pass
             assert time.monotonic() < deadline, "the server did not start"
             time.sleep(0.1)
+
+        # listening beyond loopback (allowed: the token is set), reached at this machine's outward address
+        outward = f"http://{_outward_address()}:{port}"
+        for headers in ({}, {"Authorization": "Bearer wrong-token-0123456789"}):
+            r = httpx.get(f"{outward}/api/runs", headers=headers, timeout=10, trust_env=False)
+            assert r.status_code == 401 and set(r.json()) == {"detail"} and "\n" not in r.json()["detail"]
+        assert httpx.get(f"{outward}/api/runs", headers=auth, timeout=10, trust_env=False).json() == []
 
         hello = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
                  "params": {"protocolVersion": "2025-06-18", "capabilities": {},
@@ -319,19 +365,27 @@ def test_streamable_http_on_serve_with_and_without_the_token(tmp_path):
             async with httpx2.AsyncClient(headers=auth, timeout=120) as http:
                 async with Client(streamable_http_client(f"{base}/mcp", http_client=http)) as c:
                     names = {t.name for t in (await c.list_tools()).tools}
-                    a = await c.call_tool("analyze_image", {"image": "DOE_JOHN/ct.dcm", "question": TISSUE_Q})
+                    seen: list[str] = []
+
+                    async def on_progress(done: float, total: float | None, message: str | None) -> None:
+                        seen.append(message or "")
+
+                    a = await c.call_tool("analyze_image", {"image": "DOE_JOHN/ct.dcm", "question": TISSUE_Q},
+                                          progress_callback=on_progress)  # the run waits in serve's queue
                     out = await c.call_tool("analyze_image", {"image": "link.dcm"})
                     v = await c.call_tool("verify_trace", {"run_id": a.structured_content["run_id"]})
-                    return {"names": names, "analysis": a, "outside": out, "verdict": v}
+                    return {"names": names, "analysis": a, "outside": out, "verdict": v, "progress": seen}
 
         got = _arun(with_token)
         assert "analyze_image" in got["names"]
         run_id = got["analysis"].structured_content["run_id"]
         assert not got["analysis"].is_error and got["verdict"].structured_content["verdict"] == "intact"
+        steps = [m.split(":")[0] for m in got["progress"]]  # progress notifications over HTTP too
+        assert steps.index("intake") < steps.index("ct_tissue_composition") < steps.index("answer")
         assert got["outside"].is_error and "outside the served roots" in _text(got["outside"])
         listed = httpx.get(f"{base}/api/runs", headers=auth, trust_env=False).json()  # the serve queue ran it
         assert [x["id"] for x in listed] == [run_id] and listed[0]["status"] == "done"
-        said = _said(got["analysis"]) + _said(got["outside"])
+        said = _said(got["analysis"]) + _said(got["outside"]) + "\n".join(got["progress"])
         assert not [x for x in IDENTIFIERS if x in said] and str(root) not in said and "ct.dcm" not in said
     finally:
         if proc.poll() is None:

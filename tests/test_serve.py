@@ -273,6 +273,95 @@ def test_twenty_concurrent_runs_none_lost(live):
     assert all(store.get_run(i).status == "done" and store.verify_chain(i) is None for i in ids)
 
 
+def batch_events(client: httpx.Client, batch_id: str) -> list[tuple[str, dict]]:
+    """A batch's event stream read to its `end`: [(event, data)]."""
+    out, event = [], None
+    with client.stream("GET", f"/api/batches/{batch_id}/events", timeout=120) as resp:
+        assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
+        for line in resp.iter_lines():
+            if line.startswith("event:"):
+                event = line.partition(":")[2].strip()
+            elif line.startswith("data:"):
+                out.append((event, json.loads(line.partition(":")[2])))
+                if event == "end":
+                    return out
+    return out
+
+
+def test_a_batch_runs_each_row_in_the_queue_and_a_bad_row_fails_alone(live, tmp_path):
+    c = live.client
+    (live.root / "case" / "broken_DOE.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")  # queued; fails when run
+    (live.root / "batch.csv").write_text(f"case_id,image,question,labels\nMRN1,case/ct.dcm,{TISSUE_Q},fat\n"
+                                         f"MRN2,case/MRN42.dcm,,\nMRN3,../outside.dcm,,\n"
+                                         f"MRN4,case/broken_DOE.png,{TISSUE_Q},\nMRN5,case/ct.dcm,,\n"
+                                         "MRN1,case/ct.dcm,,\n")
+    r = c.post("/api/batches", json={"manifest": "batch.csv", "question": TISSUE_Q})
+    assert r.status_code == 202, r.text
+    b = r.json()
+    assert r.headers["location"] == f"/api/batches/{b['id']}" and b["source"] == "path"
+    assert [x["status"] for x in b["rows"]][1:3] == ["invalid", "invalid"] and b["counts"]["invalid"] == 3
+    assert "no such file" in b["rows"][1]["error"] and "escapes" in b["rows"][2]["error"]
+    assert b["rows"][5]["error"] == "row 7: its case id repeats an earlier row's"
+    ids = [x["run_id"] for x in b["rows"] if x["run_id"]]
+    assert len(ids) == 3 and all(c.get(f"/api/runs/{i}").json()["batch"] == b["id"] for i in ids)  # ordinary runs
+
+    events = batch_events(c, b["id"])
+    kinds = [e for e, _ in events]
+    assert kinds[0] in ("progress", "row") and kinds[-1] == "end" and "row" in kinds
+    finals = {d["n"]: d["status"] for e, d in events if e == "row"}
+    assert finals == {1: "done", 4: "failed", 5: "done"}  # each row's last move, streamed
+    summary = events[-1][1]["summary"]
+    assert summary["counts"] == {"queued": 0, "running": 0, "done": 2, "failed": 1, "cancelled": 0, "interrupted": 0,
+                                 "invalid": 3}
+    assert summary["outcomes"] == {"report": 2} and summary["agreement"][0]["label"] == "fat"
+
+    got = c.get(f"/api/batches/{b['id']}").json()
+    assert got["status"] == "finished" and got["summary"] == summary
+    failed = got["rows"][3]
+    assert failed["status"] == "failed" and failed["error"] and "\n" not in failed["error"]
+    assert c.post(f"/api/runs/{ids[0]}/verify").json()["verdict"] == "intact"
+    assert c.get("/api/batches").json()[0]["id"] == b["id"]
+    said = json.dumps([b, events, got, c.get("/api/batches").json()])
+    for leak in ("ct.dcm", "MRN", "DOE", "outside.dcm", str(live.root), *IDENTIFIERS):
+        assert leak not in said, leak
+
+    # an uploaded manifest (JSONL; relative to the first root), a bad line is that row's; cancel drops queued rows
+    manifest = b"\n".join([b'{"image": "case/ct.dcm"}', b"not json"]
+                           + [b'{"image": "case/ct.dcm", "case_id": "c%d"}' % i for i in range(8)])
+    r = c.post("/api/batches", files={"manifest": ("m.jsonl", manifest)}, data={"question": TISSUE_Q})
+    assert r.status_code == 202, r.text
+    up = r.json()
+    assert up["source"] == "upload" and up["rows"][1] == {"n": 2, "where": "line 2", "run_id": None,
+                                                          "status": "invalid", "error": up["rows"][1]["error"]}
+    cancelled = c.post(f"/api/batches/{up['id']}/cancel").json()
+    assert cancelled["cancelled"] + cancelled["cancelling"] >= 7
+    end = batch_events(c, up["id"])[-1][1]["summary"]["counts"]
+    assert end["cancelled"] + end["done"] == 9 and end["cancelled"] >= 7
+    assert c.post(f"/api/batches/{up['id']}/resume").status_code == 202  # the dropped rows queued again, from the start
+    assert batch_events(c, up["id"])[-1][1]["summary"]["counts"]["done"] == 9
+
+
+def test_a_malformed_batch_is_one_line_and_queues_nothing(live):
+    c = live.client
+    before = len(c.get("/api/runs").json())
+    (live.root / "nocol.csv").write_text("foo,bar\n1,2\n")
+    (live.root / "norun.csv").write_text("image\ncase/none.dcm\n")
+    for body, status, why in (({"manifest": "nocol.csv"}, 400, "image column"),
+                              ({"manifest": "norun.csv"}, 400, "no row that can run"),
+                              ({"manifest": "none.csv"}, 404, "no such file"),
+                              ({"manifest": "/etc"}, 403, "outside the served roots"),
+                              ({"manifest": "dicomweb://pacs.example/x?bogus=1"}, 400, "unknown query parameter"),
+                              ({}, 422, "manifest")):
+        r = c.post("/api/batches", json=body)
+        assert r.status_code == status and why in r.json()["detail"], (body, r.text)
+        assert set(r.json()) == {"detail"} and "\n" not in r.json()["detail"] and str(live.root) not in r.text
+    r = c.post("/api/batches", files={"manifest": ("m.csv", b"foo\n1\n")})
+    assert r.status_code == 400 and r.json()["detail"].startswith("malformed manifest") and ".incoming" not in r.text
+    assert c.post("/api/batches", data={"question": "x"}, files={"other": (None, "x")}).status_code == 400
+    assert c.get("/api/batches/batch-nope").status_code == 404
+    assert len(c.get("/api/runs").json()) == before
+
+
 def test_token_is_required_and_checked(tmp_path):
     from fastapi.testclient import TestClient
     from typer.testing import CliRunner
@@ -290,10 +379,10 @@ def test_token_is_required_and_checked(tmp_path):
         ok = {"Authorization": f"Bearer {token}"}
         assert c.get("/api/runs", headers=ok).json() == []
         schema = c.get("/openapi.json", headers=ok).json()
-        assert "/api/runs/{run_id}/events" in schema["paths"]
+        assert {"/api/runs/{run_id}/events", "/api/batches", "/api/batches/{batch_id}/events"} <= set(schema["paths"])
     env = {k: v for k, v in os.environ.items() if k != "DXAGENT_SERVE_TOKEN"}
     res = CliRunner().invoke(cli, ["serve", "--host", "0.0.0.0", "--trace-dir", str(tmp_path)], env=env)
-    assert res.exit_code == 2 and "DXAGENT_SERVE_TOKEN" in res.output
+    assert res.exit_code == 2 and "DXAGENT_SERVE_TOKEN" in res.output and res.output.strip().count("\n") == 0
     res = CliRunner().invoke(cli, ["serve", "--host", "0.0.0.0"], env={**env, "DXAGENT_SERVE_TOKEN": "short"})
     assert res.exit_code == 2 and "16" in res.output
     res = CliRunner().invoke(cli, ["serve", "--workers", "2", "--llm", "local"], env=env)
@@ -338,12 +427,14 @@ def test_kill_9_mid_run_then_restart_loses_nothing(tmp_path):
             time.sleep(0.1)
 
     shutil.copy(CT, tmp_path / "ct.dcm")
+    (tmp_path / "batch.csv").write_text("case_id,image\na,ct.dcm\nb,ct.dcm\n")
     ask = {"path": "ct.dcm", "question": TISSUE_Q, "route": False}  # not routed: the (slow) planner decides
     proc = start(slow=4)
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30, trust_env=False) as c:
             cancelled = c.post("/api/runs", json=ask).json()["id"]
-            killed = c.post("/api/runs", json=ask).json()["id"]
+            batch = c.post("/api/batches", json={"manifest": "batch.csv", **ask}).json()["id"]  # two rows, two runs
+            killed, second = [row["run_id"] for row in c.get(f"/api/batches/{batch}").json()["rows"]]
             queued = c.post("/api/runs", json=ask).json()["id"]
             dropped = c.post("/api/runs", json=ask).json()["id"]
             assert c.post(f"/api/runs/{dropped}/cancel").json()["status"] == "cancelled"  # queued: dropped
@@ -358,6 +449,8 @@ def test_kill_9_mid_run_then_restart_loses_nothing(tmp_path):
                 assert time.monotonic() < deadline
                 time.sleep(0.05)
             assert c.get(f"/api/runs/{queued}").json()["status"] == "queued"
+            assert c.get(f"/api/batches/{batch}").json()["counts"] == {
+                "queued": 1, "running": 1, "done": 0, "failed": 0, "cancelled": 0, "interrupted": 0, "invalid": 0}
         os.killpg(proc.pid, signal.SIGKILL)  # the server and its tool worker, mid-run
         proc.wait(timeout=10)
         proc = start(slow=0)
@@ -367,12 +460,18 @@ def test_kill_9_mid_run_then_restart_loses_nothing(tmp_path):
             assert run["status"] == "interrupted" and "\n" not in run["error"]
             assert c.post(f"/api/runs/{killed}/verify").json()["verdict"] == "INCOMPLETE"
             assert c.get(f"/api/runs/{dropped}").json()["status"] == "cancelled"
-            assert c.post(f"/api/runs/{killed}/resume").status_code == 202
+            assert wait(c, second)["status"] == "done"  # the batch's queued row started after the restart
+            rows = c.get(f"/api/batches/{batch}").json()["rows"]
+            assert [(r["run_id"], r["status"]) for r in rows] == [(killed, "interrupted"), (second, "done")]
+            assert c.post(f"/api/batches/{batch}/resume").status_code == 202  # its interrupted row, from its checkpoint
             assert wait(c, killed)["status"] == "done"
             assert c.post(f"/api/runs/{killed}/verify").json()["verdict"] == "intact"
+            assert c.get(f"/api/batches/{batch}").json()["summary"]["counts"]["done"] == 2
             assert c.post(f"/api/runs/{queued}/resume").status_code == 409
+            assert c.post(f"/api/batches/{batch}/resume").status_code == 409  # nothing left to resume
             listed = {r["id"]: r["status"] for r in c.get("/api/runs").json()}
-            assert listed == {cancelled: "cancelled", killed: "done", queued: "done", dropped: "cancelled"}
+            assert listed == {cancelled: "cancelled", killed: "done", second: "done", queued: "done",
+                              dropped: "cancelled"}
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)

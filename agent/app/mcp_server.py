@@ -9,6 +9,10 @@
     resources  dxagent://runs/{run_id}/report (Markdown), .../report.json, .../artifacts (the list),
                .../artifacts/{name} (a mask, overlay or pixel file, as a blob with its mime type)
 
+Progress: when the client sends a progress token with analyze_image or ask_followup, each trace event of the run (the
+intake, each planner decision and tool call, the critique, the answer, the report) is sent as it is recorded, as an
+MCP progress notification (progress = events so far, no total; message = "<name>: <the REST stream's one-line summary>").
+
 Over stdio (`dxagent mcp`, agent/app/cli/mcp.py) and over streamable HTTP at /mcp on `dxagent serve` (mounted by
 agent/app/serve.py's create_app). Nothing here is a second engine: a run is `execute` (agent/app/serve_runs.py: run_case
 into the trace store) - on `serve` through its run queue, so MCP runs share its bounded workers and are listed under
@@ -27,7 +31,8 @@ import time
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from mcp.server.mcpserver import MCPServer
+import anyio
+from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError, ToolError
 from mcp.types import CallToolResult, TextContent
 from pydantic import BaseModel, Field
@@ -151,15 +156,18 @@ class Backend:
         except Refused as exc:
             raise ToolError(exc.detail) from None
 
-    def analyze(self, image: str, question: str | None, clinical_context: str | None,
-                cancel: threading.Event) -> dict[str, Any]:
+    def prepare(self, image: str, question: str | None, clinical_context: str | None) -> RunRecord:
+        """The run `analyze` makes (its id known before it starts, for the progress notifications)."""
         from agent.engine.graph import new_run_id
 
         path, source = self.inputs(image)
         s = self.settings
-        rec = RunRecord(id=new_run_id(path), created_at=now(), source=source, inputs=[path], n_inputs=1,
-                        question=(question or "").strip() or None, clinical_context=clinical_context or "",
-                        max_steps=s.max_steps, max_wall_s=s.max_wall_s)
+        return RunRecord(id=new_run_id(path), created_at=now(), source=source, inputs=[path], n_inputs=1,
+                         question=(question or "").strip() or None, clinical_context=clinical_context or "",
+                         max_steps=s.max_steps, max_wall_s=s.max_wall_s)
+
+    def analyze(self, rec: RunRecord, cancel: threading.Event) -> dict[str, Any]:
+        s = self.settings
         if self.runs is not None:
             self.runs.submit(rec)
             while (status := self.runs.status(rec.id)[0]) not in FINISHED:
@@ -274,14 +282,59 @@ class _Server(MCPServer):
 async def _blocking(fn: Any, *args: Any, cancel: threading.Event | None = None) -> Any:
     """Run `fn` on a worker thread. With `cancel`: a cancelled call (the client gave up) returns at once and sets it, so
     the run stops at its next step (the thread finishes that step and records the run cancelled)."""
-    import anyio
-
     try:
         return await anyio.to_thread.run_sync(lambda: fn(*args), abandon_on_cancel=cancel is not None)
     except anyio.get_cancelled_exc_class():
         if cancel is not None:
             cancel.set()
         raise
+
+
+def _progress_token(ctx: Context | None) -> Any:
+    try:
+        return (ctx.request_context.meta or {}).get("progress_token") if ctx is not None else None
+    except (ValueError, AttributeError):  # no request (the tool called outside one)
+        return None
+
+
+async def _progress(ctx: Context, trace: Any, run_id: str, after: int, done: anyio.Event) -> None:
+    """Each trace event of the run after `after` as an MCP progress notification (progress: events so far; the
+    message: the event's name and the one-line summary the REST event stream gives), polled from the trace store until
+    `done` and the last event is sent."""
+    from agent.app.serve_runs import event_view, events_after
+
+    cursor, n = after, 0
+    while True:
+        finished = done.is_set()  # read before the events: none is missed
+        batch = await anyio.to_thread.run_sync(events_after, trace, run_id, cursor)
+        for ev in batch:
+            cursor, n = ev.seq, n + 1
+            v = event_view(ev)
+            await ctx.report_progress(n, None, one_line(f"{v['name']}: {v['summary']}", 300))
+        if finished and not batch:
+            return
+        if not batch:
+            await anyio.sleep(0.1)
+
+
+async def _with_progress(ctx: Context | None, trace: Any, run_id: str, after: int, fn: Any, *args: Any,
+                         cancel: threading.Event | None = None) -> Any:
+    """`_blocking(fn, *args)`, and meanwhile, when the client sent a progress token, the run's trace events as
+    progress notifications (the SDK's progress mechanism)."""
+    if _progress_token(ctx) is None:
+        return await _blocking(fn, *args, cancel=cancel)
+    done, out = anyio.Event(), {}
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_progress, ctx, trace, run_id, after, done)
+        try:
+            out["value"] = await _blocking(fn, *args, cancel=cancel)
+        except Exception as exc:  # raised after the last events are sent (outside the task group: not wrapped)
+            out["error"] = exc
+        finally:
+            done.set()
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
 
 
 def build(backend: Backend) -> MCPServer:
@@ -297,10 +350,11 @@ def build(backend: Backend) -> MCPServer:
                           "abstention with its reason), the findings with their evidence ids, the impression, the run "
                           "id and a thread id for ask_followup. Without a question: describe the findings. "
                           + DISCLAIMER)
-    async def analyze_image(image: str, question: str | None = None,
-                            clinical_context: str | None = None) -> Annotated[CallToolResult, Analysis]:
+    async def analyze_image(image: str, question: str | None = None, clinical_context: str | None = None,
+                            ctx: Context | None = None) -> Annotated[CallToolResult, Analysis]:
         cancel = threading.Event()
-        report = await _blocking(backend.analyze, image, question, clinical_context, cancel, cancel=cancel)
+        rec = await _blocking(backend.prepare, image, question, clinical_context)
+        report = await _with_progress(ctx, backend.trace, rec.id, -1, backend.analyze, rec, cancel, cancel=cancel)
         run_id = report["run_id"]
         arts = await _blocking(backend.artifacts, run_id)
         outcome = (report.get("recommendation") or {}).get("outcome")
@@ -312,10 +366,13 @@ def build(backend: Backend) -> MCPServer:
 
     @mcp.tool(description="Ask a follow-up question in a thread (the thread_id analyze_image returned). The evidence "
                           "of earlier questions stays in the thread, so the answer can build on it. " + DISCLAIMER)
-    async def ask_followup(thread_id: str, question: str) -> Annotated[CallToolResult, Followup]:
+    async def ask_followup(thread_id: str, question: str,
+                           ctx: Context | None = None) -> Annotated[CallToolResult, Followup]:
         from agent.app.chat import answer_text
+        from agent.app.serve_runs import last_seq
 
-        report, st = await _blocking(backend.followup, thread_id, question)
+        after = await _blocking(last_seq, backend.trace, thread_id) if _progress_token(ctx) is not None else -1
+        report, st = await _with_progress(ctx, backend.trace, thread_id, after, backend.followup, thread_id, question)
         outcome = (report.get("recommendation") or {}).get("outcome")
         f = Followup(thread_id=thread_id, turn=len(st.conversation) + 1, outcome=outcome,
                      answer=_answer(report.get("answer")), said=answer_text(report, False), findings=_findings(report),
@@ -399,8 +456,6 @@ def http_app(runs: RunQueue, roots: list[Path], token: str | None) -> tuple[MCPS
 def serve_stdio(settings: ServeSettings, roots: list[Path]) -> None:
     """`dxagent mcp`: serve over stdin/stdout until the client closes them (the SDK points fd 1 at stderr meanwhile, so
     a stray print or a child process cannot corrupt the protocol)."""
-    import anyio
-
     backend = Backend(settings, roots)
     backend.trace.mark_interrupted()
     try:

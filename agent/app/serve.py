@@ -10,6 +10,11 @@
     GET  /api/runs/{id}/artifacts[/{name}]  masks, overlays, pixels the run's tools made (the artifact store)
     POST /api/runs/{id}/verify           the `dxagent trace verify` verdict
     POST /api/runs/{id}/cancel | resume  stop a run at its next step / continue an interrupted one
+    POST /api/batches                    submit a batch: JSON {"manifest": a folder/.csv/.jsonl under a served root, or a
+                                         DICOMweb query} or a multipart manifest file; each row a run in the same queue
+    GET  /api/batches[/{id}]             counts, each row's status and run id, the summary once finished
+    GET  /api/batches/{id}/events        Server-Sent Events: progress, each row's new status, then `end` (the summary)
+    POST /api/batches/{id}/cancel | resume  drop/stop its rows / continue its interrupted, cancelled, failed rows
     /mcp                                 the MCP server (agent/app/mcp_server.py) over streamable HTTP
     GET  /                               the reading-room page, with its endpoints (agent/app/reading_room.py)
 
@@ -92,6 +97,37 @@ class PathRun(RunOptions):
     paths: list[str] | None = Field(None, max_length=16, description="several images, as `dxagent run A B`")
 
 
+class BatchRequest(RunOptions):
+    manifest: str = Field(..., max_length=4000, description="a folder, a .csv/.tsv or a .jsonl (the `dxagent batch` "
+                          "formats) under a served root (relative paths: to the first root), or a DICOMweb query "
+                          "dicomweb://HOST/PATH?modality=CT&date=YYYYMMDD-YYYYMMDD (one row per study it finds). The "
+                          "options are the defaults of rows that give none (a row's question comes first)")
+
+
+class BatchRowView(BaseModel):
+    n: int
+    where: str = Field(description="the row's place in the manifest: row N (CSV), line N (JSONL), case N (a folder's "
+                                   "file or series), study N (a query)")
+    run_id: str | None = Field(None, description="its run (GET /api/runs/{run_id}); none for an invalid row")
+    status: str = Field(description="invalid | queued | running | done | failed | cancelled | interrupted")
+    error: str | None = None
+
+
+class BatchView(BaseModel):
+    id: str
+    status: str = Field(description="running (a row is queued or running) | finished")
+    source: str
+    question: str | None = None
+    created_at: str
+    counts: dict[str, int]
+    rows: list[BatchRowView] | None = None
+    summary: dict[str, Any] | None = Field(None, description="once finished: counts, outcomes, modalities, answer kinds, "
+                                                             "seconds per run, runs per minute, agreement with the "
+                                                             "manifest's reference labels")
+    links: dict[str, str] = {}
+    disclaimer: str = DISCLAIMER
+
+
 class RunView(BaseModel):
     id: str
     status: str
@@ -105,6 +141,7 @@ class RunView(BaseModel):
     outcome: str | None = None  # report | abstain | refer
     error: str | None = None
     events: int | None = None
+    batch: str | None = None
     links: dict[str, str] = {}
     disclaimer: str = DISCLAIMER
 
@@ -123,8 +160,8 @@ class Uploads:
     """Files received in a multipart body, streamed to <trace dir>/uploads/.incoming/<request>/ and counted as they
     arrive (cut at the limit), then checked; only `keep` moves them to their content-addressed place."""
 
-    def __init__(self, root: Path, limit: int):
-        self.root, self.limit = root, limit
+    def __init__(self, root: Path, limit: int, hint: str = "send the image as a form field named 'file'"):
+        self.root, self.limit, self.hint = root, limit, hint
         self.incoming = root / ".incoming" / uuid.uuid4().hex
         self.files: list[tuple[Path, str, int]] = []  # (temporary path, sha256, bytes), in the body's order
         self.fields: dict[str, str] = {}
@@ -197,7 +234,7 @@ class Uploads:
             if part.get("fh") is not None and not part["fh"].closed:
                 part["fh"].close()
         if not self.files:
-            raise Refused(400, "malformed upload: no file part (send the image as a form field named 'file')")
+            raise Refused(400, f"malformed upload: no file part ({self.hint})")
 
     def keep(self, series: bool) -> tuple[list[str], list[str]]:
         """Check every received file (an image `load_file` reads, or a zip of one DICOM series), then move them to
@@ -329,6 +366,68 @@ def _refuse_non_image(p: Path) -> None:
                       else "path is a folder that holds no image")
 
 
+# -- a batch's manifest ---------------------------------------------------------------------------------------------
+def plan_batch(manifest: str | Path, root: Path | None, hide: list[str], roots: list[Path], options: dict[str, Any],
+               batch_id: str) -> tuple[list[Any], list[RunRecord]]:
+    """A manifest read by `dxagent batch`'s own reader (agent/app/batch.py's `read_manifest`) as (rows, the run records
+    of the rows that can run). A row the reader finds wrong, or whose path `confine` refuses, is an `invalid` row with
+    its one-line reason; the manifest as a whole unusable, or no row that can run, is Refused 400 (nothing queued).
+    `hide`: what the reader may say of the manifest's own place (replaced by "the manifest")."""
+    from agent.app.batch import read_manifest
+    from agent.app.serve_batches import MAX_ROWS, BatchRow, row_error, safe_where
+    from agent.core.errors import ManifestError
+    from agent.engine.graph import new_run_id
+
+    try:
+        mroot, specs = read_manifest(manifest, root)
+    except ManifestError as exc:
+        msg = str(exc)
+        for h in sorted({h for h in hide if h}, key=len, reverse=True):
+            msg = msg.replace(h, "the manifest")
+        raise Refused(400, f"malformed manifest: {one_line(msg, 240)}") from None
+    if len(specs) > MAX_ROWS:
+        raise Refused(400, f"the manifest lists {len(specs)} cases: a batch holds at most {MAX_ROWS}")
+    rows, recs = [], []
+    for n, spec in enumerate(specs, 1):
+        where = safe_where(spec.where, n)
+        if spec.error:
+            rows.append(BatchRow(n=n, where=where, status="invalid", labels=spec.labels,
+                                 error=row_error(spec.error, spec.where, where, spec.paths, spec.case_id, mroot)))
+            continue
+        try:
+            confined = [confine(p, roots) for p in spec.paths]
+        except Refused as exc:
+            rows.append(BatchRow(n=n, where=where, status="invalid", labels=spec.labels, error=f"{where}: {exc.detail}"))
+            continue
+        inputs = [p for p, _ in confined]
+        rec = RunRecord(id=new_run_id("".join(inputs) + str(n)), created_at=now(), batch=batch_id,
+                        source="dicomweb" if any(src == "dicomweb" for _, src in confined) else "path",
+                        inputs=inputs, n_inputs=len(inputs),
+                        **{**options, "question": spec.question or options["question"],
+                           "clinical_context": spec.clinical_context or options["clinical_context"],
+                           "modality": spec.modality or options["modality"],
+                           "body_part": spec.body_part or options["body_part"]})
+        rows.append(BatchRow(n=n, where=where, run_id=rec.id, labels=spec.labels))
+        recs.append(rec)
+    if not recs:
+        raise Refused(400, one_line(f"the manifest has no row that can run (nothing queued): {rows[0].error}", 240))
+    return rows, recs
+
+
+def sniff_manifest(path: Path, fmt: str | None) -> Path:
+    """An uploaded manifest renamed with the suffix `read_manifest` reads it by: `format` (csv, tsv, jsonl) when
+    given, else JSONL when its first line is a JSON object, TSV when that line has tabs and no comma, else CSV."""
+    if fmt is None:
+        with open(path, "rb") as fh:
+            first = next((ln for ln in fh.read(65536).splitlines() if ln.strip()), b"")
+        fmt = "jsonl" if first.lstrip().startswith(b"{") else "tsv" if b"\t" in first and b"," not in first else "csv"
+    if fmt not in ("csv", "tsv", "jsonl"):
+        raise Refused(400, "format: csv, tsv or jsonl")
+    named = path.with_name(f"manifest.{fmt}")
+    os.replace(path, named)
+    return named
+
+
 # -- what a run's record holds, for the API and the MCP server (agent/app/mcp_server.py) ------------------------------
 def run_artifacts(trace: Any, run_id: str) -> list[dict[str, Any]]:
     """The files a run's tools made, as the API names them (sha256 + suffix; never a path): name, sha256, kind,
@@ -380,8 +479,21 @@ def _one_line_validation(exc: ValidationError | RequestValidationError) -> str:
     return one_line(f"{where}: {e.get('msg', 'invalid')}{more}" if where else f"{e.get('msg', 'invalid')}{more}", 200)
 
 
+async def json_body(request: Request) -> bytes:
+    """A JSON request body read as a stream and cut at MAX_JSON_BYTES (413)."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_JSON_BYTES:
+            raise Refused(413, f"JSON body over {MAX_JSON_BYTES >> 10} KiB")
+    return bytes(body)
+
+
 def create_app(config: ServeConfig) -> FastAPI:
+    from agent.app.serve_batches import Batches
+
     runs = RunQueue(config.settings)
+    batches = Batches(runs)
     trace_dir = Path(config.settings.trace_dir)
     uploads_root = trace_dir / "uploads"
     artifact_root = trace_dir / "artifacts"
@@ -440,7 +552,7 @@ def create_app(config: ServeConfig) -> FastAPI:
             raise Refused(404, f"no run {run_id!r}")
         v = RunView(id=run_id, status=status, links=links(run_id))
         if rec is not None:
-            v.source, v.question, v.n_inputs = rec.source, rec.question, rec.n_inputs
+            v.source, v.question, v.n_inputs, v.batch = rec.source, rec.question, rec.n_inputs, rec.batch
             v.created_at, v.started_at, v.finished_at, v.error = rec.created_at, rec.started_at, rec.finished_at, rec.error
         if row is not None:
             v.question = row.question or v.question
@@ -504,13 +616,9 @@ def create_app(config: ServeConfig) -> FastAPI:
                 up.discard()
             source, seed = "upload", "".join(inputs)
         elif ctype == "application/json":
-            body = bytearray()
-            async for chunk in request.stream():
-                body += chunk
-                if len(body) > MAX_JSON_BYTES:
-                    raise Refused(413, f"JSON body over {MAX_JSON_BYTES >> 10} KiB")
+            body = await json_body(request)
             try:
-                req = PathRun.model_validate_json(bytes(body) or b"{}")
+                req = PathRun.model_validate_json(body or b"{}")
             except ValidationError as exc:
                 raise Refused(422 if body else 400, _one_line_validation(exc) if body else "empty JSON body") from None
             given = ([req.path] if req.path else []) + list(req.paths or [])
@@ -617,6 +725,135 @@ def create_app(config: ServeConfig) -> FastAPI:
         except ValueError as exc:
             raise Refused(409, str(exc)) from None
         return await run_in_threadpool(view, run_id)
+
+    # -- batches: a manifest's rows as runs in the same queue (agent/app/serve_batches.py) ---------------------------
+    def batch_links(batch_id: str) -> dict[str, str]:
+        base = f"/api/batches/{batch_id}"
+        return {"self": base, "events": f"{base}/events", "cancel": f"{base}/cancel", "resume": f"{base}/resume"}
+
+    def batch_view(batch_id: str, full: bool = True) -> BatchView:
+        b = batches.get(batch_id)
+        if b is None:
+            raise Refused(404, f"no batch {batch_id!r}")
+        rows = batches.rows(b)
+        done = batches.finished(rows)
+        v = BatchView(id=b.id, status="finished" if done else "running", source=b.source, question=b.question,
+                      created_at=b.created_at, counts=batches.counts(rows), links=batch_links(b.id))
+        if full:
+            v.rows = [BatchRowView(**r.model_dump(exclude={"labels"})) for r in rows]
+            v.summary = batches.summary(b, rows) if done else None
+        return v
+
+    batch_body = {"requestBody": {"required": True, "content": {
+        "multipart/form-data": {"schema": {"type": "object", "required": ["manifest"], "properties": {
+            "manifest": {"type": "string", "format": "binary", "description": "a CSV/TSV or JSONL manifest (the "
+                         "`dxagent batch` formats); its relative paths are relative to the first served root"},
+            "format": {"type": "string", "enum": ["csv", "tsv", "jsonl"], "description": "default: sniffed"},
+            **{k: {"type": "string"} for k in ("question", "clinical_context", "modality", "body_part", "max_steps",
+                                               "max_seconds", "min_probability", "route")}}}},
+        "application/json": {"schema": BatchRequest.model_json_schema(ref_template="#/components/schemas/{model}")}}}}
+
+    @app.post("/api/batches", status_code=202, response_model=BatchView, openapi_extra=batch_body,
+              summary="submit a batch: a manifest (uploaded, or a path under a served root) or a DICOMweb query")
+    async def create_batch(request: Request) -> JSONResponse:
+        from agent.app.serve_batches import BatchRecord, new_batch_id
+        from agent.imaging.dicomweb import is_query
+
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        batch_id = new_batch_id()
+        if ctype == "multipart/form-data":
+            length = request.headers.get("content-length")
+            if length and length.isdigit() and int(length) > config.max_upload_bytes:
+                raise Refused(413, f"upload over the {config.max_upload_bytes / 2**20:g} MB limit (--max-upload-mb)")
+            up = Uploads(uploads_root, config.max_upload_bytes, hint="send the manifest as a form field named "
+                                                                     "'manifest'")
+            try:
+                await up.receive(request)
+                try:
+                    opts = RunOptions.model_validate({k: v for k, v in up.fields.items() if k in RunOptions.model_fields
+                                                      and v != ""})
+                except ValidationError as exc:
+                    raise Refused(422, _one_line_validation(exc)) from None
+                fmt = up.fields.get("format", "").strip().lower() or None
+                named = sniff_manifest(up.files[0][0], fmt)
+                rows, recs = await run_in_threadpool(plan_batch, named, config.roots[0], [str(named)], config.roots,
+                                                     options(opts), batch_id)
+            finally:
+                up.discard()
+            source = "upload"
+        elif ctype == "application/json":
+            body = await json_body(request)
+            try:
+                req = BatchRequest.model_validate_json(body or b"{}")
+            except ValidationError as exc:
+                raise Refused(422 if body else 400, _one_line_validation(exc) if body else "empty JSON body") from None
+            if is_query(req.manifest):  # QIDO-RS, on a worker thread: one row per study it finds
+                hide, source, manifest = [req.manifest], "dicomweb", req.manifest
+            else:
+                real = await run_in_threadpool(under_roots, req.manifest, config.roots)
+                hide, source, manifest = [str(real), req.manifest], "path", real
+            rows, recs = await run_in_threadpool(plan_batch, manifest, None, hide, config.roots, options(req), batch_id)
+            opts = req
+        else:
+            raise Refused(415, "send application/json ({\"manifest\": ...}) or multipart/form-data (a manifest file)")
+        b = BatchRecord(id=batch_id, created_at=now(), source=source, question=opts.question or None, rows=rows)
+        await run_in_threadpool(batches.create, b, recs)
+        return JSONResponse(batch_view(b.id).model_dump(), status_code=202, headers={"Location": f"/api/batches/{b.id}"})
+
+    @app.get("/api/batches", response_model=list[BatchView], summary="the batches this server accepted, newest first")
+    async def list_batches(limit: int = Query(100, ge=1, le=10_000)) -> list[BatchView]:
+        return await run_in_threadpool(lambda: [batch_view(b.id, full=False) for b in batches.all()[:limit]])
+
+    @app.get("/api/batches/{batch_id}", response_model=BatchView,
+             summary="a batch's counts, each row's status and run id, and its summary once finished")
+    async def get_batch(batch_id: str) -> BatchView:
+        return await run_in_threadpool(batch_view, batch_id)
+
+    @app.get("/api/batches/{batch_id}/events", summary="Server-Sent Events: `progress` (counts), `row` (a row's new "
+                                                      "status), then `end` with the summary")
+    async def batch_events(batch_id: str) -> Any:
+        from sse_starlette.sse import EventSourceResponse
+
+        b = batches.get(batch_id)
+        if b is None:
+            raise Refused(404, f"no batch {batch_id!r}")
+
+        async def events() -> Any:
+            seen = {r.n: r.status for r in b.rows}  # as submitted: a row that moved since is sent first
+            first = True
+            while True:
+                rows = await run_in_threadpool(batches.rows, b)
+                moved = [r for r in rows if seen.get(r.n) != r.status]
+                for r in moved:
+                    yield {"event": "row", "data": BatchRowView(**r.model_dump(exclude={"labels"})).model_dump_json()}
+                seen = {r.n: r.status for r in rows}
+                if moved or first:
+                    yield {"event": "progress", "data": json.dumps({"id": b.id, "counts": batches.counts(rows)})}
+                first = False
+                if batches.finished(rows):
+                    summary = await run_in_threadpool(batches.summary, b, rows)
+                    yield {"event": "end", "data": json.dumps({"id": b.id, "status": "finished", "summary": summary})}
+                    return
+                await asyncio.sleep(config.poll_s)
+
+        return EventSourceResponse(events(), ping=15)
+
+    @app.post("/api/batches/{batch_id}/cancel", summary="drop a batch's queued rows, stop its running ones")
+    async def cancel_batch(batch_id: str) -> JSONResponse:
+        b = batches.get(batch_id)
+        if b is None:
+            raise Refused(404, f"no batch {batch_id!r}")
+        return JSONResponse({"id": batch_id, **(await run_in_threadpool(batches.cancel, b))}, status_code=202)
+
+    @app.post("/api/batches/{batch_id}/resume", status_code=202, response_model=BatchView,
+              summary="continue a batch's interrupted, cancelled and failed rows")
+    async def resume_batch(batch_id: str) -> BatchView:
+        b = batches.get(batch_id)
+        if b is None:
+            raise Refused(404, f"no batch {batch_id!r}")
+        if not await run_in_threadpool(batches.resume, b):
+            raise Refused(409, f"batch {batch_id} has no interrupted, cancelled or failed row to resume")
+        return await run_in_threadpool(batch_view, batch_id)
 
     from agent.app.reading_room import mount
 

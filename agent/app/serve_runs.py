@@ -85,6 +85,7 @@ class RunRecord(BaseModel):
     started_at: str | None = None
     finished_at: str | None = None
     error: str | None = None
+    batch: str | None = None  # the batch (POST /api/batches) this run is a row of
 
 
 class RunQueue:
@@ -137,6 +138,32 @@ class RunQueue:
             self._save(rec)
         self._pending.put(rec.id)
         return rec
+
+    def add(self, recs: list[RunRecord]) -> None:
+        """Save runs without queueing them yet (a batch saves its own record in between; `enqueue` then queues them).
+        A server killed before `enqueue` finds them queued on its next start."""
+        with self._lock:
+            for rec in recs:
+                self._records[rec.id] = rec
+                self._save(rec)
+
+    def enqueue(self, run_ids: list[str]) -> None:
+        for run_id in run_ids:
+            self._pending.put(run_id)
+
+    def requeue(self, run_id: str) -> bool:
+        """Queue again, from its start, a run that ended (cancelled or failed) before it reached the trace store (it
+        has no checkpoint to resume from). False when it did reach it, or its inputs are gone."""
+        with self._lock:
+            rec = self._records.get(run_id)
+            if rec is None or rec.status not in ("cancelled", "failed") or not rec.inputs:
+                return False
+            if self.trace.get_run(run_id) is not None:
+                return False
+            rec.status, rec.resume, rec.error, rec.finished_at, rec.started_at = "queued", False, None, None, None
+            self._save(rec)
+        self._pending.put(run_id)
+        return True
 
     def record(self, run_id: str) -> RunRecord | None:
         with self._lock:
@@ -242,14 +269,31 @@ class RunQueue:
             return int(db.exec(select(func.count()).select_from(Event).where(Event.run_id == run_id)).one())
 
     def events_after(self, run_id: str, after: int, limit: int = 500) -> list[Any]:
-        """The run's trace events with a sequence number above `after`, in order (what the event stream polls)."""
-        from sqlmodel import Session, select
+        return events_after(self.trace, run_id, after, limit)
 
-        from agent.store.trace import Event
 
-        with Session(self.trace.engine) as db:
-            q = select(Event).where(Event.run_id == run_id, Event.seq > after).order_by(Event.seq).limit(limit)
-            return list(db.exec(q))
+def events_after(trace: Any, run_id: str, after: int, limit: int = 500) -> list[Any]:
+    """The run's trace events with a sequence number above `after`, in order (what the event stream and the MCP
+    server's progress notifications poll)."""
+    from sqlmodel import Session, select
+
+    from agent.store.trace import Event
+
+    with Session(trace.engine) as db:
+        q = select(Event).where(Event.run_id == run_id, Event.seq > after).order_by(Event.seq).limit(limit)
+        return list(db.exec(q))
+
+
+def last_seq(trace: Any, run_id: str) -> int:
+    """The sequence number of the run's latest trace event (-1: none yet)."""
+    from sqlalchemy import func
+    from sqlmodel import Session, select
+
+    from agent.store.trace import Event
+
+    with Session(trace.engine) as db:
+        n = db.exec(select(func.max(Event.seq)).where(Event.run_id == run_id)).one()
+    return -1 if n is None else int(n)
 
 
 def execute(settings: ServeSettings, trace: Any, rec: RunRecord, cancel: threading.Event) -> tuple[str, str | None]:
