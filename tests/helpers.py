@@ -262,3 +262,31 @@ class StoreAt:
                     b.execute(table.insert(), rows)
             b.execute(text("SELECT setval(pg_get_serial_sequence('event', 'id'), coalesce(max(id), 1)) FROM event"))
         return new
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(app: Any) -> tuple[Any, Any, str]:
+    """An ASGI `app` on uvicorn in a daemon thread on a free loopback port: (server, thread, base url). Stop it with
+    `server.should_exit = True; thread.join()`."""
+    import threading
+
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    return server, t, f"http://127.0.0.1:{port}"
+

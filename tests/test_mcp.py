@@ -23,7 +23,7 @@ from typing import Any
 import anyio
 import httpx
 import pytest
-from helpers import call
+from helpers import call, free_port
 from pydicom.data import get_testdata_file
 
 CT = get_testdata_file("CT_small.dcm")
@@ -285,14 +285,6 @@ def test_no_identifier_path_or_file_name_leaves_in_a_result(stdio):
 
 
 # -- streamable HTTP on `dxagent serve` ------------------------------------------------------------------------------
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _outward_address() -> str:
     """This machine's non-loopback IPv4 address (the one a route out would use; no packet is sent), else loopback."""
     import socket
@@ -315,7 +307,7 @@ def test_serve_beyond_loopback_with_the_token_rest_and_streamable_http(tmp_path)
     script = tmp_path / "script.jsonl"
     script.write_text(call("ct_tissue_composition") + "\n")
     token = "mcp-test-token-" + "x" * 16
-    port, traces = _free_port(), tmp_path / "traces"
+    port, traces = free_port(), tmp_path / "traces"
     proc = subprocess.Popen([sys.executable, "-m", "agent.app.cli", "serve", "--llm", "scripted", "--script", str(script),
                              "--host", "0.0.0.0", "--port", str(port), "--trace-dir", str(traces), "--root", str(root)],
                             env={**ENV, "DXAGENT_SERVE_TOKEN": token}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,

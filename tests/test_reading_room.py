@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from helpers import call
+from helpers import call, start_server
 from test_serve import CT, IDENTIFIERS, sse, upload, wait
 
 from agent.app.serve import ServeConfig, create_app
@@ -21,24 +21,6 @@ from agent.app.serve_runs import ServeSettings
 
 QUESTION = "Which organs are visible, and what is the tissue composition of this CT slice?"
 SCRIPT = [call("organ_segment"), call("ct_tissue_composition"), call("crop_zoom", bbox=[20, 20, 90, 90])]
-
-
-def start(app):
-    """`app` on uvicorn in a thread on a free loopback port: (server, thread, base url)."""
-    import threading
-
-    import uvicorn
-    from test_serve import free_port
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    t = threading.Thread(target=server.run, daemon=True)
-    t.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    return server, t, f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +35,7 @@ def room(tmp_path_factory):
     (root / "cases" / "notes.txt").write_text("not an image\n")
     settings = ServeSettings(trace_dir=base / "traces", llm="scripted", script=SCRIPT, workers=1)
     app = create_app(ServeConfig(settings=settings, roots=[root], poll_s=0.05))
-    server, t, url = start(app)
+    server, t, url = start_server(app)
     with httpx.Client(base_url=url, timeout=60, trust_env=False) as client:
         yield type("Room", (), {"client": client, "url": url, "base": base, "root": root, "settings": settings})
     server.should_exit = True
@@ -212,7 +194,7 @@ def test_page_with_a_token(tmp_path, browser):
     pictures, the downloads - carries it."""
     token = "t0k3n-" + "w" * 20
     settings = ServeSettings(trace_dir=tmp_path / "traces", llm="scripted", script=[call("ct_tissue_composition")])
-    server, t, url = start(create_app(ServeConfig(settings=settings, roots=[tmp_path], token=token, poll_s=0.05)))
+    server, t, url = start_server(create_app(ServeConfig(settings=settings, roots=[tmp_path], token=token, poll_s=0.05)))
     page = browser.new_page(viewport={"width": 1500, "height": 1000}, accept_downloads=True)
     try:
         page.goto(url + "/", wait_until="load")
@@ -351,7 +333,7 @@ def test_followup_in_the_thread_and_after_a_restart(room, ct_run):
 
     # a second server on the same store (a restart) resumes the thread from the trace store and its checkpoints
     app2 = create_app(ServeConfig(settings=room.settings, roots=[room.root], poll_s=0.05))
-    server, t, url = start(app2)
+    server, t, url = start_server(app2)
     try:
         with httpx.Client(base_url=url, timeout=60, trust_env=False) as c2:
             assert c2.post(f"/api/runs/{ct_run}/followups", json={"question": "How much bone?"}).status_code == 202

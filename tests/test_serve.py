@@ -12,7 +12,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import call
+from helpers import call, free_port, start_server
 from pydicom.data import get_testdata_file
 
 from agent.app.serve import ServeConfig, create_app
@@ -33,34 +32,17 @@ IDENTIFIERS = ("CompressedSamples", "1CT1", "1.3.6.1.4.1.5962.1.2.1.200401190727
 LIMIT = 2 << 20
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
     """`create_app` on uvicorn in a thread, 127.0.0.1, two workers, the scripted planner, a 2 MiB upload limit."""
-    import uvicorn
-
     base = tmp_path_factory.mktemp("serve")
     root = base / "root"
     (root / "case").mkdir(parents=True)
     shutil.copy(CT, root / "case" / "ct.dcm")
     settings = ServeSettings(trace_dir=base / "traces", llm="scripted", script=SCRIPT, workers=2)
     app = create_app(ServeConfig(settings=settings, roots=[root], max_upload_bytes=LIMIT, poll_s=0.05))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    t = threading.Thread(target=server.run, daemon=True)
-    t.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30, trust_env=False) as client:
+    server, t, url = start_server(app)
+    with httpx.Client(base_url=url, timeout=30, trust_env=False) as client:
         yield type("Live", (), {"client": client, "base": base, "root": root, "traces": base / "traces", "app": app})
     server.should_exit = True
     t.join(timeout=10)

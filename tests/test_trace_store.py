@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from helpers import StoreAt, call, wait_for
+from helpers import StoreAt, call, start_server, wait_for
 from pydicom.data import get_testdata_file
 
 from agent.store.trace import SCHEMA_VERSION, SchemaError, TraceStore, event_hash, sha256_text, verify_dump
@@ -264,10 +264,7 @@ def test_the_database_stopped_mid_run(pg_own, tmp_path):
 def test_serve_runs_concurrent_runs_into_postgresql(pg, tmp_path):
     """`dxagent serve` with --db-url: six uploads at once on two workers, each run's engine sharing the process's
     pools (trace store and checkpointer): every run done, sealed and intact in PostgreSQL."""
-    import threading
-
     import httpx
-    import uvicorn
 
     from agent.app.serve import ServeConfig, create_app
     from agent.app.serve_runs import ServeSettings
@@ -278,25 +275,16 @@ def test_serve_runs_concurrent_runs_into_postgresql(pg, tmp_path):
     settings = ServeSettings(trace_dir=tmp_path / "traces", db_url=url, llm="scripted",
                              script=[call("ct_tissue_composition")], workers=2)
     app = create_app(ServeConfig(settings=settings, roots=[root], poll_s=0.05))
-    from pgcluster import _free_port
-
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    t = threading.Thread(target=server.run, daemon=True)
-    t.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
+    server, t, base = start_server(app)
     try:
         def post(_):
-            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60, trust_env=False) as c:
+            with httpx.Client(base_url=base, timeout=60, trust_env=False) as c:
                 return c.post("/api/runs", files={"file": ("ct.dcm", Path(CT).read_bytes())},
                               data={"question": TISSUE_Q}).json()["id"]
 
         with ThreadPoolExecutor(6) as ex:
             ids = list(ex.map(post, range(6)))
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60, trust_env=False) as c:
+        with httpx.Client(base_url=base, timeout=60, trust_env=False) as c:
             end = time.monotonic() + 120
             while any(c.get(f"/api/runs/{i}").json()["status"] in ("queued", "running") for i in ids):
                 assert time.monotonic() < end, "runs still going"

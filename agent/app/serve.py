@@ -489,6 +489,17 @@ async def json_body(request: Request) -> bytes:
     return bytes(body)
 
 
+def request_body(required: str, json_model: type[BaseModel], upload_fields: dict[str, Any]) -> dict[str, Any]:
+    """The OpenAPI request body of an endpoint that takes a multipart upload (these fields plus the run options as form
+    fields) or JSON (`json_model`)."""
+    options = ("question", "clinical_context", "modality", "body_part", "max_steps", "max_seconds", "min_probability",
+               "route")
+    return {"requestBody": {"required": True, "content": {
+        "multipart/form-data": {"schema": {"type": "object", "required": [required], "properties": {
+            **upload_fields, **{k: {"type": "string"} for k in options}}}},
+        "application/json": {"schema": json_model.model_json_schema(ref_template="#/components/schemas/{model}")}}}}
+
+
 def create_app(config: ServeConfig) -> FastAPI:
     from agent.app.serve_batches import Batches
 
@@ -584,14 +595,10 @@ def create_app(config: ServeConfig) -> FastAPI:
 
         return new_run_id(seed)
 
-    run_body = {"requestBody": {"required": True, "content": {
-        "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
-            "file": {"type": "array", "items": {"type": "string", "format": "binary"},
-                     "description": "one or more images (DICOM, NIfTI, PNG/JPEG/TIFF) or a zip of one DICOM series"},
-            "series": {"type": "boolean", "description": "all files are the slices of one DICOM series"},
-            **{k: {"type": "string"} for k in ("question", "clinical_context", "modality", "body_part", "max_steps",
-                                               "max_seconds", "min_probability", "route")}}}},
-        "application/json": {"schema": PathRun.model_json_schema(ref_template="#/components/schemas/{model}")}}}}
+    run_body = request_body("file", PathRun, {
+        "file": {"type": "array", "items": {"type": "string", "format": "binary"},
+                 "description": "one or more images (DICOM, NIfTI, PNG/JPEG/TIFF) or a zip of one DICOM series"},
+        "series": {"type": "boolean", "description": "all files are the slices of one DICOM series"}})
 
     @app.post("/api/runs", status_code=202, response_model=RunView, openapi_extra=run_body,
               summary="create a run (an upload, or a path under a served root, or a dicomweb:// study)")
@@ -744,14 +751,10 @@ def create_app(config: ServeConfig) -> FastAPI:
             v.summary = batches.summary(b, rows) if done else None
         return v
 
-    batch_body = {"requestBody": {"required": True, "content": {
-        "multipart/form-data": {"schema": {"type": "object", "required": ["manifest"], "properties": {
-            "manifest": {"type": "string", "format": "binary", "description": "a CSV/TSV or JSONL manifest (the "
-                         "`dxagent batch` formats); its relative paths are relative to the first served root"},
-            "format": {"type": "string", "enum": ["csv", "tsv", "jsonl"], "description": "default: sniffed"},
-            **{k: {"type": "string"} for k in ("question", "clinical_context", "modality", "body_part", "max_steps",
-                                               "max_seconds", "min_probability", "route")}}}},
-        "application/json": {"schema": BatchRequest.model_json_schema(ref_template="#/components/schemas/{model}")}}}}
+    batch_body = request_body("manifest", BatchRequest, {
+        "manifest": {"type": "string", "format": "binary", "description": "a CSV/TSV or JSONL manifest (the "
+                     "`dxagent batch` formats); its relative paths are relative to the first served root"},
+        "format": {"type": "string", "enum": ["csv", "tsv", "jsonl"], "description": "default: sniffed"}})
 
     @app.post("/api/batches", status_code=202, response_model=BatchView, openapi_extra=batch_body,
               summary="submit a batch: a manifest (uploaded, or a path under a served root) or a DICOMweb query")
