@@ -595,6 +595,26 @@ def create_app(config: ServeConfig) -> FastAPI:
 
         return new_run_id(seed)
 
+    async def form_upload(request: Request, hint: str | None = None) -> tuple[Uploads, RunOptions]:
+        """A multipart request received within the upload limit: its files in a temporary folder (the caller keeps
+        what it needs, then calls `discard()`) and its run options, validated; refused with nothing kept."""
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > config.max_upload_bytes:
+            raise Refused(413, f"upload over the {config.max_upload_bytes / 2**20:g} MB limit (--max-upload-mb): "
+                               "nothing was kept")
+        up = Uploads(uploads_root, config.max_upload_bytes, **({"hint": hint} if hint else {}))
+        try:
+            await up.receive(request)
+            opts = RunOptions.model_validate({k: v for k, v in up.fields.items() if k in RunOptions.model_fields
+                                              and v != ""})
+        except ValidationError as exc:
+            up.discard()
+            raise Refused(422, _one_line_validation(exc)) from None
+        except BaseException:
+            up.discard()
+            raise
+        return up, opts
+
     run_body = request_body("file", PathRun, {
         "file": {"type": "array", "items": {"type": "string", "format": "binary"},
                  "description": "one or more images (DICOM, NIfTI, PNG/JPEG/TIFF) or a zip of one DICOM series"},
@@ -604,19 +624,9 @@ def create_app(config: ServeConfig) -> FastAPI:
               summary="create a run (an upload, or a path under a served root, or a dicomweb:// study)")
     async def create_run(request: Request) -> JSONResponse:
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        length = request.headers.get("content-length")
         if ctype == "multipart/form-data":
-            if length and length.isdigit() and int(length) > config.max_upload_bytes:
-                raise Refused(413, f"upload over the {config.max_upload_bytes / 2**20:g} MB limit (--max-upload-mb): "
-                                   "nothing was kept")
-            up = Uploads(uploads_root, config.max_upload_bytes)
+            up, opts = await form_upload(request)
             try:
-                await up.receive(request)
-                try:
-                    opts = RunOptions.model_validate({k: v for k, v in up.fields.items() if k in RunOptions.model_fields
-                                                      and v != ""})
-                except ValidationError as exc:
-                    raise Refused(422, _one_line_validation(exc)) from None
                 series = up.fields.get("series", "").strip().lower() in ("1", "true", "yes", "on")
                 inputs, _ = await run_in_threadpool(up.keep, series)
             finally:
@@ -765,18 +775,8 @@ def create_app(config: ServeConfig) -> FastAPI:
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         batch_id = new_batch_id()
         if ctype == "multipart/form-data":
-            length = request.headers.get("content-length")
-            if length and length.isdigit() and int(length) > config.max_upload_bytes:
-                raise Refused(413, f"upload over the {config.max_upload_bytes / 2**20:g} MB limit (--max-upload-mb)")
-            up = Uploads(uploads_root, config.max_upload_bytes, hint="send the manifest as a form field named "
-                                                                     "'manifest'")
+            up, opts = await form_upload(request, hint="send the manifest as a form field named 'manifest'")
             try:
-                await up.receive(request)
-                try:
-                    opts = RunOptions.model_validate({k: v for k, v in up.fields.items() if k in RunOptions.model_fields
-                                                      and v != ""})
-                except ValidationError as exc:
-                    raise Refused(422, _one_line_validation(exc)) from None
                 fmt = up.fields.get("format", "").strip().lower() or None
                 named = sniff_manifest(up.files[0][0], fmt)
                 rows, recs = await run_in_threadpool(plan_batch, named, config.roots[0], [str(named)], config.roots,
