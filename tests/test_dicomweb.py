@@ -227,6 +227,12 @@ def test_a_query_is_a_batch_over_the_rest_api(pacs, tmp_path, monkeypatch):
         assert run["source"] == "dicomweb" and run["outcome"] == "report"
         said = json.dumps([b, end, run, c.get(f"/api/batches/{b['id']}").json()])
         assert studies["CT_small.dcm"][0] not in said and "1CT1" not in said
+        from helpers import free_port
+
+        gone = f"dicomweb://127.0.0.1:{free_port()}/dicom-web?modality=CT"  # no PACS listens there
+        r = c.post("/api/batches", json={"manifest": gone})
+        assert r.status_code == 502 and "PACS did not answer" in r.json()["detail"], r.text
+        assert len(c.get("/api/batches").json()) == 1  # nothing queued
 
 
 def test_batch_over_a_query_writes_back_to_the_pacs(pacs, tmp_path, monkeypatch):

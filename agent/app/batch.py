@@ -127,7 +127,7 @@ def read_manifest(path: str | Path, root: str | Path | None = None) -> tuple[Pat
         try:
             refs = query(str(path))
         except DicomWebError as exc:
-            raise ManifestError(str(exc)) from None
+            raise ManifestError(str(exc)) from exc  # the cause tells `serve` the PACS failed (502), not the manifest
         if not refs:
             raise ManifestError(f"{path}: the query finds no study")
         return given_root or Path.cwd(), _check(given_root or Path.cwd(), [
