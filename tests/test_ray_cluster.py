@@ -174,3 +174,12 @@ def test_a_node_killed_mid_batch_loses_nothing_and_its_case_runs_again(driver, p
         assert store.get_run(run_id).status == "done" and store.verify_chain(run_id) is None
     assert sorted(r.id for r in store.runs(limit=100, status="done")) == sorted(runs)  # no case done twice
     assert [r.id for r in store.runs(limit=100) if r.status != "done"] == [seen["run"]]
+
+
+def test_a_case_never_asks_for_more_cpus_than_one_node_has():
+    from agent.app.batch_ray import task_cpus
+
+    assert task_cpus([1, 1], 1) == 1  # two 1-CPU nodes, one case at a time: 1, not 2 (it would never be scheduled)
+    assert task_cpus([1, 1], 2) == 1
+    assert task_cpus([8, 8], 4) == 4 and task_cpus([8, 8], 1) == 8 and task_cpus([16, 2], 2) == 9
+    assert task_cpus([4], 8) == 1 and task_cpus([], 1) == 1

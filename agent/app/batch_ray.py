@@ -42,6 +42,13 @@ def _run_task(fn: Callable[[dict, dict], dict], spec: dict[str, Any], opts: dict
     return fn(spec, opts)
 
 
+def task_cpus(node_cpus: list[float], workers: int) -> int:
+    """CPUs per case: the cluster's CPUs shared by `workers` cases at once, but never more than the largest node has
+    (a task asking for more than any one node has would wait for ever)."""
+    largest = int(max(node_cpus, default=1))
+    return max(1, min(int(sum(node_cpus)) // workers, largest))
+
+
 def connect(address: str | None) -> bool:
     """Join the cluster at `address` ($RAY_ADDRESS when None), or start a local instance; True when this call did
     (and the caller shuts it down). A cluster that cannot be reached is one line."""
@@ -84,9 +91,8 @@ def run_on_ray(specs: list[CaseSpec], opts: dict[str, Any], workers: int, finish
     fn = fn or run_one
     started_here = connect(address)
     try:
-        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         workers = max(1, min(workers, len(specs)))
-        threads = max(1, cpus // workers)
+        threads = task_cpus([n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]], workers)
         task = ray.remote(_run_task).options(num_cpus=threads, max_retries=1, retry_exceptions=False,
                                              scheduling_strategy="SPREAD")
         pending = list(specs)
