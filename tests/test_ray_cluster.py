@@ -183,3 +183,17 @@ def test_a_case_never_asks_for_more_cpus_than_one_node_has():
     assert task_cpus([1, 1], 2) == 1
     assert task_cpus([8, 8], 4) == 4 and task_cpus([8, 8], 1) == 8 and task_cpus([16, 2], 2) == 9
     assert task_cpus([4], 8) == 1 and task_cpus([], 1) == 1
+
+
+def test_an_unreachable_cluster_is_one_line_at_once(tmp_path):
+    pytest.importorskip("ray")
+    from raycluster import free_port
+
+    from agent.app.batch import ManifestError, run_batch
+
+    shutil.copy(CT, tmp_path / "ct.dcm")
+    t0 = time.monotonic()
+    with pytest.raises(ManifestError, match=r"cannot reach the Ray cluster at 127.0.0.1:\d+ .*refused") as exc:
+        run_batch(tmp_path, tmp_path / "out", executor="ray", ray_address=f"127.0.0.1:{free_port()}", llm="scripted",
+                  script=SCRIPT)
+    assert "\n" not in str(exc.value) and time.monotonic() - t0 < 30

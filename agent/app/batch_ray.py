@@ -23,6 +23,7 @@ reaches (`--db-url postgresql://...`): SQLite over a network filesystem is not s
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
@@ -65,6 +66,13 @@ def connect(address: str | None) -> bool:
     env = {k: v for k, v in os.environ.items() if k.startswith(("DXAGENT_", "HF_", "OPENAI_"))}
     if env:  # the workers of a cluster's nodes do not inherit this shell's settings
         kw["runtime_env"] = {"env_vars": env}
+    if address and address != "auto" and "://" not in address:  # Ray itself retries an absent head for minutes
+        host, _, port = address.rpartition(":")
+        try:
+            socket.create_connection((host or "127.0.0.1", int(port)), timeout=10).close()
+        except (OSError, ValueError) as exc:
+            raise ManifestError(f"cannot reach the Ray cluster at {address} (is `ray start --head` running there?): "
+                                f"{exc.strerror or exc}") from None
     try:
         ray.init(address=address, **kw)
     except (ConnectionError, RuntimeError, ValueError) as exc:

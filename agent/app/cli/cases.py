@@ -305,7 +305,8 @@ def batch(
                   highlight=False)
     out.print(timing_line(summary), highlight=False)
     if len(summary.by_node) > 1:
-        out.print("ran on: " + ", ".join(f"{k} {v}" for k, v in sorted(summary.by_node.items())), highlight=False)
+        out.print("ran on (node: cases): " + ", ".join(f"{k[:12]} {v}" for k, v in sorted(summary.by_node.items())),
+                  highlight=False)
     if summary.agreement:
         agree = Table(title="agreement with the reference labels (agreement.csv)")
         for col in ("label", "cases", "ref +", "pred +", "sensitivity", "specificity", "agreement", "kappa"):
