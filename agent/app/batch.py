@@ -287,6 +287,7 @@ class BatchSummary:
     seconds: list[float]
     wall_s: float
     agreement: list[dict[str, Any]]
+    by_node: Counter  # cases this run ran, by the node that ran them (its Ray node id, else its host name)
 
 
 def agreement(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -326,11 +327,12 @@ def _write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> No
 
 
 SUMMARY_COLUMNS = ["case_id", "status", "modality", "outcome", "answer_kind", "abstain_reason", "answer", "findings",
-                   "labels", "predicted", "seconds", "run_id", "error", "where", "finished_at"]
+                   "labels", "predicted", "seconds", "run_id", "error", "where", "node", "ray_node", "replaced_runs",
+                   "finished_at"]
 
 
 def run_batch(manifest: str | Path, out: str | Path, *, root: str | Path | None = None, workers: int = 1,
-              executor: str = "local",
+              executor: str = "local", ray_address: str | None = None,
               question: str | None = None, llm: str = "local", base_url: str | None = None, model: str | None = None,
               api_key: str | None = None, db_url: str | None = None, max_steps: int = 6, max_wall_s: float = 300.0,
               modality: str | None = None, limit: int | None = None, script: list[Any] | None = None,
@@ -380,7 +382,7 @@ def run_batch(manifest: str | Path, out: str | Path, *, root: str | Path | None 
         if executor == "ray":
             from agent.app.batch_ray import run_on_ray
 
-            run_on_ray(runnable, opts, workers, finish)
+            run_on_ray(runnable, opts, workers, finish, address=ray_address)
         elif executor == "local":
             run_local(runnable, opts, workers, finish)
         else:
@@ -397,7 +399,8 @@ def run_batch(manifest: str | Path, out: str | Path, *, root: str | Path | None 
     return BatchSummary(out=out, total=len(specs), skipped=skipped, ran=len(ran),
                         counts=Counter(r.get("status") for r in final),
                         by_modality=Counter(r.get("modality") or "?" for r in final if r.get("status") == "done"),
-                        seconds=[float(r.get("seconds") or 0) for r in ran], wall_s=wall, agreement=agree)
+                        seconds=[float(r.get("seconds") or 0) for r in ran], wall_s=wall, agreement=agree,
+                        by_node=Counter(r.get("ray_node") or r.get("node") or "?" for r in ran))
 
 
 def timing_line(summary: BatchSummary) -> str:

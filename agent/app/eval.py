@@ -47,7 +47,7 @@ from agent.app.eval_data import (
     read_eval_manifest,
     sample_items,
 )
-from agent.app.executors import now, prepare_stores, run_local
+from agent.app.executors import node_info, now, prepare_stores, run_local
 from agent.core.files import write_atomic
 
 SYSTEMS = ("agent", "vqa-expert", "no-tools", "blind", "vlm-only", "prior", "prior+study", "majority")
@@ -116,10 +116,15 @@ def _llm(opts: dict[str, Any]) -> tuple[Any, str]:
 
 
 def _run_agent(item: EvalItem, opts: dict[str, Any], row: dict[str, Any]) -> None:
+    from agent.app.executors import start_attempt
     from agent.engine.session import DxError, run_case
 
+    run_id, replaced = start_attempt(Path(opts["out"]) / "items" / item.case_id / "agent.attempt.json", opts,
+                                     node_info())
+    if replaced:
+        row["replaced_runs"] = replaced
     try:
-        res = run_case(item.paths, item.question, llm=opts.get("llm", "local"), base_url=opts.get("base_url"),
+        res = run_case(item.paths, item.question, run_id=run_id, llm=opts.get("llm", "local"), base_url=opts.get("base_url"),
                        model=opts.get("model"), api_key=opts.get("api_key"), trace_dir=Path(opts["out"]) / "traces",
                        db_url=opts.get("db_url"), max_steps=opts.get("max_steps", 6),
                        max_wall_s=opts.get("max_wall_s", 300.0), script=opts.get("script"))
@@ -289,7 +294,7 @@ def eval_one(spec: dict[str, Any], opts: dict[str, Any]) -> dict[str, Any]:
                 _run_baseline(item, opts, row, with_case=system == "no-tools")
         except Exception as exc:  # an item never stops the eval
             row.update(status="failed", error=" ".join(f"{type(exc).__name__}: {exc}".split())[:300])
-        row.update(seconds=round(time.perf_counter() - t0, 3), finished_at=now(), worker=os.getpid())
+        row.update(seconds=round(time.perf_counter() - t0, 3), finished_at=now(), worker=os.getpid(), **node_info())
         write_atomic(d / f"{system}.json", json.dumps(row))
         rows.append(row)
     return {"case_id": item.case_id, "status": "done", "rows": rows}
@@ -351,7 +356,8 @@ def _read_rows(out: Path, items: list[EvalItem], systems: list[str]) -> list[dic
 
 def run_eval(manifest: str | Path, out: str | Path, *, systems: list[str] | None = None, prior_from: str | Path | None = None,
              root: str | Path | None = None, llm: str = "local", base_url: str | None = None, model: str | None = None,
-             api_key: str | None = None, db_url: str | None = None, workers: int = 1, limit: int | None = None,
+             api_key: str | None = None, db_url: str | None = None, workers: int = 1, executor: str = "local",
+             ray_address: str | None = None, limit: int | None = None,
              sample: int | None = None, seed: int = 0, max_steps: int = 6, max_wall_s: float = 300.0,
              script: list[Any] | None = None, on_start: Callable[[int, int], None] | None = None,
              on_item: Callable[[dict[str, Any]], None] | None = None,
@@ -449,7 +455,14 @@ def run_eval(manifest: str | Path, out: str | Path, *, systems: list[str] | None
     by_id = {it.case_id: it for it in items}
     if todo_llm:
         prepare_stores(out, db_url)
-        run_local(todo_llm, opts, workers, finish, fn=eval_one)
+        if executor == "ray":
+            from agent.app.batch_ray import run_on_ray
+
+            run_on_ray(todo_llm, opts, workers, finish, fn=eval_one, address=ray_address)
+        elif executor == "local":
+            run_local(todo_llm, opts, workers, finish, fn=eval_one)
+        else:
+            raise ManifestError(f"unknown executor {executor!r}: local or ray")
     wall = time.perf_counter() - t0
     rows = _read_rows(out, items, systems)
     if style is not None:

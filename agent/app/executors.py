@@ -54,6 +54,44 @@ def predicted_labels(report: dict[str, Any]) -> list[str]:
 
 
 
+def node_info() -> dict[str, Any]:
+    """Where this process runs: `node` (the host name) and, in a Ray worker, `ray_node` (the Ray node id)."""
+    import socket
+    import sys
+
+    info: dict[str, Any] = {"node": socket.gethostname(), "ray_node": None}
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        info["ray_node"] = ray.get_runtime_context().get_node_id()
+    return info
+
+
+def start_attempt(marker: Path, opts: dict[str, Any], info: dict[str, Any]) -> tuple[str, list[str]]:
+    """A new run id for this attempt of the case, written to `marker` (the case's `attempt.json`) before the run
+    starts. A previous attempt
+    whose run is still "running" (its worker or its whole node was lost mid-run; the case is now run again, here or
+    on another node) is marked "interrupted", saying which run replaced it: a case never has two runs that both look
+    current. Returns (the new run id, the run ids so marked)."""
+    from agent.engine.graph import new_run_id
+    from agent.store.trace import TraceStore
+
+    name = marker.parent.name
+    run_id = new_run_id(name)
+    replaced: list[str] = []
+    try:
+        prev = json.loads(marker.read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        prev = None
+    if prev:
+        where = info.get("ray_node") or info["node"]
+        if TraceStore(opts.get("db_url"), Path(opts["out"]) / "traces").abandon(
+                prev, f"its worker was lost before the run finished (an attempt of case {name}); the case "
+                      f"was run again as {run_id} on {where}"):
+            replaced.append(prev)
+    write_atomic(marker, json.dumps({"run_id": run_id, "started_at": now(), "worker": os.getpid(), **info}))
+    return run_id, replaced
+
+
 def run_one(spec: dict[str, Any], opts: dict[str, Any]) -> dict[str, Any]:
     """Run one case and write its report and result.json; returns the record. Never raises for a case's failure."""
     from agent.engine.report import to_markdown
@@ -63,16 +101,20 @@ def run_one(spec: dict[str, Any], opts: dict[str, Any]) -> dict[str, Any]:
     s = CaseSpec(**spec)
     out = Path(opts["out"])
     case_dir = out / "cases" / s.case_id
+    info = node_info()
     rec: dict[str, Any] = {"case_id": s.case_id, "status": "failed", "run_id": None, "modality": None,
                            "outcome": None, "findings": 0, "seconds": 0.0, "error": None, "labels": s.labels,
-                           "predicted": [], "where": s.where, "worker": os.getpid()}
+                           "predicted": [], "where": s.where, "worker": os.getpid(), **info}
     t0 = time.perf_counter()
     try:
+        run_id, replaced = start_attempt(case_dir / "attempt.json", opts, info)
+        rec["replaced_runs"] = replaced
         res = run_case(s.paths, s.question or opts.get("question"), llm=opts.get("llm", "local"),
                        base_url=opts.get("base_url"), model=opts.get("model"), api_key=opts.get("api_key"),
                        trace_dir=out / "traces", db_url=opts.get("db_url"), max_steps=opts.get("max_steps", 6),
                        max_wall_s=opts.get("max_wall_s", 300.0), modality=s.modality or opts.get("modality"),
-                       body_part=s.body_part, clinical_context=s.clinical_context, script=opts.get("script"))
+                       body_part=s.body_part, clinical_context=s.clinical_context, script=opts.get("script"),
+                       run_id=run_id)
         report = res.report or {}
         write_atomic(case_dir / "report.json", json.dumps(report, indent=2))
         write_atomic(case_dir / "report.md", to_markdown(report))

@@ -502,6 +502,20 @@ class TraceStore:
         return done
 
     @_db
+    def abandon(self, run_id: str, reason: str) -> bool:
+        """A run left "running" by a worker that is gone (a lost cluster node, whose processes this host cannot see)
+        becomes "interrupted" with `reason` - status and reason only, never a seal, as mark_interrupted does. Only a
+        run still running under the owner it had is changed; returns whether this call changed it."""
+        run = self.get_run(run_id)
+        if run is None or run.status != "running":
+            return False
+        with self.engine.begin() as conn:
+            same_owner = Run.owner.is_(None) if run.owner is None else Run.owner == run.owner
+            return conn.execute(update(Run).where(Run.id == run_id, same_owner, Run.status == "running")
+                                .values(status="interrupted", finished_at=datetime.now(UTC).isoformat(),
+                                        error=bounded_text(reason, self.text_cap))).rowcount == 1
+
+    @_db
     def reseal(self, run_id: str) -> None:
         """Seal again after events were added to a finished run, keeping its status."""
         with Session(self.engine) as s:

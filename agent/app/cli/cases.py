@@ -238,6 +238,10 @@ def _progress(label: str, noun: str, out_dir: Path) -> tuple[Any, Any, Any]:
     return progress, on_start, tick
 
 
+RayAddress = Annotated[str, typer.Option(help="with --executor ray: the cluster to join (HEAD_IP:6379, as `ray start "
+                                          "--head` prints; default $RAY_ADDRESS, else a local Ray instance)")]
+
+
 def batch(
     manifest: Annotated[str, typer.Argument(help="a folder of images, a .csv or a .jsonl manifest, or a QIDO-RS study "
                                             "query: dicomweb://HOST/PATH?modality=CT&date=20260101-20261231")],
@@ -247,6 +251,7 @@ def batch(
     workers: Annotated[int, typer.Option("--workers", "-j", help="worker processes (each loads the models once)")] = 1,
     executor: Annotated[str, typer.Option(help="local (worker processes here) or ray (a Ray cluster; pip install "
                                           "'dxagent[ray]')")] = "local",
+    ray_address: RayAddress = None,
     question: Annotated[str, typer.Option("--question", "-q", help="question for cases whose row has none")] = None,
     llm: Llm = "local",
     base_url: BaseUrl = None,
@@ -282,7 +287,8 @@ def batch(
 
     try:
         with progress:
-            summary = run_batch(manifest, out_dir, root=root, workers=workers, executor=executor, question=question, llm=llm,
+            summary = run_batch(manifest, out_dir, root=root, workers=workers, executor=executor, ray_address=ray_address,
+                                question=question, llm=llm,
                                 base_url=base_url, model=model, api_key=api_key, db_url=db_url, max_steps=max_steps,
                                 max_wall_s=max_seconds, modality=modality, limit=limit, on_case=on_case,
                                 on_start=on_start, dicom=dicom, push=push)
@@ -298,6 +304,9 @@ def batch(
         out.print("done by modality: " + ", ".join(f"{k} {v}" for k, v in summary.by_modality.most_common()),
                   highlight=False)
     out.print(timing_line(summary), highlight=False)
+    if len(summary.by_node) > 1:
+        out.print("ran on (node: cases): " + ", ".join(f"{k[:12]} {v}" for k, v in sorted(summary.by_node.items())),
+                  highlight=False)
     if summary.agreement:
         agree = Table(title="agreement with the reference labels (agreement.csv)")
         for col in ("label", "cases", "ref +", "pred +", "sensitivity", "specificity", "agreement", "kappa"):
@@ -328,6 +337,9 @@ def eval_cmd(
                                                     "each row keeps the system's own value")] = None,
     root: Annotated[Path, typer.Option(help="folder the manifest's relative paths are relative to")] = None,
     workers: Annotated[int, typer.Option("--workers", "-j", help="worker processes (each loads the model once)")] = 1,
+    executor: Annotated[str, typer.Option(help="local (worker processes here) or ray (a Ray cluster; pip install "
+                                          "'dxagent[ray]')")] = "local",
+    ray_address: RayAddress = None,
     llm: Llm = "local",
     base_url: BaseUrl = None,
     model: ModelName = None,
@@ -357,7 +369,8 @@ def eval_cmd(
     try:
         with progress:
             res = run_eval(manifest, out_dir, systems=names, prior_from=prior_from, root=root, llm=llm, base_url=base_url,
-                           model=model, api_key=api_key, db_url=db_url, workers=workers, limit=limit, sample=sample,
+                           model=model, api_key=api_key, db_url=db_url, workers=workers, executor=executor,
+                           ray_address=ray_address, limit=limit, sample=sample,
                            seed=seed, max_steps=max_steps, max_wall_s=max_seconds, on_start=on_start, on_item=on_item,
                            answer_style_from=answer_style_from)
     except ManifestError as exc:
