@@ -119,6 +119,11 @@ def test_eval_with_the_tiny_planner(tmp_path):
     assert res.summary["systems"]["agent"]["seconds"]["mean"] > 0
 
 
+def _results(out: Path) -> list[Path]:
+    """The items' finished results (items/<id>/<system>.json), not the attempt records written as a run starts."""
+    return [p for p in (out / "items").glob("*/*.json") if not p.name.endswith(".attempt.json")]
+
+
 def test_cli_eval_survives_kill_9_and_resumes(tmp_path):
     m = _slice(tmp_path, 4)  # 8 rows (agent, blind): killed after 3, the resume has 5 left
     out = tmp_path / "out"
@@ -129,14 +134,14 @@ def test_cli_eval_survives_kill_9_and_resumes(tmp_path):
     deadline = time.time() + 300
     try:
         while time.time() < deadline:
-            done = list((out / "items").glob("*/*.json")) if (out / "items").exists() else []
+            done = _results(out) if (out / "items").exists() else []
             if len(done) >= 3 or proc.poll() is not None:
                 break
             time.sleep(0.2)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    before = {p: json.loads(p.read_text()) for p in (out / "items").glob("*/*.json")}  # every file parses
+    before = {p: json.loads(p.read_text()) for p in _results(out)}  # every file parses
     assert 3 <= len(before) < 8  # killed in the middle: the resume has work left
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]

@@ -377,7 +377,7 @@ def plan_batch(manifest: str | Path, root: Path | None, hide: list[str], roots: 
     from agent.app.serve_batches import MAX_ROWS, BatchRow, row_error, safe_where
     from agent.core.errors import ManifestError
     from agent.engine.graph import new_run_id
-    from agent.imaging.dicomweb import DicomWebError
+    from agent.imaging.dicomweb import PacsError
 
     try:
         mroot, specs = read_manifest(manifest, root)
@@ -385,7 +385,7 @@ def plan_batch(manifest: str | Path, root: Path | None, hide: list[str], roots: 
         msg = str(exc)
         for h in sorted({h for h in hide if h}, key=len, reverse=True):
             msg = msg.replace(h, "the manifest")
-        if isinstance(exc.__cause__, DicomWebError):  # the query was fine; the PACS did not answer it
+        if isinstance(exc.__cause__, PacsError):  # the query was fine; the PACS did not answer it
             raise Refused(502, f"the PACS did not answer the query: {one_line(msg, 240)}") from None
         raise Refused(400, f"malformed manifest: {one_line(msg, 240)}") from None
     if len(specs) > MAX_ROWS:

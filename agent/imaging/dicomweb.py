@@ -76,6 +76,11 @@ class DicomWebError(UserError, RuntimeError):
     """A DICOMweb reference could not be resolved; the message is one line."""
 
 
+class PacsError(DicomWebError):
+    """The PACS failed the request (unreachable, refused, timed out, an error status or an unusable reply), as opposed
+    to a reference or query that is wrong before any PACS is asked."""
+
+
 class _Deadline(Exception):
     """The retrieval's deadline passed (turned into a DicomWebError naming the reference)."""
 
@@ -313,41 +318,41 @@ def _one_line(ref: Reference, exc: BaseException, where: str | None = None, boun
         return exc
     if isinstance(exc, _Deadline):
         seconds = f"{bounded.deadline_s:g}" if bounded is not None else "the"
-        return DicomWebError(f"{where}: the PACS did not finish within {seconds} s (DXAGENT_DICOMWEB_DEADLINE)")
+        return PacsError(f"{where}: the PACS did not finish within {seconds} s (DXAGENT_DICOMWEB_DEADLINE)")
     if isinstance(exc, _TooBig):
-        return DicomWebError(f"{where}: the PACS sent a reply larger than {_mib(exc.args[0])} (DXAGENT_DICOMWEB_MAX_"
+        return PacsError(f"{where}: the PACS sent a reply larger than {_mib(exc.args[0])} (DXAGENT_DICOMWEB_MAX_"
                              "BYTES / DXAGENT_DICOMWEB_MAX_JSON_BYTES)")
     if isinstance(exc, requests.HTTPError) and exc.response is not None:
         code = exc.response.status_code
         if code in (401, 403):
-            return DicomWebError(f"{where}: the PACS refused the request ({code}): set DXAGENT_DICOMWEB_TOKEN, or "
+            return PacsError(f"{where}: the PACS refused the request ({code}): set DXAGENT_DICOMWEB_TOKEN, or "
                                  "DXAGENT_DICOMWEB_USER and DXAGENT_DICOMWEB_PASSWORD")
         if code == 404:
-            return DicomWebError(f"{where}: the PACS has no such study or series (404)")
+            return PacsError(f"{where}: the PACS has no such study or series (404)")
         reason = " ".join(str(exc.response.reason or "").split())[:60]
-        return DicomWebError(f"{where}: the PACS answered {code} {reason}".rstrip())
+        return PacsError(f"{where}: the PACS answered {code} {reason}".rstrip())
     if isinstance(exc, requests.Timeout):
         seconds = f"{bounded.timeout_s:g} s" if bounded is not None else "its timeout"
-        return DicomWebError(f"{where}: the PACS at {ref.base_url} did not answer within {seconds} "
+        return PacsError(f"{where}: the PACS at {ref.base_url} did not answer within {seconds} "
                              "(DXAGENT_DICOMWEB_TIMEOUT)")
     if isinstance(exc, requests.ConnectionError):
-        return DicomWebError(f"{where}: cannot reach the PACS at {ref.base_url} ({type(exc).__name__})")
+        return PacsError(f"{where}: cannot reach the PACS at {ref.base_url} ({type(exc).__name__})")
     text = " ".join(str(exc).split())[:160] or type(exc).__name__
-    return DicomWebError(f"{where}: {type(exc).__name__}: {text}")
+    return PacsError(f"{where}: {type(exc).__name__}: {text}")
 
 
 def _uid_of(row: object, tag: str, where: str, what: str) -> str | None:
     """The UID under `tag` in one QIDO row (None where the row has none); a value that is not a DICOM UID (it would
     go into a URL) is refused."""
     if not isinstance(row, dict):
-        raise DicomWebError(f"{where}: the PACS answered the {what} query with something that is not DICOM JSON")
+        raise PacsError(f"{where}: the PACS answered the {what} query with something that is not DICOM JSON")
     element = row.get(tag)
     values = element.get("Value") if isinstance(element, dict) else None
     if not values or not isinstance(values, list):
         return None
     if not is_uid(values[0]):
         article = "an" if what[0] in "aeiou" else "a"
-        raise DicomWebError(f"{where}: the PACS listed {article} {what} UID that is not a DICOM UID (digits and dots, "
+        raise PacsError(f"{where}: the PACS listed {article} {what} UID that is not a DICOM UID (digits and dots, "
                             "at most 64 characters)")
     return values[0]
 
@@ -366,18 +371,18 @@ def _search(search, bounded, tag: str, cap: int, where: str, what: str, truncate
             return rows
         page = search(limit=asked, offset=offset)
         if not isinstance(page, list):
-            raise DicomWebError(f"{where}: the PACS answered the {what} query with something that is not DICOM JSON")
+            raise PacsError(f"{where}: the PACS answered the {what} query with something that is not DICOM JSON")
         for row in page:
             uid = _uid_of(row, tag, where, what)
             if uid is None:
                 continue
             if uid in seen:
-                raise DicomWebError(f"{where}: the PACS repeats {_PLURAL[what]} it already listed when paging (it ignores "
+                raise PacsError(f"{where}: the PACS repeats {_PLURAL[what]} it already listed when paging (it ignores "
                                     "the QIDO offset)")
             seen.add(uid)
             rows.append(row)
         if len(rows) > cap:
-            raise DicomWebError(f"{where}: the PACS lists more than {cap} {_PLURAL[what]}")
+            raise PacsError(f"{where}: the PACS lists more than {cap} {_PLURAL[what]}")
         more = "299" in bounded.warning or "additional results" in bounded.warning.lower()
         if not page or (len(page) != asked and not more):
             return rows
@@ -394,11 +399,11 @@ def _check_uids(ds, study: str, series: str, sop: str, where: str) -> None:
     """The instance the server sent must be the one asked for."""
     got = {k: str(ds.get(k, "") or "") for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")}
     if got["StudyInstanceUID"] != study:
-        raise DicomWebError(f"{where}: the PACS answered series {series} with an instance of another study")
+        raise PacsError(f"{where}: the PACS answered series {series} with an instance of another study")
     if got["SeriesInstanceUID"] != series:
-        raise DicomWebError(f"{where}: the PACS answered series {series} with an instance of another series")
+        raise PacsError(f"{where}: the PACS answered series {series} with an instance of another series")
     if got["SOPInstanceUID"] != sop:
-        raise DicomWebError(f"{where}: the PACS answered series {series} with another instance than the one asked "
+        raise PacsError(f"{where}: the PACS answered series {series} with another instance than the one asked "
                             "for")
 
 
@@ -420,14 +425,14 @@ def fetch(ref: Reference, cache: Path | None = None) -> list[Path]:
                             where, "series")
             series = [_uid_of(d, _SERIES, where, "series") for d in found]
         if not series:
-            raise DicomWebError(f"{where}: the PACS has no series in this study")
+            raise PacsError(f"{where}: the PACS has no series in this study")
         folders = []
         for s in series:
             found = _search(lambda s=s, **page: c.search_for_instances(ref.study, s, **page), bounded, _SOP,
                             MAX_INSTANCES, where, "instance")
             sops = [_uid_of(d, _SOP, where, "instance") for d in found]
             if not sops:
-                raise DicomWebError(f"{where}: the PACS has no instances in series {s}")
+                raise PacsError(f"{where}: the PACS has no instances in series {s}")
             folder = root / _key(ref.study, s)
             for sop in sops:
                 dest = folder / f"{_key(sop)}.dcm"
@@ -438,7 +443,7 @@ def fetch(ref: Reference, cache: Path | None = None) -> list[Path]:
                 except (requests.RequestException, _Deadline, _TooBig):
                     raise
                 except Exception as exc:  # a multipart reply or a part that does not decode
-                    raise DicomWebError(f"{where}: the PACS sent an instance of series {s} that does not parse as "
+                    raise PacsError(f"{where}: the PACS sent an instance of series {s} that does not parse as "
                                         f"DICOM ({type(exc).__name__})") from None
                 _check_uids(ds, ref.study, s, sop, where)
                 buf = io.BytesIO()
@@ -533,5 +538,5 @@ def store(target: Reference, datasets: list) -> int:
     failed = list(getattr(answer, "FailedSOPSequence", []) or [])
     if failed:
         reason = failed[0].get("FailureReason", "?")
-        raise DicomWebError(f"{where}: the PACS refused {len(failed)} of {len(datasets)} object(s) (reason {reason})")
+        raise PacsError(f"{where}: the PACS refused {len(failed)} of {len(datasets)} object(s) (reason {reason})")
     return len(datasets)
