@@ -89,8 +89,21 @@ class RayCluster:
         raise RuntimeError(f"Ray node {i} did not start in {timeout:.0f} s")
 
     def kill_node(self, i: int) -> None:
-        """Node i lost: SIGKILL to its whole process group (raylet, its workers, its agents)."""
+        """Node i lost: SIGKILL to every process below its `ray start` (raylet, its workers, its agents - some start
+        sessions of their own, so the process group alone once left the raylet alive and Ray ran the retried case on
+        the "killed" node) and to its process group."""
+        try:
+            import psutil
+
+            tree = psutil.Process(self.nodes[i].pid).children(recursive=True)
+        except Exception:  # psutil missing or the process gone: the group is all there is to kill
+            tree = []
         _killpg(self.nodes[i], signal.SIGKILL)
+        for proc in tree:
+            try:
+                proc.kill()
+            except Exception:
+                pass
 
     def stop(self) -> None:
         """Every node's process group killed (nothing of this cluster is kept), the folders removed."""
