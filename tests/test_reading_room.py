@@ -23,6 +23,15 @@ QUESTION = "Which organs are visible, and what is the tissue composition of this
 SCRIPT = [call("organ_segment"), call("ct_tissue_composition"), call("crop_zoom", bbox=[20, 20, 90, 90])]
 
 
+def ask_on_the_ct(page) -> None:
+    """Upload the bundled CT on the page and ask QUESTION, with the router off (the planner's steps are streamed)."""
+    page.set_input_files("#file", CT)
+    page.fill("#question", QUESTION)
+    page.click("#open summary")
+    page.check("#no-route")
+    page.click("#ask")
+
+
 @pytest.fixture(scope="module")
 def room(tmp_path_factory):
     """create_app with the scripted planner (organ_segment, ct_tissue_composition, crop_zoom), one worker, a root
@@ -72,11 +81,7 @@ def test_page_open_ask_watch_overlay_evidence_download(room, browser, tmp_path):
         assert "RESEARCH USE ONLY" in notice.inner_text() and notice.is_visible()
 
         # open the bundled CT (an upload) and ask
-        page.set_input_files("#file", CT)
-        page.fill("#question", QUESTION)
-        page.click("#open summary")
-        page.check("#no-route")
-        page.click("#ask")
+        ask_on_the_ct(page)
         page.wait_for_selector("#events li[data-step=answer]", timeout=120_000)
         steps = page.eval_on_selector_all("#events li", "els => els.map(e => e.dataset.step)")
         assert steps.index("intake") < steps.index("act") < steps.index("answer"), steps
@@ -165,11 +170,7 @@ def test_page_stop_cancels_a_running_run_and_resume_finishes_it(room, browser, m
     page = browser.new_page(viewport={"width": 1500, "height": 1000})
     try:
         page.goto(room.url + "/", wait_until="load")
-        page.set_input_files("#file", CT)
-        page.fill("#question", QUESTION)
-        page.click("#open summary")
-        page.check("#no-route")
-        page.click("#ask")
+        ask_on_the_ct(page)
         page.wait_for_selector("#events li[data-step=intake]", timeout=60_000)
         assert page.is_enabled("#stop")
         page.click("#stop")

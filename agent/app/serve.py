@@ -598,6 +598,14 @@ def create_app(config: ServeConfig) -> FastAPI:
 
         return new_run_id(seed)
 
+    async def json_model(request: Request, model: type[BaseModel]) -> Any:
+        """The JSON body validated as `model`: an empty body is a 400, an invalid one a 422, each one line."""
+        body = await json_body(request)
+        try:
+            return model.model_validate_json(body or b"{}")
+        except ValidationError as exc:
+            raise Refused(422 if body else 400, _one_line_validation(exc) if body else "empty JSON body") from None
+
     async def form_upload(request: Request, hint: str | None = None) -> tuple[Uploads, RunOptions]:
         """A multipart request received within the upload limit: its files in a temporary folder (the caller keeps
         what it needs, then calls `discard()`) and its run options, validated; refused with nothing kept."""
@@ -636,11 +644,7 @@ def create_app(config: ServeConfig) -> FastAPI:
                 up.discard()
             source, seed = "upload", "".join(inputs)
         elif ctype == "application/json":
-            body = await json_body(request)
-            try:
-                req = PathRun.model_validate_json(body or b"{}")
-            except ValidationError as exc:
-                raise Refused(422 if body else 400, _one_line_validation(exc) if body else "empty JSON body") from None
+            req = await json_model(request, PathRun)
             given = ([req.path] if req.path else []) + list(req.paths or [])
             if not given:
                 raise Refused(400, "give `path` (or `paths`): a file or folder under a served root, or dicomweb://...")
@@ -788,11 +792,7 @@ def create_app(config: ServeConfig) -> FastAPI:
                 up.discard()
             source = "upload"
         elif ctype == "application/json":
-            body = await json_body(request)
-            try:
-                req = BatchRequest.model_validate_json(body or b"{}")
-            except ValidationError as exc:
-                raise Refused(422 if body else 400, _one_line_validation(exc) if body else "empty JSON body") from None
+            req = await json_model(request, BatchRequest)
             if is_query(req.manifest):  # QIDO-RS, on a worker thread: one row per study it finds
                 hide, source, manifest = [req.manifest], "dicomweb", req.manifest
             else:
