@@ -1,6 +1,10 @@
 """Real-sized cases end to end with the default planner: where a case's wall time goes, cold and warm.
 
-    .venv/bin/python bench/bench_real_cases.py [--per-source 3] [--llm local] [--max-seconds 300]
+    .venv/bin/python bench/bench_real_cases.py [--per-source 3] [--llm local] [--max-seconds 300] [--no-route]
+
+--no-route lets the planner choose every call (routed steps cost no decision): with it the bench measures the planner's
+decisions over many cases - the median decision, and the first decision of a case (which prefills the case's own
+prompt) apart from the later ones (which reuse the case's KV state and prefill only the new evidence).
 
 Cases: up to --per-source images of every realcases source (../shared/data/realcases; CXR, CT, MRI, ultrasound,
 dermoscopy, fundus, endoscopy, pathology) at their native size, plus the two bundled demo slices; the question is the
@@ -56,7 +60,9 @@ def split(trace_dir: str, run_id: str, wall: float, t_start: float) -> dict:
     floor = llm + tools
     return {"wall": wall, "intake": intake, "llm": llm, "tools": tools, "rest": max(0.0, wall - intake - floor),
             "ratio": wall / floor if floor > 0 else float("nan"), "llm_calls": sum(e.kind == "llm" for e in events),
-            "tool_names": [p["evidence"]["tool"] for e, p in zip(events, payload, strict=True) if e.kind == "tool"]}
+            "tool_names": [p["evidence"]["tool"] for e, p in zip(events, payload, strict=True) if e.kind == "tool"],
+            "decisions": [p.get("latency_s", 0.0) for e, p in zip(events, payload, strict=True)
+                          if e.kind == "llm" and e.name == "decision"]}
 
 
 def intake_compute(path: str) -> tuple[float, float]:
@@ -79,14 +85,17 @@ def main() -> None:
     ap.add_argument("--per-source", type=int, default=3)
     ap.add_argument("--llm", default="local")
     ap.add_argument("--max-seconds", type=float, default=300)
+    ap.add_argument("--no-route", action="store_true")
     args = ap.parse_args()
+    route = not args.no_route
     todo = cases(args.per_source)
     rows = []
     with tempfile.TemporaryDirectory() as td:
         name, path, q = todo[0]
         t0 = time.time()
         r = subprocess.run([sys.executable, "-m", "agent.app.cli", "run", path, "-q", q, "--llm", args.llm,
-                            "--trace-dir", td, "--json"], capture_output=True, text=True)
+                            "--trace-dir", td, "--json"] + ([] if route else ["--no-route"]),
+                           capture_output=True, text=True)
         wall = time.time() - t0
         if r.returncode != 0:
             print(f"cold run failed ({r.returncode}): {r.stderr.strip()[-300:]}")
@@ -97,13 +106,13 @@ def main() -> None:
                   f"{cold['tools']:.2f} s")
         from agent.engine.session import run_case
 
-        run_case([todo[0][1]], todo[0][2], llm=args.llm, trace_dir=td)  # load the model into this process
+        run_case([todo[0][1]], todo[0][2], llm=args.llm, trace_dir=td, route=route)  # load the model into this process
         print(f"\n{'case':44s} {'wall':>6s} {'intake':>6s} {'llm':>6s} {'calls':>5s} {'tools':>6s} {'rest':>5s} "
               f"{'ratio':>5s}  outcome / tools")
         for name, path, q in todo:
             t0 = time.time()
             try:
-                res = run_case([path], q, llm=args.llm, trace_dir=td, max_wall_s=args.max_seconds)
+                res = run_case([path], q, llm=args.llm, trace_dir=td, max_wall_s=args.max_seconds, route=route)
             except Exception as exc:  # a case that cannot load is a row, not the end of the bench
                 print(f"{name[:44]:44s} error: {str(exc)[:80]}")
                 continue
@@ -140,6 +149,13 @@ def main() -> None:
             per = f"{sum(r['llm'] for r in rs) / calls:.1f}" if calls else "-"
             print(f"{src:28s} {len(rs):5d} {statistics.median(r['wall'] for r in rs):8.1f} "
                   f"{max(r['wall'] for r in rs):7.1f} {calls / len(rs):14.1f} {per:>10s}")
+        dec = [d for r in rows for d in r["decisions"]]
+        if dec:  # issue 33: planner decisions <= 1 s median
+            first = [r["decisions"][0] for r in rows if r["decisions"]]
+            later = [d for r in rows for d in r["decisions"][1:]]
+            print(f"\nplanner decisions: {len(dec)} over {len(rows)} cases, median {statistics.median(dec):.2f} s "
+                  f"(max {max(dec):.2f}); a case's first decision median {statistics.median(first):.2f} s; later "
+                  + (f"decisions median {statistics.median(later):.2f} s (n={len(later)})" if later else "decisions: none"))
 
 
 if __name__ == "__main__":

@@ -282,7 +282,27 @@ def test_a_retrieval_tool_is_not_offered_again(tmp_path):
     res = scripted(tmp_path, [call("knowledge_search", query="steatosis"), call("knowledge_search", query="steatosis"),
                               call("ct_tissue_composition"), answer()], question="What is hepatic steatosis?")
     assert [e.tool for e in res.state.evidence].count("knowledge_search") == 1
-    asks = [json.loads(e.payload)["request"]["messages"][1]["content"]
-            for e in TraceStore(None, tmp_path).events(res.run_id, "llm") if e.node == "think"]
-    assert "knowledge_search" in asks[0].splitlines()[0]
-    assert all("knowledge_search" not in a.splitlines()[0] for a in asks[1:]), asks
+    offered = [json.loads(e.payload)["request"]["candidates"]
+               for e in TraceStore(None, tmp_path).events(res.run_id, "llm") if e.node == "think"]
+    assert "knowledge_search" in offered[0]
+    assert all("knowledge_search" not in names for names in offered[1:]), offered
+
+
+def test_a_failed_call_with_nothing_to_vary_is_not_offered_again(tmp_path):
+    """Issue 33: on an exported CT slice (no Hounsfield units) the local planner called ct_tissue_composition three
+    times, each failing the same way. A tool whose arguments the planner cannot vary fails again on the same input, so
+    after one failure it is no longer a candidate; a second call of it is rejected and re-asked."""
+    from PIL import Image
+
+    pic = (np.arange(64 * 64).reshape(64, 64) % 200 + 30).astype(np.uint8)
+    Image.fromarray(pic).save(tmp_path / "exported_ct.png")
+    res = run_case([str(tmp_path / "exported_ct.png")], "Describe the findings", llm="scripted", modality="CT",
+                   script=[call("ct_tissue_composition"), call("ct_tissue_composition"), answer()],
+                   trace_dir=tmp_path / "tr", route=False)
+    assert [(e.tool, e.status) for e in res.state.evidence] == [("ct_tissue_composition", "failed")]
+    asks = [json.loads(e.payload) for e in TraceStore(None, tmp_path / "tr").events(res.run_id, "llm")
+            if e.node == "think"]
+    assert "ct_tissue_composition" in asks[0]["request"]["candidates"]
+    assert "ct_tissue_composition" in asks[1]["request"]["exhausted"]
+    assert "already ran" in asks[1]["rejected"]
+    assert asks[2]["decision"]["action"] == "answer"

@@ -125,3 +125,80 @@ def test_the_system_prompt_state_is_saved_once_and_restored_by_a_fresh_model(tmp
     d3, s3 = _first_decision(tmp_path, "c")
     assert s3.get("saved_tokens") == s1["saved_tokens"] and d3 == d1
     fresh()
+
+
+def _decision_schema(names, optional=False):
+    from agent.engine.planner import decision_schema
+    from agent.engine.registry import discover
+
+    registry = discover()
+    return decision_schema([registry[n] for n in names], ["V1"], coordinates=False, reason=False, optional=optional)
+
+
+def test_the_planner_schema_is_a_tagged_choice_and_other_schemas_are_not():
+    from agent.llm.backends import tagged_options
+
+    opts = tagged_options(_decision_schema(["inspect_image", "knowledge_search"]))
+    assert [(t, v, k) for t, v, k, _ in opts] == [("tool", "inspect_image", "args"), ("tool", "knowledge_search", "args"),
+                                                 ("tool", "answer", "args")]
+    assert opts[0][3]["properties"] == {} and opts[1][3]["required"] == ["query"]
+    # the local planner sets no optional argument: only the required query is left in the schema
+    assert set(opts[1][3]["properties"]) == {"query"}
+    assert set(tagged_options(_decision_schema(["knowledge_search"], optional=True))[0][3]["properties"]) == {"query", "k"}
+    assert tagged_options({"type": "object", "properties": {"a": {"type": "string"}}}) is None
+    assert tagged_options({"anyOf": [{"type": "object", "properties": {"tool": {"type": "string"}, "args": {}},
+                                      "required": ["tool", "args"]}]}) is None
+
+
+TOOL_PROMPTS = [
+    "Case: CT slice. Question: how much fat and bone is in this CT slice? Evidence so far: none yet.",
+    "Case: MR slice. Question: what does the literature say about gliomas? Evidence so far: none yet.",
+    "Case: CT slice. Question: what is the pixel spacing of this image?\nEvidence so far:\n- [E1] inspect_image -> ok: "
+    "spacing 0.66 mm, range -1024..1500. Budget left: 1 tool call(s).",
+]
+
+
+def test_the_tool_is_chosen_from_the_logits_as_the_grammar_would_choose_it():
+    """Issue 33: the embedded planner's tool is read off the logits (backends.choose_tagged: 1-3 model steps instead of
+    ~15-50 grammar-constrained tokens). On the tiny model: the same tool as grammar-constrained greedy decoding on a
+    cleared context (without the chat handler's default repeat penalty, which the logit choice does not apply), a
+    reply that is the schema's JSON, arguments generated only where the tool requires them; and the KV state reused
+    from the previous prompt gives the same choice as a cleared context, evaluating fewer tokens."""
+    from langchain_core.messages import HumanMessage, SystemMessage
+    from langchain_core.messages.utils import convert_to_openai_messages
+
+    from agent.engine.planner import validate
+    from agent.engine.registry import discover
+    from agent.llm.backends import _llama, make_llm
+
+    chat, _, _ = make_llm("tiny")
+    llm = _llama(chat.model_path, chat.n_ctx, chat.n_threads, chat.seed)
+    names = ["inspect_image", "ct_tissue_composition", "knowledge_search"]
+    schema = _decision_schema(names)
+    fmt = {"type": "json_object", "schema": schema}
+    system = "You are a planner. Tools: " + ", ".join(names) + '. Reply with one JSON object {"tool": ..., "args": {...}}.'
+    registry = discover()
+    tools = {n: registry[n] for n in names}
+    for text in TOOL_PROMPTS:
+        msgs = [SystemMessage(system), HumanMessage(text)]
+        reused = chat.invoke(msgs, response_format=fmt, max_tokens=40)  # the KV cache holds the previous prompt
+        llm.reset()
+        fast = chat.invoke(msgs, response_format=fmt, max_tokens=40)
+        llm.reset()
+        slow = llm.create_chat_completion(messages=convert_to_openai_messages(msgs), response_format=fmt,
+                                          temperature=0.0, max_tokens=40, repeat_penalty=1.0)
+        got, want = json.loads(fast.content), json.loads(slow["choices"][0]["message"]["content"])
+        assert got["tool"] == want["tool"] == json.loads(reused.content)["tool"], (text, fast.content, slow)
+        scores = fast.response_metadata["choice_scores"]
+        assert max(scores, key=scores.get) == got["tool"] and set(scores) == {*names, "answer"}
+        if got["tool"] == "answer" or not schema["anyOf"][[*names, "answer"].index(got["tool"])]["properties"]["args"][
+                "properties"]:
+            assert got["args"] == {}
+        decision = validate(tools, got["tool"], got["args"], "", ["V1"])  # a valid action
+        assert decision.action in ("call", "answer")
+        if text != TOOL_PROMPTS[0]:  # the system prompt's KV state was kept from the prompt before
+            assert reused.response_metadata["evaluated_tokens"] < fast.response_metadata["evaluated_tokens"]
+    # the last prompt after a cleared context evaluates all of it; asked again right away, almost nothing
+    again = chat.invoke(msgs, response_format=fmt, max_tokens=40)
+    assert again.response_metadata["evaluated_tokens"] < 10 < fast.response_metadata["evaluated_tokens"]
+    assert json.loads(again.content) == got

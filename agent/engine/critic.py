@@ -100,7 +100,9 @@ def critique(state: CaseState, tools: dict[str, Tool], now: float | None = None)
                                    f"crop_zoom view={view_id} bbox={box}")
     last = state.evidence[-1] if state.evidence else None
     if last is not None and last.status in ("failed", "refused"):
-        suggestions.append(f"{last.id} {last.tool} {last.status}: {last.error}; choose another tool or other arguments")
+        # the reason is in the evidence line just above: the planner's prompt does not carry it twice
+        suggestions.append(f"{last.id} {last.tool} {last.status} (the reason is in its evidence line); choose another "
+                           "tool or other arguments")
     repeats = sum(e.status == "skipped" for e in state.evidence)
     if last is not None and last.status == "skipped" and repeats == 1:
         suggestions.append(f"{last.id} repeated an earlier call: its result is already in the evidence; call another "

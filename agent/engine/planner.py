@@ -78,14 +78,15 @@ def _no_null(prop: dict[str, Any]) -> dict[str, Any]:
     return {**rest, **alts[0]} if len(alts) == 1 else {**rest, "anyOf": alts}
 
 
-def args_schema(tool: Tool, view_ids: list[str], coordinates: bool = True) -> dict[str, Any]:
+def args_schema(tool: Tool, view_ids: list[str], coordinates: bool = True, optional: bool = True) -> dict[str, Any]:
     """The tool's arguments as JSON schema; without `coordinates` (none are grounded yet) optional coordinate
-    arguments are left out, so a grammar-constrained model cannot invent a box."""
+    arguments are left out, so a grammar-constrained model cannot invent a box; without `optional`, every optional
+    argument is left out (the tool runs with its defaults; see Planner.optional_args)."""
     schema = input_schema(tool.Input)
     req = set(schema.get("required", []))
     schema["properties"] = {k: v if k in req else _no_null(v) for k, v in schema.get("properties", {}).items()
-                            if (coordinates or k in req or k not in COORDINATE_ARGS)
-                            and (k in req or v.get("planner") is not False)}
+                            if k in req or (optional and (coordinates or k not in COORDINATE_ARGS)
+                                            and v.get("planner") is not False)}
     for v in schema["properties"].values():
         v.pop("planner", None)
     if view_ids == ["V1"]:  # one view: the argument can only be its default, so the model need not write it
@@ -98,14 +99,15 @@ def args_schema(tool: Tool, view_ids: list[str], coordinates: bool = True) -> di
     return schema
 
 
-def args_line(tool: Tool) -> str:
-    """A compact human description of the tool's arguments for the static system prompt."""
+def args_line(tool: Tool, optional: bool = True) -> str:
+    """A compact human description of the tool's arguments for the static system prompt (without `optional`, only
+    the required ones: the planner cannot set the others)."""
     schema = input_schema(tool.Input)
     req = set(schema.get("required", []))
     parts = []
     for name, prop in schema.get("properties", {}).items():
-        if prop.get("planner") is False and name not in req:
-            continue  # a user-only knob (agent.core.tool.USER_ONLY)
+        if (prop.get("planner") is False or not optional) and name not in req:
+            continue  # a user-only knob (agent.core.tool.USER_ONLY), or an argument this planner leaves at its default
         kind = prop.get("enum") or prop.get("type") or "/".join(
             str(p.get("type", p.get("enum", "?"))) for p in prop.get("anyOf", []))
         default = "" if name in req or "default" not in prop else f"={json.dumps(prop['default'])}"
@@ -114,11 +116,12 @@ def args_line(tool: Tool) -> str:
 
 
 def decision_schema(tools: list[Tool], view_ids: list[str], coordinates: bool = True,
-                    reason: bool = True) -> dict[str, Any]:
+                    reason: bool = True, optional: bool = True) -> dict[str, Any]:
     extra = {"reason": {"type": "string", "maxLength": REASON_MAX}} if reason else {}
     required = ["tool", "args", "reason"] if reason else ["tool", "args"]
     options = [
-        {"type": "object", "properties": {"tool": {"const": t.name}, "args": args_schema(t, view_ids, coordinates), **extra},
+        {"type": "object", "properties": {"tool": {"const": t.name}, "args": args_schema(t, view_ids, coordinates, optional),
+                                          **extra},
          "required": required, "additionalProperties": False}
         for t in tools
     ]
@@ -242,7 +245,10 @@ def evidence_line(e: Evidence, tools: dict[str, Tool]) -> dict[str, Any]:
     summary, removed = strip_instructions(summary)
     if removed:
         summary += f" [{removed} sentence(s) reading as instructions to the model withheld]"
-    args = ", ".join(f"{k}={json.dumps(v)}" for k, v in e.args.items())
+    # arguments left at their defaults say nothing the call does not (and cost the planner prompt tokens)
+    fields = tools[e.tool].Input.model_fields if e.tool in tools else {}
+    args = ", ".join(f"{k}={json.dumps(v)}" for k, v in e.args.items()
+                     if k == "view" or k not in fields or fields[k].is_required() or v != fields[k].default)
     return {"id": e.id, "tool": e.tool, "args": args, "status": e.status, "summary": summary}
 
 
@@ -292,9 +298,10 @@ class _Candidates(dict):
     exhausted: frozenset[str] = frozenset()
 
 
-def exhausted(state: CaseState, tools: list[Tool], view_ids: list[str]) -> list[str]:
+def exhausted(state: CaseState, tools: list[Tool], view_ids: list[str], optional: bool = True) -> list[str]:
     """Tools that can give nothing new: the planner may set no argument but the view (and the model card), and a
-    call already succeeded (or was skipped as a repeat) on every view; and a retrieval tool (knowledge search, the
+    call was already made on every view (it succeeded, was skipped as a repeat, or failed: with the same input it
+    fails again); and a retrieval tool (knowledge search, the
     knowledge graph, similar cases) that already answered once in this case. A small planner otherwise repeats them
     (issue 33: a breast ultrasound paid an 11 s decision for a second knowledge_search, then skipped as a repeat)."""
     out = []
@@ -302,10 +309,11 @@ def exhausted(state: CaseState, tools: list[Tool], view_ids: list[str]) -> list[
         if t.kind == "retrieve" and any(e.tool == t.name and e.status in ("ok", "skipped") for e in state.evidence):
             out.append(t.name)
             continue
-        props = set(args_schema(t, view_ids).get("properties", {})) - {"view", "model"}
+        props = set(args_schema(t, view_ids, optional=optional).get("properties", {})) - {"view", "model"}
         if props:
             continue
-        seen = {e.args.get("view", "V1") for e in state.evidence if e.tool == t.name and e.status in ("ok", "skipped")}
+        # with nothing to vary, a call that failed or was refused fails again: the same input, the same tool
+        seen = {e.args.get("view", "V1") for e in state.evidence if e.tool == t.name}
         if set(view_ids) <= seen:
             out.append(t.name)
     return out
@@ -313,11 +321,18 @@ def exhausted(state: CaseState, tools: list[Tool], view_ids: list[str]) -> list[
 
 class Planner:
     def __init__(self, chat: BaseChatModel, model_id: str, mode: str = "json",
-                 record: Any = None, max_tokens: int = 160, with_reason: bool | None = None):
+                 record: Any = None, max_tokens: int = 160, with_reason: bool | None = None,
+                 optional_args: bool | None = None):
         self.chat, self.model_id, self.mode, self.max_tokens = chat, model_id, mode, max_tokens
+        local = getattr(chat, "_llm_type", "") == "llama-cpp"
         # The in-process model writes no free-text reason: each output token costs ~0.1 s on this CPU under the
         # grammar, and a 1.5B model's reason ("The ct_tissue_compositon") says nothing the call does not.
-        self.with_reason = with_reason if with_reason is not None else getattr(chat, "_llm_type", "") != "llama-cpp"
+        self.with_reason = with_reason if with_reason is not None else not local
+        # Nor does it set optional arguments: writing them was ~50 output tokens a decision (3-4 s), and what it wrote
+        # was noise ("top_n": 1000000000000000, rejected three times over, on a breast ultrasound: issue 33). Its
+        # calls run with the tools' defaults; required arguments and the view (where there are several) it still
+        # writes. An endpoint planner sets optional arguments as before.
+        self.optional_args = optional_args if optional_args is not None else not local
         self.record = record or (lambda **kw: None)  # callback(kind, node, name, payload)
         self.vision: Any = None  # agent.llm.endpoints.Vision when the endpoint is declared vision-capable: it gets pictures
         self.token_budget: int | None = None  # prompt + completion tokens this planner may spend (an endpoint's
@@ -325,13 +340,17 @@ class Planner:
 
     def system_prompt(self, tools: list[Tool]) -> str:
         """Every tool this installation can run (not only this case's): the same text across steps and cases."""
-        return render("system", tools=[{"name": t.name, "description": t.description, "args": args_line(t)}
+        return render("system", tools=[{"name": t.name, "description": t.description,
+                                        "args": args_line(t, self.optional_args)}
                                        for t in tools if t.available() is None], mode=self.mode,
                       reason=self.with_reason)
 
     def user_prompt(self, state: CaseState, tools: dict[str, Tool], error: str | None,
                     candidates: list[str] | None = None, now: float | None = None) -> str:
         critic = render("rethink", c=state.critiques[-1]).strip() if state.critiques else ""
+        # Ordered for llama.cpp's KV-state reuse: what stays the same through a case comes first (model cards, case,
+        # question), then the evidence, which only grows, and last what changes at every step (critic notes, the
+        # tools still on offer, the budget): a case's later decision evaluates only its new tail (issue 33).
         names = state.applicable_tools if candidates is None else candidates
         from agent.core.question import asked_part, parse_question
         from agent.core.untrusted import clinical_terms, question_reading
@@ -361,7 +380,7 @@ class Planner:
              coordinates: bool = True) -> tuple[Any, dict[str, Any]]:
         params: dict[str, Any] = {"max_tokens": self.max_tokens}
         if self.mode == "json":
-            schema = decision_schema(tools, view_ids, coordinates, self.with_reason)
+            schema = decision_schema(tools, view_ids, coordinates, self.with_reason, self.optional_args)
             return structured_invoke(self.chat, self.model_id, messages, schema, self.max_tokens)
         # tool_choice "auto" is the OpenAI/vLLM default, but llama-cpp-python's chatml-function-calling ignores
         # the tools unless it is sent (and fails on "required"); a reply without a call counts as "answer".
@@ -378,7 +397,7 @@ class Planner:
         # a tool that needs a region is offered only once there are coordinates to give it
         held = [] if grounded else [t.name for t in cands if t.requires_region()]
         view_ids = [v.id for v in state.views]
-        done = exhausted(state, cands, view_ids)
+        done = exhausted(state, cands, view_ids, self.optional_args)
         cands = [t for t in cands if t.name not in held and t.name not in done]
         cand_map = _Candidates({t.name: t for t in cands})
         cand_map.all_names = frozenset(tools)
@@ -428,7 +447,7 @@ class Planner:
             self.record(kind="llm", node=node, name="decision", payload={
                 "request": request, "params": params, "response": response,
                 "usage": dict(reply.usage_metadata or {}), "latency_s": latency, "metadata": meta,
-                "candidate_scores": candidate_scores(token_lp, sorted(cand_map) + ["answer"]),
+                "candidate_scores": meta.get("choice_scores") or candidate_scores(token_lp, sorted(cand_map) + ["answer"]),
                 "decision": decision.model_dump() if decision else None, "rejected": error})
             if decision is not None:
                 return decision

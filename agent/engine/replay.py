@@ -294,7 +294,8 @@ def replay(dump: dict[str, Any], tools: dict[str, Tool] | None = None) -> Replay
     log = ReplayLog(events)
     chat = ReplayChat(log=log, llm_type=_llm_type(run, settings))
     planner = Planner(chat, run.get("llm") or "custom", run.get("planner_mode") or "json",
-                      with_reason=settings.get("with_reason"))
+                      with_reason=settings.get("with_reason"),
+                      optional_args=settings.get("optional_args", True))  # recorded before it was a setting: offered
     planner.token_budget = settings.get("token_budget")
     if settings.get("vision"):
         from agent.llm.endpoints import Vision

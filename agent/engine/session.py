@@ -254,7 +254,8 @@ def run_case(paths: list[str] | None = None, question: str | None = None, *, llm
                         settings={"llm": eng.llm, "llm_type": getattr(planner.chat, "_llm_type", ""), "max_steps": max_steps,
                                   "max_wall_s": max_wall_s, "modality": modality, "body_part": body_part,
                                   "clinical_context": clinical_context, "narrative": rt.narrative_llm is not None,
-                                  "with_reason": planner.with_reason, "route": route,
+                                  "with_reason": planner.with_reason, "optional_args": planner.optional_args,
+                                  "route": route,
                                   "vision": planner.vision.model_dump() if planner.vision else None,
                                   "token_budget": planner.token_budget,
                                   "min_probability": calibration.min_probability()})

@@ -11,6 +11,7 @@ Any other LangChain chat model can be handed to the planner directly.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -210,6 +211,173 @@ def _save_state(llm: Any, key: str, system: str) -> int:
     return n
 
 
+# -- a choice among tagged objects, decided from the logits ----------------------------------------------------------
+# The planner's decision schema is a choice among objects {"tool": <const name>, "args": {...}}. Under a llama.cpp
+# grammar every character of that JSON is a sampled token (~50 for a tool with optional arguments), and the grammar is
+# checked against the whole vocabulary at each one. Here the tag is chosen from the model's logits instead: the fixed
+# text is evaluated as prompt, and at each token where the candidate names part, the most probable token that
+# continues a name is taken (greedy, as temperature 0 under the grammar would) - two to four model steps. No repeat
+# penalty: the chat handler's default (1.1 over the last 64 tokens) marked down the tools that the prompt's last lines
+# name. Only an object whose other key has properties to fill is then generated under the grammar of that key's schema
+# alone. The reply is the same JSON text, so the planner, the trace and replay see no difference in kind; the choice's
+# probabilities come with it (metadata "choice_scores").
+
+
+def tagged_options(schema: Any) -> list[tuple[str, Any, str, dict[str, Any]]] | None:
+    """(tag key, tag value, other key, its schema) for each alternative of a schema that is a choice among objects of
+    exactly two required keys, the first a constant (the planner's decision schema); None for any other schema."""
+    alts = schema.get("anyOf") if isinstance(schema, dict) else None
+    if not alts:
+        return None
+    out = []
+    for alt in alts:
+        props = alt.get("properties") or {}
+        keys = list(props)
+        if len(keys) != 2 or "const" not in props[keys[0]] or set(alt.get("required") or []) != set(keys):
+            return None
+        out.append((keys[0], props[keys[0]]["const"], keys[1], props[keys[1]]))
+    return out if len({(t, k) for t, _, k, _ in out}) == 1 else None
+
+
+def _common_prefix(a: Any, b: Any) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _feed(llm: Any, ids: list[int]) -> int:
+    """Evaluate `ids` as the whole context, reusing the longest prefix already in the KV cache (the last token is always
+    evaluated, so its logits are fresh); the number of tokens evaluated."""
+    keep = min(_common_prefix(llm.input_ids[: llm.n_tokens], ids), len(ids) - 1)
+    llm.n_tokens = keep  # llm.eval drops the cache from n_tokens on
+    llm.eval(ids[keep:])
+    return len(ids) - keep
+
+
+def _last_logits(llm: Any) -> Any:
+    import llama_cpp
+    import numpy as np
+
+    return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(llm.n_vocab(),)).copy()
+
+
+@functools.cache
+def _formatter(template: str, eos: str, bos: str) -> Any:
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    return Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
+
+
+def chat_prompt(llm: Any, messages: list[dict[str, Any]]) -> str:
+    """The prompt text create_chat_completion renders for `messages`: the GGUF's own chat template, set up as
+    llama-cpp-python sets it up (Llama.__init__), so both paths share their tokens and the KV cache."""
+    if llm.chat_format != "chat_template.default":
+        raise LLMUnavailable(f"the model's chat format {llm.chat_format!r} is not its GGUF template")
+    eos, bos = llm.token_eos(), llm.token_bos()
+    fmt = _formatter(llm.metadata["tokenizer.chat_template"], llm._model.token_get_text(eos) if eos != -1 else "",
+                     llm._model.token_get_text(bos) if bos != -1 else "")
+    return fmt(messages=messages).prompt
+
+
+_PIECES: dict[int, dict[bytes, int]] = {}
+
+
+def _pieces(llm: Any) -> dict[bytes, int]:
+    """Each token's text (bytes) -> its id, once per loaded model (~0.3 s for Qwen's 151,936 tokens)."""
+    import ctypes
+
+    import llama_cpp
+
+    if id(llm) not in _PIECES:
+        buf, vocab, out = (ctypes.c_char * 128)(), llm._model.vocab, {}
+        for i in range(llm.n_vocab()):
+            n = llama_cpp.llama_token_to_piece(vocab, i, buf, 128, 0, False)
+            if n > 0:
+                out.setdefault(bytes(buf[:n]), i)
+        _PIECES[id(llm)] = out
+    return _PIECES[id(llm)]
+
+
+def choose_tagged(llm: Any, messages: list[dict[str, Any]], options: list[tuple[str, Any, str, dict[str, Any]]],
+                  max_tokens: int, seed: int) -> dict[str, Any]:
+    """One of `options` (see tagged_options) chosen from the logits, its other key generated under its schema's grammar
+    where it has properties to fill: {"text", "scores" (tag value -> probability), "prompt_tokens", "evaluated_tokens",
+    "completion_tokens"}.
+
+    The tag's value is written as the grammar would let the model write it: at each step every token whose text
+    continues some remaining value is allowed (a name may come as "ct" or as "c", "t"), the most probable is taken,
+    and the values it does not continue drop out, until one is left. The scores are the probabilities at the first
+    step where the values part, each value getting the tokens that continue it (as planner.candidate_scores reads
+    them from logprobs)."""
+    import numpy as np
+
+    prompt = chat_prompt(llm, messages)
+    tag, key = options[0][0], options[0][2]
+    opening = f"{{{json.dumps(tag)}:"
+    # the prompt and the reply tokenised apart, as when the reply is generated (joined, "\n" + '{"' may merge)
+    base = llm.tokenize(prompt.encode(), special=True)
+    ids = base + llm.tokenize(opening.encode(), add_bos=False, special=False)
+    evaluated = _feed(llm, ids)
+    pieces = _pieces(llm)
+    targets = [b" " + json.dumps(v).encode() for _, v, _, _ in options]  # each value as JSON, after a space
+    alive, done, steps, scores = list(range(len(options))), b"", 0, {}  # scores: where the values first part
+    while len(alive) > 1:
+        allowed: dict[int, list[int]] = {}
+        for i in alive:
+            rest = targets[i][len(done):]
+            for k in range(1, len(rest) + 1):
+                t = pieces.get(rest[:k])
+                if t is not None:
+                    allowed.setdefault(t, []).append(i)
+        toks = list(allowed)
+        z = _last_logits(llm)[toks].astype(np.float64)
+        p = np.exp(z - z.max())
+        p /= p.sum()
+        if not scores and any(len(v) < len(alive) for v in allowed.values()):
+            for t, pt in zip(toks, p, strict=True):
+                for i in allowed[t]:
+                    scores[i] = scores.get(i, 0.0) + float(pt)
+        best = toks[int(np.argmax(z))]
+        done += _piece(llm, best)
+        alive = allowed[best]
+        llm.eval([best])
+        steps += 1
+    pick = alive[0]
+    sub = options[pick][3]
+    head = f"{opening} {json.dumps(options[pick][1])}, {json.dumps(key)}:"
+    completion = steps
+    if sub.get("type") == "object" and not sub.get("properties"):
+        text = head + " {}}"
+    else:
+        from llama_cpp import LlamaGrammar
+        from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+        ids = base + llm.tokenize(head.encode(), add_bos=False, special=False)
+        evaluated += len(ids) - min(_common_prefix(ids, llm.input_ids[: llm.n_tokens]), len(ids) - 1)
+        # the value after a space, as the model writes it after a key (the schema's grammar alone opens with "{")
+        gbnf = json_schema_to_gbnf(json.dumps(sub)).replace("root ::=", "value ::=", 1) + '\nroot ::= " " value\n'
+        out = llm.create_completion(prompt=ids, grammar=LlamaGrammar.from_string(gbnf, verbose=False),
+                                    temperature=0.0, max_tokens=max_tokens, seed=seed)
+        text = head + out["choices"][0]["text"] + "}"
+        completion += int((out.get("usage") or {}).get("completion_tokens", 0))
+    order = sorted(range(len(options)), key=lambda i: -scores.get(i, 1.0 if i == pick else 0.0))
+    return {"text": text, "scores": {str(options[i][1]): round(scores.get(i, 1.0 if i == pick else 0.0), 4) for i in order},
+            "prompt_tokens": len(ids), "evaluated_tokens": evaluated, "completion_tokens": completion}
+
+
+def _piece(llm: Any, token: int) -> bytes:
+    import ctypes
+
+    import llama_cpp
+
+    buf = (ctypes.c_char * 128)()
+    n = llama_cpp.llama_token_to_piece(llm._model.vocab, token, buf, 128, 0, False)
+    return bytes(buf[:max(0, n)])
+
+
 class LocalLlamaChat(BaseChatModel):
     """A GGUF model run in-process by llama-cpp-python. Pass `response_format` to constrain output."""
 
@@ -243,11 +411,21 @@ class LocalLlamaChat(BaseChatModel):
         if key and (id(llm), key) not in _RESTORED:
             restored = _restore_state(llm, key)
         t0 = time.perf_counter()
-        out = llm.create_chat_completion(
-            messages=convert_to_openai_messages(messages), response_format=kwargs.get("response_format"),
-            temperature=0.0, max_tokens=kwargs.get("max_tokens", self.max_tokens), stop=stop, seed=self.seed, **lp,
-
-        )
+        fmt = kwargs.get("response_format") or {}
+        options = tagged_options(fmt.get("schema")) if not lp and not stop else None
+        if options:  # the planner's decision: the tool chosen from the logits (see choose_tagged)
+            got = choose_tagged(llm, convert_to_openai_messages(messages), options,
+                                kwargs.get("max_tokens", self.max_tokens), self.seed)
+            out = {"choices": [{"message": {"content": got["text"]}, "finish_reason": "stop"}],
+                   "usage": {"prompt_tokens": got["prompt_tokens"], "completion_tokens": got["completion_tokens"],
+                             "total_tokens": got["prompt_tokens"] + got["completion_tokens"]}}
+            chosen = {"choice_scores": got["scores"], "evaluated_tokens": got["evaluated_tokens"]}
+        else:
+            out = llm.create_chat_completion(
+                messages=convert_to_openai_messages(messages), response_format=kwargs.get("response_format"),
+                temperature=0.0, max_tokens=kwargs.get("max_tokens", self.max_tokens), stop=stop, seed=self.seed, **lp,
+            )
+            chosen = {}
         latency = time.perf_counter() - t0
         saved = 0
         if key and (id(llm), key) not in _RESTORED:
@@ -263,7 +441,7 @@ class LocalLlamaChat(BaseChatModel):
         msg = AIMessage(
             content=choice["message"].get("content") or "",
             response_metadata={"model": self.model_id, "finish_reason": choice.get("finish_reason"),
-                               "latency_s": latency, "token_logprobs": tokens,
+                               "latency_s": latency, "token_logprobs": tokens, **chosen,
                                **({"prefix_state": {"restored_tokens": restored}} if restored else {}),
                                **({"prefix_state": {"saved_tokens": saved}} if saved else {})},
             usage_metadata={"input_tokens": usage.get("prompt_tokens", 0),
