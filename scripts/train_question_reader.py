@@ -2,7 +2,8 @@
 
     .venv/bin/python scripts/train_question_reader.py [--check] [--epochs N]
 
-Training pool: tests/data/question_readings.jsonl (dev + heldout, 437) and question_readings_train.jsonl (300). The
+Training pool: tests/data/question_readings.jsonl (dev + heldout, 437), question_readings_train.jsonl (300) and
+question_readings_train2.jsonl (400, labelled 2026-12-07). The
 test split (question_readings_test.jsonl, 250) is never read here: bench/bench_question_reading.py --learned reports
 it. MiniLM's lower four layers stay as installed; its top two layers and the heads are trained (AdamW, seeded, CPU).
 The number of epochs is chosen by 5-fold cross-validation over the pool (folds by question; the epoch with the best
@@ -26,7 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-POOL = [ROOT / "tests" / "data" / "question_readings.jsonl", ROOT / "tests" / "data" / "question_readings_train.jsonl"]
+POOL = [ROOT / "tests" / "data" / f"question_readings{part}.jsonl" for part in ("", "_train", "_train2")]
 SEED = 30
 BATCH = 16
 LR_LAYERS, LR_HEADS = 3e-5, 1e-3
