@@ -165,3 +165,15 @@ def test_a_third_call_of_the_same_tool_that_still_does_not_answer_ends_the_loop(
     assert critique(st(*calls[:2]), tools).route == "think"
     c = critique(st(*calls), tools)
     assert c.route == "report" and "call no. 3" in c.why, c.why
+
+
+def test_small_findings_suggest_at_most_a_few_crops():
+    """Issue 33: a blob detector's 30 small candidates made 30 crop suggestions (~550 prompt tokens, ~8 s of the
+    embedded planner's next decision); the critique names the first few and counts the rest."""
+    boxes = [[10 * i, 10 * i, 10 * i + 4, 10 * i + 4] for i in range(10)]
+    st = state(ev(1, "det", {"boxes": boxes}))
+    st.applicable_tools = ["crop_zoom", "det"]  # no box-prompted segmenter to take the boxes
+    crops = [s for s in critique(st, TOOLS).suggestions if "crop" in s]
+    assert len(crops) == 4 and crops[0].endswith("bbox=[0, 0, 4, 4]") and crops[3].startswith("7 more small findings")
+    st.evidence[0].output["boxes"] = boxes[:2]
+    assert len([s for s in critique(st, TOOLS).suggestions if "crop" in s]) == 2
