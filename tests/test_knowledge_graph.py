@@ -222,3 +222,16 @@ def test_membership_question_routes_the_organ_segmenter_first():
     named = "Which system does the heart belong to?"
     d = route(state.model_copy(update={"question": named, "question_info": parse_question(named)}), tools)
     assert d is not None and d.tool == "knowledge_graph", d
+
+
+def test_belong_to_is_membership_only_with_what_it_belongs_to():
+    """"Which part of the body / What scanning plane does this image belong to?" ask for the body region or the plane:
+    read as system membership, each ran the organ segmenter and the knowledge graph before the study classifier's
+    answer (56 SLAKE validate questions: 206 tool calls instead of 111, two left unanswered)."""
+    from tools.knowledge_graph import relation_of
+
+    assert relation_of("Which part of the body does this image belong to?") is None
+    assert relation_of("What scanning plane does this image belong to?") is None
+    for q in ("Which organs/organ in the picture belong to sensory organs?", "Which system does the heart belong to?",
+              "Do any of the organs in the picture belong to the circulatory system?"):
+        assert relation_of(q)[0] == "membership", q

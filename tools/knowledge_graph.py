@@ -91,7 +91,9 @@ LUNG_FINDINGS = {"nodule": "pulmonary nodules", "nodules": "pulmonary nodules", 
 
 # question wording -> (relation name, KG attributes for an organ, KG attributes for a disease), first match wins
 RELATIONS: tuple[tuple[str, str, tuple[str, ...], tuple[str, ...]], ...] = (
-    ("membership", r"\bbelongs?\b|\bpart of (the )?\w+( \w+)? system\b|\bwhich system\b|\bwhat system\b", (), ()),
+    # "belong(s) to" with what it belongs to after it: "Which part of the body / What scanning plane does this image
+    # belong to?" (337 SLAKE train+validate questions) ask for the body region or the plane, not a body system
+    ("membership", r"\bbelongs? to \w|\bpart of (the )?\w+( \w+)? system\b|\bwhich system\b|\bwhat system\b", (), ()),
     ("treatment", r"\btreat", (), ("treatment",)),
     ("prevention", r"\bprevent", (), ("prevention",)),
     ("symptom", r"\bsymptom", (), ("symptom",)),
