@@ -222,3 +222,33 @@ def test_a_measurement_question_is_left_to_measuring_tools():
     assert VqaExpert().takes_question("How much fat is in this slice?") is False
     assert VqaExpert().takes_question("How large is the dominant bright region?") is False
     assert VqaExpert().takes_question("What density is the abnormality?") is True  # "Hyperdense": the gate's call
+
+
+def test_a_question_worded_unlike_its_training_questions_gets_flatter_probabilities():
+    """Issue 30 item 5: the card's wording temperature (fitted on held-out train, in SLAKE's words and reworded as
+    clinicians write them) flattens a yes/no answer to a question far from every training question, keeps the top
+    answer, and leaves a training template's own wording (cosine 1) as calibrated."""
+    from tools.vqa_expert import VqaExpert, normalise_answer
+
+    tool = VqaExpert()
+    card = tool.cards(None)[0]
+    expert = tool.load(card)
+    wording = card.input["wording"]
+    assert wording["slope_yes_no"] > 0 and "held-out" in wording["how"]
+    yes = [normalise_answer(a) for a in expert.answers].index("yes")
+    p = np.full(len(expert.answers), 1e-6, np.float32)
+    p[yes] = 0.99
+    p /= p.sum()
+    assert expert.wording_temperature(p, 1.0) == 1.0 and expert.for_wording(p, 1.0) is p
+    near, far = expert.for_wording(p, 0.95), expert.for_wording(p, 0.8)
+    assert far.argmax() == yes and 0.5 < far[yes] < near[yes] < p[yes]
+    assert abs(float(far.sum()) - 1.0) < 1e-4
+
+
+@needs_slake
+def test_a_reworded_yes_no_question_says_its_probabilities_were_flattened(astore):
+    real = SLAKE / "imgs" / "xmlab207" / "source.jpg"  # a validate CT of the abdomen (liver, kidneys)
+    ctx = make_ctx(astore, real)
+    out = run_tool(ctx, "vqa_expert", question="Can the liver be seen in this picture?")  # cosine 0.91 to train's
+    assert not out.outside_training and out.gate.question_score < 0.99 and out.yes_no is not None
+    assert any("wording temperature" in n for n in out.notes)

