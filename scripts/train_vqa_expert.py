@@ -635,12 +635,12 @@ def fit_wording(manifest: Path, train: list[dict[str, Any]], images: list[str], 
     np.savez(cache_dir() / "wording_fit.npz", probs=probs, q=q, y=y, correct=correct, source=source, closed=closed,
              q_min=q_min)  # for later analysis; outside the repository
 
-    top_yes_no = np.array([vx.normalise_answer(answers[t]) in ("yes", "no") for t in probs.argmax(1)])
+    yes_no = np.array([vx.normalise_answer(a) in ("yes", "no") for a in answers])
+    top_yes_no = yes_no[probs.argmax(1)]
 
-    def flattened(slopes: dict[str, float]) -> np.ndarray:
-        slope = np.where(top_yes_no, slopes["yes_no"], slopes["other"])
-        t = 1.0 + slope * np.maximum(0.0, WORDING_FROM - q)
-        return np.stack([vx.softmax(np.log(np.maximum(p, 1e-12)), float(tt)) for p, tt in zip(probs, t, strict=True)])
+    def flattened(slopes: dict[str, float]) -> np.ndarray:  # as the tool does (Expert.for_wording)
+        return np.stack([vx.flatten(p, vx.wording_temperature(p, s, yes_no, slopes, WORDING_FROM))
+                         for p, s in zip(probs, q, strict=True)])
 
     def score(p: np.ndarray, m: np.ndarray) -> dict[str, Any]:
         conf = p.max(1)

@@ -308,24 +308,35 @@ class Expert:
         return softmax(np.log(np.maximum(mean, 1e-12)), self.temperatures.get(key, self.temperatures["ensemble"]))
 
     def wording_temperature(self, probs: np.ndarray, question_score: float) -> float:
-        """The further temperature for a question worded unlike the training questions: 1 + slope x (from - score)
-        where the score (cosine to the nearest training question) is under `from`, else 1; one slope where the top
-        answer is yes or no, one for the others. The card's `input.wording`, fitted on the held-out pictures' questions
-        in SLAKE's words and reworded as clinicians write them (scripts/train_vqa_expert.py fit_wording)."""
-        kind = "yes_no" if self._yes_no[int(np.argmax(probs))] else "other"
-        return 1.0 + self.wording_slopes[kind] * max(0.0, self.wording_from - float(question_score))
+        """The card's wording temperature for these probabilities (see `wording_temperature` below)."""
+        return wording_temperature(probs, question_score, self._yes_no, self.wording_slopes, self.wording_from)
 
     def for_wording(self, probs: np.ndarray, question_score: float) -> np.ndarray:
         """`probs` (calibrated on held-out questions in SLAKE's words) flattened by the wording temperature (the top
         answer stays the top answer)."""
-        t = self.wording_temperature(probs, question_score)
-        return probs if t == 1.0 else softmax(np.log(np.maximum(probs, 1e-12)), t)
+        return flatten(probs, self.wording_temperature(probs, question_score))
 
     def gate(self, gate_grid: np.ndarray, question: np.ndarray) -> tuple[float, float]:
         """(question score, image score): cosine to the nearest training question / training picture (the image
         score from the gate member's grid)."""
         return (float(nearest_cosine(question, self.question_bank)[0]),
                 float(nearest_cosine(pooled_unit(gate_grid)[None], self.image_bank)[0]))
+
+
+def wording_temperature(probs: np.ndarray, question_score: float, yes_no: np.ndarray, slopes: dict[str, float],
+                        start: float = 1.0) -> float:
+    """The further temperature for a question worded unlike the training questions: 1 + slope x (start - score) where
+    the score (cosine to the nearest training question) is under `start`, else 1; slopes["yes_no"] where the top answer
+    is yes or no (`yes_no`: a mask over the answers), slopes["other"] otherwise. The card's `input.wording`, fitted on
+    the held-out pictures' questions in SLAKE's words and reworded as clinicians write them
+    (scripts/train_vqa_expert.py fit_wording, which calls this)."""
+    kind = "yes_no" if yes_no[int(np.argmax(probs))] else "other"
+    return 1.0 + slopes[kind] * max(0.0, start - float(question_score))
+
+
+def flatten(probs: np.ndarray, t: float) -> np.ndarray:
+    """A distribution's log divided by t (1: unchanged, the same array)."""
+    return probs if t == 1.0 else softmax(np.log(np.maximum(probs, 1e-12)), t)
 
 
 def softmax(logits: np.ndarray, t: float = 1.0) -> np.ndarray:
@@ -514,7 +525,7 @@ class VqaExpert(LearnedTool):
                         notes.append(f"member {m['name']} could not run ({exc}); answered without it")
             probs = expert.probabilities(grids, qv)[0]
         if (t := expert.wording_temperature(probs, q_score)) > 1.0:
-            probs = expert.for_wording(probs, q_score)
+            probs = flatten(probs, t)
             notes.append(f"worded unlike its training questions (similarity {q_score:.2f}): probabilities flattened by "
                          f"the card's wording temperature {t:.2f}, fitted on held-out questions reworded as clinicians "
                          "write them")
