@@ -221,3 +221,45 @@ def test_only_the_asking_sentence_is_read():
         assert hostile.text == text + tail
     assert asked_part("Known COPD. Is there an effusion?") == "Is there an effusion?"
     assert asked_part("Is the lesion 3.5 cm wide?") == "Is the lesion 3.5 cm wide?"
+
+
+@pytest.mark.parametrize("text, want", [
+    # a modality word that says what the image is does not make the question a modality question (issue 30): the
+    # plane or region asked is the subject, and a "yes" needs every value the question names
+    ("Was this CT taken sagittally?", {"attribute": "plane", "attribute_value": "sagittal", "also": {"modality": "CT"}}),
+    ("Is this CT slice in the sagittal plane?", {"attribute": "plane", "also": {"modality": "CT"}}),
+    ("Is this a chest CT?", {"attribute": "body_region", "attribute_value": "chest", "also": {"modality": "CT"}}),
+    ("Is this an MRI of the brain?", {"attribute": "body_region", "attribute_value": "head", "also": {"modality": "MR"}}),
+    ("Is this a CT?", {"attribute": "modality", "attribute_value": "CT", "also": {}}),
+    # "on this MR" says where it is seen, not what is asked
+    ("Does the kidney look unremarkable on this MR?", {"finding": "abnormality", "organ": "kidney", "negated": True,
+                                                       "sure": True}),
+    # the options first, then the question
+    ("Transverse plane or coronal plane: which was this CT acquired in?",
+     {"kind": "choice", "choices": ["transverse plane", "coronal plane"], "attribute": "plane"}),
+])
+def test_a_word_naming_the_image_is_not_the_subject(text, want):
+    q = parse_question(text)
+    wrong = [(k, getattr(q, k), v) for k, v in want.items() if getattr(q, k) != v]
+    assert not wrong, (wrong, q)
+
+
+def test_a_question_naming_two_study_attributes_needs_both(store):
+    """On the demo CT (modality from its DICOM tag, plane and region from the study classifier): a sagittal CT is
+    "no" from the plane, an abdominal MRI "no" from the modality tag (the surest of the two that differ), an axial CT
+    "yes" citing both; the options-first choice gets the option's own words."""
+    ctx = make_ctx(store, CT)
+    out = run_tool(ctx, "inspect_image")
+    ev = [Evidence(id="E1", tool="inspect_image", tool_version="1", args={"view": "V1"}, status="ok",
+                   output=out.model_dump(mode="json"))]
+    got = {t: compose_answer(_state(t, ev, ctx), tools()) for t in (
+        "Was this CT taken sagittally?", "Is this an abdominal MRI?", "Is this an axial CT?",
+        "Transverse plane or coronal plane: which was this CT acquired in?")}
+    a = got["Was this CT taken sagittally?"]
+    assert (a.kind, a.value) == ("yes_no", "no") and "plane axial" in a.basis, a
+    a = got["Is this an abdominal MRI?"]
+    assert (a.kind, a.value) == ("yes_no", "no") and "modality CT (dicom)" in a.basis, a
+    a = got["Is this an axial CT?"]
+    assert (a.kind, a.value) == ("yes_no", "yes") and "plane axial" in a.basis and "modality CT" in a.basis, a
+    a = got["Transverse plane or coronal plane: which was this CT acquired in?"]
+    assert (a.kind, a.value) == ("choice", "transverse plane"), a

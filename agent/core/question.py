@@ -186,6 +186,8 @@ class Question(BaseModel):
     allowed: list[str] = Field(default_factory=list)  # the values an answer may take (closed questions)
     negated: bool = False  # "Is the lung healthy?": yes means the finding is absent
     comparison: str | None = None  # "less than half the width of the chest"
+    also: dict[str, str] = Field(default_factory=dict)  # further study attribute values a yes/no asserts ("Is this a
+    # chest CT?": attribute body_region chest, also modality CT): "yes" needs each of them, one that differs is "no"
     rule: str | None = None  # a stated rule turning a measurement into yes/no: "cardiothoracic_ratio < 0.5"
     describe: bool = False  # an open request for the findings, with no particular subject
     sure: bool = True  # every part of the sentence was accounted for by the rules
@@ -563,8 +565,13 @@ def _singular(phrase: str) -> str:
     return " ".join(toks)
 
 
+# "... on this image / slice / MR / chest radiograph": where the predicate is seen, not part of it
+_ON_THIS_IMAGE = re.compile(r"\s+(in|on)\s+(this|the)\s+((chest|abdominal|head|brain)\s+)?(image|scan|film|picture|study|"
+                            r"section|slice|ct|mr|mri|radiograph|x ray|xray|cxr)$")
+
+
 def _clean_pred(pred: str) -> str:
-    p = re.sub(r"\s+(in|on)\s+(this|the)\s+(image|scan|film|picture|study|section|slice)$", "", pred).strip()
+    p = re.sub(_ON_THIS_IMAGE, "", pred).strip()
     p = re.sub(r"^(to be|being|appearing|looking|well)\s+", "", p) if not p.startswith("well differentiated") else p
     return re.sub(r"\s+(appearing|looking|in appearance|appearance|in consistency)$", "", p)
 
@@ -575,7 +582,7 @@ def _pred_kind(pred: str) -> str:
         return "finding"
     if cp in _PRED_NEGATED:
         return "negated"
-    p = re.sub(r"\s+(in|on)\s+(this|the)\s+(image|scan|film|picture|study|section|slice)$", "", pred).strip()
+    p = re.sub(_ON_THIS_IMAGE, "", pred).strip()
     p = re.sub(r"^(to be|being|appearing|looking)\s+", "", p)
     p = re.sub(r"\s+(appearing|looking|in appearance|appearance)$", "", p)
     if p in _NORMAL or p.startswith("normal") or p.startswith("of normal") or p.startswith("within normal"):
@@ -620,8 +627,13 @@ def asked_part(text: str) -> str:
     return " ".join(asks) if asks else parts[0]
 
 
+_OPTIONS_FIRST = re.compile(r"^\s*(?P<opts>[^:?]+?\bor\b[^:?]+?)\s*:\s*(?P<rest>(?:which|what)\b[^?]*)\??\s*$", re.I)
+
+
 def parse_question(text: str) -> Question:
     full, text = text, asked_part(text)
+    if m := _OPTIONS_FIRST.match(text):  # "Transverse or coronal plane: which was this acquired in?" - the options first
+        text = f"{m.group('rest').strip()}, {m.group('opts').strip()}?"
     q = _words(text)
     toks = q.split()
     first = toks[0] if toks else ""
@@ -665,7 +677,7 @@ def parse_question(text: str) -> Question:
         unsure.append("an existential question with 'or'")
 
     fields: dict = {"finding": None, "organ": None, "side": None, "location": None, "quantities": [], "organs": [],
-                    "attributes": [], "attribute": None, "attribute_value": None, "negated": False,
+                    "attributes": [], "attribute": None, "attribute_value": None, "negated": False, "also": {},
                     "comparison": None, "rule": None, "describe": False, "subject_type": ""}
 
     if kind == "yes_no":
@@ -685,7 +697,7 @@ def parse_question(text: str) -> Question:
     if fields.get("attribute") and kind == "attribute":
         fields["attributes"] = list(dict.fromkeys([fields["attribute"], *subj.attributes]))
     elif fields.get("attribute"):
-        fields["attributes"] = [fields["attribute"]]
+        fields["attributes"] = [fields["attribute"], *fields.get("also", {})]
     allowed = ["yes", "no"] if kind == "yes_no" else list(choices)
     if kind == "open" and not (fields.get("attribute") or fields.get("finding") or fields.get("organ") or
                                fields.get("describe")) and subj.attribute:
@@ -740,10 +752,26 @@ def _study_predicate(np_text: str, q: str, fields: dict, unsure: list[str]) -> b
     if named and (head.split()[:1] and (attribute_value_in(" ".join(head.split()[:3])) or head in ATTRIBUTE_VALUES.get(
             named[0], {}) or
                                         re.match(r"^(in|on|of|with|from)\b", head) or len(head.split()) <= 4)):
+        # several study attributes in one predicate ("Was this CT taken sagittally?", "Is this a chest CT?"): the
+        # plane, else the region, is what is asked; the modality word says what the image is. A yes needs them all
+        # (`also`): a chest radiograph is not a chest CT
+        found = {a: v for a in ("plane", "body_region", "modality") if (v := _named_value(t, a))}
+        if named[0] in found and len(found) > 1:
+            main = next(iter(found))
+            fields.update(attribute=main, attribute_value=found[main], subject_type="attribute",
+                          also={a: v for a, v in found.items() if a != main})
+            return True
         attr, value = named
         fields.update(attribute=attr, attribute_value=value, subject_type="attribute")
         return True
     return False
+
+
+def _named_value(t: str, attribute: str) -> str | None:
+    """The value of `attribute` named in `t`, a region only where it qualifies the image ("a chest CT", "of the
+    abdomen"), not a place inside it."""
+    got = attribute_value_in(t, attribute)
+    return got[1] if got else None
 
 
 def _read_yes_no(text: str, q: str, subj: Subject, fields: dict, unsure: list[str]) -> None:

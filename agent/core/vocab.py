@@ -150,6 +150,7 @@ ATTRIBUTE_VALUES = {
                  "dermoscopy": "XC", "fundus": "OP", "endoscopy": "ES", "colonoscopy": "ES", "pathology": "SM",
                  "histology": "SM", "mammogram": "MG", "pet": "PT"},
     "plane": {"transverse": "axial", "axial": "axial", "coronal": "coronal", "sagittal": "sagittal",
+              "axially": "axial", "coronally": "coronal", "sagittally": "sagittal",
               "frontal": "frontal", "pa": "frontal", "ap": "frontal", "lateral": "lateral"},
     "body_region": {"head": "head", "brain": "head", "neck": "neck", "chest": "chest", "thorax": "chest",
                     "thoracic": "chest", "abdominal": "abdomen", "pelvic": "pelvis", "cranial": "head", "cervical": "neck",

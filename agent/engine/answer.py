@@ -79,6 +79,8 @@ def from_attribute(q: Question, stmts: list[Statement]) -> Answer:
         return Answer(kind="phrase", value="; ".join(parts), evidence_ids=ids, method="evidence",
                       basis=f"stated by {', '.join(ids)}" + ("" if len(parts) == len(q.attributes) else
                                                            f" ({len(parts)} of {len(q.attributes)} attributes)"))
+    if q.kind == "yes_no" and q.attribute_value and q.also:  # "Is this a chest CT?": every value it names
+        return _all_of(q, stmts)
     stmts = [s for s in stmts if s.attribute.get("name") == q.attribute] or stmts
     s = stmts[0]  # the first tool that stated it (later calls on derived views repeat it)
     a = s.attribute
@@ -111,6 +113,36 @@ def from_attribute(q: Question, stmts: list[Statement]) -> Answer:
         return abstain("evidence_does_not_address", f"{how}: none of the choices {q.choices}", ids=[s.eid])
     return Answer(kind="phrase", value=_attr_words(q.attribute, value), probability=p, evidence_ids=[s.eid], basis=how,
                   method="evidence")
+
+
+def _all_of(q: Question, stmts: list[Statement]) -> Answer:
+    """A yes/no that names several study attributes ("Was this CT taken sagittally?"): "no" as soon as one stated value
+    differs (the surest such statement: one read from the data, else the most probable), "yes" only when each is stated
+    and the same (at the smallest probability among them); an attribute no evidence stated leaves a "yes"
+    unanswerable."""
+    checks = {q.attribute: q.attribute_value, **q.also}
+    said, missing = [], []
+    for attr, want in checks.items():
+        s = next((x for x in stmts if x.attribute.get("name") == attr), None)
+        if s is None:
+            missing.append(attr.replace("_", " "))
+            continue
+        value, p = str(s.attribute.get("value")), s.attribute.get("probability")
+        how = f"{attr.replace('_', ' ')} {_attr_words(attr, value)} ({s.attribute.get('source', '?')}" + \
+            (f", confidence {p:.2f})" if isinstance(p, int | float) else ")") + f" per {s.eid}"
+        said.append((_same_attr(attr, value, want), p, s.eid, how))
+    asked = " ".join(_attr_words(a, v) for a, v in checks.items())
+    if differ := sorted((x for x in said if not x[0]), key=lambda x: (x[1] is not None, -(x[1] or 0.0))):
+        _, p, eid, how = differ[0]  # the surest: a value read from the data (no probability), else the most probable
+        return Answer(kind="yes_no", value="no", probability=p, evidence_ids=[eid], method="evidence",
+                      basis=f"asked {asked}; {how}")
+    if missing:
+        return abstain("evidence_does_not_address", f"asked {asked}; no evidence stated the {', '.join(missing)}",
+                       ids=[x[2] for x in said])
+    probs = [x[1] for x in said if x[1] is not None]  # a value read from the data (a DICOM tag) carries none
+    return Answer(kind="yes_no", value="yes", evidence_ids=list(dict.fromkeys(x[2] for x in said)), method="evidence",
+                  probability=min(probs) if probs else None,
+                  basis=f"asked {asked}; " + "; ".join(x[3] for x in said))
 
 
 def _flip(yes: bool, q: Question) -> str:
