@@ -85,6 +85,51 @@ def test_the_question_gate_is_readable_without_a_picture():
     assert far < thr <= near
 
 
+@pytest.mark.parametrize("question, organ", [
+    ("Is the heart included on this slice?", "heart"), ("Is renal tissue seen on this slice?", "kidney"),
+    ("Are the lungs in the field of view?", "lung"), ("Can you see the mandible here?", "mandible"),
+    ("Is the kidney enlarged?", None), ("Is there no heart on this slice?", None), ("Is the spleen on the left?", None),
+    ("Is there evidence of liver cancer on this CT?", None), ("Are the lungs abnormal?", None),
+])
+def test_only_a_sure_presence_reading_is_asked_in_the_training_words(question, organ):
+    """A yes/no about whether an organ is there is put to the model as SLAKE's own template (on held-out train the
+    expert answered those right 0.91 of the time; the organ segmenter's "absent" on their rewordings 0.63); anything
+    more - a finding, a negation, a place - stays as worded (and the gate judges it)."""
+    from tools.vqa_expert import VqaExpert, presence_organ
+
+    assert presence_organ(question) == organ
+    form = VqaExpert().asked_form(question)
+    assert (form is None) == (organ is None) and (form is None or organ in form), form
+
+
+@pytest.mark.parametrize("question, system", [
+    ("Is any part of the respiratory system shown here?", "respiratory"), ("Is any urinary-tract organ visible?",
+                                                                             "urinary"),
+    ("Does this slice include an organ of the digestive system?", "digestive"),
+    ("Is the patient's nervous system affected?", None), ("Is no organ of the nervous system shown?", None),
+    ("Which digestive organs can be seen on this slice?", None),
+])
+def test_a_membership_question_is_asked_as_its_template(question, system):
+    from tools.vqa_expert import MEMBERSHIP_TEMPLATE, VqaExpert, member_system
+
+    assert member_system(question) == system
+    assert VqaExpert().asked_form(question) == (system and MEMBERSHIP_TEMPLATE.format(s=system))
+
+
+def test_a_reworded_presence_question_is_answered_as_its_template(ct_ctx):
+    """Refused as worded by the gate? Not as a presence question: the model is asked the template, the output keeps
+    the question asked (so it answers this very question), and the evidence says how it was asked."""
+    from tools.vqa_expert import VqaExpert
+
+    question = "Could you identify any hepatic parenchyma on this section?"
+    out = run_tool(ct_ctx, "vqa_expert", question=question)
+    assert out.asked_as == "Does the picture contain liver?" and out.question == question
+    assert out.gate.question_score >= 0.999 and any("training words" in n for n in out.notes)
+    assert VqaExpert().takes_question(question)
+    if not out.outside_training:  # the image gate may refuse pydicom's small slice: then it says so
+        assert VqaExpert().answer_to(out, ct_ctx.state.view("V1"), question)[0][0] in ("Yes", "No")
+
+
 def test_a_slake_question_on_a_ct_slice_is_answered_with_calibrated_probabilities(ct_ctx):
     out = run_tool(ct_ctx, "vqa_expert", question="What modality is used to take this image?")
     assert out.gate.question_score >= 0.99  # a SLAKE template

@@ -41,6 +41,16 @@ no findings, no attributes, the scores and thresholds still stated so the answer
 aside. The tool is offered for CT, MR and radiographs only (SLAKE's modalities); ultrasound, fundus, dermoscopy,
 endoscopy and microscopy pictures are not its business.
 
+Asked in its own words: a yes/no question the project's reading (agent/core/question.py) is sure asks only whether an
+organ is in the picture ("Is renal tissue seen on this slice?") or whether any pictured organ belongs to a body system
+("Is any part of the respiratory system shown here?") is put to the model as the SLAKE template it was trained on
+("Does the picture contain kidney?", "Do any of the organs in the picture belong to the respiratory system?"), when
+that form is itself a training question (PRESENCE_TEMPLATES, MEMBERSHIP_TEMPLATE; cosine >= 0.999). The output keeps
+the question asked (`question`) and says how it was put (`asked_as`, a note); the gate scores the form asked. Why: on
+the held-out picture split of train the expert answered the presence template right 0.91 of the time (158 questions),
+while those questions reworded were refused by the gate or flattened, and the organ segmenter's "absent" that answered
+them instead was right 0.63 of the time (43). A finding, a negation, a place or a function keeps the question as worded.
+
 Evidence: the top answers with calibrated probabilities, the gate's scores and thresholds, the members that answered,
 and the study classifier's modality / plane / region of the view when intake ran it (context the answer step may weigh
 it against; the expert does not read them). The answer step reads the ranked answers through `answer_to` (this tool
@@ -93,6 +103,19 @@ _LOCK = threading.Lock()
 _ENCODERS: dict[str, Any] = {}  # resolved weights path -> frozen encoder
 _GRIDS: OrderedDict[tuple[str, int | None, str, int], np.ndarray] = OrderedDict()  # (pixels, slice, encoder, size)
 _SCOPES: dict[tuple[str, str | None], tuple[float, float]] = {}  # question gate scores already worked out
+# A yes/no question about whether an organ is in the picture, asked in the expert's own training words: the first of
+# these that is itself a training question (cosine >= TEMPLATE_COSINE to the question bank). On the held-out picture
+# split of train (scripts/train_vqa_expert.py fit_wording's members, trained without those pictures) the expert
+# answered SLAKE's "Does the picture contain <organ>?" right 0.91 of the time (158 questions, mean top probability
+# 0.86); the organ segmenter's "absent", which answered the reworded forms of such questions when the gate refused
+# them, was right 0.63 of the time on the same pictures (43 answers, bench/data/slake_train_heldout_reworded.jsonl).
+PRESENCE_TEMPLATES = ("Does the picture contain {o}?", "Does the {o} appear in the image?", "Does the {o} appear in this "
+                      "image?", "Does the {o} appear in this picture?", "Is there {o} in this image?", "Is there {o} in "
+                      "this picture?", "Does the {o} exist in this picture?", "Is there a {o} in the image?")
+TEMPLATE_COSINE = 0.999
+# where-words a presence question may carry without changing what it asks ("Are the lungs in the field of view?")
+_VIEW_PLACE = re.compile(r"^(?:(?:in|on|within)\s+)?(?:the\s+|this\s+)?(?:field of view|image|picture|slice|section|scan|"
+                         r"study|film|ct|mr|mri|radiograph|x ray|view|here)(?:\s+(?:slice|image|section|scan))?$")
 _GRID_CACHE = 8  # encoded pictures whose encoding is kept: several questions about one picture encode it once
 
 
@@ -354,6 +377,54 @@ def read_expert(path: Path, temperatures: dict[str, float], question_min: float,
                   wording)
 
 
+def presence_organ(question: str) -> str | None:
+    """The organ a question asks the presence of, when the project's reading (agent/core/question.py) is sure that it
+    asks only that: a yes/no question, not negated, about a structure with no finding, comparison, quantity or study
+    attribute, and no place other than the picture itself ("Is the heart included on this slice?" -> "heart"; "Is the
+    kidney enlarged?", "Is there no heart?", "Is the spleen on the left?" -> None). A side is kept ("left kidney")."""
+    from agent.core.question import parse_question
+
+    q = parse_question(question)
+    if q.kind != "yes_no" or not q.sure or q.negated or q.subject_type != "structure" or not q.organ or q.finding \
+            or q.comparison or q.quantities or q.attribute or q.rule:
+        return None
+    if q.location and not _VIEW_PLACE.match(_words(re.sub(r"[^a-z ]+", " ", q.location.lower()))):
+        return None
+    return f"{q.side} {q.organ}" if q.side else q.organ
+
+
+_SYSTEM = re.compile(r"\b(respiratory|urinary|digestive|nervous|lymphatic|circulatory|reproductive|endocrine|motor)"
+                     r"(?:[- ]tract|[- ]system)?\b")
+_MEMBER_ASK = re.compile(r"^(?:is|are|do|does|can|could)\b(?!.*\b(?:not|no|none|function|role|which|what|how)\b)")
+_SHOWN = re.compile(r"\b(shown|seen|visible|visuali[sz]ed|included?|includes|present|appears?|contains?|depicted|imaged|"
+                    r"pictured|here|in (?:this|the) (?:image|picture|slice|section|scan|film))\b")
+MEMBERSHIP_TEMPLATE = "Do any of the organs in the picture belong to the {s} system?"
+
+
+def member_system(question: str) -> str | None:
+    """The body system a yes/no asks whether any pictured organ belongs to ("Is any part of the respiratory system
+    shown here?", "Are any digestive organs shown?", "Is any urinary-tract organ visible?" -> "respiratory",
+    "digestive", "urinary"), or None (a negation, a function, a "which" question, no system or several)."""
+    text = " ".join(re.sub(r"[^a-z -]+", " ", question.lower()).split())
+    systems = {m.group(1) for m in _SYSTEM.finditer(text)}
+    if len(systems) != 1 or not _MEMBER_ASK.match(text) or not re.search(r"\b(organs?|parts?|system)\b", text) \
+            or not _SHOWN.search(text):
+        return None
+    return systems.pop()
+
+
+def _canonical(expert: Expert, question: str) -> str | None:
+    """The presence or membership question in the expert's training words (PRESENCE_TEMPLATES, MEMBERSHIP_TEMPLATE),
+    or None: neither, or no such form with this organ or system is a training question."""
+    organ = presence_organ(question)
+    system = None if organ is not None else member_system(question)
+    if organ is None and system is None:
+        return None
+    forms = [t.format(o=organ) for t in PRESENCE_TEMPLATES] if organ else [MEMBERSHIP_TEMPLATE.format(s=system)]
+    scores = nearest_cosine(embed_questions(forms), expert.question_bank)
+    return next((f for f, sc in zip(forms, scores, strict=True) if sc >= TEMPLATE_COSINE), None)
+
+
 # -- the tool ----------------------------------------------------------------------------------------------------
 class VqaInput(LearnedInput):
     question: str = Field("", max_length=400, description="the question to answer about the view (default: the "
@@ -378,6 +449,7 @@ class VqaOutput(BaseModel):
     view: str
     slice_index: int | None = None
     question: str
+    asked_as: str | None = None  # the training-words form the model was asked (a presence question), if not as worded
     outside_training: bool
     reason: str  # one line: why the expert answered or stepped aside
     answers: list[RankedAnswer] = Field(default_factory=list)  # best first; empty when outside_training
@@ -492,11 +564,17 @@ class VqaExpert(LearnedTool):
         members = self.members(card, expert, notes)
         gm = next(m for m in members if m["name"] == expert.gate_member)
         grids = {gm["name"]: self._grid(view, pic, k, gm["encoder"], int(gm["size"]))}
-        qv = embed_questions([question])
+        asked_as = _canonical(expert, question)  # a presence question: asked in the words it was trained on
+        if asked_as is not None:
+            what = (f"is {o} in the picture" if (o := presence_organ(question)) else
+                    f"does any organ in the picture belong to the {member_system(question)} system")
+            notes.append(f"asked in its training words as {asked_as!r} (the project's reading: yes/no, {what})")
+        qv = embed_questions([asked_as or question])
         q_score, i_score = expert.gate(grids[expert.gate_member], qv)
         gate = GateScores(question_score=round(q_score, 4), question_min=expert.question_min,
                           image_score=round(i_score, 4), image_min=expert.image_min)
-        base = {"view": view.id, "slice_index": k, "question": question, "gate": gate, "inputs": self._inputs(view),
+        base = {"view": view.id, "slice_index": k, "question": question, "asked_as": asked_as, "gate": gate,
+                "inputs": self._inputs(view),
                 "model_card": model_used(card)}
         why = []
         if q_score < expert.question_min:
@@ -607,7 +685,23 @@ class VqaExpert(LearnedTool):
         if q.kind == "measurement" and not set(q.quantities) & {"mean_intensity", "vessel_density", "mean_hu"}:
             return False
         got = self.question_scope(question)
-        return got is None or got[0] >= got[1]
+        return got is None or got[0] >= got[1] or self.asked_form(question) is not None
+
+    def asked_form(self, question: str) -> str | None:
+        """The training-words form this question would be asked in (a presence question, `_canonical`), or None."""
+        if presence_organ(question) is None and member_system(question) is None:
+            return None
+        try:
+            cards = self.cards(None)
+            if not cards:
+                return None
+            expert: Expert = self.load(cards[0])
+            from tools.knowledge_search import _torch_threads
+
+            with _torch_threads(THREADS):
+                return _canonical(expert, _words(question))
+        except ToolError:
+            return None
 
     def answer_to(self, output: BaseModel, view: ImageView, question: str) -> list[tuple[str, float]] | None:
         """Its ranked answers when it answered this very question; None when it stepped aside or was asked another."""
@@ -635,4 +729,5 @@ class VqaExpert(LearnedTool):
         if output.outside_training:
             return f"{output.view} {q!r}: {output.reason[:200]} ({output.model_card.name})"
         tops = ", ".join(f"{a.answer} {a.probability:.2f}" for a in output.answers[:3])
-        return f"{output.view} {q!r}: {tops} ({output.model_card.name})"
+        asked = f" asked as {output.asked_as!r}" if output.asked_as else ""
+        return f"{output.view} {q!r}{asked}: {tops} ({output.model_card.name})"
