@@ -680,6 +680,50 @@ def fit_wording(manifest: Path, train: list[dict[str, Any]], images: list[str], 
     return out
 
 
+def heldout_card(models_dir: Path, shipped: Path, train: list[dict[str, Any]], images: list[str], paths: list[Path],
+                 seed: int) -> Path:
+    """A copy of the shipped card (`shipped`: its folder) whose weights never saw the held-out pictures: each member
+    retrained on the fit part for its held-out best epoch (the models fit_wording replays: the card's held-out figures),
+    the gate's banks from the fit part only; temperatures, thresholds and the wording temperature as shipped (all were
+    chosen on the held-out part). Written to models_dir/<card folder>/ with the card's sha256 updated, so that the agent
+    can be measured on held-out train pictures (`DXAGENT_MODELS=models_dir`): the shipped weights were refitted on all
+    of train and would be in sample there. Not for shipping."""
+    import shutil
+
+    report = json.loads((shipped / "validation.json").read_text())
+    answers = vocabulary(train)
+    vocab = {vx.normalise_answer(a): i for i, a in enumerate(answers)}
+    held_images = split(images, seed)
+    qs = Questions([r["question"] for r in train])
+    rows = Rows(train, {p: i for i, p in enumerate(images)}, qs, vocab)
+    fit = rows.subset(~np.array([r["image"] in held_images for r in train]))
+    models, cfgs, grids = {}, {}, {}
+    for m in MEMBERS:
+        if m["encoder"] not in grids:
+            grids[m["encoder"]] = member_grids(m, paths, seed)
+        g = grids[m["encoder"]]
+        cfgs[m["name"]] = head_cfg(m, g)
+        epochs = int(report["held_out"]["members"][m["name"]]["best_epoch"])
+        log(f"member {m['name']} on the fit part, {epochs} epochs")
+        models[m["name"]], _, _, _ = train_head(cfgs[m["name"]], g, fit, len(answers), seed + m["seed"], epochs,
+                                                verbose=False)
+    pooled = vx.pooled_unit(grids[MEMBERS[0]["encoder"]][:, 0].float().numpy())
+    out = models_dir / shipped.name
+    out.mkdir(parents=True, exist_ok=True)
+    sha = save_weights(models, cfgs, answers, qs.of(sorted({r["question"] for r in fit.rows})),
+                       pooled[np.unique(fit.img)], out / "weights.pt")
+    card = (shipped / "card.yaml").read_text()
+    old_sha = report["shipped"]["weights_sha256"]
+    if old_sha not in card:
+        raise SystemExit(f"{shipped / 'card.yaml'} does not name the weights' sha256 {old_sha[:12]}…")
+    (out / "card.yaml").write_text(card.replace(old_sha, sha))
+    for extra in ("validation.json", "compare.json"):
+        if (shipped / extra).is_file():
+            shutil.copy(shipped / extra, out / extra)
+    log(f"held-out card in {out} (weights {sha[:12]}…): never trained on the {len(held_images)} held-out pictures")
+    return out
+
+
 def write_card(out: Path, sha: str, cfgs: dict[str, dict[str, Any]], answers: list[str], temperatures: dict[str, float],
                report: dict[str, Any]) -> None:
     import yaml
@@ -780,6 +824,10 @@ def main() -> None:
     ap.add_argument("--card-only", action="store_true", help="only rewrite card.yaml from validation.json and weights.pt")
     ap.add_argument("--wording", type=Path, default=None, metavar="MANIFEST",
                     help="fit the wording temperature on held-out train reworded (bench/data/README.md), update the card")
+    ap.add_argument("--heldout-card", type=Path, default=None, metavar="MODELS_DIR",
+                    help="write a copy of the card whose weights never saw the held-out pictures (members trained on "
+                         "the fit part, fit-part banks) under MODELS_DIR, for measuring the agent on held-out train "
+                         "(DXAGENT_MODELS=MODELS_DIR); the shipped card is untouched")
     ap.add_argument("--seed", type=int, default=SEED)
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
@@ -801,6 +849,9 @@ def main() -> None:
         blob = torch.load(weights, map_location="cpu", weights_only=True)
         write_card(args.out, sha256_file(weights), blob["configs"], list(blob["answers"]),
                    report["held_out"]["temperatures"], report)
+        return
+    if args.heldout_card:
+        heldout_card(args.heldout_card, args.out, train, images, paths, args.seed)
         return
     if args.wording:  # the shipped weights stay; the card gains the wording temperature fitted on held-out train
         report = json.loads((args.out / "validation.json").read_text())
