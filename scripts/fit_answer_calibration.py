@@ -4,6 +4,13 @@
         --sample 1500 --seed 30 --out eval-train-cal
     .venv/bin/python scripts/fit_answer_calibration.py eval-train-cal [more eval dirs] [--target-error 0.10]
 
+    # the threshold for questions worded anew (calibration.min_probability(new_wording=True)): an eval run on held-out
+    # train reworded with the VQA expert's held-out card (scripts/train_vqa_expert.py --heldout-card) and nothing
+    # withheld; updates only that entry of the table
+    DXAGENT_MODELS=/tmp/models_heldout DXAGENT_MIN_PROBABILITY=0 .venv/bin/dxagent eval \
+        bench/data/slake_train_heldout_reworded.jsonl --root ../shared/data/slake_dev --systems agent --out ev-rw
+    DXAGENT_MODELS=/tmp/models_heldout .venv/bin/python scripts/fit_answer_calibration.py --new-wording ev-rw
+
 Reads each DIR/results.jsonl, keeps the agent's answered CLOSED items (yes/no, choice, count), scores them as
 `dxagent eval` does, and counts right answers per route and raw-probability band (agent/engine/calibration.py). The
 runs must be made with DXAGENT_CALIBRATION=off, so the raw probabilities are counted, not calibrated ones. Never fit
@@ -30,7 +37,11 @@ def main() -> None:
                     help="the answer threshold to write (default: calibration.ANSWER_THRESHOLD, the stated policy; "
                          "a negative value writes the target-error threshold instead)")
     ap.add_argument("--out", type=Path, default=ROOT / "agent" / "engine" / "answer_calibration.json")
+    ap.add_argument("--new-wording", action="store_true",
+                    help="fit only min_probability_new_wording, from runs on reworded held-out questions (see above)")
     args = ap.parse_args()
+    if args.new_wording:
+        return fit_new_wording(args.dirs, args.target_error, args.out)
     from agent.app.eval_metrics import closed_correct
     from agent.engine.calibration import ANSWER_THRESHOLD, CLOSED, fit
 
@@ -60,6 +71,47 @@ def main() -> None:
         if "|" not in key:
             print(f"  {key:50} n={cell['n']:4d} right={cell['right'] / cell['n']:.3f}")
     print(f"written {args.out}")
+
+
+def fit_new_wording(dirs: list[Path], target_error: float, out: Path) -> None:
+    """min_probability_new_wording: the `careful` rule (calibration.target_threshold) over the answered closed items
+    of these runs whose question is worded anew (the first applicable question-answering tool's similarity to its
+    training questions under calibration.NEW_WORDING_BELOW, as the engine reads it: Tool.question_scope)."""
+    from agent.app.eval_metrics import closed_correct
+    from agent.engine.calibration import CLOSED, NEW_WORDING_BELOW, new_wording, target_threshold
+    from agent.engine.registry import discover
+
+    scopes = [t for t in discover().values() if t.available() is None]
+    cal, sources = [], []
+    for d in dirs:
+        sources.append(Path(json.loads((d / "eval.json").read_text())["manifest"]).name)
+        for line in (d / "results.jsonl").read_text().splitlines():
+            r = json.loads(line)
+            a = r.get("answer") or {}
+            if r.get("system") != "agent" or r.get("answer_type") == "OPEN" or r.get("status") != "done" or \
+                    a.get("kind") not in CLOSED or a.get("probability") is None:
+                continue
+            got = next((g for t in scopes if (g := t.question_scope(r["question"]))), None)
+            if new_wording(got[0] if got else None):
+                cal.append((float(a["probability"]), bool(closed_correct(a.get("value"), r.get("gold", ""),
+                                                                          r.get("question")))))
+    if not cal:
+        sys.exit("no answered closed items worded anew in " + ", ".join(map(str, dirs)))
+    floor = round(target_threshold(cal, target_error), 4)
+    kept = [c for p, c in cal if p >= floor]
+    table = json.loads(out.read_text())
+    table["min_probability_new_wording"] = floor
+    table["new_wording"] = {
+        "below": NEW_WORDING_BELOW, "fitted": time.strftime("%Y-%m-%d"), "fitted_on": sources, "answers": len(cal),
+        "wrong_at_default": round(sum(not c for p, c in cal if p >= table.get("min_probability", 0)) /
+                                  max(1, sum(p >= table.get("min_probability", 0) for p, _ in cal)), 4),
+        "kept": len(kept), "wrong_kept": round(sum(not c for c in kept) / max(1, len(kept)), 4),
+        "how": "the lowest threshold at which the closed answers to questions worded anew are wrong at most "
+               f"{target_error:.0%} of the time (the rule of min_probability_at_target_error), on held-out SLAKE train "
+               "pictures' questions reworded as clinicians write them, with the VQA expert's held-out card "
+               "(scripts/train_vqa_expert.py --heldout-card: its members never saw those pictures)"}
+    out.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    print(f"{len(cal)} closed answers worded anew; threshold {floor}: {table['new_wording']}")
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ def test_the_shipped_table_was_fitted_off_the_reported_splits():
     t = calibration.table()
     if not t:
         pytest.skip("no calibration table shipped")
-    names = {s["manifest"] for s in t["fitted_on"]}
+    names = {s["manifest"] for s in t["fitted_on"]} | set(t.get("new_wording", {}).get("fitted_on", []))
     assert names and not names & {"validate.jsonl", "slake_validate_reworded.jsonl", "realcases_freeform.jsonl"}
 
 
@@ -86,3 +86,29 @@ def test_the_operating_point_is_chosen_by_the_user_and_recorded(monkeypatch):
     assert calibrate(q, no, [gone]).reason == "low_confidence"  # organ_segment:absent is right 0.69 of the time
     monkeypatch.delenv("DXAGENT_MIN_PROBABILITY")
     assert calibrate(q, no, [gone]).value == "no"
+
+
+def test_a_question_worded_anew_is_answered_only_at_its_own_threshold(monkeypatch):
+    """Issue 30 item 5: a closed answer to a question unlike every question the answer probabilities were measured on
+    (Question.wording under NEW_WORDING_BELOW) is withheld under `min_probability_new_wording`; SLAKE's own wording
+    and questions no tool can place (None) keep the default; a user's threshold holds for both; a replay of a run
+    recorded before the second threshold existed answers every question under its one threshold."""
+    from agent.engine.answer import hold_for_wording
+
+    monkeypatch.delenv("DXAGENT_MIN_PROBABILITY", raising=False)
+    t = calibration.table()
+    assert calibration.min_probability(True) == t.get("min_probability_new_wording", t.get("min_probability"))
+    with calibration.threshold(0.5, 0.8):
+        q = parse_question("Can you make out any renal tissue here?").model_copy(update={"wording": 0.85})
+        a = Answer(kind="yes_no", value="yes", probability=0.7, evidence_ids=["E1"], basis="x")
+        held = hold_for_wording(q, a)
+        assert held.kind == "abstain" and held.reason == "low_confidence" and "0.80" in held.basis, held
+        assert hold_for_wording(q, a.model_copy(update={"probability": 0.85})) == a.model_copy(update={"probability":
+                                                                                                          0.85})
+        for same in (q.model_copy(update={"wording": 1.0}), q.model_copy(update={"wording": None})):
+            assert hold_for_wording(same, a) == a
+        assert hold_for_wording(q, a.model_copy(update={"probability": None})).kind == "yes_no"  # read from the data
+    with calibration.threshold(0.6):
+        assert calibration.min_probability() == calibration.min_probability(True) == 0.6
+    monkeypatch.setenv("DXAGENT_MIN_PROBABILITY", "0.3")
+    assert calibration.min_probability() == calibration.min_probability(True) == 0.3

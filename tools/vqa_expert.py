@@ -415,13 +415,16 @@ def member_system(question: str) -> str | None:
 
 def _canonical(expert: Expert, question: str) -> str | None:
     """The presence or membership question in the expert's training words (PRESENCE_TEMPLATES, MEMBERSHIP_TEMPLATE),
-    or None: neither, or no such form with this organ or system is a training question."""
+    or None: neither, the question is itself a training question (asked as worded), or no such form with this organ or
+    system is one."""
     organ = presence_organ(question)
     system = None if organ is not None else member_system(question)
     if organ is None and system is None:
         return None
     forms = [t.format(o=organ) for t in PRESENCE_TEMPLATES] if organ else [MEMBERSHIP_TEMPLATE.format(s=system)]
-    scores = nearest_cosine(embed_questions(forms), expert.question_bank)
+    own, *scores = nearest_cosine(embed_questions([question, *forms]), expert.question_bank)
+    if own >= TEMPLATE_COSINE:
+        return None
     return next((f for f, sc in zip(forms, scores, strict=True) if sc >= TEMPLATE_COSINE), None)
 
 

@@ -93,7 +93,8 @@ class Chat:
                                  settings={"llm": self.eng.llm, "chat": True, "max_steps": self.per_turn_steps,
                                            "max_wall_s": self.max_wall_s, "modality": modality, "body_part": body_part,
                                            "clinical_context": clinical_context, "route": self.route,
-                                           "min_probability": calibration.min_probability()})
+                                           "min_probability": calibration.min_probability(),
+                                           "min_probability_new_wording": calibration.min_probability(True)})
         self.eng.invoke(state, self.config, interrupt_after=["intake"])
         self.eng.trace.finish_run(self.thread_id, "idle")  # sealed while it waits for a question
 

@@ -193,6 +193,8 @@ class Question(BaseModel):
     sure: bool = True  # every part of the sentence was accounted for by the rules
     unsure_why: str = ""
     reading: str = "rules"  # how it was read: "rules" | "learned" | "model" (agent/engine/reading.py)
+    wording: float | None = None  # similarity to the nearest question the answer calibration was measured on (a
+    # question-answering tool's bank, Tool.question_scope); None where no applicable tool has one
 
     def subject_obj(self) -> Subject:
         return Subject(finding=self.finding, organ=self.organ, side=self.side, quantities=tuple(self.quantities),

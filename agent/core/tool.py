@@ -201,6 +201,13 @@ class Tool(ABC):
         as addressing the question nor spends a call on it. Default: True."""
         return True
 
+    def question_scope(self, question: str, model: str | None = None) -> tuple[float, float] | None:
+        """For a tool that answers questions from a bank of training questions (the VQA expert): (the question's
+        similarity to the nearest of them, the tool's own threshold), without a picture. The answer step reads the
+        first such score as how close the question's wording is to the questions the answer calibration was measured
+        on (agent/engine/calibration.py). Default: None (no bank)."""
+        return None
+
     def reads_first(self, question: str) -> tuple[str, ...]:
         """Tools whose evidence this one reads to answer `question` (through ToolContext.findings), so the router calls
         them first where they apply and have not run: the knowledge graph checks the organs the organ segmenter stated

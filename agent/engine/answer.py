@@ -439,7 +439,26 @@ def compose_answer(state: CaseState, tools: dict[str, Tool], chat: Any = None, m
     """The answer: read from the measured evidence (or chosen by the LLM from it), calibrated, then weighed against
     the answers of tools that answer the question itself (`fuse`), in the form asked."""
     q, _ = understood(state, tools)
-    return finish(fuse(q, from_tools(state, tools, chat, model_id, record, case_line), expert_answers(state, tools)), q)
+    a = fuse(q, from_tools(state, tools, chat, model_id, record, case_line), expert_answers(state, tools))
+    return finish(hold_for_wording(q, a), q)
+
+
+def hold_for_wording(q: Question, a: Answer) -> Answer:
+    """A closed answer to a question worded unlike those the answer probabilities were measured on (Question.wording,
+    calibration.new_wording) is given only at the threshold fitted for such questions
+    (calibration.min_probability(new_wording=True)): there the reading itself may be wrong in ways a route's accuracy
+    on SLAKE's wording does not count. Others pass unchanged."""
+    from agent.engine import calibration
+
+    if a.kind not in calibration.CLOSED or a.probability is None or not calibration.new_wording(q.wording):
+        return a
+    floor = calibration.min_probability(new_wording=True)
+    if a.probability >= floor:
+        return a
+    return abstain("low_confidence", f"{a.value} at p {a.probability:.2f} per {', '.join(a.evidence_ids)}, but the "
+                                     f"question is worded unlike those answer probabilities were measured on "
+                                     f"(similarity {q.wording:.2f}), where an answer needs p {floor:.2f}",
+                   "the question in plainer words, or a tool whose answers on it are surer", ids=a.evidence_ids)
 
 
 def from_tools(state: CaseState, tools: dict[str, Tool], chat: Any = None, model_id: str = "", record: Any = None,

@@ -50,7 +50,10 @@ def table() -> dict[str, Any]:
 
 
 CAREFUL = "careful"  # the operating point fitted for at most `target_error` wrong answers among those given
-_OVERRIDE: contextvars.ContextVar[float | None] = contextvars.ContextVar("dxagent_min_probability", default=None)
+# (threshold, threshold for new wording) while a replay or a served run answers under given ones
+_OVERRIDE: contextvars.ContextVar[tuple[float, float] | None] = contextvars.ContextVar("dxagent_min_probability",
+                                                                                      default=None)
+NEW_WORDING_BELOW = 0.999  # a question less similar than this to every question the table was measured on is worded anew
 
 
 def parse_threshold(value: str | float | None) -> float | None:
@@ -72,26 +75,40 @@ def parse_threshold(value: str | float | None) -> float | None:
 
 
 @contextmanager
-def threshold(p: float | None) -> Iterator[None]:
-    """Within: `p` is the withholding threshold (a replay uses the one its run recorded)."""
-    token = _OVERRIDE.set(p)
+def threshold(p: float | None, p_new_wording: float | None = None) -> Iterator[None]:
+    """Within: `p` is the withholding threshold, `p_new_wording` the one for questions worded anew (default: `p`; a
+    replay uses the ones its run recorded; a run recorded before the second existed answered every question under
+    `p`). None: the defaults."""
+    token = _OVERRIDE.set(None if p is None else (p, p if p_new_wording is None else p_new_wording))
     try:
         yield
     finally:
         _OVERRIDE.reset(token)
 
 
-def min_probability() -> float:
+def min_probability(new_wording: bool = False) -> float:
     """The withholding threshold: a replay's recorded one, else DXAGENT_MIN_PROBABILITY (a probability, or "careful";
-    0 answers everything, calibrated), else the fitted default. A value that is neither is ignored here (the CLI
-    refuses it in one line before any run)."""
+    0 answers everything, calibrated; the user's choice holds for every question), else the fitted default:
+    `min_probability`, or for a question worded unlike those the table was measured on (`new_wording`)
+    `min_probability_new_wording` (see `NEW_WORDING` in the table for how it was chosen). A value that is neither is
+    ignored here (the CLI refuses it in one line before any run)."""
     if (over := _OVERRIDE.get()) is not None:
-        return over
+        return over[1] if new_wording else over[0]
     try:
         env = parse_threshold(os.environ.get("DXAGENT_MIN_PROBABILITY"))
     except ValueError:
         env = None
-    return env if env is not None else float(table().get("min_probability", 0.0))
+    if env is not None:
+        return env
+    t = table()
+    base = float(t.get("min_probability", 0.0))
+    return float(t.get("min_probability_new_wording", base)) if new_wording else base
+
+
+def new_wording(similarity: float | None) -> bool:
+    """Whether a question with this similarity to the nearest calibration question (Question.wording) is worded anew;
+    False where no tool could tell (None)."""
+    return similarity is not None and similarity < NEW_WORDING_BELOW
 
 
 def lookup(route: str, raw: float | None) -> tuple[float | None, int, str]:
@@ -133,15 +150,7 @@ def fit(rows: list[dict[str, Any]], target_error: float = 0.10, threshold: float
                 break
         else:
             cal.append((r.get("raw_probability") if r.get("raw_probability") is not None else 1.0, bool(r["correct"])))
-    threshold = 1.01  # none kept, unless some threshold meets the target
-    levels = sorted({p for p, _ in cal})
-    for i, t in enumerate([0.0, *levels]):
-        kept = [c for p, c in cal if p >= t]
-        if kept and sum(not c for c in kept) / len(kept) <= target_error:
-            # any threshold between the highest level left out and this one keeps the same rows: take the middle,
-            # not the edge of the first level kept
-            threshold = t if i <= 1 else (levels[i - 2] + t) / 2
-            break
+    threshold = target_threshold(cal, target_error)
     kept = [c for p, c in cal if p >= threshold]
     out["min_probability_at_target_error"] = round(threshold, 4)
     if chosen is not None:
@@ -151,3 +160,15 @@ def fit(rows: list[dict[str, Any]], target_error: float = 0.10, threshold: float
     out["fit_figures"] = {"answered": len(kept), "of": len(cal),
                           "error_answered": round(sum(not c for c in kept) / len(kept), 4) if kept else None}
     return out
+
+
+def target_threshold(cal: list[tuple[float, bool]], target_error: float) -> float:
+    """The lowest threshold at which the (probability, right) rows kept (probability >= it) are wrong at most
+    `target_error` of the time - midway between the highest level left out and the lowest kept, as any threshold
+    between them keeps the same rows; 0 when none is needed, 1.01 (none kept) when none meets it."""
+    levels = sorted({p for p, _ in cal})
+    for i, t in enumerate([0.0, *levels]):
+        kept = [c for p, c in cal if p >= t]
+        if kept and sum(not c for c in kept) / len(kept) <= target_error:
+            return t if i <= 1 else (levels[i - 2] + t) / 2
+    return 1.01

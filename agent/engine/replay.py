@@ -328,7 +328,8 @@ def replay(dump: dict[str, Any], tools: dict[str, Tool] | None = None) -> Replay
         try:
             from agent.engine import calibration
 
-            with calibration.threshold(settings.get("min_probability")):  # the threshold the run answered under
+            with calibration.threshold(settings.get("min_probability"),  # the thresholds the run answered under
+                                       settings.get("min_probability_new_wording")):
                 final = graph.invoke(state, {"recursion_limit": 4 * max_steps + 12})
             result.report = final.get("report")
         except Exception as exc:  # the recorded run may have failed the same way

@@ -258,7 +258,8 @@ def run_case(paths: list[str] | None = None, question: str | None = None, *, llm
                                   "route": route,
                                   "vision": planner.vision.model_dump() if planner.vision else None,
                                   "token_budget": planner.token_budget,
-                                  "min_probability": calibration.min_probability()})
+                                  "min_probability": calibration.min_probability(),
+                                  "min_probability_new_wording": calibration.min_probability(True)})
         payload = state
     state = eng.invoke(payload, config)
     return Result(run_id, state.report, state, rt.input_paths.get(run_id, []), rt.store)
