@@ -8,5 +8,6 @@ export HF_HUB_OFFLINE=1
 .venv/bin/lint-imports --no-cache  # the layers contract in pyproject.toml ([tool.importlinter])
 # Two pytest workers (pytest-xdist), one test file each at a time (module fixtures are not built twice): on this 2-core
 # machine 994 s against 1,288 s in one process (2026-12-07, idle), as many tests wait on servers, subprocesses and
-# start-ups. DXAGENT_TEST_WORKERS=0 runs them in this process.
+# start-ups; three workers took 1,231 s (2026-12-07, session 39: the cores thrash). DXAGENT_TEST_WORKERS=0 runs them
+# in this process.
 exec .venv/bin/python -m pytest -q -n "${DXAGENT_TEST_WORKERS:-2}" --dist loadfile "$@"

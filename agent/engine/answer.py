@@ -455,9 +455,9 @@ def hold_for_wording(q: Question, a: Answer) -> Answer:
     floor = calibration.min_probability(new_wording=True)
     if a.probability >= floor:
         return a
-    return abstain("low_confidence", f"{a.value} at p {a.probability:.2f} per {', '.join(a.evidence_ids)}, but the "
-                                     f"question is worded unlike those answer probabilities were measured on "
-                                     f"(similarity {q.wording:.2f}), where an answer needs p {floor:.2f}",
+    return abstain("low_confidence", f"{a.value} at p {a.probability:.2f} ({a.basis}), withheld: the question is "
+                                     f"worded unlike those answer probabilities were measured on (similarity "
+                                     f"{q.wording:.2f}), where an answer needs p {floor:.2f}",
                    "the question in plainer words, or a tool whose answers on it are surer", ids=a.evidence_ids)
 
 

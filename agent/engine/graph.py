@@ -163,7 +163,8 @@ def understand(rt: Runtime, state: CaseState, applicable: list[str], views: list
         chat = rt.answer_llm if getattr(rt, "answer_llm", None) is not None else rt.planner.chat
         q = ModelReader(chat, rt.planner.model_id).read(asked).model_copy(update={"text": state.question})
     addressing = [n for n in applicable if n in rt.tools and can_address(q, rt.tools[n], views[0])]
-    if not q.describe:  # how near its wording is to the questions the answer calibration was measured on
+    if q.kind in ("yes_no", "choice", "count"):  # a closed answer's threshold depends on how near its wording is to
+        # the questions the answer calibration was measured on (an open or routed measurement question loads nothing)
         scope = next((got for n in applicable if n in rt.tools and (got := rt.tools[n].question_scope(q.text))), None)
         q = q.model_copy(update={"wording": scope[0] if scope else None})
     # a tool that answers the question itself (the VQA expert) first: once a measuring tool states the subject the
