@@ -413,15 +413,21 @@ def member_system(question: str) -> str | None:
     return systems.pop()
 
 
-def _canonical(expert: Expert, question: str) -> str | None:
+def template_forms(question: str) -> list[str]:
     """The presence or membership question in the expert's training words (PRESENCE_TEMPLATES, MEMBERSHIP_TEMPLATE),
-    or None: neither, the question is itself a training question (asked as worded), or no such form with this organ or
-    system is one."""
-    organ = presence_organ(question)
-    system = None if organ is not None else member_system(question)
-    if organ is None and system is None:
+    in order of preference; [] when it is neither (no model needed to tell)."""
+    if organ := presence_organ(question):
+        return [t.format(o=organ) for t in PRESENCE_TEMPLATES]
+    if system := member_system(question):
+        return [MEMBERSHIP_TEMPLATE.format(s=system)]
+    return []
+
+
+def _canonical(expert: Expert, question: str) -> str | None:
+    """The first of `template_forms` that is a training question, or None: none is, the question is neither, or it is
+    itself a training question (asked as worded)."""
+    if not (forms := template_forms(question)):
         return None
-    forms = [t.format(o=organ) for t in PRESENCE_TEMPLATES] if organ else [MEMBERSHIP_TEMPLATE.format(s=system)]
     own, *scores = nearest_cosine(embed_questions([question, *forms]), expert.question_bank)
     if own >= TEMPLATE_COSINE:
         return None
@@ -569,9 +575,8 @@ class VqaExpert(LearnedTool):
         grids = {gm["name"]: self._grid(view, pic, k, gm["encoder"], int(gm["size"]))}
         asked_as = _canonical(expert, question)  # a presence question: asked in the words it was trained on
         if asked_as is not None:
-            what = (f"is {o} in the picture" if (o := presence_organ(question)) else
-                    f"does any organ in the picture belong to the {member_system(question)} system")
-            notes.append(f"asked in its training words as {asked_as!r} (the project's reading: yes/no, {what})")
+            notes.append(f"asked in its training words as {asked_as!r}: the project's reading is sure the question "
+                         "asks only that")
         qv = embed_questions([asked_as or question])
         q_score, i_score = expert.gate(grids[expert.gate_member], qv)
         gate = GateScores(question_score=round(q_score, 4), question_min=expert.question_min,
@@ -645,10 +650,8 @@ class VqaExpert(LearnedTool):
         if key in _SCOPES:
             return _SCOPES[key]
         try:
-            cards = [c for c in self.cards(None) if model is None or c.name == model]
-            if not cards:
+            if (expert := self._first(model)) is None:
                 return None
-            expert: Expert = self.load(cards[0])
             from tools.knowledge_search import _torch_threads
 
             with _torch_threads(THREADS):
@@ -691,20 +694,23 @@ class VqaExpert(LearnedTool):
         return got is None or got[0] >= got[1] or self.asked_form(question) is not None
 
     def asked_form(self, question: str) -> str | None:
-        """The training-words form this question would be asked in (a presence question, `_canonical`), or None."""
-        if presence_organ(question) is None and member_system(question) is None:
+        """The training-words form this question would be asked in (`_canonical`), or None."""
+        if not template_forms(question):
             return None
         try:
-            cards = self.cards(None)
-            if not cards:
+            if (expert := self._first(None)) is None:
                 return None
-            expert: Expert = self.load(cards[0])
             from tools.knowledge_search import _torch_threads
 
             with _torch_threads(THREADS):
                 return _canonical(expert, _words(question))
         except ToolError:
             return None
+
+    def _first(self, model: str | None) -> Expert | None:
+        """The first usable card's loaded expert (the named card's, if `model`), or None; ToolError as `load` raises."""
+        cards = [c for c in self.cards(None) if model is None or c.name == model]
+        return self.load(cards[0]) if cards else None
 
     def answer_to(self, output: BaseModel, view: ImageView, question: str) -> list[tuple[str, float]] | None:
         """Its ranked answers when it answered this very question; None when it stepped aside or was asked another."""

@@ -757,7 +757,7 @@ def _study_predicate(np_text: str, q: str, fields: dict, unsure: list[str]) -> b
         # several study attributes in one predicate ("Was this CT taken sagittally?", "Is this a chest CT?"): the
         # plane, else the region, is what is asked; the modality word says what the image is. A yes needs them all
         # (`also`): a chest radiograph is not a chest CT
-        found = {a: v for a in ("plane", "body_region", "modality") if (v := _named_value(t, a))}
+        found = {a: got[1] for a in ("plane", "body_region", "modality") if (got := attribute_value_in(t, a))}
         if named[0] in found and len(found) > 1:
             main = next(iter(found))
             fields.update(attribute=main, attribute_value=found[main], subject_type="attribute",
@@ -767,13 +767,6 @@ def _study_predicate(np_text: str, q: str, fields: dict, unsure: list[str]) -> b
         fields.update(attribute=attr, attribute_value=value, subject_type="attribute")
         return True
     return False
-
-
-def _named_value(t: str, attribute: str) -> str | None:
-    """The value of `attribute` named in `t`, a region only where it qualifies the image ("a chest CT", "of the
-    abdomen"), not a place inside it."""
-    got = attribute_value_in(t, attribute)
-    return got[1] if got else None
 
 
 def _read_yes_no(text: str, q: str, subj: Subject, fields: dict, unsure: list[str]) -> None:

@@ -68,6 +68,14 @@ def _attr_words(attr: str, value: str) -> str:
     return MODALITY_ANSWER.get(value, value) if attr == "modality" else value
 
 
+def _stated(attr: str, s: Statement) -> str:
+    """ "plane axial (classifier, confidence 1.00) per E1": a study attribute as a statement gives it."""
+    a = s.attribute
+    p = a.get("probability")
+    return (f"{attr.replace('_', ' ')} {_attr_words(attr, str(a.get('value')))} ({a.get('source', '?')}"
+            + (f", confidence {p:.2f})" if isinstance(p, int | float) else ")") + f" per {s.eid}")
+
+
 def from_attribute(q: Question, stmts: list[Statement]) -> Answer:
     if q.kind == "attribute" and len(q.attributes) > 1:  # "the pixel spacing and intensity range": one value each
         first = {}
@@ -84,9 +92,7 @@ def from_attribute(q: Question, stmts: list[Statement]) -> Answer:
     stmts = [s for s in stmts if s.attribute.get("name") == q.attribute] or stmts
     s = stmts[0]  # the first tool that stated it (later calls on derived views repeat it)
     a = s.attribute
-    value, p, src = str(a.get("value")), a.get("probability"), a.get("source", "?")
-    how = f"{q.attribute.replace('_', ' ')} {_attr_words(q.attribute, value)} ({src}" + \
-        (f", confidence {p:.2f})" if isinstance(p, int | float) else ")") + f" per {s.eid}"
+    value, p, how = str(a.get("value")), a.get("probability"), _stated(q.attribute, s)
     if q.kind == "yes_no" and q.attribute_value:
         same = _same_attr(q.attribute, value, q.attribute_value)
         return Answer(kind="yes_no", value="yes" if same else "no", probability=p, evidence_ids=[s.eid],
@@ -128,9 +134,7 @@ def _all_of(q: Question, stmts: list[Statement]) -> Answer:
             missing.append(attr.replace("_", " "))
             continue
         value, p = str(s.attribute.get("value")), s.attribute.get("probability")
-        how = f"{attr.replace('_', ' ')} {_attr_words(attr, value)} ({s.attribute.get('source', '?')}" + \
-            (f", confidence {p:.2f})" if isinstance(p, int | float) else ")") + f" per {s.eid}"
-        said.append((_same_attr(attr, value, want), p, s.eid, how))
+        said.append((_same_attr(attr, value, want), p, s.eid, _stated(attr, s)))
     asked = " ".join(_attr_words(a, v) for a, v in checks.items())
     if differ := sorted((x for x in said if not x[0]), key=lambda x: (x[1] is not None, -(x[1] or 0.0))):
         _, p, eid, how = differ[0]  # the surest: a value read from the data (no probability), else the most probable

@@ -90,7 +90,7 @@ def min_probability(new_wording: bool = False) -> float:
     """The withholding threshold: a replay's recorded one, else DXAGENT_MIN_PROBABILITY (a probability, or "careful";
     0 answers everything, calibrated; the user's choice holds for every question), else the fitted default:
     `min_probability`, or for a question worded unlike those the table was measured on (`new_wording`)
-    `min_probability_new_wording` (see `NEW_WORDING` in the table for how it was chosen). A value that is neither is
+    `min_probability_new_wording` (the table's `new_wording` says how it was chosen). A value that is neither is
     ignored here (the CLI refuses it in one line before any run)."""
     if (over := _OVERRIDE.get()) is not None:
         return over[1] if new_wording else over[0]
