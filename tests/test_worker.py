@@ -108,14 +108,20 @@ def test_the_artifact_cache_keeps_recent_arrays_within_its_budget(tmp_path, monk
 def test_intake_classifies_in_the_worker_so_a_routed_run_never_imports_torch(tmp_path):
     """Cold start (issue 33): the study classifier runs in the tool worker, which imports torch beside the engine's own
     imports; the process that runs a routed CT case (no LLM call, a numpy tool) never imports torch itself, and the
-    classifier's block still reaches the report."""
+    classifier's block still reaches the report. Nor does a closed question the VQA expert takes: its question scope
+    (the wording score the answer's threshold depends on) is worked out in the worker too (Tool.questions_in_worker),
+    and still reaches the question's reading."""
     script = (
         "import json, sys\n"
         "from agent.engine.session import run_case\n"
         f"res = run_case([{get_testdata_file('CT_small.dcm')!r}], 'What is the tissue composition of this CT slice?', "
         f"llm='scripted', script=[], trace_dir={str(tmp_path)!r})\n"
-        "print(json.dumps({'torch': 'torch' in sys.modules, 'study': res.report['study'].get('study_model'),"
-        " 'error': res.report['study'].get('study_error'), 'tools': [e.tool for e in res.state.evidence]}))\n"
+        "first = {'torch': 'torch' in sys.modules, 'study': res.report['study'].get('study_model'),"
+        " 'error': res.report['study'].get('study_error'), 'tools': [e.tool for e in res.state.evidence]}\n"
+        f"res = run_case([{get_testdata_file('CT_small.dcm')!r}], 'Does the picture contain liver?', "
+        f"llm='scripted', script=[], trace_dir={str(tmp_path)!r})\n"
+        "print(json.dumps({**first, 'then': {m: m in sys.modules for m in ('torch', 'timm', 'transformers')},"
+        " 'wording': res.state.question_info.wording, 'tools2': [e.tool for e in res.state.evidence]}))\n"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "DXAGENT_TOOL_WORKER": "process"}
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300,
@@ -125,3 +131,6 @@ def test_intake_classifies_in_the_worker_so_a_routed_run_never_imports_torch(tmp
     assert got["study"] and not got["error"], got  # the classifier ran (in the worker) and its block is in the report
     assert got["tools"] == ["ct_tissue_composition"], got  # routed: no planner reply was needed
     assert got["torch"] is False, got
+    assert "vqa_expert" in got["tools2"], got  # the expert took the question and ran (in the worker)
+    assert got["wording"] is not None and got["wording"] > 0.99, got  # a SLAKE training question's own words
+    assert got["then"] == {"torch": False, "timm": False, "transformers": False}, got

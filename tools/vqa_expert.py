@@ -102,8 +102,7 @@ THREADS = 1  # torch intra-op threads while the tool runs (tools/knowledge_searc
 _LOCK = threading.Lock()
 _ENCODERS: dict[str, Any] = {}  # resolved weights path -> frozen encoder
 _GRIDS: OrderedDict[tuple[str, int | None, str, int], np.ndarray] = OrderedDict()  # (pixels, slice, encoder, size)
-# (question, card) -> (question gate score and threshold, the training-words form it is asked in), already worked out
-_SCOPES: dict[tuple[str, str | None], tuple[tuple[float, float] | None, str | None]] = {}
+_SCOPES: dict[tuple[str, str | None], tuple[float, float]] = {}  # question gate scores already worked out
 # A yes/no question about whether an organ is in the picture, asked in the expert's own training words: the first of
 # these that is itself a training question (cosine >= TEMPLATE_COSINE to the question bank). On the held-out picture
 # split of train (scripts/train_vqa_expert.py fit_wording's members, trained without those pictures) the expert
@@ -476,28 +475,6 @@ def _words(text: str) -> str:
     return " ".join(text.split())
 
 
-class QuestionWordsInput(BaseModel):
-    question: str
-    model: str | None = None
-
-
-class QuestionWordsOutput(BaseModel):
-    score: float | None = None  # cosine to the nearest training question; None: no usable card
-    threshold: float | None = None  # the card's question gate
-    asked_as: str | None = None  # the training-words form (`_canonical`), for the first card only
-
-
-class _QuestionWords:
-    """VqaExpert.scope_here in the shape the tool worker runs (agent/engine/worker.py `call`, as the engine's intake
-    runs the study classifier): not a tool of its own (the registry takes only Tool subclasses)."""
-
-    name = "vqa_expert"
-    timeout_s = 120.0
-
-    def run(self, ctx: Any, inp: QuestionWordsInput) -> QuestionWordsOutput:
-        return VqaExpert().scope_here(inp.question, inp.model)
-
-
 class VqaExpert(LearnedTool):
     name = "vqa_expert"
     description = ("A learned visual question answerer trained on SLAKE (CT, MRI, chest X-ray): the question's most "
@@ -668,49 +645,30 @@ class VqaExpert(LearnedTool):
     def question_scope(self, question: str, model: str | None = None) -> tuple[float, float] | None:
         """(the question's cosine to the nearest training question, the card's threshold) without a picture: under
         the threshold the expert will answer "outside my training distribution" whatever the image. None when no
-        usable card or the question encoder is missing, or the worker could not tell (the expert's own call then
-        records why). Worked out in the tool worker (`_QuestionWords`), where the expert's call will load the same
-        models: the engine's process then never imports torch, timm or transformers for it (issue 33: a cold
-        `dxagent run` with a closed question took 19 s, ~9 s of it loading the expert here as well as there)."""
-        return self._question_words(question, model)[0]
-
-    def _question_words(self, question: str, model: str | None) -> tuple[tuple[float, float] | None, str | None]:
-        """(question_scope, asked_form) for this question, worked out once per process (in the worker)."""
+        usable card or the question encoder is missing."""
         key = (_words(question), model)
         if key in _SCOPES:
             return _SCOPES[key]
-        from agent.core.files import cache_root
-        from agent.core.tool import ToolContext
-        from agent.engine.worker import ToolCrashed, WorkerDied, call
-        from agent.store.artifacts import ArtifactStore
+        try:
+            if (expert := self._first(model)) is None:
+                return None
+            from tools.knowledge_search import _torch_threads
 
-        try:  # the store is required by the worker's protocol; nothing is written to it
-            out = call(_QuestionWords(), ToolContext(state=None, store=ArtifactStore(cache_root())),  # type: ignore[arg-type]
-                       QuestionWordsInput(question=question, model=model))
-        except (ToolError, TimeoutError, WorkerDied, ToolCrashed):
-            return None, None
-        got = (out["score"], out["threshold"]) if out["score"] is not None else None
+            with _torch_threads(THREADS):
+                score = float(nearest_cosine(embed_questions([_words(question)]), expert.question_bank)[0])
+        except ToolError:
+            return None
         with _LOCK:
             if len(_SCOPES) >= 256:
                 _SCOPES.clear()
-            _SCOPES[key] = (got, out["asked_as"])
+            _SCOPES[key] = (round(score, 4), expert.question_min)
         return _SCOPES[key]
-
-    def scope_here(self, question: str, model: str | None) -> QuestionWordsOutput:
-        """What _question_words asks the worker, worked out in this process (loads the expert and MiniLM)."""
-        if (expert := self._first(model)) is None:
-            return QuestionWordsOutput()
-        from tools.knowledge_search import _torch_threads
-
-        with _torch_threads(THREADS):
-            score = float(nearest_cosine(embed_questions([_words(question)]), expert.question_bank)[0])
-            asked = _canonical(expert, _words(question)) if model is None and template_forms(question) else None
-        return QuestionWordsOutput(score=round(score, 4), threshold=expert.question_min, asked_as=asked)
 
     # -- what the evidence states ------------------------------------------------------------------------------
     # it answers the question asked, and the answer step weighs it against the measured evidence
     # (agent/engine/answer.py: fuse, the rule chosen on held-out train by scripts/choose_fusion.py)
     answers_questions = True
+    questions_in_worker = True  # takes_question / question_scope load the expert and MiniLM
 
     def available(self) -> str | None:
         """Off with DXAGENT_VQA_EXPERT=0 (the loop then answers from the measured evidence alone)."""
@@ -738,7 +696,17 @@ class VqaExpert(LearnedTool):
 
     def asked_form(self, question: str) -> str | None:
         """The training-words form this question would be asked in (`_canonical`), or None."""
-        return self._question_words(question, None)[1] if template_forms(question) else None
+        if not template_forms(question):
+            return None
+        try:
+            if (expert := self._first(None)) is None:
+                return None
+            from tools.knowledge_search import _torch_threads
+
+            with _torch_threads(THREADS):
+                return _canonical(expert, _words(question))
+        except ToolError:
+            return None
 
     def _first(self, model: str | None) -> Expert | None:
         """The first usable card's loaded expert (the named card's, if `model`), or None; ToolError as `load` raises."""

@@ -195,6 +195,11 @@ class Tool(ABC):
         (another question, or it stepped aside). Default: None."""
         return None
 
+    # takes_question and question_scope load the tool's models (the VQA expert: its weights and the MiniLM question
+    # encoder): the engine asks them in the tool worker (agent/engine/worker.py `ask`), where the tool's own call will
+    # load the same models, so the engine's process need not import torch for them (issue 33: cold start)
+    questions_in_worker: ClassVar[bool] = False
+
     def takes_question(self, question: str) -> bool:
         """Whether a question-answering tool would answer this question at all (before any picture is read): False
         when it is sure to step aside (e.g. a question unlike its training questions), so the loop neither counts it

@@ -31,7 +31,9 @@ def _finding_subjects(subs: frozenset[str]) -> set[str]:
 def can_address(q: Question, tool: Tool, view: Any) -> bool:
     """Whether this tool's evidence could state the question's subject on this view (before running it)."""
     if tool.answers_questions:  # a VQA expert answers the question asked, whatever its subject, if it takes it
-        return not q.describe and tool.takes_question(q.text)
+        from agent.engine.worker import ask  # in the tool worker where the tool's models load (Tool.questions_in_worker)
+
+        return not q.describe and bool(ask(tool, "takes_question", q.text))
     subs = tool.addresses(view)
     if q.attribute:
         return f"attribute:{q.attribute}" in subs

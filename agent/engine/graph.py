@@ -165,7 +165,10 @@ def understand(rt: Runtime, state: CaseState, applicable: list[str], views: list
     addressing = [n for n in applicable if n in rt.tools and can_address(q, rt.tools[n], views[0])]
     if q.kind in ("yes_no", "choice", "count"):  # a closed answer's threshold depends on how near its wording is to
         # the questions the answer calibration was measured on (an open or routed measurement question loads nothing)
-        scope = next((got for n in applicable if n in rt.tools and (got := rt.tools[n].question_scope(q.text))), None)
+        from agent.engine.worker import ask
+
+        scope = next((got for n in applicable if n in rt.tools and (got := ask(rt.tools[n], "question_scope", q.text))),
+                     None)
         q = q.model_copy(update={"wording": scope[0] if scope else None})
     # a tool that answers the question itself (the VQA expert) first: once a measuring tool states the subject the
     # loop answers, and the answer step can weigh only what ran

@@ -27,7 +27,9 @@ import subprocess
 import sys
 import threading
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, ClassVar
+
+from pydantic import BaseModel
 
 from agent.core.errors import DxagentError
 from agent.store.artifacts import ArtifactStore
@@ -156,7 +158,7 @@ def call(tool: Any, ctx: Any, inp: Any) -> dict[str, Any]:
     import, in a daemon thread): its output as a JSON-ready dict. Raises what the tool raised (a ToolError keeps its
     type; another exception arrives as ToolCrashed 'Type: message'), TimeoutError (its message is the evidence's
     error), or WorkerDied."""
-    from agent.engine.llm_calls import within
+    from agent.engine.bounded import within
 
     if mode() == "thread" or not importable(tool):
         try:
@@ -203,6 +205,70 @@ def study_classifier(store: ArtifactStore) -> Any:
         return out["block"]
 
     return classify
+
+
+class _Asked(BaseModel):
+    module: str
+    qualname: str
+    method: str  # "takes_question" or "question_scope"
+    question: str
+
+
+class _Answer(BaseModel):
+    value: Any = None
+
+
+class ToolQuestion:
+    """A tool's `takes_question` or `question_scope` worked out here, in the shape `call` runs (as IntakeStudy)."""
+
+    name = "tool_question"
+    timeout_s = 120.0
+    _tools: ClassVar[dict[tuple[str, str], Any]] = {}
+
+    def run(self, ctx: Any, inp: _Asked) -> _Answer:
+        key = (inp.module, inp.qualname)
+        if key not in self._tools:
+            obj: Any = importlib.import_module(inp.module)
+            for part in inp.qualname.split("."):
+                obj = getattr(obj, part)
+            self._tools[key] = obj()
+        return _Answer(value=getattr(self._tools[key], inp.method)(inp.question))
+
+
+_ASKED: dict[tuple[str, str, str, str], Any] = {}
+_ASK_LOCK = threading.Lock()
+_ASK_METHODS = {"takes_question": True, "question_scope": None}  # -> what a tool that cannot tell answers
+
+
+def ask(tool: Any, method: str, question: str) -> Any:
+    """tool.takes_question(question) or tool.question_scope(question): in the tool worker for a tool whose
+    `questions_in_worker` is set (its models load there, where its own call will use them: a cold `dxagent run` with a
+    closed question took 19 s when the engine's process loaded the VQA expert as well, 12 s now), else here. Worked out
+    once per process and question. A worker that fails or overruns gives what a tool that cannot tell gives (True:
+    the tool is offered and its own call records why it could not answer; None: no wording score)."""
+    if method not in _ASK_METHODS:
+        raise ValueError(f"ask: {method!r} is not one of {sorted(_ASK_METHODS)}")
+    if not getattr(tool, "questions_in_worker", False) or mode() == "thread" or not importable(tool):
+        return getattr(tool, method)(question)
+    cls = type(tool)
+    key = (cls.__module__, cls.__qualname__, method, question)
+    if key in _ASKED:
+        return _ASKED[key]
+    from agent.core.files import cache_root
+    from agent.core.tool import ToolContext, ToolError
+
+    try:  # the worker's protocol needs an artifact store; nothing is written to it
+        out = call(ToolQuestion(), ToolContext(state=None, store=ArtifactStore(cache_root())),  # type: ignore[arg-type]
+                   _Asked(module=cls.__module__, qualname=cls.__qualname__, method=method, question=question))
+    except (ToolError, TimeoutError, WorkerDied, ToolCrashed):
+        return _ASK_METHODS[method]
+    value = out["value"]
+    value = tuple(value) if isinstance(value, list) else value  # question_scope's pair, as JSON sent it
+    with _ASK_LOCK:
+        if len(_ASKED) >= 1024:
+            _ASKED.clear()
+        _ASKED[key] = value
+    return value
 
 
 # -- the worker's side ------------------------------------------------------------------------------------------
