@@ -129,3 +129,41 @@ def test_several_question_answering_tools_the_most_probable_answers_and_those_ag
                          (_expert("E2"), [("Promote Blood Flow", 0.9)]),
                          (_expert("E3"), [("promote blood flow", 0.7)])], min_p=0.5)
     assert (got.value, got.evidence_ids) == ("Promote Blood Flow", ["E2", "E3"]) and "E3 agree" in got.basis
+
+
+def test_a_count_of_none_weighs_as_the_segmenters_absent_unless_the_organ_is_outside_the_studys_region():
+    """The segmenter misses kidneys it should count (held-out train: its count of none stood against the expert's "2" at
+    0.91-1.00 and was wrong): none counted weighs as its calibrated "absent" (~0.68), so a surer expert outweighs it;
+    but no kidney on a head study is anatomy (vocab.ORGAN_REGIONS), and there the count stands."""
+    q = parse_question("How many kidneys are in this image?")
+    none = Answer(kind="count", value=0, evidence_ids=["E1"], method="evidence", route="organ_segment:count",
+                  basis="no kidney found by E1")
+    got = fuse(q, none, [(_expert("E2"), [("2", 0.95), ("0", 0.03)])], min_p=0.5)
+    assert (got.kind, got.value, got.evidence_ids) == ("count", 2, ["E2"]) and "outweighs 0 at p 0.68" in got.basis
+    weak = fuse(q, none, [(_expert("E2"), [("2", 0.7), ("0", 0.2)])], min_p=0.5)  # within the margin: a conflict
+    assert weak.kind == "abstain" and weak.reason == "tools_conflict"
+    agree = fuse(q, none, [(_expert("E2"), [("0", 0.9)])], min_p=0.5)
+    assert agree.value == 0 and agree.probability == 0.9 and "calibrated: none counted" in agree.basis
+    head = fuse(q, none, [(_expert("E2"), [("2", 0.99)])], min_p=0.5, outside="head")
+    assert head.value == 0 and head.probability is None and "no kidney in a head study" in head.basis
+    two = Answer(kind="count", value=2, evidence_ids=["E1"], method="evidence", route="organ_segment:count",
+                 basis="2 kidney instance(s) found by E1")  # instances found: the count stands as before
+    assert fuse(q, two, [(_expert("E2"), [("0", 0.99)])], min_p=0.5).value == 2
+
+
+def test_organ_outside_reads_the_study_classifiers_region(store):
+    from agent.engine.answer import organ_outside
+
+    ctx = make_ctx(store, CT)
+    st = _state(ctx, "How many kidneys are in this image?", [("2", 0.9)])
+    view = st.views[0]
+    probs = {"modality": {"CT": 1.0}, "plane": {"axial": 1.0}, "region": {"head": 0.97, "abdomen": 0.03}}
+    headed = st.model_copy(update={"views": [view.model_copy(update={"metadata": {**view.metadata, "study": {
+        "model": "test", "probabilities": probs}}})]})
+    assert organ_outside(parse_question("How many kidneys are in this image?"), headed) == "head"
+    assert organ_outside(parse_question("How many brains are in this image?"), headed) is None  # brain is in the head
+    assert organ_outside(parse_question("Is the liver enlarged?"), headed) == "head"
+    unsure = {**probs, "region": {"head": 0.6, "abdomen": 0.4}}  # under REGION_SURE the region is not settled
+    vague = st.model_copy(update={"views": [view.model_copy(update={"metadata": {**view.metadata, "study": {
+        "model": "test", "probabilities": unsure}}})]})
+    assert organ_outside(parse_question("How many kidneys are in this image?"), vague) is None

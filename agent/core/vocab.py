@@ -97,6 +97,19 @@ REGIONS = {"abdomen": "abdomen", "chest": "chest", "thorax": "chest", "pelvis": 
            "skull": "head", "hemithorax": "chest", "upper quadrant": "abdomen", "lower quadrant": "abdomen",
            "peritoneum": "abdomen", "retroperitoneum": "abdomen", "mediastinum": "chest", "diaphragm": "chest"}
 # devices a question may ask about (phrase -> canonical name); no tool states them yet
+# The body regions each organ appears in on SLAKE train's organ boxes (detection.json) by its images' location label,
+# on the study classifier's region names (scripts/organ_regions.py prints it; an organ counts in a region where >= 2
+# training images box it). An organ outside its regions in a study the classifier places surely elsewhere is absent by
+# anatomy, not by a segmenter's miss: a count of none there stands against the VQA expert (agent/engine/answer.py fuse).
+ORGAN_REGIONS = {
+    "bladder": ("pelvis",), "brain": ("head",), "colon": ("abdomen", "pelvis"), "duodenum": ("abdomen",),
+    "ear": ("head",), "esophagus": ("abdomen", "chest", "neck"), "eye": ("head",), "heart": ("abdomen", "chest"),
+    "kidney": ("abdomen", "chest"), "larynx": ("neck",), "liver": ("abdomen", "chest"), "lung": ("abdomen", "chest"),
+    "mandible": ("head",), "parotid": ("head",), "rectum": ("pelvis",), "small bowel": ("abdomen", "pelvis"),
+    "spinal cord": ("abdomen", "chest", "head", "neck", "pelvis"), "spleen": ("abdomen",), "stomach": ("abdomen",),
+    "temporal lobe": ("head",), "trachea": ("neck",),
+}
+
 DEVICES = {"chest tube": "chest tube", "chest drain": "chest tube", "thoracostomy tube": "chest tube",
            "nasogastric tube": "nasogastric tube", "ng tube": "nasogastric tube", "feeding tube": "feeding tube",
            "endotracheal tube": "endotracheal tube", "et tube": "endotracheal tube", "ett": "endotracheal tube",
