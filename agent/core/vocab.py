@@ -96,7 +96,6 @@ ORGAN_ADJECTIVES = {"hepatic": "liver", "renal": "kidney", "pulmonary": "lung", 
 REGIONS = {"abdomen": "abdomen", "chest": "chest", "thorax": "chest", "pelvis": "pelvis", "head": "head", "neck": "neck",
            "skull": "head", "hemithorax": "chest", "upper quadrant": "abdomen", "lower quadrant": "abdomen",
            "peritoneum": "abdomen", "retroperitoneum": "abdomen", "mediastinum": "chest", "diaphragm": "chest"}
-# devices a question may ask about (phrase -> canonical name); no tool states them yet
 # The body regions each organ appears in on SLAKE train's organ boxes (detection.json) by its images' location label,
 # on the study classifier's region names (scripts/organ_regions.py prints it; an organ counts in a region where >= 2
 # training images box it). An organ outside its regions in a study the classifier places surely elsewhere is absent by
@@ -110,6 +109,7 @@ ORGAN_REGIONS = {
     "temporal lobe": ("head",), "trachea": ("neck",),
 }
 
+# devices a question may ask about (phrase -> canonical name); no tool states them yet
 DEVICES = {"chest tube": "chest tube", "chest drain": "chest tube", "thoracostomy tube": "chest tube",
            "nasogastric tube": "nasogastric tube", "ng tube": "nasogastric tube", "feeding tube": "feeding tube",
            "endotracheal tube": "endotracheal tube", "et tube": "endotracheal tube", "ett": "endotracheal tube",

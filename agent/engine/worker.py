@@ -228,11 +228,16 @@ class ToolQuestion:
     def run(self, ctx: Any, inp: _Asked) -> _Answer:
         key = (inp.module, inp.qualname)
         if key not in self._tools:
-            obj: Any = importlib.import_module(inp.module)
-            for part in inp.qualname.split("."):
-                obj = getattr(obj, part)
-            self._tools[key] = obj()
+            self._tools[key] = _class(*key)()
         return _Answer(value=getattr(self._tools[key], inp.method)(inp.question))
+
+
+def _class(module: str, qualname: str) -> Any:
+    """The class named by its module and qualified name (imported here)."""
+    obj: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 _ASKED: dict[tuple[str, str, str, str], Any] = {}
@@ -298,10 +303,7 @@ def _serve(conn: Any) -> None:
         key = (req["module"], req["qualname"])
         try:
             if key not in tools:
-                obj: Any = importlib.import_module(key[0])
-                for part in key[1].split("."):
-                    obj = getattr(obj, part)
-                tools[key] = obj()
+                tools[key] = _class(*key)()
             store = stores.setdefault(req["store"], ArtifactStore(req["store"]))
             ctx = ToolContext(state=req["state"], store=store, new_views=list(req["new_views"]),
                               findings=req.get("findings") or {})
