@@ -45,7 +45,7 @@ import numpy as np
 from pydantic import BaseModel
 from scipy import ndimage as ndi
 from skimage.exposure import equalize_adapthist
-from skimage.filters import gaussian, sato
+from skimage.filters import gaussian
 from skimage.morphology import skeletonize
 from skimage.transform import resize
 
@@ -138,6 +138,8 @@ def segment_vessels(img: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:
     fill = gaussian(g * fov, s) / np.maximum(wgt, 1e-6)
     g2 = np.where(fov, g, np.where(wgt > 1e-3, fill, float(g[fov].mean())))
     c = equalize_adapthist(np.clip(g2, 0, 1), clip_limit=CLAHE_CLIP)
+    from skimage.filters import sato  # here, not above: it imports scipy.stats (0.9 s of every engine's start-up)
+
     v = sato(c, sigmas=[sg * f for sg in SIGMAS], black_ridges=True)
     inside = v[fov]
     med = float(np.median(inside))
