@@ -235,3 +235,36 @@ def test_belong_to_is_membership_only_with_what_it_belongs_to():
     for q in ("Which organs/organ in the picture belong to sensory organs?", "Which system does the heart belong to?",
               "Do any of the organs in the picture belong to the circulatory system?"):
         assert relation_of(q)[0] == "membership", q
+
+
+class OrganList(Stated):
+    """Stand-in for the organ segmenter's study attribute: the organs it found, as one value."""
+
+    name = "organ_segment"
+
+    def addresses(self, view: ImageView) -> frozenset[str]:
+        return frozenset({"attribute:organ"})
+
+    def attributes(self, output: BaseModel, view: ImageView) -> dict:
+        return {"organ": {"value": ", ".join(f.label for f in output.findings), "probability": 0.9}}
+
+
+@needs_kg
+def test_organs_the_graph_reads_first_do_not_answer_its_question():
+    """"Which organs here belong to the digestive system?" was answered with every organ the segmenter found (liver,
+    kidney, spleen, ...; 12 of the 20 system questions on held-out train pictures): the organs are the knowledge graph's
+    input for that question, not its answer. "Which organs are shown?" is still the segmenter's to answer."""
+    from agent.core.question import parse_question
+    from agent.engine.addressing import addressing_tools, statements
+
+    tools = {"knowledge_graph": _tool(), "organ_segment": OrganList()}
+    seg = Evidence(id="E1", tool="organ_segment", tool_version="1", args={"view": "V1"}, status="ok",
+                   output=StatedOut(findings=[_organ("Liver", 900.0, 0.9), _organ("Kidney", 300.0, 0.8)]).model_dump())
+    for text, want in (("Which organs/organ in the picture belong to the digestive system?", ["knowledge_graph"]),
+                       ("Which organs are shown in this picture?", ["organ_segment"])):
+        q = parse_question(text)
+        state = _ctx(text).state.model_copy(update={"applicable_tools": list(tools), "evidence": [seg]})
+        names = addressing_tools(q, state, tools)
+        assert names == want, (text, names)
+        said = statements(q, state.model_copy(update={"question_info": q, "addressing_tools": names}), tools)
+        assert [s.tool for s in said] == ([] if want == ["knowledge_graph"] else ["organ_segment"]), (text, said)

@@ -3,7 +3,10 @@ answer step share (so the engine's modules import in one direction: graph -> pla
 answer -> addressing).
 
 1. Which tools *can* address the question (`can_address`, from each tool's `addresses(view)`; a tool that answers
-   questions itself counts when it `takes_question`).
+   questions itself counts when it `takes_question`). A tool whose evidence such a tool reads first (`reads_first`:
+   the organ segmenter's organs, which the knowledge graph checks against a system's members) is its input, not an
+   answer: for that question it addresses nothing ("Which organs here belong to the digestive system?" is not
+   answered with every organ the segmenter found).
 2. Which evidence *does* address it (`statements`): a finding whose label is the subject, a measurement of the
    quantity asked, a classifier's probability for that label, a study attribute (the modality) stated by a tool.
    A measurement of something else never answers the question.
@@ -52,7 +55,15 @@ def can_address(q: Question, tool: Tool, view: Any) -> bool:
 
 def addressing_tools(q: Question, state: CaseState, tools: dict[str, Tool]) -> list[str]:
     v1 = state.views[0]
-    return [n for n in state.applicable_tools if n in tools and can_address(q, tools[n], v1)]
+    names = [n for n in state.applicable_tools if n in tools and can_address(q, tools[n], v1)]
+    inputs = read_first(q, names, tools)
+    return [n for n in names if n not in inputs]
+
+
+def read_first(q: Question, names: list[str], tools: dict[str, Tool]) -> set[str]:
+    """The tools whose evidence a question-answering tool among `names` reads to answer q (`Tool.reads_first`): their
+    evidence is that tool's input, not an answer to q."""
+    return {f for n in names if (t := tools.get(n)) is not None and t.answers_questions for f in t.reads_first(q.text)}
 
 
 def understood(state: CaseState, tools: dict[str, Tool]) -> tuple[Question, list[str]]:
@@ -131,9 +142,10 @@ def finding_matches(q: Question, f: FindingDraft, tool_kind: str) -> bool:
 def statements(q: Question, state: CaseState, tools: dict[str, Tool]) -> list[Statement]:
     """The successful evidence that addresses the question's subject, one statement per finding or attribute."""
     out: list[Statement] = []
+    inputs = read_first(q, state.addressing_tools, tools)
     for e in state.evidence:
         tool = tools.get(e.tool)
-        if e.status != "ok" or tool is None or e.output is None:
+        if e.status != "ok" or tool is None or e.output is None or e.tool in inputs:
             continue
         if q.attribute:
             try:
