@@ -43,3 +43,27 @@ def test_the_eval_restyles_system_values_and_keeps_the_raw_one():
                                                                                           "value": "axial"}}
     assert restyle(prior, st) == prior
     json.dumps(out)
+
+
+def test_a_benchmark_that_names_sides_as_seen_gets_measured_positions_mirrored():
+    """SLAKE's "Where is the liver?" says "Left" (as the picture shows it); dxagent's tools say the patient's right.
+    The style learns the frame from the references (an organ that lies on one side, named on the other) and mirrors
+    a position measured by the tools, never an expert's answer in the benchmark's own words, and never an organ's
+    name ("right lung" is anatomical in SLAKE too)."""
+    seen = [("Where is the liver?", "Left")] * 4 + [("Where is the liver?", "Left and Top")] * 3 + [
+        ("Where is the spleen?", "Right")] * 2
+    st = AnswerStyle.fit(seen)
+    assert st.sides == "image" and st.to_json()["sides"] == "image"
+    assert st.render("Where is the liver?", "right", measured=True) == ("Left", "sides|image+side|location|liver|left")
+    assert st.render("Where is the liver?", "right") == ("right", None)  # the expert's words: left alone
+    assert st.render("Where is the liver?", "upper right", measured=True) == ("upper left", "sides|image")
+    assert st.render("Where is the nodule?", "right lung", measured=True) == ("right lung", None)
+    assert st.render("Where is the liver?", "left")[0] == "Left"  # the bare side outweighs "Left and Top"
+    anatomical = AnswerStyle.fit([("Where is the liver?", "Right")] * 4 + [("Where is the liver?", "Left")])
+    assert anatomical.sides == "patient"
+    assert anatomical.render("Where is the liver?", "right", measured=True)[0] == "Right"
+    row = {"system": "agent", "question": "Where is the liver?",
+           "answer": {"kind": "location", "value": "right", "method": "evidence", "evidence_ids": ["E2"]}}
+    assert restyle(row, st)["answer"]["value"] == "Left"
+    expert = {**row, "answer": {**row["answer"], "method": "expert", "value": "Left"}}
+    assert restyle(expert, st)["answer"]["value"] == "Left"

@@ -9,10 +9,18 @@ runs):
   `attribute_value_in`: "Transverse Plane" -> plane axial, "Pelvic Cavity" -> body region pelvis) is counted under
   (the attribute the question asks for, that value); a frontal radiograph's view counts as the coronal plane, as in
   the answer step;
-- every reference answer that is a side with words after it ("Left Lung", "Right Lobe") is counted under (the
-  question's kind, the organ it names, the side).
+- every reference answer that is a side, bare or with words after it ("Left", "Left Lung", "Right Lobe"), is
+  counted under (the question's kind, the organ it names, the side);
+- which frame its sides are named in: dxagent's tools state sides in the patient's frame (the DICOM orientation, or
+  the radiological display assumed: image left = patient right); a benchmark whose "Where is the liver?" references
+  mostly say "Left" names them as the picture shows them. `fit` counts, over "where is the <organ>" questions about
+  an organ that lies on one side (`LATERAL_ORGANS`, textbook anatomy), references naming the other side against
+  those naming its own; more of the other (at least `MIN_SUPPORT`) gives `sides = "image"` (SLAKE train: liver
+  "Left" 38 times, "Right" once).
 
-`render(question, value)` replaces the value with the reference wording most often used for the same key when that
+`render(question, value, measured)` first swaps left and right in a location measured by dxagent's tools
+(`measured`: the answer came from the evidence, not from an expert trained on the benchmark's own words) when the
+benchmark names image sides, then replaces the value with the reference wording most often used for the same key when that
 wording was seen at least `MIN_SUPPORT` times and makes at least half of the key's answers; anything else (yes/no,
 numbers, unknown values, keys never seen) is left alone. The eval applies it to the agent's answers when given
 `--answer-style-from TRAIN.jsonl`, keeps the agent's own value beside it (`value_raw` in results.jsonl), and says so
@@ -28,6 +36,8 @@ from typing import Any
 
 MIN_SUPPORT = 3
 _SIDES = ("left", "right")
+LATERAL_ORGANS = {"liver": "right", "gallbladder": "right", "spleen": "left", "stomach": "left"}
+_PLACE = {"left", "right", "upper", "lower", "top", "bottom", "side", "and"}
 _VIEW_AS_PLANE = {"frontal": "coronal", "pa": "coronal", "ap": "coronal", "lateral": "sagittal"}
 
 
@@ -65,6 +75,7 @@ def _side_key(q: Any, text: str) -> tuple[str, str | None]:
 class AnswerStyle:
     table: dict[str, str] = field(default_factory=dict)  # key -> reference wording
     source: str = ""
+    sides: str = "patient"  # the frame the benchmark names sides in: "patient" or "image"
 
     @staticmethod
     def _attr_key(q: Any, attr: str, value: str) -> str:
@@ -80,25 +91,31 @@ class AnswerStyle:
         from agent.core.question import parse_question
 
         counts: dict[str, Counter] = defaultdict(Counter)
+        frame: Counter = Counter()
         for question, answer in pairs:
             ans = " ".join(str(answer).split())
             if not ans or ans.lower() in ("yes", "no"):
                 continue
             q = parse_question(question)
+            own = LATERAL_ORGANS.get(q.organ or "") if q.kind == "location" else None
+            named = {w for w in re.findall(r"[a-z]+", ans.lower()) if w in _SIDES}
+            if own and len(named) == 1:
+                frame["patient" if own in named else "image"] += 1
             canon = _canonical(q.attribute, ans) if q.attribute else None
             if canon:
                 counts[cls._attr_key(q, *canon)][ans] += 1
             side, rest = _side_key(q, ans)
-            if side and rest:
+            if side:  # the bare side too: "Left" 20 times outweighs "Left and Top" 3 times for the liver
                 counts[cls._side_key(q, side)][ans] += 1
         table = {}
         for key, c in counts.items():
             wording, n = c.most_common(1)[0]
             if n >= MIN_SUPPORT and n * 2 >= sum(c.values()):
                 table[key] = wording
-        return cls(table=table, source=source)
+        sides = "image" if frame["image"] >= MIN_SUPPORT and frame["image"] > frame["patient"] else "patient"
+        return cls(table=table, source=source, sides=sides)
 
-    def render(self, question: str, value: Any) -> tuple[Any, str | None]:
+    def render(self, question: str, value: Any, measured: bool = False) -> tuple[Any, str | None]:
         """(the value in the reference's words, the key used) or (value, None) when no rule applies."""
         from agent.core.question import parse_question
         from agent.core.vocab import normalise_text
@@ -106,6 +123,14 @@ class AnswerStyle:
         if not isinstance(value, str) or not value.strip() or normalise_text(value) in ("yes", "no"):
             return value, None
         q = parse_question(question)
+        flipped = None
+        # a position on the picture ("right", "upper left"), never an organ's name ("right lung": SLAKE names organs
+        # anatomically, as its boxes show, and only positions as seen)
+        if measured and self.sides == "image" and q.kind == "location" and set(normalise_text(value).split()) <= _PLACE \
+                and re.search(r"\b(left|right)\b", value, re.I):
+            value = re.sub(r"\b(left|right)\b", lambda m: {"left": "right", "right": "left"}[m.group(1).lower()], value,
+                           flags=re.I)
+            flipped = "sides|image"
         keys = []
         if q.attribute and (canon := _canonical(q.attribute, value)):
             keys.append(self._attr_key(q, *canon))
@@ -114,11 +139,11 @@ class AnswerStyle:
             keys.append(self._side_key(q, t.split()[0]))
         for key in keys:
             if key in self.table:
-                return self.table[key], key
-        return value, None
+                return self.table[key], f"{flipped}+{key}" if flipped else key
+        return value, flipped
 
     def to_json(self) -> dict[str, Any]:
-        return {"source": self.source, "min_support": MIN_SUPPORT, "table": self.table}
+        return {"source": self.source, "min_support": MIN_SUPPORT, "sides": self.sides, "table": self.table}
 
 
 def style_from_manifest(path: Any) -> AnswerStyle:

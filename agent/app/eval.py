@@ -306,7 +306,8 @@ def restyle(row: dict[str, Any], style: Any) -> dict[str, Any]:
     ans = row.get("answer") or {}
     if row.get("system") in REFERENCE or ans.get("kind") in (None, "abstain") or not row.get("question"):
         return row
-    value, key = style.render(row["question"], ans.get("value"))
+    measured = ans.get("method") == "evidence" and ans.get("kind") == "location"  # sides in the patient's frame
+    value, key = style.render(row["question"], ans.get("value"), measured)
     if key is None or value == ans.get("value"):
         return row
     return {**row, "answer": {**ans, "value": value, "value_raw": ans.get("value"), "style_rule": key}}
