@@ -38,6 +38,8 @@ class RayCluster:
         self.dir = Path(tempfile.mkdtemp(prefix="dxagent-ray-"))
         self.gcs_port = 0
         self.nodes: list[subprocess.Popen] = []
+        self.taken: set[int] = set()  # the ports this cluster's nodes were given
+        self.ranges: list[tuple[int, int]] = []  # each node's worker port range
 
     @staticmethod
     def why_not() -> str | None:
@@ -56,8 +58,19 @@ class RayCluster:
     def add_node(self, cpus: int = 1) -> int:
         """Start one more node (the first is the head) and wait until the cluster has it; returns its index."""
         i = len(self.nodes)
-        ports = [free_port() for _ in range(8)]
-        lo = 20000 + (os.getpid() * 97 + i * 211) % 30000  # a worker port range of this node's own
+        # a worker port range of this node's own, clear of every port this cluster's nodes listen on, and its other
+        # ports drawn outside every node's worker range: a free port the OS handed out inside the range once made
+        # `ray start` refuse ("worker_ports is trying to use a port number ... used by other components")
+        lo = 20000 + (os.getpid() * 97 + i * 211) % 30000
+        while any(lo <= p <= lo + 40 for p in self.taken):
+            lo = 20000 + (lo + 41 - 20000) % 30000
+        self.ranges.append((lo, lo + 40))
+        ports: list[int] = []
+        while len(ports) < 8:
+            p = free_port()
+            if p not in ports and p not in self.taken and not any(a <= p <= b for a, b in self.ranges):
+                ports.append(p)
+        self.taken.update(ports)
         cmd = [self.ray, "start", "--block", "--disable-usage-stats", f"--num-cpus={cpus}", "--num-gpus=0",
                f'--resources={{"node{i}": 100}}', "--node-ip-address=127.0.0.1",
                "--object-store-memory=80000000", f"--node-manager-port={ports[0]}", f"--dashboard-port={ports[7]}",
