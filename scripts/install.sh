@@ -102,6 +102,23 @@ step "assembling the default planner model (1.1 GB, sha256-checked)" \
 # the knowledge-search index over the report corpus (MiniLM; ~2.5 min once, cached under ~/.cache/dxagent)
 step "building the knowledge-search index (once; cached)" \
   env HF_HUB_OFFLINE=1 .venv/bin/python -c 'from tools.knowledge_search import knowledge_index; knowledge_index()'
+# Bytecode for every installed module and for dxagent's own: uv installs without it, and where PYTHONDONTWRITEBYTECODE
+# is set (as on this machine) Python never writes it, so every process - each `dxagent run`, each tool worker, each
+# test subprocess - compiled about 1,500 modules from source (3.8 s of a cold run). Cold `dxagent run` on the bundled
+# CT, "Describe the findings": 8.3-8.7 s without, 4.1-5.0 s with (2026-12-07, idle). About 55 s once on 2 cores; a later run
+# only compares timestamps (6 s). A file that does not compile under this Python (torch ships a 3.12-only test helper)
+# is named and skipped: the install goes on, those modules compile when imported. It runs while llama-cpp-python
+# compiles in the background (the foreground steps finish about 50 s before that compile on a fresh clone), so
+# llama_cpp's own modules and its server extras, installed after it, are compiled by the next install run (the test
+# command starts with one) or when imported.
+compile_bytecode() {
+  local site log=.venv/compileall.log
+  site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
+  if ! .venv/bin/python -m compileall -q -j 0 "$site" agent tools > "$log" 2>&1; then
+    echo "[install]   not compiled (left to import time): $(grep -c '^\*\*\*' "$log") file(s), see $log" >&2
+  fi
+}
+step "compiling bytecode (once; later runs compare timestamps)" compile_bytecode
 if [ "$(cat .venv/.llama-build 2>/dev/null)" != "$llama_key" ]; then
   if [ -n "$llama_pid" ]; then
     echo "[install] waiting for the llama-cpp-python compile" >&2
@@ -120,20 +137,6 @@ if [ "$(cat .venv/.llama-build 2>/dev/null)" != "$llama_key" ]; then
   echo "$llama_key" > .venv/.llama-build
   step "installing llama-cpp-python's server extras" uv_pip install -c .venv/dxagent-constraints.txt -e '.[local,dev,yolo,ray,postgres]'
 fi
-# Bytecode for every installed module and for dxagent's own: uv installs without it, and where PYTHONDONTWRITEBYTECODE
-# is set (as on this machine) Python never writes it, so every process - each `dxagent run`, each tool worker, each
-# test subprocess - compiled about 1,500 modules from source (3.8 s of a cold run). Cold `dxagent run` on the bundled
-# CT, "Describe the findings": 8.3-8.7 s without, 4.5-5.0 s with (2026-12-07). About 55 s once on 2 cores; a later run
-# only compares timestamps (6 s). A file that does not compile under this Python (torch ships a 3.12-only test helper)
-# is named and skipped: the install goes on, those modules compile when imported.
-compile_bytecode() {
-  local site log=.venv/compileall.log
-  site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
-  if ! .venv/bin/python -m compileall -q -j 0 "$site" agent tools > "$log" 2>&1; then
-    echo "[install]   not compiled (left to import time): $(grep -c '^\*\*\*' "$log") file(s), see $log" >&2
-  fi
-}
-step "compiling bytecode (once; later runs compare timestamps)" compile_bytecode
 # Debian packages some tests drive for real, each installed only when its command is missing; without apt-get, root or
 # passwordless sudo the tests that need it are skipped (each says why):
 #   chromium: the HTML audit view's browser test (tests/test_audit_html.py, through Playwright, whose own browser
