@@ -126,11 +126,9 @@ class AnswerStyle:
         flipped = None
         # a position on the picture ("right", "upper left"), never an organ's name ("right lung": SLAKE names organs
         # anatomically, as its boxes show, and only positions as seen)
-        if measured and self.sides == "image" and q.kind == "location" and set(normalise_text(value).split()) <= _PLACE \
-                and re.search(r"\b(left|right)\b", value, re.I):
-            value = re.sub(r"\b(left|right)\b", lambda m: {"left": "right", "right": "left"}[m.group(1).lower()], value,
-                           flags=re.I)
-            flipped = "sides|image"
+        if measured and self.sides == "image" and q.kind == "location" and set(normalise_text(value).split()) <= _PLACE:
+            mirrored = re.sub(r"\b(left|right)\b", lambda m: _SIDES[m.group(1).lower() == "left"], value, flags=re.I)
+            value, flipped = mirrored, ("sides|image" if mirrored != value else None)
         keys = []
         if q.attribute and (canon := _canonical(q.attribute, value)):
             keys.append(self._attr_key(q, *canon))
