@@ -263,3 +263,57 @@ def test_a_question_naming_two_study_attributes_needs_both(store):
     assert (a.kind, a.value) == ("yes_no", "yes") and "plane axial" in a.basis and "modality CT" in a.basis, a
     a = got["Transverse plane or coronal plane: which was this CT acquired in?"]
     assert (a.kind, a.value) == ("choice", "transverse plane"), a
+
+
+class _Scripted:
+    """A ShotReader whose model reply is given: the parsing, the guard and the fallback without loading the model."""
+
+    def __init__(self, reply):
+        from agent.engine.reading import ShotReader
+
+        self.reader = ShotReader.__new__(ShotReader)
+        self.reply = reply
+        self.reader.raw = self.raw
+
+    def raw(self, text):
+        if isinstance(self.reply, Exception):
+            raise self.reply
+        return self.reply
+
+
+@pytest.mark.parametrize("text, reply, want", [
+    # the model's kind and subject, the rules' location
+    ("Is the liver cirrhotic?", ("yes_no", "cirrhosis"), ("yes_no", "cirrhosis", "liver")),
+    ("Is there free air under the diaphragm?", ("yes_no", "free air"), ("yes_no", "free air", "under the diaphragm")),
+    # the place taken for the subject where the rules read a known finding: the rules' subject stands
+    ("Are the lesions in the cerebellum?", ("yes_no", "cerebellum"), ("yes_no", "lesion", "cerebellum")),
+    # a choice the rules found no options for is open
+    ("Which is it?", ("choice", "other"), ("open", "other", None)),
+])
+def test_the_model_reading_in_context_takes_kind_and_subject_and_guards_places(text, reply, want):
+    from agent.engine.learned_reading import core_subject
+
+    q = _Scripted(reply).reader.read(text)
+    assert q.reading == "model"
+    assert (q.kind, core_subject(q)) == want[:2], q
+    assert (q.location or None) == want[2] or (want[2] and want[2] in (q.location or "")), q
+
+
+def test_a_failed_model_reading_leaves_the_rules_reading_marked_unsure():
+    q = _Scripted(ValueError("not a reading")).reader.read("Is there free air in the abdomen?")
+    assert q.reading == "rules" and not q.sure and "model's reading failed: ValueError" in q.unsure_why
+    assert q.finding == "free air", q
+
+
+@pytest.mark.slow
+def test_the_embedded_model_reads_in_context():
+    """The real model with a dozen labelled readings in its prompt (the shipped file holds 300): the subject of a
+    question worded unlike any shot, as a noun, and never the place it names."""
+    from agent.engine.learned_reading import core_subject
+    from agent.engine.reading import ShotReader
+
+    rows = [r for r in load("dev") if r["source"] == "vqarad"][:12]
+    reader = ShotReader(shots=[{"question": r["question"], "kind": r["kind"], "subject": r["subject"]} for r in rows])
+    q = reader.read("Is there free air in the abdomen?")
+    assert q.reading == "model" and q.kind == "yes_no" and core_subject(q) != "abdomen", q
+    assert reader.raw("Is this a CT or an MRI?")[0] == "choice"

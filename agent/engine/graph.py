@@ -152,11 +152,16 @@ def understand(rt: Runtime, state: CaseState, applicable: list[str], views: list
 
     q = parse_question(state.question)
     asked = asked_part(state.question)  # the sentence(s) that ask: what follows cannot steer the reading
-    how = os.environ.get("DXAGENT_READING", "rules")  # rules (default) | learned | hybrid | model
+    how = os.environ.get("DXAGENT_READING", "rules")  # rules (default) | learned | shots | hybrid | model
     if how == "learned":  # agent/engine/learned_reading.py
         from agent.engine.learned_reading import LearnedReader
 
         q = LearnedReader.load().read(asked).model_copy(update={"text": state.question})
+    elif how == "shots" and not (q.describe and q.sure):  # agent/engine/reading.py ShotReader; "Describe the
+        # findings" asks for no subject
+        from agent.engine.reading import ShotReader
+
+        q = ShotReader.shared().read(asked).model_copy(update={"text": state.question})
     elif how in ("hybrid", "model") and (how == "model" or not q.sure) and getattr(rt, "planner", None) is not None:
         from agent.engine.reading import ModelReader
 

@@ -188,14 +188,20 @@ def _restore_state(llm: Any, key: str) -> int:
     return len(ids)
 
 
-def _save_state(llm: Any, key: str, system: str) -> int:
-    """Trim the context to the system prompt's tokens and save their state (atomically); tokens saved (0: none)."""
+def _save_state(llm: Any, key: str, system: str, leading: bool = False) -> int:
+    """Trim the context to the system prompt's tokens and save their state (atomically); tokens saved (0: none).
+    `leading`: the prompt began with `system` itself (a completion prompt, no chat template), so its tokens are the
+    context's first ones when they match."""
     import ctypes
 
     import llama_cpp
     import numpy as np
 
-    n = _prefix_len(llm, system)
+    if leading:
+        ids = llm.tokenize(system.encode(), add_bos=True, special=False)
+        n = len(ids) if list(llm.input_ids[: len(ids)]) == list(ids) and llm.n_tokens > len(ids) else 0
+    else:
+        n = _prefix_len(llm, system)
     f = _state_file(key)
     if n == 0 or f.is_file() or not llm._ctx.kv_cache_seq_rm(-1, n, -1):
         return 0
