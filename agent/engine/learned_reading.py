@@ -242,7 +242,7 @@ class LearnedReader:
     def read(self, text: str) -> Question:
         import torch
 
-        from agent.engine.reading import to_question
+        from agent.engine.reading import with_rules
         from agent.index.sentences import torch_threads
 
         it = prepare(text)
@@ -257,12 +257,4 @@ class LearnedReader:
             subject = core  # the rules' reading holds the network's and says more: "small bowel" of "small bowel obstruction"
         if subject == core and kind == q.kind:
             return q.model_copy(update={"reading": "learned"})
-        if kind == "choice" and len(q.choices) < 2:
-            kind = "open"
-        form = {"kind": kind, "subject": subject, "subject_type": "attribute" if subject in CANON[:11] else "",
-                "location": q.location or "", "options": q.choices, "negated": q.negated}
-        out = to_question(text, form)
-        keep = {"comparison": q.comparison, "reading": "learned"}
-        if out.kind == q.kind and not out.quantities:  # the rules' stated rule and quantities belong to their kind
-            keep.update(rule=q.rule, quantities=q.quantities)
-        return out.model_copy(update=keep)
+        return with_rules(text, q, kind, subject, "attribute" if subject in CANON[:11] else "", "learned")

@@ -85,8 +85,7 @@ class ShotReader:
     the model's alone 0.890, the rules' 0.925). Location, options, negation, comparisons and stated rules come from the
     rules, which read those well (bench/bench_question_reading.py). The shots are one fixed prefix (~5,900 tokens):
     its llama.cpp state is kept on disk after the first question (agent/llm/backends.py), so a question costs only its
-    own tokens. The model runs in a
-    context of its own (n_ctx 8192), so the planner's cached prompt is not evicted."""
+    own tokens. The model runs in a context of its own (n_ctx 8192), so the planner's cached prompt is not evicted."""
 
     N_CTX = 8192
     _shared: ShotReader | None = None
@@ -116,13 +115,13 @@ class ShotReader:
         from agent.llm.backends import _llama, _restore_state, _save_state, _state_key, threads
 
         llm = _llama(self.path, self.N_CTX, threads(), 0)
-        keep = os.environ.get("DXAGENT_LLAMA_STATE_CACHE", "1") != "0"
-        key = _state_key(self.model_id, self.path, self.N_CTX, False, self.prefix)
         with self._lock:
-            restored = _restore_state(llm, key) if keep and not self._primed else 0
+            first = not self._primed and os.environ.get("DXAGENT_LLAMA_STATE_CACHE", "1") != "0"
+            key = _state_key(self.model_id, self.path, self.N_CTX, False, self.prefix) if first else ""
+            restored = _restore_state(llm, key) if first else 0
             out = llm.create_completion(self.prefix + f"Question: {' '.join(text.split())[:400]}\nReading:",
                                         max_tokens=self.max_tokens, temperature=0.0, stop=["\n"], seed=0)
-            if keep and not self._primed and not restored:
+            if first and not restored:
                 _save_state(llm, key, self.prefix, leading=True)
             self._primed = True
         kind, _, subject = str(out["choices"][0]["text"]).strip().partition(";")
@@ -142,20 +141,26 @@ class ShotReader:
                                                                     f"{type(exc).__name__}"[:200].lstrip("; ")})
         if q.sure:  # the rules' kind where they account for every word (train2: 0.935 so, the model's alone 0.890)
             kind = q.kind
-        if kind == "choice" and len(q.choices) < 2:
-            kind = "open"
         subject = normalise_text(subject)
         if took_place(subject, q):
             from agent.engine.learned_reading import core_subject
 
             subject = core_subject(q)  # "Are the lesions in the cerebellum?" asks about the lesions
-        form = {"kind": kind, "subject": subject, "subject_type": "attribute" if subject in ATTRS else "",
-                "location": q.location or "", "options": q.choices, "negated": q.negated}
-        out = to_question(text, form)
-        keep: dict[str, Any] = {"comparison": q.comparison, "reading": "model"}
-        if out.kind == q.kind and not out.quantities:  # the rules' stated rule and quantities belong to their kind
-            keep.update(rule=q.rule, quantities=q.quantities)
-        return out.model_copy(update=keep)
+        return with_rules(text, q, kind, subject, "attribute" if subject in ATTRS else "", "model")
+
+
+def with_rules(text: str, q: Question, kind: str, subject: str, subject_type: str, reading: str) -> Question:
+    """The kind and subject another reader chose, with the rules' (`q`) location, options, negation and comparison; a
+    choice the rules found no options for is open; the rules' stated rule and quantities where the kinds agree."""
+    if kind == "choice" and len(q.choices) < 2:
+        kind = "open"
+    form = {"kind": kind, "subject": subject, "subject_type": subject_type, "location": q.location or "",
+            "options": q.choices, "negated": q.negated}
+    out = to_question(text, form)
+    keep: dict[str, Any] = {"comparison": q.comparison, "reading": reading}
+    if out.kind == q.kind and not out.quantities:  # the rules' stated rule and quantities belong to their kind
+        keep.update(rule=q.rule, quantities=q.quantities)
+    return out.model_copy(update=keep)
 
 
 def took_place(subject: str, q: Question) -> bool:
