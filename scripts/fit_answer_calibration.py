@@ -11,6 +11,13 @@
         bench/data/slake_train_heldout_reworded.jsonl --root ../shared/data/slake_dev --systems agent --out ev-rw
     DXAGENT_MODELS=/tmp/models_heldout .venv/bin/python scripts/fit_answer_calibration.py --new-wording ev-rw
 
+    # open answers' routes (calibration.OPEN_PREFIX): an eval run on SLAKE train's OPEN questions about pictures outside
+    # the 20 % held-out image split (scripts/train_vqa_expert.py split), the VQA expert off (so each answer is the
+    # measured evidence's own, not the fused one) and nothing calibrated; updates only the open: entries
+    DXAGENT_CALIBRATION=off DXAGENT_VQA_EXPERT=0 .venv/bin/dxagent eval OPEN_TRAIN.jsonl --root ../shared/data/slake_dev \
+        --systems agent --answer-style-from ../shared/data/slake_dev/train.jsonl --out ev-open
+    .venv/bin/python scripts/fit_answer_calibration.py --open ev-open
+
 Reads each DIR/results.jsonl, keeps the agent's answered CLOSED items (yes/no, choice, count), scores them as
 `dxagent eval` does, and counts right answers per route and raw-probability band (agent/engine/calibration.py). The
 runs must be made with DXAGENT_CALIBRATION=off, so the raw probabilities are counted, not calibrated ones. Never fit
@@ -39,7 +46,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "agent" / "engine" / "answer_calibration.json")
     ap.add_argument("--new-wording", action="store_true",
                     help="fit only min_probability_new_wording, from runs on reworded held-out questions (see above)")
+    ap.add_argument("--open", action="store_true",
+                    help="fit only the open answers' routes (open: entries), from runs on open questions (see above)")
     args = ap.parse_args()
+    if args.open:
+        return fit_open(args.dirs, args.out)
     if args.new_wording:
         return fit_new_wording(args.dirs, args.target_error, args.out)
     from agent.app.eval_metrics import closed_correct
@@ -71,6 +82,46 @@ def main() -> None:
         if "|" not in key:
             print(f"  {key:50} n={cell['n']:4d} right={cell['right'] / cell['n']:.3f}")
     print(f"written {args.out}")
+
+
+def fit_open(dirs: list[Path], out: Path) -> None:
+    """The open: routes of the table: per route of the measured evidence (not a question-answering tool's, not a value
+    read from the data; answers of calibration.OPEN_KINDS) and raw-probability band, how many answered open questions
+    were an exact match of the reference, as `dxagent eval` scores them (after the run's answer style)."""
+    from agent.app.eval_metrics import exact_match
+    from agent.engine.answer import _DATA_SOURCES
+    from agent.engine.calibration import OPEN_KINDS, OPEN_PREFIX, keys
+
+    routes: dict[str, dict[str, int]] = {}
+    sources, n = [], 0
+    for d in dirs:
+        sources.append(Path(json.loads((d / "eval.json").read_text())["manifest"]).name)
+        for line in (d / "results.jsonl").read_text().splitlines():
+            r = json.loads(line)
+            a = r.get("answer") or {}
+            route = a.get("route") or ""
+            if r.get("system") != "agent" or r.get("answer_type") != "OPEN" or r.get("status") != "done" or \
+                    a.get("kind") not in OPEN_KINDS or not route or a.get("method") == "expert" or \
+                    route.rsplit(":", 1)[-1] in _DATA_SOURCES:
+                continue
+            n += 1
+            for key in keys(OPEN_PREFIX + route, a.get("probability")):
+                cell = routes.setdefault(key, {"n": 0, "right": 0})
+                cell["n"] += 1
+                cell["right"] += int(bool(exact_match(a.get("value"), r.get("gold", ""))))
+    if not routes:
+        sys.exit("no answered open agent items with a route in " + ", ".join(map(str, dirs)))
+    table = json.loads(out.read_text())
+    table["routes"] = {**{k: v for k, v in table["routes"].items() if not k.startswith(OPEN_PREFIX)}, **routes}
+    table["open"] = {"fitted": time.strftime("%Y-%m-%d"), "fitted_on": sources, "answers": n,
+                     "how": "open answers of the measured evidence, exact match with the reference after the answer "
+                            "style, on SLAKE train questions about pictures outside the VQA expert's held-out split, "
+                            "the expert off and nothing calibrated"}
+    out.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    print(f"{n} open answers")
+    for key, cell in sorted(routes.items(), key=lambda kv: -kv[1]["n"]):
+        print(f"  {key:55} n={cell['n']:4d} right={cell['right'] / cell['n']:.3f}")
+    print(f"written {out}")
 
 
 def fit_new_wording(dirs: list[Path], target_error: float, out: Path) -> None:

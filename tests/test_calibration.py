@@ -58,11 +58,58 @@ def test_an_unseen_route_keeps_its_raw_probability(table):
     assert (a.kind, a.probability, a.route) == ("yes_no", 0.7, "xrv:probability")
 
 
+def test_an_open_answer_gets_its_own_routes_rate_and_a_value_read_from_the_data_stands(tmp_path, monkeypatch):
+    """An organ the segmenter names carried no probability: its open route (exact matches of the reference on held-out
+    questions, counted apart from closed answers reached the same way) gives it one, and withholds it when that rate
+    is under the threshold; a closed answer on the same route keeps the closed rate; a modality read from a DICOM tag
+    and a location are never recalibrated."""
+    rows = _rows("organ_segment:organ:segmenter", 40, 0)
+    table = calibration.fit(rows, 0.10)
+    table["routes"].update({"open:organ_segment:organ:segmenter": {"n": 20, "right": 6},
+                            "open:inspect_image:body_region:classifier|hi": {"n": 30, "right": 27},
+                            "open:inspect_image:modality:dicom": {"n": 30, "right": 3},
+                            "open:organ_segment:location:segmenter": {"n": 30, "right": 3},
+                            "open:organ_segment:location": {"n": 30, "right": 3}})
+    path = tmp_path / "cal.json"
+    path.write_text(json.dumps({**table, "min_probability": 0.5}))
+    monkeypatch.setattr(calibration, "TABLE", path)
+    monkeypatch.delenv("DXAGENT_CALIBRATION", raising=False)
+    monkeypatch.delenv("DXAGENT_MIN_PROBABILITY", raising=False)
+    calibration.table.cache_clear()
+    try:
+        q = parse_question("What is the main organ in this image?")
+        organ = Statement("E1", "organ_segment", "segment", attribute={"name": "organ", "value": "liver",
+                                                                       "source": "segmenter"})
+        a = calibrate(q, Answer(kind="phrase", value="liver", evidence_ids=["E1"], basis="organ liver per E1"), [organ])
+        assert a.kind == "abstain" and a.reason == "low_confidence" and "open:organ_segment:organ:segmenter" in a.basis
+        region = Statement("E1", "inspect_image", "classify", attribute={"name": "body_region", "value": "chest",
+                                                                         "probability": 0.97, "source": "classifier"})
+        b = calibrate(parse_question("Which part of the body is this?"),
+                      Answer(kind="phrase", value="chest", probability=0.97, evidence_ids=["E1"], basis="x"), [region])
+        assert b.probability == pytest.approx(28 / 32, 1e-3) and b.route == "inspect_image:body_region:classifier"
+        tag = Statement("E1", "inspect_image", "classify", attribute={"name": "modality", "value": "CT", "source": "dicom"})
+        c = calibrate(parse_question("What modality is this?"),
+                      Answer(kind="phrase", value="CT", evidence_ids=["E1"], basis="modality CT (dicom)"), [tag])
+        assert (c.kind, c.probability) == ("phrase", None)
+        where = Statement("E1", "organ_segment", "segment", attribute={"name": "location", "value": "right",
+                                                                       "source": "segmenter"})
+        d = calibrate(parse_question("Where is the liver?"),
+                      Answer(kind="location", value="right", evidence_ids=["E1"], basis="x"), [where])
+        assert (d.kind, d.probability) == ("location", None)  # a place's exact match counts a benchmark's wording
+        closed = calibrate(parse_question("Is the liver the main organ here?"),
+                           Answer(kind="yes_no", value="yes", evidence_ids=["E1"], method="evidence",
+                                  route="organ_segment:organ:segmenter", basis="x"), [organ])
+        assert closed.kind == "yes_no" and closed.probability == pytest.approx(41 / 42, 1e-3), closed
+    finally:
+        calibration.table.cache_clear()
+
+
 def test_the_shipped_table_was_fitted_off_the_reported_splits():
     t = calibration.table()
     if not t:
         pytest.skip("no calibration table shipped")
-    names = {s["manifest"] for s in t["fitted_on"]} | set(t.get("new_wording", {}).get("fitted_on", []))
+    names = {s["manifest"] for s in t["fitted_on"]} | set(t.get("new_wording", {}).get("fitted_on", [])) | \
+        set(t.get("open", {}).get("fitted_on", []))
     assert names and not names & {"validate.jsonl", "slake_validate_reworded.jsonl", "realcases_freeform.jsonl"}
 
 

@@ -594,8 +594,9 @@ def fuse(q: Question, a: Answer, experts: list[tuple[Evidence, list[tuple[str, f
     - disagreeing: the side whose probability is higher by `margin` (FUSION_MARGIN), else a `tools_conflict`
       abstention naming both. A statement read from the data without a probability (a DICOM tag, the user's word, a
       stated rule over a measurement) stands: no expert outweighs it. A tool's reading with neither a
-      probability nor a calibrated route (an organ named by the segmenter) weighs nothing against a calibrated
-      expert (`measured_stands=True` lets it stand too, the rule before this one).
+      probability nor a calibrated route (one seen fewer than calibration.MIN_N times; an organ the segmenter names
+      has had an open route of its own since 2026-12-08, and at 0.22 it is withheld before it gets here) weighs
+      nothing against a calibrated expert (`measured_stands=True` lets it stand too, the rule before this one).
 
     A count of none (the segmenter found no instance of the organ) is the segmenter's "absent" and weighs as that
     route's calibrated probability (organ_segment:absent, 0.68 on held-out train), as a yes/no "is there a kidney?"
@@ -710,17 +711,18 @@ def route_of(q: Question, a: Answer, stmts: list[Statement]) -> str:
 
 
 def calibrate(q: Question, a: Answer, stmts: list[Statement]) -> Answer:
-    """A closed answer's probability as the accuracy of its route on held-out questions (agent/engine/calibration.py);
-    withheld as `low_confidence` under the fitted threshold."""
+    """An answer's probability as the accuracy of its route on held-out questions (agent/engine/calibration.py; an open
+    answer's route is counted apart from a closed one's); withheld as `low_confidence` under the fitted threshold."""
     from agent.engine import calibration
 
     if a.kind == "abstain":
         return a
     route = route_of(q, a, stmts)
     a = a.model_copy(update={"route": route})
-    if a.kind not in calibration.CLOSED:
+    key = calibration.route_key(a.kind, route)
+    if key is None or (a.kind not in calibration.CLOSED and read_from_data(a)):  # a value read from the data stands
         return a
-    p, n, key = calibration.lookup(route, a.probability)
+    p, n, key = calibration.lookup(key, a.probability)
     if p is None:
         return a
     raw = "no probability" if a.probability is None else f"p={a.probability:.2f}"

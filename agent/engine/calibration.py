@@ -10,6 +10,12 @@ a DICOM tag's modality - which carry no probability of their own - get one, and 
 such answers were worth. An answer whose calibrated probability is under `MIN_PROBABILITY` is withheld as a
 `low_confidence` abstention: a wrong answer at high probability is the worst thing the product can do. Routes
 seen fewer than `MIN_N` times keep their raw probability (and are not withheld); the basis says which applied.
+
+Open answers named as a phrase (the organ a segmenter names, the body region, modality or plane the study classifier
+gives; not a location nor a measurement, see OPEN_KINDS) have routes of their own in the table, prefixed `open:`
+(`route_key`): their rate is how often such answers matched the reference exactly
+(`scripts/fit_answer_calibration.py --open`), not a yes/no's. An answer of a question-answering tool (the VQA
+expert) keeps the probability its own calibration gave.
 """
 
 from __future__ import annotations
@@ -26,6 +32,18 @@ from typing import Any
 TABLE = Path(__file__).with_name("answer_calibration.json")
 MIN_N = 12  # answers of a route (and band) before its accuracy is trusted
 CLOSED = ("yes_no", "choice", "count")
+OPEN_PREFIX = "open:"  # an open answer's route in the table (see the module docstring)
+# the open answers calibrated: a phrase (an organ, a region, a modality, a plane) is right when it names the reference's
+# term; a location's exact match counts how a benchmark words places ("Upper Left" on the picture for the patient's
+# right), not whether the place is right ("where is the liver?" -> "right" from the masks matched SLAKE 0.38 of the
+# time), and a measurement has no reference to match: those keep the probability their tool gave (none, mostly)
+OPEN_KINDS = ("phrase",)
+
+
+def route_key(kind: str, route: str) -> str | None:
+    """The table's route for an answer of this kind reached this way: an open answer's apart from a closed one's; None
+    for a kind that is not calibrated (OPEN_KINDS)."""
+    return route if kind in CLOSED else OPEN_PREFIX + route if kind in OPEN_KINDS else None
 
 
 def band(p: float | None) -> str:
