@@ -89,8 +89,9 @@ def fit_open(dirs: list[Path], out: Path) -> None:
     read from the data; answers of calibration.OPEN_KINDS) and raw-probability band, how many answered open questions
     were an exact match of the reference, as `dxagent eval` scores them (after the run's answer style)."""
     from agent.app.eval_metrics import exact_match
-    from agent.engine.answer import _DATA_SOURCES
-    from agent.engine.calibration import OPEN_KINDS, OPEN_PREFIX, keys
+    from agent.core.state import Answer
+    from agent.engine.answer import read_from_data
+    from agent.engine.calibration import OPEN_KINDS, OPEN_PREFIX, keys, route_key
 
     routes: dict[str, dict[str, int]] = {}
     sources, n = [], 0
@@ -102,10 +103,10 @@ def fit_open(dirs: list[Path], out: Path) -> None:
             route = a.get("route") or ""
             if r.get("system") != "agent" or r.get("answer_type") != "OPEN" or r.get("status") != "done" or \
                     a.get("kind") not in OPEN_KINDS or not route or a.get("method") == "expert" or \
-                    route.rsplit(":", 1)[-1] in _DATA_SOURCES:
+                    read_from_data(Answer(kind=a["kind"], route=route)):
                 continue
             n += 1
-            for key in keys(OPEN_PREFIX + route, a.get("probability")):
+            for key in keys(route_key(a["kind"], route), a.get("probability")):
                 cell = routes.setdefault(key, {"n": 0, "right": 0})
                 cell["n"] += 1
                 cell["right"] += int(bool(exact_match(a.get("value"), r.get("gold", ""))))
